@@ -1,0 +1,227 @@
+"""Model configuration: small dataclasses, validated together, every violation listed at once.
+
+One `TransformerConfig` describes a stack of pre-norm transformer layers; the vision tower and the
+language model each hold one. `ParallelConfig` holds the sizes that constrain it (heads % tp, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Normalization = Literal["layernorm", "rmsnorm"]
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "swiglu"]
+PositionEmbedding = Literal["rope", "learned", "none"]
+Recompute = Literal["none", "full", "selective"]
+ProjectorType = Literal["linear", "mlp2x_gelu"]
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    # Split norms, dropout and residual adds along the sequence across tp ranks (needs tp > 1 to
+    # have an effect); saves activation memory at the cost of nothing but the same collectives.
+    sequence_parallel: bool = False
+    # How long a collective waits for a peer before the job fails instead of hanging.
+    distributed_timeout_minutes: float = 10.0
+
+
+@dataclass
+class TransformerConfig:
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    # GQA: number of key/value heads; None means one per attention head (plain multi-head).
+    num_query_groups: int | None = None
+    # Per-head width; None means hidden_size // num_attention_heads.
+    kv_channels: int | None = None
+    normalization: Normalization = "rmsnorm"
+    norm_epsilon: float = 1e-5
+    activation: Activation = "swiglu"
+    # Biases on every linear layer (CLIP/SigLIP: yes, LLaMA: no) and on QKV alone (Qwen-style).
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    position_embedding: PositionEmbedding = "rope"
+    rotary_base: float = 10000.0
+    # Length of the learned position table, and the longest sequence rope is asked to cover.
+    max_position_embeddings: int = 4096
+    causal: bool = True
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    # full: recompute whole layers in backward; selective: only the attention core (softmax(QK)V).
+    recompute: Recompute = "none"
+    # With recompute="full": how many layers (counted from the first) recompute; None = all.
+    recompute_num_layers: int | None = None
+    init_method_std: float = 0.02
+    params_dtype: torch.dtype = torch.float32
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def problems(self, parallel: ParallelConfig, name: str) -> list[str]:
+        tp = parallel.tensor_model_parallel_size
+        found = []
+        positive = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size")
+        for attr in positive:
+            if getattr(self, attr) < 1:
+                found.append(f"{name}.{attr} must be >= 1, got {getattr(self, attr)}")
+        if found:
+            return found
+        heads, groups = self.num_attention_heads, self.query_groups
+        if self.kv_channels is None and self.hidden_size % heads:
+            found.append(f"{name}.hidden_size {self.hidden_size} not divisible by num_attention_heads {heads}")
+        if heads % groups:
+            found.append(f"{name}.num_attention_heads {heads} not divisible by num_query_groups {groups}")
+        if heads % tp:
+            found.append(f"{name}.num_attention_heads {heads} not divisible by tensor-model-parallel size {tp}")
+        if groups % tp:
+            found.append(f"{name}.num_query_groups {groups} not divisible by tensor-model-parallel size {tp}")
+        if self.ffn_hidden_size % tp:
+            found.append(f"{name}.ffn_hidden_size {self.ffn_hidden_size} not divisible by tensor-model-parallel size {tp}")
+        if self.position_embedding == "rope" and self.head_dim % 2:
+            found.append(f"{name}: rope needs an even head dimension, got {self.head_dim}")
+        for attr in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, attr) < 1.0:
+                found.append(f"{name}.{attr} must be in [0, 1), got {getattr(self, attr)}")
+        if self.recompute_num_layers is not None and not 0 <= self.recompute_num_layers <= self.num_layers:
+            found.append(f"{name}.recompute_num_layers {self.recompute_num_layers} not in [0, {self.num_layers}]")
+        if self.recompute_num_layers is not None and self.recompute != "full":
+            found.append(f"{name}.recompute_num_layers is only used with recompute='full'")
+        return found
+
+
+@dataclass
+class VisionConfig:
+    """A CLIP-style ViT (class token, pre-norm) or, with both off, a SigLIP-style one."""
+
+    transformer: TransformerConfig
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    class_token: bool = True
+    pre_norm: bool = True
+    # Which hidden state feeds the projector, counted like Hugging Face's hidden_states tuple:
+    # 0 is the embeddings, i is the output of layer i, -1 the last layer, -2 (LLaVA) the one before.
+    select_layer: int = -2
+    drop_class_token: bool = True
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def seq_length(self) -> int:
+        return self.num_patches + int(self.class_token)
+
+    @property
+    def num_layers_used(self) -> int:
+        """Layers that run to produce the selected hidden state (the rest are frozen, unused)."""
+        n = self.transformer.num_layers
+        return self.select_layer if self.select_layer >= 0 else n + 1 + self.select_layer
+
+    @property
+    def output_tokens(self) -> int:
+        keep_class = self.class_token and not self.drop_class_token
+        return self.num_patches + int(keep_class)
+
+    def problems(self, parallel: ParallelConfig) -> list[str]:
+        found = self.transformer.problems(parallel, "vision")
+        if self.image_size % self.patch_size:
+            found.append(f"vision.image_size {self.image_size} not divisible by patch_size {self.patch_size}")
+        n = self.transformer.num_layers
+        if not -(n + 1) <= self.select_layer <= n:
+            found.append(f"vision.select_layer {self.select_layer} out of range for {n} layers")
+        if self.transformer.causal:
+            found.append("vision.transformer.causal must be False: a vision tower attends bidirectionally")
+        if self.transformer.position_embedding == "rope":
+            found.append("vision.transformer.position_embedding: the ViT uses learned positions, not rope")
+        return found
+
+
+@dataclass
+class ProjectorConfig:
+    type: ProjectorType = "mlp2x_gelu"
+    # Merge each 2x2 block of patches into one token (4x fewer image tokens, 4x wider features).
+    pixel_shuffle: bool = False
+    add_bias: bool = True
+
+
+@dataclass
+class LanguageConfig:
+    transformer: TransformerConfig
+    vocab_size: int = 32000
+    # The table is padded to a multiple of this times tp (even shards, aligned GEMMs).
+    make_vocab_size_divisible_by: int = 128
+    tie_word_embeddings: bool = False
+    # The id that marks every image-embedding position in input_ids.
+    image_token_id: int = 32000 - 1
+
+    def problems(self, parallel: ParallelConfig) -> list[str]:
+        found = self.transformer.problems(parallel, "language")
+        if self.vocab_size < 1:
+            found.append(f"language.vocab_size must be >= 1, got {self.vocab_size}")
+        if self.make_vocab_size_divisible_by < 1:
+            found.append("language.make_vocab_size_divisible_by must be >= 1")
+        if not 0 <= self.image_token_id < self.vocab_size:
+            found.append(f"language.image_token_id {self.image_token_id} not in the vocabulary [0, {self.vocab_size})")
+        if not self.transformer.causal:
+            found.append("language.transformer.causal must be True for a decoder")
+        return found
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig
+    language: LanguageConfig
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    # The three LLaVA training stages: stage 1 trains only the projector, stage 2 projector + LM.
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    freeze_language: bool = False
+
+    @property
+    def image_tokens_per_image(self) -> int:
+        tokens = self.vision.output_tokens
+        return tokens // 4 if self.projector.pixel_shuffle else tokens
+
+    def problems(self, parallel: ParallelConfig, seq_length: int | None = None) -> list[str]:
+        found = self.vision.problems(parallel) + self.language.problems(parallel)
+        tp = parallel.tensor_model_parallel_size
+        if tp < 1 or parallel.pipeline_model_parallel_size < 1:
+            found.append("parallel sizes must be >= 1")
+        if self.projector.pixel_shuffle:
+            grid = self.vision.grid_size
+            if grid % 2:
+                found.append(f"projector.pixel_shuffle needs an even patch grid, got {grid}x{grid}")
+            if self.vision.class_token and not self.vision.drop_class_token:
+                found.append("projector.pixel_shuffle needs vision.drop_class_token (the grid must be square)")
+        if seq_length is not None and parallel.sequence_parallel and seq_length % tp:
+            found.append(f"sequence length {seq_length} not divisible by tensor-model-parallel size {tp} (sequence parallel)")
+        return found
+
+    def validate(self, parallel: ParallelConfig, seq_length: int | None = None) -> None:
+        """Raise `ConfigError` listing every problem, or return quietly."""
+        found = self.problems(parallel, seq_length)
+        if found:
+            raise ConfigError(found)

@@ -1,0 +1,120 @@
+"""A LLaMA/Mistral-style decoder: vocab-parallel embedding, layers, final RMSNorm, output layer.
+
+Split for pipelining: `pre_process` (this stage embeds tokens) and `post_process` (this stage
+holds the final norm, the output layer and the loss); the layers held are given by number.
+Logits stay split over the vocabulary across tp, straight into the vocab-parallel loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from megamm.config import LanguageConfig
+from megamm.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
+from megamm.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, pad_vocab_size
+from megamm.parallel.mappings import scatter_to_sequence_parallel_region
+from megamm.parallel.sharding import normal_init
+from megamm.parallel.state import ParallelState
+from megamm.transformer.layer import TransformerBlock
+from megamm.transformer.norm import build_norm
+from megamm.transformer.rope import RotaryEmbedding
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """`[b, s]` labels aligned with input_ids -> next-token targets `[b, s]` (last one ignored)."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+
+
+class LanguageModel(nn.Module):
+    def __init__(
+        self,
+        config: LanguageConfig,
+        state: ParallelState,
+        sequence_parallel: bool,
+        pre_process: bool = True,
+        post_process: bool = True,
+        layer_numbers: Iterable[int] | None = None,
+    ) -> None:
+        super().__init__()
+        tcfg = config.transformer
+        if tcfg.position_embedding != "rope":
+            raise ValueError("the language model supports rope position embeddings only")
+        if config.tie_word_embeddings and post_process and not pre_process:
+            raise NotImplementedError(
+                "tied embeddings with the output layer on a later pipeline stage than the embedding "
+                "are not supported yet"
+            )
+        self.config = config
+        self.state = state
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.sequence_parallel = sequence_parallel and state.tp_size > 1
+        self.padded_vocab_size = pad_vocab_size(
+            config.vocab_size, config.make_vocab_size_divisible_by, state.tp_size
+        )
+        std, dtype = tcfg.init_method_std, tcfg.params_dtype
+        if pre_process:
+            self.embedding = VocabParallelEmbedding(
+                config.vocab_size, self.padded_vocab_size, tcfg.hidden_size,
+                state=state, init=normal_init(std), dtype=dtype,
+            )
+        self.rotary = RotaryEmbedding(tcfg.head_dim, tcfg.rotary_base)
+        numbers = range(tcfg.num_layers) if layer_numbers is None else layer_numbers
+        self.decoder = TransformerBlock(tcfg, state, sequence_parallel, numbers)
+        if post_process:
+            self.final_norm = build_norm(tcfg, state, sequence_parallel)
+            # Tied: the output layer multiplies by the embedding table instead of its own weight.
+            self.output_layer = ColumnParallelLinear(
+                tcfg.hidden_size, config.vocab_size, state=state, init=normal_init(std), bias=False,
+                sequence_parallel=sequence_parallel, padded_out_features=self.padded_vocab_size,
+                skip_weight=config.tie_word_embeddings, dtype=dtype,
+            )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`[b, s]` token ids -> `[b, s, h]` embeddings, replicated across tp."""
+        return self.embedding(input_ids)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Run this stage's part of the decoder.
+
+        hidden_states: `[s, b, h]` embeddings on the first stage (split here under SP), or the
+            previous stage's output `[s/tp, b, h]` (SP) / `[s, b, h]` on later stages.
+        labels: `[b, s]` aligned with the input ids (Hugging Face convention, -100 = ignore); the
+            loss at position i is for predicting labels[i + 1].
+        Returns {"hidden_states"} on non-last stages; on the last stage {"loss": `[b, s]` fp32
+        per-token loss, zero where ignored, "loss_mask": `[b, s]` bool} and "logits" `[s, b, V_pad/tp]`
+        when `return_logits`.
+        """
+        if self.pre_process and self.sequence_parallel:
+            hidden_states = scatter_to_sequence_parallel_region(hidden_states, self.state.tp_group)
+        batch = hidden_states.shape[1]
+        seq = hidden_states.shape[0] * (self.state.tp_size if self.sequence_parallel else 1)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=hidden_states.device).expand(batch, seq)
+        cos, sin = self.rotary(position_ids)
+        hidden_states = self.decoder(hidden_states, (cos, sin), attention_mask)
+        if not self.post_process:
+            return {"hidden_states": hidden_states}
+        hidden_states = self.final_norm(hidden_states)
+        tied_weight = self.embedding.weight if self.config.tie_word_embeddings else None
+        logits = self.output_layer(hidden_states, weight=tied_weight)
+        out: dict[str, torch.Tensor] = {}
+        if labels is not None:
+            targets = shift_labels(labels)
+            out["loss"] = vocab_parallel_cross_entropy(
+                logits, targets.t(), self.config.vocab_size, self.state.tp_group
+            ).t()
+            out["loss_mask"] = targets != IGNORE_INDEX
+        if return_logits or labels is None:
+            out["logits"] = logits
+        return out

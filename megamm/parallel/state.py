@@ -1,0 +1,167 @@
+"""The one object that knows the process groups.
+
+Ranks are laid out tensor-parallel fastest, then data-parallel, then pipeline-parallel:
+
+    global_rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+so the tp peers of a rank are consecutive global ranks and, with torchrun's contiguous placement,
+share a node (tensor parallelism talks the most). Every module that communicates takes its group
+from a `ParallelState`; nothing reaches for the world group on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megamm.parallel.random import RNGStatesTracker, seed_parallel_rng
+
+
+def rank_layout(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]]:
+    """Global ranks of every tp, dp, pp and model-parallel (tp x pp) group.
+
+    A pure function of the sizes, so the layout can be tested without processes. Raises
+    `ValueError` when the sizes do not tile the world.
+    """
+    if tp < 1 or pp < 1:
+        raise ValueError(f"parallel sizes must be >= 1, got tp={tp} pp={pp}")
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor-parallel size {tp} x "
+            f"pipeline-parallel size {pp}"
+        )
+    dp = world_size // (tp * pp)
+
+    def rank(t: int, d: int, p: int) -> int:
+        return p * dp * tp + d * tp + t
+
+    return {
+        "tp": [[rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
+        "dp": [[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
+        "pp": [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
+        "mp": [[rank(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)],
+    }
+
+
+@dataclass
+class ParallelState:
+    """Sizes, ranks and process groups of one process.
+
+    A group is `None` only in a single-process run without `torch.distributed`; the collectives in
+    `megamm.parallel.mappings` treat `None` and size-1 groups as identity.
+    """
+
+    tp_size: int = 1
+    dp_size: int = 1
+    pp_size: int = 1
+    tp_rank: int = 0
+    dp_rank: int = 0
+    pp_rank: int = 0
+    tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None
+    pp_group: dist.ProcessGroup | None = None
+    mp_group: dist.ProcessGroup | None = None
+    pp_ranks: list[int] = field(default_factory=lambda: [0])
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rng: RNGStatesTracker = field(default_factory=RNGStatesTracker)
+
+    def __post_init__(self) -> None:
+        self.rng.device = self.device
+
+    def seed(self, seed: int) -> None:
+        """Seed the default generator and the tensor-parallel dropout state for this rank."""
+        seed_parallel_rng(seed, self.rng, self.tp_rank, self.pp_rank)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.dp_size * self.pp_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> ParallelState:
+        """A state for one process with no process groups at all."""
+        return cls(device=torch.device(device))
+
+    @classmethod
+    def from_groups(cls, tp: int, pp: int, device: torch.device) -> ParallelState:
+        """Build the groups for the given sizes over the already initialized world.
+
+        Must be called by every rank (creating a group is collective). Several states may coexist
+        in one process, for example a tp=2 state and a tp=1 reference state in a parity test.
+        """
+        world_size = dist.get_world_size()
+        rank = dist.get_rank()
+        layout = rank_layout(world_size, tp, pp)
+        mine: dict[str, tuple[dist.ProcessGroup, list[int]]] = {}
+        for kind, groups in layout.items():
+            for ranks in groups:
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    mine[kind] = (group, ranks)
+        dp = world_size // (tp * pp)
+        return cls(
+            tp_size=tp,
+            dp_size=dp,
+            pp_size=pp,
+            tp_rank=rank % tp,
+            dp_rank=(rank // tp) % dp,
+            pp_rank=rank // (tp * dp),
+            tp_group=mine["tp"][0],
+            dp_group=mine["dp"][0],
+            pp_group=mine["pp"][0],
+            mp_group=mine["mp"][0],
+            pp_ranks=mine["pp"][1],
+            device=device,
+        )
+
+
+def default_backend(device: torch.device) -> str:
+    """nccl for CUDA devices, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def initialize_parallel_state(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    timeout_minutes: float = 10.0,
+    use_cuda: bool | None = None,
+) -> ParallelState:
+    """Initialize `torch.distributed` from torchrun's environment and build the groups.
+
+    Reads RANK, WORLD_SIZE and LOCAL_RANK (and MASTER_ADDR / MASTER_PORT through the env://
+    rendezvous). Uses NCCL and `cuda:LOCAL_RANK` when CUDA is available (or `use_cuda` says so),
+    gloo and the CPU otherwise. The collective timeout bounds how long a rank waits on a peer
+    that died, so a crashed job ends instead of hanging.
+    """
+    if use_cuda is None:
+        use_cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise RuntimeError(
+                "RANK and WORLD_SIZE are not set: launch with torchrun (for one process: "
+                "`torchrun --nproc-per-node 1 ...`)"
+            )
+        dist.init_process_group(
+            backend=default_backend(device),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    return ParallelState.from_groups(
+        tensor_model_parallel_size, pipeline_model_parallel_size, device
+    )

@@ -1,0 +1,1 @@
+"""One pre-norm transformer layer, configured by `TransformerConfig`, serves both towers."""

@@ -1,0 +1,102 @@
+"""Self-attention with a fused, column-parallel QKV projection and GQA.
+
+Per tp rank: `heads/tp` query heads and `groups/tp` key/value groups, whole heads only, so the
+attention core needs no communication. The fused QKV weight's master layout is `[q; k; v]` along
+the output dim (see `megamm.parallel.sharding`), each rank computing `[q_r; k_r; v_r]`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamm.config import TransformerConfig
+from megamm.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megamm.parallel.sharding import normal_init, scaled_init
+from megamm.parallel.state import ParallelState
+from megamm.transformer.recompute import recompute
+from megamm.transformer.rope import apply_rotary
+
+
+class SelfAttention(nn.Module):
+    """`[s', b, h] -> [s', b, h]` where s' is s, or s/tp under sequence parallelism."""
+
+    def __init__(self, config: TransformerConfig, state: ParallelState, sequence_parallel: bool) -> None:
+        super().__init__()
+        tp = state.tp_size
+        self.config = config
+        self.state = state
+        self.head_dim = config.head_dim
+        self.local_heads = config.num_attention_heads // tp
+        self.local_groups = config.query_groups // tp
+        q_width = config.num_attention_heads * self.head_dim
+        kv_width = config.query_groups * self.head_dim
+        self.qkv = ColumnParallelLinear(
+            config.hidden_size,
+            q_width + 2 * kv_width,
+            state=state,
+            init=normal_init(config.init_method_std),
+            bias=config.add_bias_linear or config.add_qkv_bias,
+            sequence_parallel=sequence_parallel,
+            fused_parts=(q_width, kv_width, kv_width),
+            dtype=config.params_dtype,
+        )
+        self.proj = RowParallelLinear(
+            q_width,
+            config.hidden_size,
+            state=state,
+            init=scaled_init(config.init_method_std, config.num_layers),
+            bias=config.add_bias_linear,
+            sequence_parallel=sequence_parallel,
+            dtype=config.params_dtype,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """rotary: (cos, sin) `[s, b, 1, d]`; attention_mask: bool, broadcastable to
+        `[b, heads, s, s]`, True where a query may attend a key (combined with causality)."""
+        qkv = self.qkv(x)
+        s, b = qkv.shape[:2]
+        d = self.head_dim
+        q, k, v = qkv.split([self.local_heads * d, self.local_groups * d, self.local_groups * d], dim=-1)
+        q = q.view(s, b, self.local_heads, d)
+        k = k.view(s, b, self.local_groups, d)
+        v = v.view(s, b, self.local_groups, d)
+        if rotary is not None:
+            q = apply_rotary(q, *rotary)
+            k = apply_rotary(k, *rotary)
+        # [s, b, heads, d] -> [b, heads, s, d] for scaled_dot_product_attention.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        if self.config.recompute == "selective":
+            context = recompute(self._core, self.state.rng, q, k, v, attention_mask)
+        else:
+            context = self._core(q, k, v, attention_mask)
+        return self.proj(context.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * d))
+
+    def _core(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v on `[b, heads, s, d]`; flash/efficient kernels on GPU."""
+        causal = self.config.causal
+        if attention_mask is not None and causal:
+            s_q, s_k = q.shape[2], k.shape[2]
+            lower = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
+            attention_mask = attention_mask & lower
+            causal = False
+        if self.local_groups != self.local_heads:
+            repeat = self.local_heads // self.local_groups
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        # Heads are split across tp, so each rank's dropout mask must come from its own stream.
+        with self.state.rng.fork() if dropout > 0 else nullcontext():
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal
+            )

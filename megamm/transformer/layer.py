@@ -1,0 +1,89 @@
+"""A pre-norm transformer layer and a stack of them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamm.config import TransformerConfig
+from megamm.parallel.state import ParallelState
+from megamm.transformer.attention import SelfAttention
+from megamm.transformer.mlp import MLP
+from megamm.transformer.norm import build_norm
+from megamm.transformer.recompute import recompute
+
+
+class TransformerLayer(nn.Module):
+    """`x + attn(norm(x))`, then `x + mlp(norm(x))`, on `[s', b, h]` (s' = s/tp under SP)."""
+
+    def __init__(self, config: TransformerConfig, state: ParallelState, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.state = state
+        self.sequence_parallel = sequence_parallel and state.tp_size > 1
+        self.input_norm = build_norm(config, state, sequence_parallel)
+        self.self_attention = SelfAttention(config, state, sequence_parallel)
+        self.pre_mlp_norm = build_norm(config, state, sequence_parallel)
+        self.mlp = MLP(config, state, sequence_parallel)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.config.hidden_dropout
+        if p == 0.0 or not self.training:
+            return x
+        # Under SP each tp rank holds a different sequence chunk: draw from the per-rank stream.
+        # Otherwise the activation is replicated across tp and the masks must match.
+        with self.state.rng.fork() if self.sequence_parallel else nullcontext():
+            return F.dropout(x, p, training=True)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self._dropout(self.self_attention(self.input_norm(x), rotary, attention_mask))
+        return x + self._dropout(self.mlp(self.pre_mlp_norm(x)))
+
+
+class TransformerBlock(nn.Module):
+    """The layers of one tower held by this process, keyed by their global layer number.
+
+    Keys are global numbers (`layers.17`) so parameter names, deterministic init and checkpoint
+    keys are the same whichever pipeline stage holds the layer.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        state: ParallelState,
+        sequence_parallel: bool,
+        layer_numbers: Iterable[int],
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.state = state
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerLayer(config, state, sequence_parallel) for i in layer_numbers}
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        num_layers: int | None = None,
+    ) -> torch.Tensor:
+        """Run the first `num_layers` held layers (all by default) in order."""
+        layers = list(self.layers.values())[:num_layers]
+        full = self.config.recompute == "full"
+        limit = self.config.recompute_num_layers
+        for position, layer in enumerate(layers):
+            if full and (limit is None or position < limit) and torch.is_grad_enabled():
+                x = recompute(layer, self.state.rng, x, rotary, attention_mask)
+            else:
+                x = layer(x, rotary, attention_mask)
+        return x

@@ -1,0 +1,63 @@
+"""LayerNorm and RMSNorm with megamm parameter layouts.
+
+Both normalize in fp32 and cast back, which matches Hugging Face's LLaMA RMSNorm and keeps bf16
+training stable. Under sequence parallelism each tp rank normalizes its own sequence chunk, so
+the weight's gradient is a partial sum: the layout says so and the grads are all-reduced across tp
+(`megamm.parallel.grads.allreduce_sequence_parallel_grads`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamm.config import TransformerConfig
+from megamm.parallel.sharding import ParamLayout, constant_init, new_parameter
+from megamm.parallel.state import ParallelState
+
+
+class Norm(nn.Module):
+    """`[..., h] -> [..., h]`: layernorm (weight and bias) or rmsnorm (weight only)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        kind: str,
+        eps: float,
+        state: ParallelState,
+        sequence_parallel: bool,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        if kind not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"unknown normalization {kind!r}; expected layernorm or rmsnorm")
+        self.kind = kind
+        self.eps = eps
+        partial_grads = sequence_parallel and state.tp_size > 1
+
+        def param(value: float) -> nn.Parameter:
+            layout = ParamLayout((hidden_size,), constant_init(value), sequence_parallel=partial_grads)
+            return new_parameter(layout, state.tp_size, dtype, state.device)
+
+        self.weight = param(1.0)
+        self.bias = param(0.0) if kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            out = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+            return out.to(x.dtype)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def build_norm(config: TransformerConfig, state: ParallelState, sequence_parallel: bool) -> Norm:
+    return Norm(
+        config.hidden_size,
+        config.normalization,
+        config.norm_epsilon,
+        state,
+        sequence_parallel,
+        config.params_dtype,
+    )

@@ -1,0 +1,37 @@
+"""Activation recompute that replays dropout exactly.
+
+`torch.utils.checkpoint` restores the default generator before recomputing, but dropout inside a
+tensor-parallel region draws from the tracker's forked state, which has moved on by backward time.
+The recompute context puts the tracker states back to what they were when the forward ran, so the
+recomputed dropout masks equal the original ones, then restores the current states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from megamm.parallel.random import RNGStatesTracker
+
+
+def _contexts(tracker: RNGStatesTracker):
+    at_forward = tracker.get_states()
+
+    @contextmanager
+    def replay() -> Iterator[None]:
+        now = tracker.get_states()
+        tracker.set_states(at_forward)
+        try:
+            yield
+        finally:
+            tracker.set_states(now)
+
+    return nullcontext(), replay()
+
+
+def recompute(fn: Callable[..., torch.Tensor], tracker: RNGStatesTracker, *args) -> torch.Tensor:
+    """Run `fn(*args)` keeping only its inputs; recompute it during backward."""
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: _contexts(tracker))

@@ -1,0 +1,37 @@
+"""Rotary position embedding in the Hugging Face "rotate half" layout.
+
+Channel i of a head is paired with channel i + d/2 (not with i + 1 as in the interleaved/complex
+layout), which is how Hugging Face LLaMA/Mistral checkpoints store q and k; using the same pairing
+means converted weights need no permutation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Produces `cos, sin` of shape `[s, b, 1, d]` for the given positions."""
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids: `[b, s]` integer positions -> (cos, sin), each `[s, b, 1, d]` in fp32."""
+        angles = position_ids.to(self.inv_freq.device).float().transpose(0, 1).unsqueeze(-1) * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(2)
+        return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: `[s, b, heads, d]`; cos, sin: `[s, b, 1, d]`. Computed in fp32, returned in x's dtype."""
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
