@@ -27,7 +27,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits = logits.float()
         local_vocab = logits.shape[-1]
         vocab_start = group_rank(group) * local_vocab
-        padding_columns = max(0, vocab_start + local_vocab - vocab_size)
+        padding_columns = min(local_vocab, max(0, vocab_start + local_vocab - vocab_size))
         if padding_columns:
             logits = logits.clone()
             logits[..., local_vocab - padding_columns :] = float("-inf")
