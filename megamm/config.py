@@ -109,7 +109,7 @@ class TransformerConfig:
 
 @dataclass
 class VisionConfig:
-    """A CLIP-style ViT (class token, pre-norm) or, with both off, a SigLIP-style one."""
+    """A CLIP-style ViT (class token, pre-norm) or a SigLIP-style one (neither, patch bias on)."""
 
     transformer: TransformerConfig
     image_size: int = 224
@@ -117,6 +117,8 @@ class VisionConfig:
     num_channels: int = 3
     class_token: bool = True
     pre_norm: bool = True
+    # CLIP's patch convolution has no bias, SigLIP's has one.
+    patch_bias: bool = False
     # Which hidden state feeds the projector, counted like Hugging Face's hidden_states tuple:
     # 0 is the embeddings, i is the output of layer i, -1 the last layer, -2 (LLaVA) the one before.
     select_layer: int = -2

@@ -48,7 +48,7 @@ class Projector(nn.Module):
         self.config = config
         self.grid_size = grid_size
         in_features = vision_hidden * (4 if config.pixel_shuffle else 1)
-        common = dict(state=state, init=normal_init(init_std), bias=config.add_bias, dtype=dtype)
+        common = {"state": state, "init": normal_init(init_std), "bias": config.add_bias, "dtype": dtype}
         if config.type == "linear":
             self.fc1 = ColumnParallelLinear(in_features, language_hidden, gather_output=True, **common)
             self.fc2 = None

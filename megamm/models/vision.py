@@ -1,6 +1,6 @@
 """A CLIP/SigLIP-style ViT vision tower.
 
-pixels `[n, C, H, W]` -> conv patch embedding (no bias) -> [class token] -> + learned positions ->
+pixels `[n, C, H, W]` -> conv patch embedding [+ bias] -> [class token] -> + learned positions ->
 [pre-norm] -> the first `num_layers_used` layers -> `[tokens, n, h]` (sequence first).
 
 Layers after the selected one (e.g. the last layer when LLaVA takes the penultimate hidden state)
@@ -18,7 +18,7 @@ from megamm.parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
-from megamm.parallel.sharding import ParamLayout, new_parameter, normal_init
+from megamm.parallel.sharding import ParamLayout, constant_init, new_parameter, normal_init
 from megamm.parallel.state import ParallelState
 from megamm.transformer.layer import TransformerBlock
 from megamm.transformer.norm import build_norm
@@ -37,6 +37,11 @@ class VisionTower(nn.Module):
             return new_parameter(ParamLayout(shape, normal_init(std)), state.tp_size, dtype, state.device)
 
         self.patch_embedding = replicated((h, config.num_channels, p, p))
+        self.patch_bias = (
+            new_parameter(ParamLayout((h,), constant_init(0.0)), state.tp_size, dtype, state.device)
+            if config.patch_bias
+            else None
+        )
         self.class_embedding = replicated((h,)) if config.class_token else None
         self.position_embedding = replicated((config.seq_length, h))
         # The pre-norm runs on the full, replicated sequence, before any sequence split.
@@ -55,7 +60,7 @@ class VisionTower(nn.Module):
                 f"[n, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}]"
             )
         pixels = pixel_values.to(self.patch_embedding.dtype)
-        patches = F.conv2d(pixels, self.patch_embedding, stride=cfg.patch_size)  # [n, h, g, g]
+        patches = F.conv2d(pixels, self.patch_embedding, self.patch_bias, stride=cfg.patch_size)  # [n, h, g, g]
         x = patches.flatten(2).transpose(1, 2)  # [n, g*g, h]
         if self.class_embedding is not None:
             x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
