@@ -8,19 +8,22 @@ from torch import nn
 from megamm.parallel.mappings import Group, group_size
 
 
-def allreduce_sequence_parallel_grads(model: nn.Module, tp_group: Group) -> None:
+def allreduce_sequence_parallel_grads(model: nn.Module, tp_group: Group, attribute: str = "grad") -> None:
     """Sum over tp the grads of parameters applied to sequence chunks (norms, row biases).
 
     Under sequence parallelism such a parameter is replicated, but each tp rank only saw its
     `s/tp` slice of the sequence, so its local grad is a partial sum. One flat all-reduce over all
-    of them (they are small) makes every replica's grad complete and identical.
+    of them (they are small) makes every replica's grad complete and identical. `attribute` names
+    the gradient to fix: `grad`, or `main_grad` when the fp32 gradient buffers are in use.
     """
     if group_size(tp_group) == 1:
         return
     grads = [
-        p.grad
+        getattr(p, attribute)
         for p in model.parameters()
-        if p.grad is not None and getattr(p, "param_layout", None) is not None and p.param_layout.sequence_parallel
+        if getattr(p, attribute, None) is not None
+        and getattr(p, "param_layout", None) is not None
+        and p.param_layout.sequence_parallel
     ]
     if not grads:
         return

@@ -1,0 +1,1 @@
+"""Gradient buffers with bucketed data-parallel sync, optimizers, clipping, loss scaling, schedules."""

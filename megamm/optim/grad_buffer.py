@@ -1,0 +1,192 @@
+"""Contiguous fp32 gradient buffers ("main grads") synced across data parallelism in buckets.
+
+Every trainable parameter gets `param.main_grad`, an fp32 view into one flat buffer. A
+post-accumulate-grad hook adds each fresh `param.grad` (model dtype) into it and frees `param.grad`,
+so gradients accumulate over microbatches in fp32 whatever the compute dtype. Frozen parameters get
+no buffer space.
+
+The buffer is cut into buckets of about `bucket_size` elements, in reverse parameter order (roughly
+the order backward produces them). Each bucket is padded to a multiple of dp so that it splits into
+equal dp shards, which is what the distributed optimizer owns. Sync is a SUM across dp: all-reduce
+for the plain optimizer, reduce-scatter (each rank gets its shard) for the distributed one. The
+loss is already divided by the global batch's token count, so the sum is the exact average.
+
+With `overlap`, a bucket's collective starts during the backward pass of the last microbatch as
+soon as all of its parameters have their grads; buckets are always launched in index order, so
+every rank issues the same collectives in the same order even if its autograd order differs (a
+rank whose microbatch has no image produces vision grads in another order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megamm.parallel.mappings import Group, group_rank, group_size
+
+
+@dataclass
+class Bucket:
+    """A contiguous range `[start, end)` of the buffer; `end - start` is a multiple of dp."""
+
+    index: int
+    start: int
+    end: int
+    params: list[nn.Parameter]
+    pending: set[int] = field(default_factory=set)
+    handle: dist.Work | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+
+class GradBuffer:
+    """Main-grad buffer, buckets and the data-parallel gradient sync of one model chunk."""
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        dp_group: Group,
+        bucket_size: int = 40_000_000,
+        overlap: bool = False,
+        shard_for_optimizer: bool = False,
+        param_dtype: torch.dtype | None = None,
+    ) -> None:
+        """params: the trainable parameters, in model order. With `shard_for_optimizer`, sync by
+        reduce-scatter, and also move the parameters into one flat buffer of `param_dtype` with the
+        same layout, so updated shards can be all-gathered back in place."""
+        self.dp_group = dp_group
+        self.dp_size = group_size(dp_group)
+        self.dp_rank = group_rank(dp_group)
+        self.overlap = overlap
+        self.shard_for_optimizer = shard_for_optimizer
+        self.params = [p for p in params if p.requires_grad]
+        self.offsets: dict[nn.Parameter, tuple[int, int]] = {}
+        self.buckets: list[Bucket] = []
+        self._layout(bucket_size)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.grad_data = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        self.param_data: torch.Tensor | None = None
+        if shard_for_optimizer:
+            dtype = param_dtype or (self.params[0].dtype if self.params else torch.float32)
+            self.param_data = torch.zeros(self.numel, dtype=dtype, device=device)
+        for param in self.params:
+            start, end = self.offsets[param]
+            param.main_grad = self.grad_data[start:end].view_as(param)
+            if self.param_data is not None:
+                view = self.param_data[start:end].view_as(param)
+                view.copy_(param.data)
+                param.data = view
+        self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self._next_to_launch = 0
+        self.is_last_microbatch = True
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+
+    def _layout(self, bucket_size: int) -> None:
+        offset = 0
+        current: list[nn.Parameter] = []
+        start = 0
+        for param in reversed(self.params):
+            self.offsets[param] = (offset, offset + param.numel())
+            offset += param.numel()
+            current.append(param)
+            if offset - start >= bucket_size:
+                offset = self._close_bucket(start, offset, current)
+                start, current = offset, []
+        if current:
+            offset = self._close_bucket(start, offset, current)
+        self.numel = offset
+
+    def _close_bucket(self, start: int, end: int, params: list[nn.Parameter]) -> int:
+        padded_end = start + -(-(end - start) // self.dp_size) * self.dp_size
+        self.buckets.append(Bucket(len(self.buckets), start, padded_end, params))
+        return padded_end
+
+    # ---- backward-time accumulation and sync ---------------------------------------------------
+
+    def _on_grad(self, param: nn.Parameter) -> None:
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        if self.overlap and self.is_last_microbatch:
+            bucket = self._bucket_of[id(param)]
+            bucket.pending.discard(id(param))
+            self._launch_ready_buckets()
+
+    def _launch_ready_buckets(self) -> None:
+        while self._next_to_launch < len(self.buckets) and not self.buckets[self._next_to_launch].pending:
+            self._launch(self.buckets[self._next_to_launch])
+            self._next_to_launch += 1
+
+    def _launch(self, bucket: Bucket) -> None:
+        if self.dp_size == 1:
+            return
+        data = self.grad_data[bucket.start : bucket.end]
+        if self.shard_for_optimizer:
+            shard = data.chunk(self.dp_size)[self.dp_rank]
+            bucket.handle = _reduce_scatter_async(shard, data, self.dp_group)
+        else:
+            bucket.handle = dist.all_reduce(data, group=self.dp_group, async_op=True)
+
+    def start_step(self) -> None:
+        """Zero the main grads and arm the overlap bookkeeping for a new iteration."""
+        self.grad_data.zero_()
+        self._next_to_launch = 0
+        for bucket in self.buckets:
+            bucket.pending = {id(p) for p in bucket.params}
+            bucket.handle = None
+
+    def finish_grad_sync(self) -> None:
+        """Launch whatever has not been launched yet, then wait for every bucket."""
+        for bucket in self.buckets[self._next_to_launch :]:
+            self._launch(bucket)
+        self._next_to_launch = len(self.buckets)
+        for bucket in self.buckets:
+            if bucket.handle is not None:
+                bucket.handle.wait()
+                bucket.handle = None
+
+    # ---- distributed-optimizer support ----------------------------------------------------------
+
+    def shard_range(self, bucket: Bucket) -> tuple[int, int]:
+        """This dp rank's `[start, end)` of a bucket, in buffer coordinates."""
+        size = bucket.numel // self.dp_size
+        start = bucket.start + self.dp_rank * size
+        return start, start + size
+
+    def all_gather_params(self) -> None:
+        """After each rank updated its shard of `param_data`, give every rank the whole buffer."""
+        if self.param_data is None or self.dp_size == 1:
+            return
+        handles = []
+        for bucket in self.buckets:
+            data = self.param_data[bucket.start : bucket.end]
+            shard = data.chunk(self.dp_size)[self.dp_rank]
+            handles.append(_all_gather_async(data, shard, self.dp_group))
+        for handle in handles:
+            handle.wait()
+
+
+class _Done:
+    """A finished collective (for the paths that complete synchronously)."""
+
+    def wait(self) -> None:
+        return None
+
+
+def _reduce_scatter_async(shard: torch.Tensor, data: torch.Tensor, group: Group):
+    if dist.get_backend(group) == "nccl":
+        return dist.reduce_scatter_tensor(shard, data, group=group, async_op=True)
+    # gloo: all-reduce the bucket; this rank then reads only its shard (same result, more traffic).
+    return dist.all_reduce(data, group=group, async_op=True)
+
+
+def _all_gather_async(data: torch.Tensor, shard: torch.Tensor, group: Group):
+    if dist.get_backend(group) == "nccl":
+        return dist.all_gather_into_tensor(data, shard.clone(), group=group, async_op=True)
+    parts = list(data.chunk(group_size(group)))
+    dist.all_gather(parts, shard.clone(), group=group)
+    return _Done()

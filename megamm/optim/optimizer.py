@@ -1,0 +1,178 @@
+"""AdamW with fp32 master weights, plain or sharded across data parallelism.
+
+Both optimizers work on "pieces": fp32 master tensors with a gradient view into the main-grad
+buffer and a link back to where the updated values go in the model.
+
+- `MixedPrecisionOptimizer`: one piece per trainable parameter. fp32 parameters are their own
+  master; bf16/fp16 parameters get an fp32 copy. Every dp rank holds all optimizer state.
+- `DistributedOptimizer` (ZeRO-1 style): each dp rank owns one equal shard of every gradient
+  bucket, so its pieces are the intersections of parameters with its shards. Master weights and
+  Adam moments exist only for those, i.e. about 1/dp of the state per rank. After the step each rank
+  writes its updated shard into the flat parameter buffer and the buffer is all-gathered.
+
+The step itself: unscale (fp16), global grad norm, skip if not finite, clip, AdamW, copy back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megamm.optim.grad_buffer import GradBuffer
+from megamm.parallel.state import ParallelState
+
+
+@dataclass
+class ParamGroupSpec:
+    """Optimizer settings of one parameter: weight decay and learning-rate multiplier."""
+
+    weight_decay: float
+    lr_scale: float
+
+
+@dataclass
+class Piece:
+    """An fp32 master tensor, its grad (a main-grad view) and where its values go back to."""
+
+    master: torch.Tensor
+    grad: torch.Tensor
+    param: nn.Parameter
+    # Flat [start, end) within the parameter, or None for the whole parameter.
+    span: tuple[int, int] | None
+    spec: ParamGroupSpec
+    # Counted in the grad norm on this rank (parameters replicated across tp count on tp rank 0).
+    counts_in_norm: bool
+
+
+def counts_in_norm(param: nn.Parameter, state: ParallelState) -> bool:
+    """Tensor-parallel shards are distinct on every tp rank; replicated parameters count once."""
+    layout = getattr(param, "param_layout", None)
+    return (layout is not None and layout.partition_dim is not None) or state.tp_rank == 0
+
+
+class _AdamWOverPieces:
+    """The shared step: norm, skip, clip, AdamW, copy back."""
+
+    def __init__(self, pieces: list[Piece], state: ParallelState, lr: float, betas, eps: float,
+                 norm_group: dist.ProcessGroup | None) -> None:
+        """norm_group: the ranks whose squared norms add up to the global one (None: the world)."""
+        self.pieces = pieces
+        self.state = state
+        self.norm_group = norm_group
+        groups: dict[tuple[float, float], list[torch.Tensor]] = {}
+        for piece in pieces:
+            groups.setdefault((piece.spec.weight_decay, piece.spec.lr_scale), []).append(piece.master)
+        self.lr_scales = []
+        param_groups = []
+        for (weight_decay, lr_scale), masters in groups.items():
+            param_groups.append({"params": masters, "weight_decay": weight_decay, "lr": lr * lr_scale})
+            self.lr_scales.append(lr_scale)
+        # A rank may own no piece at all (a small model split over many dp ranks).
+        holder = [torch.zeros(1, requires_grad=True)] if not param_groups else None
+        self.adam = torch.optim.AdamW(param_groups or [{"params": holder}], lr=lr, betas=betas, eps=eps)
+
+    def set_lr(self, lr: float) -> None:
+        for group, scale in zip(self.adam.param_groups, self.lr_scales):
+            group["lr"] = lr * scale
+
+    def grad_norm(self) -> float:
+        """Global L2 norm over all trainable parameters, each counted once."""
+        squares = torch.zeros((), dtype=torch.float32, device=self.state.device)
+        for piece in self.pieces:
+            if piece.counts_in_norm:
+                squares += piece.grad.float().pow(2).sum()
+        if dist.is_initialized():
+            dist.all_reduce(squares, group=self.norm_group)
+        return math.sqrt(squares.item()) if math.isfinite(squares.item()) else float("nan")
+
+    def step(self, clip_grad: float, grad_scale: float = 1.0) -> tuple[bool, float]:
+        """One update. Returns (applied, grad_norm); a non-finite norm skips the update."""
+        if grad_scale != 1.0:
+            for piece in self.pieces:
+                piece.grad.mul_(1.0 / grad_scale)
+        norm = self.grad_norm()
+        if not math.isfinite(norm):
+            return False, norm
+        if clip_grad > 0 and norm > clip_grad:
+            factor = clip_grad / (norm + 1e-6)
+            for piece in self.pieces:
+                piece.grad.mul_(factor)
+        # The grads are attached only for the update: a parameter that is its own master must have
+        # no .grad during backward, or autograd would accumulate into the main-grad view itself.
+        for piece in self.pieces:
+            piece.master.grad = piece.grad
+        self.adam.step()
+        for piece in self.pieces:
+            piece.master.grad = None
+        self._copy_back()
+        return True, norm
+
+    def _copy_back(self) -> None:
+        raise NotImplementedError
+
+    def state_bytes(self) -> int:
+        """Bytes of fp32 master copies and Adam moments held by this rank."""
+        total = 0
+        for piece in self.pieces:
+            if piece.master is not piece.param:
+                total += piece.master.numel() * piece.master.element_size()
+            for value in self.adam.state.get(piece.master, {}).values():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    total += value.numel() * value.element_size()
+        return total
+
+    def state_dict(self) -> dict:
+        return self.adam.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adam.load_state_dict(state)
+
+
+class MixedPrecisionOptimizer(_AdamWOverPieces):
+    def __init__(self, buffer: GradBuffer, specs: dict[nn.Parameter, ParamGroupSpec], state: ParallelState,
+                 lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        pieces = []
+        for param in buffer.params:
+            master = param if param.dtype == torch.float32 else param.detach().float().clone()
+            pieces.append(Piece(master, param.main_grad, param, None, specs[param], counts_in_norm(param, state)))
+        # Grads are identical across dp, so the norm sums over the model-parallel ranks only.
+        super().__init__(pieces, state, lr, betas, eps, norm_group=state.mp_group)
+
+    def _copy_back(self) -> None:
+        with torch.no_grad():
+            for piece in self.pieces:
+                if piece.master is not piece.param:
+                    piece.param.copy_(piece.master)
+
+
+class DistributedOptimizer(_AdamWOverPieces):
+    def __init__(self, buffer: GradBuffer, specs: dict[nn.Parameter, ParamGroupSpec], state: ParallelState,
+                 lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        if not buffer.shard_for_optimizer:
+            raise ValueError("the distributed optimizer needs a GradBuffer built with shard_for_optimizer=True")
+        self.buffer = buffer
+        pieces = []
+        for bucket in buffer.buckets:
+            shard_start, shard_end = buffer.shard_range(bucket)
+            for param in bucket.params:
+                start, end = buffer.offsets[param]
+                lo, hi = max(start, shard_start), min(end, shard_end)
+                if lo >= hi:
+                    continue
+                master = param.detach().reshape(-1)[lo - start : hi - start].float().clone()
+                grad = buffer.grad_data[lo:hi]
+                pieces.append(Piece(master, grad, param, (lo - start, hi - start), specs[param],
+                                    counts_in_norm(param, state)))
+        # Each dp rank holds a disjoint shard: the norm sums over every rank.
+        super().__init__(pieces, state, lr, betas, eps, norm_group=None)
+
+    def _copy_back(self) -> None:
+        with torch.no_grad():
+            for piece in self.pieces:
+                start, end = piece.span
+                piece.param.data.view(-1)[start:end].copy_(piece.master)
+        self.buffer.all_gather_params()

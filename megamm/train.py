@@ -1,0 +1,226 @@
+"""Train a LlavaModel with tensor, sequence and data parallelism.
+
+One process per device, launched with torchrun:
+
+    # 2 CPU processes, tensor parallel over both (examples/tiny_cpu.yaml trains in about a minute)
+    torchrun --nproc-per-node 2 -m megamm.train --config examples/tiny_cpu.yaml \\
+        --tensor-model-parallel-size 2 --sequence-parallel --mock-data
+
+    # one node, 8 GPUs: tp=4 x dp=2, bf16, distributed optimizer
+    torchrun --nproc-per-node 8 -m megamm.train --config cfg.yaml --tensor-model-parallel-size 4 \\
+        --bf16 --use-distributed-optimizer --overlap-grad-reduce ...
+
+`python -m megamm.train --help` lists every flag. Without torchrun the script runs as one process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megamm.config import ConfigError
+from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
+from megamm.models.llava import LlavaModel
+from megamm.parallel.state import ParallelState, initialize_parallel_state
+from megamm.training.arguments import RunConfig, apply_training_switches, parse_run_config
+from megamm.training.metrics import peak_memory_gib, peak_tflops, step_flops
+from megamm.training.step import Batch, Trainer, build_trainer, evaluate, train_step
+
+# Held-out synthetic samples come from another seed stream.
+EVAL_SEED_OFFSET = 7919
+
+
+def _single_process_env() -> None:
+    """Let `python -m megamm.train` run as a world of one without torchrun."""
+    if "RANK" in os.environ:
+        return
+    from socket import socket
+
+    with socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+@dataclass
+class IntervalStats:
+    """What accumulates between two log lines."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+    seconds: float = 0.0
+    images: int = 0
+    grad_norms: list[float] = field(default_factory=list)
+
+
+class Reporter:
+    """Prints log lines on one rank (and TensorBoard scalars when asked)."""
+
+    def __init__(self, config: RunConfig, state: ParallelState) -> None:
+        self.enabled = state.tp_rank == 0 and state.dp_rank == 0 and state.is_last_stage
+        self.interactive = self.enabled and sys.stdout.isatty()
+        self.writer = None
+        if self.enabled and config.training.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(config.training.tensorboard_dir)
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(("\r" if self.interactive else "") + text, flush=True)
+
+    def progress(self, iteration: int, total: int, loss: float) -> None:
+        if self.interactive:
+            done = int(30 * iteration / total)
+            print(f"\r[{'#' * done}{'.' * (30 - done)}] {iteration}/{total} loss {loss:.4f}", end="", flush=True)
+
+    def scalars(self, iteration: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _microbatches(dataset: SyntheticMultimodalDataset, iteration: int, config: RunConfig,
+                  state: ParallelState) -> list[Batch]:
+    t = config.training
+    indices = microbatch_indices(iteration, t.global_batch_size, t.micro_batch_size, state.dp_rank, state.dp_size)
+    return [collate([dataset[i] for i in chunk]) for chunk in indices]
+
+
+def _images(microbatches: list[Batch]) -> int:
+    return sum(int(mb["images_per_sample"].sum()) for mb in microbatches)
+
+
+def _sum_dp(value: float, state: ParallelState) -> float:
+    tensor = torch.tensor(value, dtype=torch.float64, device=state.device)
+    dist.all_reduce(tensor, group=state.dp_group)
+    return tensor.item()
+
+
+def _log(reporter: Reporter, trainer: Trainer, iteration: int, stats: IntervalStats, skipped: int, lr: float) -> None:
+    config, state = trainer.config, trainer.state
+    t = config.training
+    world = state.world_size
+    images = _sum_dp(stats.images, state)
+    seconds = stats.seconds / max(stats.steps, 1)
+    tokens_per_second = t.global_batch_size * t.seq_length / seconds
+    flops = step_flops(trainer.model.config, t.seq_length, t.global_batch_size, images / max(stats.steps, 1))
+    tflops = flops / seconds / world / 1e12
+    peak = peak_tflops(state.device, t.peak_tflops)
+    mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
+    loss = stats.loss_sum / max(stats.loss_steps, 1)
+    norm = stats.grad_norms[-1] if stats.grad_norms else float("nan")
+    reporter.line(
+        f" iteration {iteration:8d}/{t.train_iters} | consumed samples: {iteration * t.global_batch_size:10d} | "
+        f"elapsed time per iteration (ms): {1000 * seconds:.1f} | learning rate: {lr:.3E} | "
+        f"lm loss: {loss:.6E} | grad norm: {norm:.3f} | skipped iterations: {skipped} | "
+        f"tokens/s: {tokens_per_second:.0f} | TFLOP/s/device: {tflops:.3f} | MFU: {mfu} | "
+        f"peak memory (GiB): {peak_memory_gib(state.device):.2f}"
+    )
+    reporter.scalars(iteration, {"lm-loss": loss, "learning-rate": lr, "grad-norm": norm,
+                                 "tokens-per-second": tokens_per_second, "tflops-per-device": tflops})
+
+
+def run(config: RunConfig) -> dict[str, float]:
+    """Train as configured on the already launched processes; returns the final figures."""
+    t, p = config.training, config.parallel
+    state = initialize_parallel_state(
+        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.distributed_timeout_minutes
+    )
+    state.seed(t.seed)
+    model = LlavaModel(apply_training_switches(config), state, sequence_parallel=p.sequence_parallel)
+    model.initialize(t.seed)
+    trainer = build_trainer(config, state, model)
+    reporter = Reporter(config, state)
+    train_data = SyntheticMultimodalDataset(model.config, t.seq_length, t.seed, t.images_per_sample)
+    eval_data = SyntheticMultimodalDataset(model.config, t.seq_length, t.seed + EVAL_SEED_OFFSET, t.images_per_sample)
+
+    def run_eval(iteration: int) -> float:
+        batches = [_microbatches(eval_data, i, config, state) for i in range(t.eval_iters)]
+        loss = evaluate(trainer, batches)
+        reporter.line(f" validation at iteration {iteration} | lm loss: {loss:.6E}")
+        reporter.scalars(iteration, {"validation-lm-loss": loss})
+        return loss
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    reporter.line(
+        f" megamm: world {state.world_size} = tp {state.tp_size} x dp {state.dp_size} x pp {state.pp_size}, "
+        f"{config.accumulation_steps(state.world_size)} microbatch(es) of {t.micro_batch_size} per step, "
+        f"{trainable:,} trainable parameters on this rank"
+    )
+    stats, skipped, skipped_in_a_row, last_loss, eval_loss = IntervalStats(), 0, 0, float("nan"), float("nan")
+    started = time.perf_counter()
+    for iteration in range(t.train_iters):
+        microbatches = _microbatches(train_data, iteration, config, state)
+        tick = time.perf_counter()
+        result = train_step(trainer, microbatches, iteration)
+        if state.device.type == "cuda":
+            torch.cuda.synchronize(state.device)
+        stats.seconds += time.perf_counter() - tick
+        stats.steps += 1
+        stats.images += _images(microbatches)
+        stats.grad_norms.append(result.grad_norm)
+        if result.applied:
+            skipped_in_a_row = 0
+            stats.loss_sum += result.loss
+            stats.loss_steps += 1
+            last_loss = result.loss
+        else:
+            skipped += 1
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= t.max_skipped_iters_in_a_row:
+                raise RuntimeError(
+                    f"stopping at iteration {iteration + 1}: {skipped_in_a_row} iterations in a row had a "
+                    f"non-finite loss or gradient (last loss {result.loss}, grad norm {result.grad_norm}); "
+                    "lower --lr, enable --clip-grad, or use --bf16 instead of --fp16"
+                )
+        done = iteration + 1
+        reporter.progress(done, t.train_iters, result.loss)
+        if done % t.log_interval == 0 or done == t.train_iters:
+            _log(reporter, trainer, done, stats, skipped, result.lr)
+            stats = IntervalStats()
+        if t.eval_iters and t.eval_interval and done % t.eval_interval == 0:
+            eval_loss = run_eval(done)
+    if t.eval_iters and (not t.eval_interval or t.train_iters % t.eval_interval):
+        eval_loss = run_eval(t.train_iters)
+    elapsed = time.perf_counter() - started
+    state_bytes = trainer.optimizer.state_bytes()
+    reporter.line(
+        f" done: {t.train_iters} iterations in {elapsed:.1f} s | final lm loss: {last_loss:.6E} | "
+        f"validation lm loss: {eval_loss:.6E} | skipped iterations: {skipped} | "
+        f"optimizer state per rank: {state_bytes:,} bytes ({state_bytes / max(trainable, 1):.2f} per "
+        f"trainable parameter) | peak memory (GiB): {peak_memory_gib(state.device):.2f}"
+    )
+    reporter.close()
+    return {"final_loss": last_loss, "eval_loss": eval_loss, "skipped": skipped,
+            "optimizer_state_bytes": trainer.optimizer.state_bytes()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    _single_process_env()
+    try:
+        config = parse_run_config(argv, int(os.environ["WORLD_SIZE"]))
+    except ConfigError as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megamm.train: {error}", file=sys.stderr)
+        return 2
+    try:
+        run(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

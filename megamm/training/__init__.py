@@ -1,0 +1,1 @@
+"""The training loop pieces: run configuration, step, schedules, metrics."""

@@ -1,0 +1,294 @@
+"""The run configuration: a YAML file plus command-line flags, one object, validated up front.
+
+Precedence: dataclass defaults < YAML file (`--config`) < flags. The YAML file has three sections:
+`model` (the LlavaConfig tree: vision, language, projector and their `transformer` blocks),
+`parallel` and `training` (field names as below). Flags use the names Megatron users type
+(`--micro-batch-size`, `--tensor-model-parallel-size`, `--freeze-LM`, ...); any model field can be
+set with `--set model.language.transformer.num_layers=4` (repeatable).
+
+`RunConfig.problems(world_size)` returns every violation at once; `parse_run_config` raises a
+`ConfigError` with all of them before any process group exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from megamm.config import (
+    ConfigError,
+    LanguageConfig,
+    LlavaConfig,
+    ParallelConfig,
+    ProjectorConfig,
+    TransformerConfig,
+    VisionConfig,
+)
+
+
+def _opt(default: Any, help: str, flag: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+@dataclass
+class TrainingConfig:
+    # Batch and length.
+    micro_batch_size: int = _opt(1, "samples per microbatch on one data-parallel rank")
+    global_batch_size: int = _opt(8, "samples per optimizer step over all data-parallel ranks")
+    seq_length: int = _opt(256, "tokens per sample (image tokens included)")
+    train_iters: int = _opt(100, "optimizer steps to run")
+    # Optimizer.
+    lr: float = _opt(1e-4, "peak learning rate")
+    min_lr: float = _opt(0.0, "learning rate at the end of the decay")
+    lr_decay_style: Literal["constant", "linear", "cosine"] = _opt("cosine", "decay after warmup")
+    lr_warmup_iters: int = _opt(0, "linear warmup steps from 0 to --lr")
+    lr_decay_iters: int | None = _opt(None, "steps from the start to the end of decay (default: --train-iters)")
+    projector_lr: float | None = _opt(None, "peak learning rate of the projector (default: --lr)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norms)")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon")
+    clip_grad: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
+    # Precision.
+    bf16: bool = _opt(False, "bf16 parameters and compute, fp32 master weights and grads")
+    fp16: bool = _opt(False, "fp16 parameters and compute with a dynamic loss scaler")
+    initial_loss_scale: float = _opt(2.0**16, "fp16: starting loss scale")
+    loss_scale_window: int = _opt(1000, "fp16: good steps before the loss scale doubles")
+    max_skipped_iters_in_a_row: int = _opt(10, "stop after this many consecutive non-finite steps")
+    # Data parallelism.
+    use_distributed_optimizer: bool = _opt(False, "shard fp32 master weights and Adam states over dp")
+    overlap_grad_reduce: bool = _opt(False, "start the dp gradient sync of a bucket during backward")
+    ddp_bucket_size: int = _opt(40_000_000, "elements per gradient bucket")
+    # Model-level switches.
+    freeze_LM: bool = _opt(False, "do not train the language model", flag="--freeze-LM")
+    freeze_ViT: bool = _opt(False, "do not train the vision tower", flag="--freeze-ViT")
+    freeze_projector: bool = _opt(False, "do not train the projector")
+    recompute_granularity: Literal["none", "full", "selective"] = _opt(
+        "none", "activation recompute: whole layers (full) or the attention core (selective)"
+    )
+    recompute_num_layers: int | None = _opt(None, "with full recompute: layers per stage to recompute (default all)")
+    seed: int = _opt(1234, "seed for init, data order and dropout")
+    # Data.
+    mock_data: bool = _opt(False, "train on the deterministic synthetic multimodal dataset")
+    images_per_sample: int = _opt(1, "mock data: most images in one sample (0 gives text-only data)")
+    # Evaluation and logging.
+    eval_interval: int = _opt(0, "evaluate every this many steps (0: only at the end if --eval-iters)")
+    eval_iters: int = _opt(0, "global batches per evaluation (0 disables evaluation)")
+    log_interval: int = _opt(10, "print a log line every this many steps")
+    tensorboard_dir: str | None = _opt(None, "write TensorBoard scalars here")
+    peak_tflops: float | None = _opt(None, "device peak TFLOP/s for MFU (default: known GPUs, none on CPU)")
+
+
+@dataclass
+class RunConfig:
+    model: LlavaConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+        return world_size // mp if mp > 0 else 0
+
+    def accumulation_steps(self, world_size: int) -> int:
+        t = self.training
+        return t.global_batch_size // (t.micro_batch_size * self.data_parallel_size(world_size))
+
+    def problems(self, world_size: int) -> list[str]:
+        t, p = self.training, self.parallel
+        found = apply_training_switches(self).problems(p, seq_length=t.seq_length)
+        mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+        if mp < 1 or world_size % mp:
+            found.append(
+                f"world size {world_size} not divisible by tensor ({p.tensor_model_parallel_size}) x "
+                f"pipeline ({p.pipeline_model_parallel_size}) model-parallel sizes"
+            )
+        elif t.micro_batch_size < 1:
+            found.append("--micro-batch-size must be >= 1")
+        else:
+            dp = world_size // mp
+            unit = t.micro_batch_size * dp
+            if t.global_batch_size < unit or t.global_batch_size % unit:
+                found.append(
+                    f"--global-batch-size {t.global_batch_size} must be a positive multiple of "
+                    f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp} = {unit}"
+                )
+        if p.pipeline_model_parallel_size != 1:
+            found.append("--pipeline-model-parallel-size > 1: pipeline schedules are not available yet")
+        for name in ("train_iters", "seq_length", "log_interval", "ddp_bucket_size", "max_skipped_iters_in_a_row"):
+            if getattr(t, name) < 1:
+                found.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
+        for name in ("eval_interval", "eval_iters", "lr_warmup_iters", "images_per_sample"):
+            if getattr(t, name) < 0:
+                found.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(t, name)}")
+        if t.bf16 and t.fp16:
+            found.append("--bf16 and --fp16 are mutually exclusive")
+        if t.lr < 0 or t.min_lr < 0 or t.min_lr > t.lr:
+            found.append(f"need 0 <= --min-lr ({t.min_lr}) <= --lr ({t.lr})")
+        decay_iters = t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters
+        if t.lr_warmup_iters > decay_iters:
+            found.append(f"--lr-warmup-iters {t.lr_warmup_iters} exceeds the decay length {decay_iters}")
+        if t.clip_grad < 0:
+            found.append("--clip-grad must be >= 0")
+        if not t.mock_data:
+            found.append("no training data: pass --mock-data (dataset files are not supported yet)")
+        if t.freeze_LM and t.freeze_ViT and t.freeze_projector:
+            found.append("--freeze-LM, --freeze-ViT and --freeze-projector together leave nothing to train")
+        if t.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
+            found.append("--tensorboard-dir needs the tensorboard package (pip install tensorboard)")
+        return found
+
+
+# ---- YAML -> dataclasses -------------------------------------------------------------------------
+
+
+def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
+    """Instantiate dataclass `cls` from a mapping, recursing into nested dataclasses; unknown keys
+    and missing required fields are appended to `problems` (and a best-effort object returned)."""
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping, got {type(data).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            problems.append(f"{where}.{key}: unknown field (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, spec in names.items():
+        hint = hints[name]
+        if name not in data:
+            required = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+            if required and dataclasses.is_dataclass(hint):
+                kwargs[name] = _build(hint, {}, f"{where}.{name}", problems)
+            elif required:
+                problems.append(f"{where}.{name}: required")
+            continue
+        value = data[name]
+        kwargs[name] = _build(hint, value, f"{where}.{name}", problems) if dataclasses.is_dataclass(hint) else value
+    if any(v is None and dataclasses.is_dataclass(hints[k]) for k, v in kwargs.items()):
+        return None
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        problems.append(f"{where}: {error}")
+        return None
+
+
+MODEL_TYPES = (LlavaConfig, VisionConfig, LanguageConfig, ProjectorConfig, TransformerConfig)
+
+
+def _set_path(tree: dict, dotted: str, raw: str, problems: list[str]) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            problems.append(f"--set {dotted}: {part} is not a section")
+            return
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+# ---- flags ---------------------------------------------------------------------------------------
+
+
+def _flag_name(spec: dataclasses.Field) -> str:
+    return spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megamm.train",
+        description="Train a LlavaModel with tensor, sequence and data parallelism (launch with torchrun).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="YAML file with model, parallel and training sections")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="PATH=VALUE",
+        help="override any config field, e.g. model.language.transformer.num_layers=4",
+    )
+    groups = {
+        ParallelConfig: parser.add_argument_group("parallelism"),
+        TrainingConfig: parser.add_argument_group("training"),
+    }
+    parallel_help = {
+        "tensor_model_parallel_size": "tensor-parallel ranks per model replica",
+        "pipeline_model_parallel_size": "pipeline stages per model replica",
+        "sequence_parallel": "split norms/dropout along the sequence across tp ranks",
+        "distributed_timeout_minutes": "collective timeout before a stuck job fails",
+    }
+    for cls, group in groups.items():
+        hints = typing.get_type_hints(cls)
+        for spec in dataclasses.fields(cls):
+            help_text = spec.metadata.get("help") or parallel_help.get(spec.name, "")
+            kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": help_text}
+            hint = hints[spec.name]
+            if hint is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(hint) is Literal:
+                kwargs["choices"] = typing.get_args(hint)
+            else:
+                base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+                kwargs["type"] = base[0]
+            kwargs["help"] = f"{help_text} (default: {spec.default})"
+            group.add_argument(_flag_name(spec), **kwargs)
+    return parser
+
+
+def parse_run_config(argv: list[str] | None, world_size: int) -> RunConfig:
+    """Parse flags (and the YAML they name) into a validated RunConfig, or raise ConfigError."""
+    args = vars(build_parser().parse_args(argv))
+    problems: list[str] = []
+    tree: dict = {}
+    config_path = args.pop("config", None)
+    if config_path is not None:
+        try:
+            tree = yaml.safe_load(Path(config_path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError([f"--config {config_path}: {error}"]) from error
+    for item in args.pop("set", []):
+        if "=" not in item:
+            problems.append(f"--set {item}: expected PATH=VALUE")
+            continue
+        path, raw = item.split("=", 1)
+        _set_path(tree, path, raw, problems)
+    parallel_fields = {f.name for f in dataclasses.fields(ParallelConfig)}
+    for name, value in args.items():
+        section = "parallel" if name in parallel_fields else "training"
+        tree.setdefault(section, {})[name] = value
+    if "model" not in tree:
+        problems.append("model: missing; give a --config file with a model section")
+    config = _build(RunConfig, tree, "config", problems) if not problems else None
+    if config is not None:
+        problems.extend(config.problems(world_size))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def apply_training_switches(config: RunConfig) -> LlavaConfig:
+    """The model config with the training flags applied (freezing, recompute, dtype)."""
+    import torch
+
+    t = config.training
+    dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+
+    def transformer(tc: TransformerConfig) -> TransformerConfig:
+        return dataclasses.replace(
+            tc, params_dtype=dtype, recompute=t.recompute_granularity, recompute_num_layers=t.recompute_num_layers
+        )
+
+    model = config.model
+    return dataclasses.replace(
+        model,
+        vision=dataclasses.replace(model.vision, transformer=transformer(model.vision.transformer)),
+        language=dataclasses.replace(model.language, transformer=transformer(model.language.transformer)),
+        freeze_vision=model.freeze_vision or t.freeze_ViT,
+        freeze_language=model.freeze_language or t.freeze_LM,
+        freeze_projector=model.freeze_projector or t.freeze_projector,
+    )

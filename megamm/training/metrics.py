@@ -1,0 +1,91 @@
+"""Throughput, FLOPs, MFU and memory figures for the training log.
+
+FLOPs are counted for matrix multiplies only (2 FLOPs per multiply-add), the convention of the
+Megatron and PaLM MFU papers:
+
+- transformer layer, per token of a sequence of length s:
+  QKV `2 h (n_q + 2 n_kv) d`, attention scores and context `4 s n_q d` (the full s x s square,
+  causal or not), output projection `2 n_q d h`, MLP `2 h f` x (3 for SwiGLU, else 2);
+- vision tower: the above for its `used` layers over patches (+ class token) per image, plus the
+  patch convolution `2 C p^2 h` per patch;
+- projector: `2 c_in h` (+ `2 h h` for mlp2x_gelu) per image token;
+- language model: its layers plus the output layer `2 h V` per token.
+
+A training step costs 3x the forward (forward, backward for activations, backward for weights),
+plus one more forward where full recompute is on. Frozen parts that gradients still flow through
+(the language model in LLaVA stage 1) cost 2x; a frozen vision tower runs once, without backward.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from megamm.config import LlavaConfig, TransformerConfig
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device-name substring.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def layer_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
+    h, d = config.hidden_size, config.head_dim
+    n_q, n_kv = config.num_attention_heads, config.query_groups
+    mlp_mats = 3 if config.activation == "swiglu" else 2
+    return (
+        2 * h * (n_q + 2 * n_kv) * d
+        + 4 * seq_length * n_q * d
+        + 2 * n_q * d * h
+        + 2 * h * config.ffn_hidden_size * mlp_mats
+    )
+
+
+def _pass_factor(trainable: bool, backprop_through: bool, recompute: str) -> int:
+    if trainable:
+        return 4 if recompute == "full" else 3
+    return 2 if backprop_through else 1
+
+
+def step_flops(config: LlavaConfig, seq_length: int, samples: int, images: int) -> float:
+    """Model FLOPs of one training step over `samples` sequences holding `images` images."""
+    vision, language = config.vision, config.language
+    vt, lt = vision.transformer, language.transformer
+    vision_forward = images * (
+        vision.num_layers_used * vision.seq_length * layer_flops_per_token(vt, vision.seq_length)
+        + vision.num_patches * 2 * vision.num_channels * vision.patch_size**2 * vt.hidden_size
+    )
+    shuffle = 4 if config.projector.pixel_shuffle else 1
+    projector_in = vt.hidden_size * shuffle
+    per_image_token = 2 * projector_in * lt.hidden_size
+    if config.projector.type == "mlp2x_gelu":
+        per_image_token += 2 * lt.hidden_size * lt.hidden_size
+    projector_forward = images * config.image_tokens_per_image * per_image_token
+    language_forward = samples * seq_length * (
+        lt.num_layers * layer_flops_per_token(lt, seq_length) + 2 * lt.hidden_size * language.vocab_size
+    )
+    projector_or_vision_trains = not (config.freeze_projector and config.freeze_vision)
+    return (
+        vision_forward * _pass_factor(not config.freeze_vision, False, vt.recompute)
+        + projector_forward * _pass_factor(not config.freeze_projector, not config.freeze_vision, "none")
+        + language_forward
+        * _pass_factor(not config.freeze_language, projector_or_vision_trains, lt.recompute)
+    )
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    """The device's peak for MFU: the flag if given, else a known GPU's bf16 peak, else None."""
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated device memory (CUDA), or the process's peak resident memory (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20 if sys.platform != "darwin" else kib / 2**30
