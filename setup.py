@@ -22,6 +22,7 @@ setup(
     python_requires=">=3.10",
     install_requires=read_requirements(),
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46,<6", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46,<6", "ruff>=0.6", "tensorboard>=2.14"],
+        "tensorboard": ["tensorboard>=2.14"],
     },
 )

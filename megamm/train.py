@@ -15,6 +15,7 @@ One process per device, launched with torchrun:
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -158,7 +159,8 @@ def run(config: RunConfig) -> dict[str, float]:
         f"{config.accumulation_steps(state.world_size)} microbatch(es) of {t.micro_batch_size} per step, "
         f"{trainable:,} trainable parameters on this rank"
     )
-    stats, skipped, skipped_in_a_row, last_loss, eval_loss = IntervalStats(), 0, 0, float("nan"), float("nan")
+    stats, skipped, skipped_in_a_row = IntervalStats(), 0, 0
+    first_loss, last_loss, eval_loss = float("nan"), float("nan"), float("nan")
     started = time.perf_counter()
     for iteration in range(t.train_iters):
         microbatches = _microbatches(train_data, iteration, config, state)
@@ -175,6 +177,8 @@ def run(config: RunConfig) -> dict[str, float]:
             stats.loss_sum += result.loss
             stats.loss_steps += 1
             last_loss = result.loss
+            if math.isnan(first_loss):
+                first_loss = result.loss
         else:
             skipped += 1
             skipped_in_a_row += 1
@@ -195,14 +199,15 @@ def run(config: RunConfig) -> dict[str, float]:
         eval_loss = run_eval(t.train_iters)
     elapsed = time.perf_counter() - started
     state_bytes = trainer.optimizer.state_bytes()
+    validation = f"validation lm loss: {eval_loss:.6E} | " if t.eval_iters else ""
     reporter.line(
         f" done: {t.train_iters} iterations in {elapsed:.1f} s | final lm loss: {last_loss:.6E} | "
-        f"validation lm loss: {eval_loss:.6E} | skipped iterations: {skipped} | "
+        f"{validation}skipped iterations: {skipped} | "
         f"optimizer state per rank: {state_bytes:,} bytes ({state_bytes / max(trainable, 1):.2f} per "
         f"trainable parameter) | peak memory (GiB): {peak_memory_gib(state.device):.2f}"
     )
     reporter.close()
-    return {"final_loss": last_loss, "eval_loss": eval_loss, "skipped": skipped,
+    return {"first_loss": first_loss, "final_loss": last_loss, "eval_loss": eval_loss, "skipped": skipped,
             "optimizer_state_bytes": trainer.optimizer.state_bytes()}
 
 

@@ -76,3 +76,17 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     if errors:
         raise RuntimeError("distributed worker failed:\n" + "\n".join(errors))
     return [collected[rank] for rank in range(world_size)]
+
+
+def solo_state(device: torch.device | None = None):
+    """A state whose every group is this rank alone: the single-process reference inside a
+    multi-process test (collective: every rank must call it)."""
+    from megamm.parallel.state import ParallelState
+
+    rank = dist.get_rank()
+    groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    mine = groups[rank]
+    return ParallelState(
+        tp_group=mine, dp_group=mine, pp_group=mine, mp_group=mine, pp_ranks=[rank],
+        device=device or torch.device("cpu"),
+    )

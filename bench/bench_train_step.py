@@ -1,0 +1,404 @@
+"""Time one optimizer train step of the same small LLaVA model in megamm and in Hugging Face transformers.
+
+What is measured: the wall time of a full training step (forward, backward, gradient-norm clipping to
+1.0 and an AdamW update) on the CPU in fp32, for
+
+- megamm: `LlavaModel` driven by the real training step, `megamm.training.step.train_step` (fp32 main
+  grad buffer, AdamW over the trainable parameters, clipping), in one process without
+  `torch.distributed` (`ParallelState.single()`);
+- Hugging Face: `LlavaForConditionalGeneration` (CLIP vision tower + LLaMA decoder, SDPA attention)
+  with `loss.backward()`, `torch.nn.utils.clip_grad_norm_`, `torch.optim.AdamW.step()` and `zero_grad()`.
+
+Both models have the same shapes (CLIP-style ViT whose penultimate layer feeds a 2-layer GELU projector
+with the class token dropped, LLaMA decoder with GQA) and start from the same weights: the Hugging Face
+model is initialized at random and its weights are copied into megamm, so the step-0 losses must agree
+to float precision (printed as a sanity check, with ln(vocab) for reference). Every step gets a fresh
+batch (one image per sample, one image token per patch embedding), the same for both models.
+
+Both run in one process with the same number of threads. After a few warm-up steps the two are timed
+alternately (megamm first on even steps, Hugging Face first on odd steps) so that drifts in machine
+speed hit both; the report gives the median time per step, tokens per second and the ratio
+Hugging Face time / megamm time (above 1: megamm is faster).
+
+Run from the repository root (takes a few minutes on 2 CPU cores with the defaults):
+
+    python bench/bench_train_step.py                  # --steps 10 --warmup 2 --threads <all> --seed 0
+    python bench/bench_train_step.py --steps 20 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
+from transformers import LlavaConfig as HFLlavaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megamm.config import (  # noqa: E402
+    LanguageConfig,
+    LlavaConfig,
+    ProjectorConfig,
+    TransformerConfig,
+    VisionConfig,
+)
+from megamm.models.llava import LlavaModel  # noqa: E402
+from megamm.parallel.cross_entropy import IGNORE_INDEX  # noqa: E402
+from megamm.parallel.state import ParallelState  # noqa: E402
+from megamm.training.arguments import RunConfig, TrainingConfig, apply_training_switches  # noqa: E402
+from megamm.training.step import Trainer, build_trainer, train_step  # noqa: E402
+
+Batch = dict[str, torch.Tensor]
+BOS_ID = 1
+LR = 1e-4
+CLIP_GRAD = 1.0
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The one model both libraries build, and the batch it trains on."""
+
+    vit_hidden: int = 256
+    vit_layers: int = 4
+    vit_heads: int = 4
+    vit_ffn: int = 1024
+    image_size: int = 64
+    patch_size: int = 8
+    lm_hidden: int = 512
+    lm_layers: int = 6
+    lm_heads: int = 8
+    lm_kv_heads: int = 4
+    lm_ffn: int = 1376
+    vocab: int = 8000
+    seq_length: int = 256
+    micro_batch: int = 4
+    images_per_sample: int = 1
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def image_token_id(self) -> int:
+        return self.vocab - 1
+
+    def describe(self) -> str:
+        return (
+            f"vision: CLIP-style ViT hidden {self.vit_hidden}, {self.vit_layers} layers, {self.vit_heads} heads, "
+            f"ffn {self.vit_ffn}, image {self.image_size}, patch {self.patch_size} ({self.patches} patches), "
+            f"penultimate layer, class token dropped\n"
+            f"projector: mlp2x_gelu {self.vit_hidden} -> {self.lm_hidden} -> {self.lm_hidden}\n"
+            f"language: LLaMA hidden {self.lm_hidden}, {self.lm_layers} layers, {self.lm_heads} heads, "
+            f"{self.lm_kv_heads} kv heads, ffn {self.lm_ffn}, vocab {self.vocab}\n"
+            f"batch: {self.micro_batch} samples x {self.seq_length} tokens, {self.images_per_sample} image(s) "
+            f"per sample ({self.patches} image tokens each), fp32"
+        )
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+def build_hf(shapes: Shapes, seed: int) -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(
+        hidden_size=shapes.vit_hidden,
+        intermediate_size=shapes.vit_ffn,
+        num_hidden_layers=shapes.vit_layers,
+        num_attention_heads=shapes.vit_heads,
+        image_size=shapes.image_size,
+        patch_size=shapes.patch_size,
+        num_channels=3,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+    text = LlamaConfig(
+        vocab_size=shapes.vocab,
+        hidden_size=shapes.lm_hidden,
+        intermediate_size=shapes.lm_ffn,
+        num_hidden_layers=shapes.lm_layers,
+        num_attention_heads=shapes.lm_heads,
+        num_key_value_heads=shapes.lm_kv_heads,
+        max_position_embeddings=shapes.seq_length,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+    )
+    config = HFLlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=shapes.image_token_id,
+        image_seq_length=shapes.patches,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        multimodal_projector_bias=True,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    return model.train()
+
+
+def build_megamm_config(shapes: Shapes) -> LlavaConfig:
+    vision = TransformerConfig(
+        hidden_size=shapes.vit_hidden,
+        num_layers=shapes.vit_layers,
+        num_attention_heads=shapes.vit_heads,
+        ffn_hidden_size=shapes.vit_ffn,
+        normalization="layernorm",
+        norm_epsilon=1e-5,
+        activation="quick_gelu",
+        add_bias_linear=True,
+        position_embedding="learned",
+        causal=False,
+    )
+    language = TransformerConfig(
+        hidden_size=shapes.lm_hidden,
+        num_layers=shapes.lm_layers,
+        num_attention_heads=shapes.lm_heads,
+        num_query_groups=shapes.lm_kv_heads,
+        ffn_hidden_size=shapes.lm_ffn,
+        norm_epsilon=1e-5,
+        rotary_base=10000.0,
+        max_position_embeddings=shapes.seq_length,
+    )
+    return LlavaConfig(
+        vision=VisionConfig(
+            vision, image_size=shapes.image_size, patch_size=shapes.patch_size, select_layer=-2, drop_class_token=True
+        ),
+        # make_vocab_size_divisible_by=64 divides 8000: no padded rows, the same table as Hugging Face.
+        language=LanguageConfig(
+            language, vocab_size=shapes.vocab, image_token_id=shapes.image_token_id, make_vocab_size_divisible_by=64
+        ),
+        projector=ProjectorConfig(type="mlp2x_gelu"),
+    )
+
+
+def build_megamm(shapes: Shapes, total_steps: int, seed: int) -> Trainer:
+    run_config = RunConfig(
+        model=build_megamm_config(shapes),
+        training=TrainingConfig(
+            micro_batch_size=shapes.micro_batch,
+            global_batch_size=shapes.micro_batch,
+            seq_length=shapes.seq_length,
+            train_iters=total_steps,
+            lr=LR,
+            lr_decay_style="constant",
+            weight_decay=0.0,
+            clip_grad=CLIP_GRAD,
+            seed=seed,
+            mock_data=True,  # required by the validation; the batches below are built here
+            images_per_sample=shapes.images_per_sample,
+        ),
+    )
+    problems = run_config.problems(world_size=1)
+    if problems:
+        raise ValueError("megamm run config: " + "; ".join(problems))
+    state = ParallelState.single()
+    state.seed(seed)
+    model = LlavaModel(apply_training_switches(run_config), state)
+    model.initialize(seed)
+    return build_trainer(run_config, state, model)
+
+
+def hf_to_megamm(hf: nn.Module, shapes: Shapes) -> dict[str, torch.Tensor]:
+    """Hugging Face LLaVA state dict -> megamm `LlavaModel` parameter names (fused QKV and gate/up)."""
+    state = {}
+    for key, value in hf.state_dict().items():
+        key = key.replace("vision_tower.vision_model.", "vision_tower.")
+        state[key.removeprefix("model.")] = value
+    out: dict[str, torch.Tensor] = {}
+
+    def take(key: str) -> torch.Tensor:
+        return state.pop(key)
+
+    vt = "vision_tower."
+    out["vision.patch_embedding"] = take(vt + "embeddings.patch_embedding.weight")
+    out["vision.class_embedding"] = take(vt + "embeddings.class_embedding")
+    out["vision.position_embedding"] = take(vt + "embeddings.position_embedding.weight")
+    for kind in ("weight", "bias"):
+        out[f"vision.pre_norm.{kind}"] = take(vt + f"pre_layrnorm.{kind}")
+    for i in range(shapes.vit_layers):
+        src, dst = f"{vt}encoder.layers.{i}.", f"vision.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [take(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
+            out[f"{dst}self_attention.qkv.{kind}"] = torch.cat(qkv)
+            out[f"{dst}self_attention.proj.{kind}"] = take(f"{src}self_attn.out_proj.{kind}")
+            out[f"{dst}mlp.fc1.{kind}"] = take(f"{src}mlp.fc1.{kind}")
+            out[f"{dst}mlp.fc2.{kind}"] = take(f"{src}mlp.fc2.{kind}")
+            out[f"{dst}input_norm.{kind}"] = take(f"{src}layer_norm1.{kind}")
+            out[f"{dst}pre_mlp_norm.{kind}"] = take(f"{src}layer_norm2.{kind}")
+    for kind in ("weight", "bias"):
+        out[f"projector.fc1.{kind}"] = take(f"multi_modal_projector.linear_1.{kind}")
+        out[f"projector.fc2.{kind}"] = take(f"multi_modal_projector.linear_2.{kind}")
+    lm = "language_model."
+    out["language.embedding.weight"] = take(lm + "embed_tokens.weight")
+    for i in range(shapes.lm_layers):
+        src, dst = f"{lm}layers.{i}.", f"language.decoder.layers.{i}."
+        out[f"{dst}self_attention.qkv.weight"] = torch.cat([take(f"{src}self_attn.{p}_proj.weight") for p in "qkv"])
+        out[f"{dst}self_attention.proj.weight"] = take(f"{src}self_attn.o_proj.weight")
+        out[f"{dst}mlp.fc1.weight"] = torch.cat([take(f"{src}mlp.gate_proj.weight"), take(f"{src}mlp.up_proj.weight")])
+        out[f"{dst}mlp.fc2.weight"] = take(f"{src}mlp.down_proj.weight")
+        out[f"{dst}input_norm.weight"] = take(f"{src}input_layernorm.weight")
+        out[f"{dst}pre_mlp_norm.weight"] = take(f"{src}post_attention_layernorm.weight")
+    out["language.final_norm.weight"] = take(lm + "norm.weight")
+    out["language.output_layer.weight"] = take("lm_head.weight")
+    unused = {key for key in state if not key.startswith(vt + "post_layernorm.")}
+    if unused:
+        raise KeyError(f"Hugging Face weights left unmapped: {sorted(unused)}")
+    return out
+
+
+@torch.no_grad()
+def copy_weights(model: LlavaModel, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    if set(params) != set(weights):
+        raise KeyError(
+            f"weight mapping mismatch: missing {sorted(set(params) - set(weights))}, "
+            f"extra {sorted(set(weights) - set(params))}"
+        )
+    for name, param in params.items():
+        if param.shape != weights[name].shape:
+            raise ValueError(f"{name}: megamm {tuple(param.shape)} vs Hugging Face {tuple(weights[name].shape)}")
+        param.copy_(weights[name])
+
+
+# ---- data and steps ----------------------------------------------------------------------------
+
+
+def make_batch(shapes: Shapes, seed: int) -> Batch:
+    """[BOS] ([IMG] x patches)* then random text; labels ignore BOS and the image positions."""
+    generator = torch.Generator().manual_seed(seed)
+    b, s, per_image = shapes.micro_batch, shapes.seq_length, shapes.patches
+    input_ids = torch.randint(BOS_ID + 1, shapes.image_token_id, (b, s), generator=generator)
+    input_ids[:, 0] = BOS_ID
+    image_end = 1 + shapes.images_per_sample * per_image
+    input_ids[:, 1:image_end] = shapes.image_token_id
+    labels = input_ids.masked_fill(input_ids == shapes.image_token_id, IGNORE_INDEX)
+    labels[:, 0] = IGNORE_INDEX
+    pixel_values = torch.randn(
+        (b * shapes.images_per_sample, 3, shapes.image_size, shapes.image_size), generator=generator
+    )
+    images = torch.full((b,), shapes.images_per_sample)
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "images_per_sample": images}
+
+
+class HFStep:
+    """forward -> loss.backward() -> clip the grad norm -> AdamW.step() -> zero_grad()."""
+
+    def __init__(self, model: LlavaForConditionalGeneration) -> None:
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    def __call__(self, batch: Batch) -> float:
+        loss = self.model(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"]
+        ).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP_GRAD)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+class MegammStep:
+    """megamm's real training step over one microbatch (global batch = micro batch, dp = 1)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.iteration = 0
+
+    def __call__(self, batch: Batch) -> float:
+        result = train_step(self.trainer, [batch], self.iteration)
+        self.iteration += 1
+        return result.loss
+
+
+def timed(step: Callable[[Batch], float], batch: Batch) -> tuple[float, float]:
+    start = time.perf_counter()
+    loss = step(batch)
+    return time.perf_counter() - start, loss
+
+
+def count(model: nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per library (default: 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per library first (default: 2)")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(),
+        help=f"torch intra-op threads for both (default: {torch.get_num_threads()})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default: 0)")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("need --steps >= 1, --warmup >= 0 and --threads >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = Shapes()
+    total = args.warmup + args.steps
+
+    hf = build_hf(shapes, args.seed)
+    trainer = build_megamm(shapes, total, args.seed)
+    copy_weights(trainer.model, hf_to_megamm(hf, shapes))
+    steps: dict[str, Callable[[Batch], float]] = {"megamm": MegammStep(trainer), "transformers": HFStep(hf)}
+    models: dict[str, nn.Module] = {"megamm": trainer.model, "transformers": hf}
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
+          f"{args.warmup} warm-up + {args.steps} timed steps each, seed {args.seed}")
+    print(shapes.describe())
+
+    batches = [make_batch(shapes, args.seed * 100_003 + i) for i in range(total)]
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    losses: dict[str, list[float]] = {name: [] for name in steps}
+    for i, batch in enumerate(batches):
+        order = list(steps) if i % 2 == 0 else list(reversed(steps))
+        for name in order:
+            seconds, loss = timed(steps[name], batch)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"{name}: non-finite loss {loss} at step {i}")
+            losses[name].append(loss)
+            if i >= args.warmup:
+                times[name].append(seconds)
+
+    tokens = shapes.micro_batch * shapes.seq_length
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print()
+    print(f"{'model':<14}{'params':>13}{'trainable':>13}{'median ms/step':>17}{'min':>10}{'max':>10}{'tokens/s':>11}")
+    for name in steps:
+        params, trainable = count(models[name])
+        ms = [1000 * t for t in times[name]]
+        print(f"{name:<14}{params:>13,}{trainable:>13,}{1000 * medians[name]:>17.1f}{min(ms):>10.1f}"
+              f"{max(ms):>10.1f}{tokens / medians[name]:>11.0f}")
+    print()
+    step0 = {name: values[0] for name, values in losses.items()}
+    print(f"step-0 loss: megamm {step0['megamm']:.6f}, transformers {step0['transformers']:.6f} "
+          f"(|diff| {abs(step0['megamm'] - step0['transformers']):.2e}; ln(vocab) = {math.log(shapes.vocab):.6f})")
+    print(f"last-step loss (step {total - 1}): megamm {losses['megamm'][-1]:.6f}, "
+          f"transformers {losses['transformers'][-1]:.6f}")
+    print(f"ratio (transformers median / megamm median): {medians['transformers'] / medians['megamm']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Learning-rate schedules, the loss scaler and the gradient buffer layout."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from megamm.optim.grad_buffer import GradBuffer
+from megamm.optim.schedules import DynamicLossScaler, LRSchedule
+
+
+def test_warmup_then_cosine_to_min_lr() -> None:
+    schedule = LRSchedule(lr=1.0, min_lr=0.1, warmup_iters=4, decay_iters=14, style="cosine")
+    assert [schedule(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert schedule(4) == pytest.approx(1.0)
+    assert schedule(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert schedule(14) == pytest.approx(0.1) and schedule(100) == pytest.approx(0.1)
+
+
+def test_linear_and_constant() -> None:
+    linear = LRSchedule(lr=2.0, min_lr=0.0, warmup_iters=0, decay_iters=10, style="linear")
+    assert linear(0) == 2.0 and linear(5) == pytest.approx(1.0) and linear(10) == 0.0
+    assert LRSchedule(lr=2.0, warmup_iters=2, decay_iters=10, style="constant")(7) == 2.0
+
+
+def test_loss_scaler_halves_on_overflow_and_grows() -> None:
+    scaler = DynamicLossScaler(initial_scale=8.0, growth_interval=2)
+    scaler.update(overflow=True)
+    assert scaler.scale == 4.0
+    scaler.update(overflow=False)
+    scaler.update(overflow=False)
+    assert scaler.scale == 8.0
+
+
+def test_buckets_pad_to_dp_and_skip_frozen_parameters() -> None:
+    """With dp=1 padding is a no-op; frozen parameters get no buffer space or main_grad."""
+    trainable = [nn.Parameter(torch.randn(3, 5)), nn.Parameter(torch.randn(7))]
+    frozen = nn.Parameter(torch.randn(100), requires_grad=False)
+    buffer = GradBuffer([trainable[0], frozen, trainable[1]], dp_group=None, bucket_size=10)
+    assert buffer.numel == 22
+    assert not hasattr(frozen, "main_grad")
+    # Reverse order: the last parameter comes first in the buffer.
+    assert buffer.offsets[trainable[1]] == (0, 7) and buffer.offsets[trainable[0]] == (7, 22)
+    assert [len(b.params) for b in buffer.buckets] == [2]
+
+
+def test_hook_accumulates_grads_into_fp32_main_grad() -> None:
+    weight = nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
+    buffer = GradBuffer([weight], dp_group=None)
+    buffer.start_step()
+    for _ in range(3):
+        (weight.float() * torch.arange(4.0)).sum().backward()
+    assert weight.grad is None
+    assert weight.main_grad.dtype == torch.float32
+    assert torch.equal(weight.main_grad, 3 * torch.arange(4.0))

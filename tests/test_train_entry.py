@@ -1,0 +1,80 @@
+"""The torchrun entry point end to end: the loss falls, logs and TensorBoard are written, bad steps
+are skipped and counted, and a run that keeps failing stops with a clear message."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megamm.training.arguments import parse_run_config
+from tests.distributed import run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = str(ROOT / "examples" / "tiny_cpu.yaml")
+
+
+@pytest.mark.slow
+def test_torchrun_tiny_config_learns(tmp_path: Path) -> None:
+    """2 processes, tp=2 with sequence parallelism, 30 steps: the logged loss falls well below its start."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megamm.train",
+        "--config", EXAMPLE, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--train-iters", "30",
+        "--log-interval", "5", "--eval-interval", "15", "--eval-iters", "1", "--tensorboard-dir", str(tmp_path / "tb"),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"\| lm loss: ([0-9.E+-]+) \| grad norm", done.stdout)]
+    assert len(losses) == 6, done.stdout
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert "validation at iteration 15" in done.stdout and "validation at iteration 30" in done.stdout
+    assert re.search(r"done: 30 iterations .* skipped iterations: 0", done.stdout)
+    for field in ("consumed samples:", "tokens/s:", "TFLOP/s/device:", "MFU: n/a", "peak memory (GiB):"):
+        assert field in done.stdout
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def test_bad_flags_exit_2_with_every_problem() -> None:
+    command = [sys.executable, "-m", "megamm.train", "--config", EXAMPLE, "--global-batch-size", "6", "--bf16", "--fp16"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--global-batch-size 6 must be a positive multiple" in done.stderr
+    assert "--bf16 and --fp16 are mutually exclusive" in done.stderr
+
+
+def _run(argv: list[str]) -> dict:
+    from megamm.train import run
+
+    return run(parse_run_config(argv, 1))
+
+
+SMALL = ["--config", EXAMPLE, "--log-interval", "100", "--set", "model.language.transformer.num_layers=2",
+         "--seq-length", "40", "--global-batch-size", "8", "--eval-iters", "0"]
+
+
+@pytest.mark.slow
+def test_fp16_overflow_steps_are_skipped_then_training_continues() -> None:
+    """A loss scale of 2^24 overflows fp16 gradients: those steps are skipped and counted, the
+    scale halves until it fits, and training then proceeds and learns."""
+    figures = run_distributed(_run, 1, SMALL + ["--fp16", "--initial-loss-scale", str(2.0**24),
+                                                "--max-skipped-iters-in-a-row", "20", "--train-iters", "25"])[0]
+    assert figures["skipped"] > 0
+    assert math.isfinite(figures["final_loss"]) and figures["final_loss"] < figures["first_loss"]
+
+
+@pytest.mark.slow
+def test_bf16_training_learns() -> None:
+    figures = run_distributed(_run, 1, SMALL + ["--bf16", "--train-iters", "15"])[0]
+    assert figures["skipped"] == 0
+    assert figures["final_loss"] < 0.85 * figures["first_loss"]
+
+
+@pytest.mark.slow
+def test_diverging_run_stops_with_a_clear_message() -> None:
+    with pytest.raises(RuntimeError, match="3 iterations in a row had a non-finite loss or gradient"):
+        run_distributed(_run, 1, SMALL + ["--lr", "1e30", "--min-lr", "1e30", "--clip-grad", "0",
+                                          "--max-skipped-iters-in-a-row", "3", "--train-iters", "20"])
