@@ -31,11 +31,11 @@ WEIGHT_TOLERANCE = 5e-5
 
 
 def _run_config(**training) -> RunConfig:
-    defaults = dict(
-        micro_batch_size=2, global_batch_size=8, seq_length=48, train_iters=STEPS, lr=3e-3, min_lr=1e-4,
-        lr_warmup_iters=1, weight_decay=0.1, clip_grad=0.5, mock_data=True, seed=5, images_per_sample=2,
-        projector_lr=1e-2,
-    )
+    defaults = {
+        "micro_batch_size": 2, "global_batch_size": 8, "seq_length": 48, "train_iters": STEPS, "lr": 3e-3,
+        "min_lr": 1e-4, "lr_warmup_iters": 1, "weight_decay": 0.1, "clip_grad": 0.5, "mock_data": True,
+        "seed": 5, "images_per_sample": 2, "projector_lr": 1e-2,
+    }
     defaults.update(training)
     return RunConfig(model=llava_config(), training=TrainingConfig(**defaults))
 
