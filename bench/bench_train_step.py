@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import transformers
@@ -43,20 +43,18 @@ from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 from transformers import LlavaConfig as HFLlavaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megamm.config import (  # noqa: E402
+from megamm.config import (
     LanguageConfig,
     LlavaConfig,
     ProjectorConfig,
     TransformerConfig,
     VisionConfig,
 )
-from megamm.models.llava import LlavaModel  # noqa: E402
-from megamm.parallel.cross_entropy import IGNORE_INDEX  # noqa: E402
-from megamm.parallel.state import ParallelState  # noqa: E402
-from megamm.training.arguments import RunConfig, TrainingConfig, apply_training_switches  # noqa: E402
-from megamm.training.step import Trainer, build_trainer, train_step  # noqa: E402
+from megamm.models.llava import LlavaModel
+from megamm.parallel.cross_entropy import IGNORE_INDEX
+from megamm.parallel.state import ParallelState
+from megamm.training.arguments import RunConfig, TrainingConfig, apply_training_switches
+from megamm.training.step import Trainer, build_trainer, train_step
 
 Batch = dict[str, torch.Tensor]
 BOS_ID = 1
@@ -94,14 +92,15 @@ class Shapes:
 
     def describe(self) -> str:
         return (
-            f"vision: CLIP-style ViT hidden {self.vit_hidden}, {self.vit_layers} layers, {self.vit_heads} heads, "
-            f"ffn {self.vit_ffn}, image {self.image_size}, patch {self.patch_size} ({self.patches} patches), "
+            f"vision: CLIP-style ViT hidden {self.vit_hidden}, {self.vit_layers} layers, "
+            f"{self.vit_heads} heads, ffn {self.vit_ffn}, image {self.image_size}, "
+            f"patch {self.patch_size} ({self.patches} patches), "
             f"penultimate layer, class token dropped\n"
             f"projector: mlp2x_gelu {self.vit_hidden} -> {self.lm_hidden} -> {self.lm_hidden}\n"
             f"language: LLaMA hidden {self.lm_hidden}, {self.lm_layers} layers, {self.lm_heads} heads, "
             f"{self.lm_kv_heads} kv heads, ffn {self.lm_ffn}, vocab {self.vocab}\n"
-            f"batch: {self.micro_batch} samples x {self.seq_length} tokens, {self.images_per_sample} image(s) "
-            f"per sample ({self.patches} image tokens each), fp32"
+            f"batch: {self.micro_batch} samples x {self.seq_length} tokens, "
+            f"{self.images_per_sample} image(s) per sample ({self.patches} image tokens each), fp32"
         )
 
 
@@ -172,11 +171,18 @@ def build_megamm_config(shapes: Shapes) -> LlavaConfig:
     )
     return LlavaConfig(
         vision=VisionConfig(
-            vision, image_size=shapes.image_size, patch_size=shapes.patch_size, select_layer=-2, drop_class_token=True
+            vision,
+            image_size=shapes.image_size,
+            patch_size=shapes.patch_size,
+            select_layer=-2,
+            drop_class_token=True,
         ),
         # make_vocab_size_divisible_by=64 divides 8000: no padded rows, the same table as Hugging Face.
         language=LanguageConfig(
-            language, vocab_size=shapes.vocab, image_token_id=shapes.image_token_id, make_vocab_size_divisible_by=64
+            language,
+            vocab_size=shapes.vocab,
+            image_token_id=shapes.image_token_id,
+            make_vocab_size_divisible_by=64,
         ),
         projector=ProjectorConfig(type="mlp2x_gelu"),
     )
@@ -243,9 +249,13 @@ def hf_to_megamm(hf: nn.Module, shapes: Shapes) -> dict[str, torch.Tensor]:
     out["language.embedding.weight"] = take(lm + "embed_tokens.weight")
     for i in range(shapes.lm_layers):
         src, dst = f"{lm}layers.{i}.", f"language.decoder.layers.{i}."
-        out[f"{dst}self_attention.qkv.weight"] = torch.cat([take(f"{src}self_attn.{p}_proj.weight") for p in "qkv"])
+        out[f"{dst}self_attention.qkv.weight"] = torch.cat(
+            [take(f"{src}self_attn.{p}_proj.weight") for p in "qkv"]
+        )
         out[f"{dst}self_attention.proj.weight"] = take(f"{src}self_attn.o_proj.weight")
-        out[f"{dst}mlp.fc1.weight"] = torch.cat([take(f"{src}mlp.gate_proj.weight"), take(f"{src}mlp.up_proj.weight")])
+        out[f"{dst}mlp.fc1.weight"] = torch.cat(
+            [take(f"{src}mlp.gate_proj.weight"), take(f"{src}mlp.up_proj.weight")]
+        )
         out[f"{dst}mlp.fc2.weight"] = take(f"{src}mlp.down_proj.weight")
         out[f"{dst}input_norm.weight"] = take(f"{src}input_layernorm.weight")
         out[f"{dst}pre_mlp_norm.weight"] = take(f"{src}post_attention_layernorm.weight")
@@ -267,7 +277,9 @@ def copy_weights(model: LlavaModel, weights: dict[str, torch.Tensor]) -> None:
         )
     for name, param in params.items():
         if param.shape != weights[name].shape:
-            raise ValueError(f"{name}: megamm {tuple(param.shape)} vs Hugging Face {tuple(weights[name].shape)}")
+            raise ValueError(
+                f"{name}: megamm {tuple(param.shape)} vs Hugging Face {tuple(weights[name].shape)}"
+            )
         param.copy_(weights[name])
 
 
@@ -288,7 +300,12 @@ def make_batch(shapes: Shapes, seed: int) -> Batch:
         (b * shapes.images_per_sample, 3, shapes.image_size, shapes.image_size), generator=generator
     )
     images = torch.full((b,), shapes.images_per_sample)
-    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "images_per_sample": images}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "pixel_values": pixel_values,
+        "images_per_sample": images,
+    }
 
 
 class HFStep:
@@ -323,10 +340,15 @@ class MegammStep:
         return result.loss
 
 
-def timed(step: Callable[[Batch], float], batch: Batch) -> tuple[float, float]:
-    start = time.perf_counter()
+def timed(step: Callable[[Batch], float], batch: Batch) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of this process, loss) of one step."""
+    wall, cpu = time.perf_counter(), time.process_time()
     loss = step(batch)
-    return time.perf_counter() - start, loss
+    return time.perf_counter() - wall, time.process_time() - cpu, loss
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 def count(model: nn.Module) -> tuple[int, int]:
@@ -342,7 +364,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per library (default: 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per library first (default: 2)")
     parser.add_argument(
-        "--threads", type=int, default=torch.get_num_threads(),
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
         help=f"torch intra-op threads for both (default: {torch.get_num_threads()})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default: 0)")
@@ -364,39 +388,55 @@ def main(argv: list[str] | None = None) -> int:
     steps: dict[str, Callable[[Batch], float]] = {"megamm": MegammStep(trainer), "transformers": HFStep(hf)}
     models: dict[str, nn.Module] = {"megamm": trainer.model, "transformers": hf}
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
-          f"{args.warmup} warm-up + {args.steps} timed steps each, seed {args.seed}")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
+        f"{args.warmup} warm-up + {args.steps} timed steps each, seed {args.seed}"
+    )
     print(shapes.describe())
 
     batches = [make_batch(shapes, args.seed * 100_003 + i) for i in range(total)]
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    load_before = load_average()
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     losses: dict[str, list[float]] = {name: [] for name in steps}
     for i, batch in enumerate(batches):
         order = list(steps) if i % 2 == 0 else list(reversed(steps))
         for name in order:
-            seconds, loss = timed(steps[name], batch)
+            seconds, cpu_seconds, loss = timed(steps[name], batch)
             if not math.isfinite(loss):
                 raise RuntimeError(f"{name}: non-finite loss {loss} at step {i}")
             losses[name].append(loss)
             if i >= args.warmup:
-                times[name].append(seconds)
+                wall[name].append(seconds)
+                cpu[name].append(cpu_seconds)
 
     tokens = shapes.micro_batch * shapes.seq_length
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians = {name: statistics.median(values) for name, values in wall.items()}
+    print(f"load average (1, 5, 15 min): {load_before} before the steps, {load_average()} after")
     print()
-    print(f"{'model':<14}{'params':>13}{'trainable':>13}{'median ms/step':>17}{'min':>10}{'max':>10}{'tokens/s':>11}")
+    header = f"{'model':<14}{'params':>12}{'trainable':>12}{'median ms/step':>16}{'min':>9}{'max':>9}"
+    print(header + f"{'CPU ms/step':>13}{'tokens/s':>10}")
     for name in steps:
         params, trainable = count(models[name])
-        ms = [1000 * t for t in times[name]]
-        print(f"{name:<14}{params:>13,}{trainable:>13,}{1000 * medians[name]:>17.1f}{min(ms):>10.1f}"
-              f"{max(ms):>10.1f}{tokens / medians[name]:>11.0f}")
+        ms = [1000 * t for t in wall[name]]
+        median_ms, cpu_ms = 1000 * medians[name], 1000 * statistics.median(cpu[name])
+        print(
+            f"{name:<14}{params:>12,}{trainable:>12,}{median_ms:>16.1f}{min(ms):>9.1f}{max(ms):>9.1f}"
+            f"{cpu_ms:>13.1f}{tokens / medians[name]:>10.0f}"
+        )
     print()
-    step0 = {name: values[0] for name, values in losses.items()}
-    print(f"step-0 loss: megamm {step0['megamm']:.6f}, transformers {step0['transformers']:.6f} "
-          f"(|diff| {abs(step0['megamm'] - step0['transformers']):.2e}; ln(vocab) = {math.log(shapes.vocab):.6f})")
-    print(f"last-step loss (step {total - 1}): megamm {losses['megamm'][-1]:.6f}, "
-          f"transformers {losses['transformers'][-1]:.6f}")
+    first_mm, first_hf = losses["megamm"][0], losses["transformers"][0]
+    print(
+        f"step-0 loss: megamm {first_mm:.6f}, transformers {first_hf:.6f} "
+        f"(|diff| {abs(first_mm - first_hf):.2e}; ln(vocab) = {math.log(shapes.vocab):.6f})"
+    )
+    print(
+        f"last-step loss (step {total - 1}): megamm {losses['megamm'][-1]:.6f}, "
+        f"transformers {losses['transformers'][-1]:.6f}"
+    )
+    pairwise = statistics.median(h / m for h, m in zip(wall["transformers"], wall["megamm"], strict=True))
     print(f"ratio (transformers median / megamm median): {medians['transformers'] / medians['megamm']:.3f}")
+    print(f"median of the per-step ratios (same batch, back to back): {pairwise:.3f}")
     return 0
 
 

@@ -117,9 +117,9 @@ def _log(reporter: Reporter, trainer: Trainer, iteration: int, stats: IntervalSt
     tokens_per_second = t.global_batch_size * t.seq_length / seconds
     flops = step_flops(trainer.model.config, t.seq_length, t.global_batch_size, images / max(stats.steps, 1))
     tflops = flops / seconds / world / 1e12
-    peak = peak_tflops(state.device, t.peak_tflops)
+    peak = peak_tflops(state.device, t.peak_tflops, half_precision=t.bf16 or t.fp16)
     mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
-    loss = stats.loss_sum / max(stats.loss_steps, 1)
+    loss = stats.loss_sum / stats.loss_steps if stats.loss_steps else float("nan")
     norm = stats.grad_norms[-1] if stats.grad_norms else float("nan")
     reporter.line(
         f" iteration {iteration:8d}/{t.train_iters} | consumed samples: {iteration * t.global_batch_size:10d} | "
@@ -186,7 +186,7 @@ def run(config: RunConfig) -> dict[str, float]:
                 raise RuntimeError(
                     f"stopping at iteration {iteration + 1}: {skipped_in_a_row} iterations in a row had a "
                     f"non-finite loss or gradient (last loss {result.loss}, grad norm {result.grad_norm}); "
-                    "lower --lr, enable --clip-grad, or use --bf16 instead of --fp16"
+                    "lower --lr (or --initial-loss-scale with --fp16), check the data, or use --bf16 instead of --fp16"
                 )
         done = iteration + 1
         reporter.progress(done, t.train_iters, result.loss)

@@ -77,3 +77,28 @@ def test_help_documents_megatron_flags() -> None:
                  "--clip-grad", "--bf16", "--fp16", "--seed", "--use-distributed-optimizer", "--eval-interval",
                  "--eval-iters", "--log-interval", "--freeze-LM", "--freeze-ViT", "--freeze-projector"):
         assert flag in text, flag
+
+
+def test_values_are_type_checked_before_anything_runs() -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_run_config(
+            ["--config", str(EXAMPLE), "--set", "training.train_iters=abc", "--set",
+             "model.language.transformer.activation=relu", "--set", "training.lr=3e-3"],
+            world_size=1,
+        )
+    text = str(raised.value)
+    assert "config.training.train_iters: expected int, got 'abc'" in text
+    assert "config.model.language.transformer.activation: expected one of 'gelu'" in text
+    assert "training.lr" not in text  # "3e-3" is a float even though YAML reads it as a string
+
+
+def test_freeze_flags_override_the_model_section_both_ways() -> None:
+    from megamm.training.arguments import apply_training_switches
+
+    frozen = parse_run_config(["--config", str(EXAMPLE), "--set", "model.freeze_vision=true"], world_size=1)
+    assert apply_training_switches(frozen).freeze_vision
+    thawed = parse_run_config(
+        ["--config", str(EXAMPLE), "--set", "model.freeze_vision=true", "--no-freeze-ViT", "--freeze-LM"], world_size=1
+    )
+    assert not apply_training_switches(thawed).freeze_vision
+    assert apply_training_switches(thawed).freeze_language

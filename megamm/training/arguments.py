@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,9 @@ import yaml
 
 from megamm.config import (
     ConfigError,
-    LanguageConfig,
     LlavaConfig,
     ParallelConfig,
-    ProjectorConfig,
     TransformerConfig,
-    VisionConfig,
 )
 
 
@@ -67,9 +65,10 @@ class TrainingConfig:
     overlap_grad_reduce: bool = _opt(False, "start the dp gradient sync of a bucket during backward")
     ddp_bucket_size: int = _opt(40_000_000, "elements per gradient bucket")
     # Model-level switches.
-    freeze_LM: bool = _opt(False, "do not train the language model", flag="--freeze-LM")
-    freeze_ViT: bool = _opt(False, "do not train the vision tower", flag="--freeze-ViT")
-    freeze_projector: bool = _opt(False, "do not train the projector")
+    # None: keep what the model section says; a flag (or its --no- form) overrides it.
+    freeze_LM: bool | None = _opt(None, "do not train the language model", flag="--freeze-LM")
+    freeze_ViT: bool | None = _opt(None, "do not train the vision tower", flag="--freeze-ViT")
+    freeze_projector: bool | None = _opt(None, "do not train the projector")
     recompute_granularity: Literal["none", "full", "selective"] = _opt(
         "none", "activation recompute: whole layers (full) or the attention core (selective)"
     )
@@ -138,8 +137,11 @@ class RunConfig:
             found.append("--clip-grad must be >= 0")
         if not t.mock_data:
             found.append("no training data: pass --mock-data (dataset files are not supported yet)")
-        if t.freeze_LM and t.freeze_ViT and t.freeze_projector:
-            found.append("--freeze-LM, --freeze-ViT and --freeze-projector together leave nothing to train")
+        switched = apply_training_switches(self)
+        if switched.freeze_language and switched.freeze_vision and switched.freeze_projector:
+            found.append("the language model, vision tower and projector are all frozen: nothing to train")
+        if t.projector_lr is not None and t.lr <= 0:
+            found.append("--projector-lr is a multiple of the --lr schedule and needs --lr > 0")
         if t.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
             found.append("--tensorboard-dir needs the tensorboard package (pip install tensorboard)")
         return found
@@ -170,7 +172,10 @@ def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
                 problems.append(f"{where}.{name}: required")
             continue
         value = data[name]
-        kwargs[name] = _build(hint, value, f"{where}.{name}", problems) if dataclasses.is_dataclass(hint) else value
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}.{name}", problems)
+        else:
+            kwargs[name] = _coerce(hint, value, f"{where}.{name}", problems)
     if any(v is None and dataclasses.is_dataclass(hints[k]) for k, v in kwargs.items()):
         return None
     try:
@@ -180,7 +185,44 @@ def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
         return None
 
 
-MODEL_TYPES = (LlavaConfig, VisionConfig, LanguageConfig, ProjectorConfig, TransformerConfig)
+def _coerce(hint: Any, value: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against a field's type; YAML reads `3e-3` as a string, so numeric strings
+    are accepted for float fields. A wrong value is reported (and returned unchanged)."""
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
+        typing.Union, types.UnionType) else [hint]
+    if value is None and len(options) < len(typing.get_args(hint) or [hint]):
+        return None
+    for option in options:
+        if typing.get_origin(option) is Literal:
+            if value in typing.get_args(option):
+                return value
+        elif option is bool:
+            if isinstance(value, bool):
+                return value
+        elif option is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif option is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif option is str:
+            if isinstance(value, str):
+                return value
+        else:
+            return value
+    expected = " or ".join(
+        "one of " + ", ".join(map(repr, typing.get_args(o))) if typing.get_origin(o) is Literal
+        else getattr(o, "__name__", str(o)) for o in options
+    )
+    problems.append(f"{where}: expected {expected}, got {value!r}")
+    return value
+
+
 
 
 def _set_path(tree: dict, dotted: str, raw: str, problems: list[str]) -> None:
@@ -228,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
             help_text = spec.metadata.get("help") or parallel_help.get(spec.name, "")
             kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": help_text}
             hint = hints[spec.name]
-            if hint is bool:
+            if hint is bool or hint == bool | None:
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif typing.get_origin(hint) is Literal:
                 kwargs["choices"] = typing.get_args(hint)
@@ -264,7 +306,8 @@ def parse_run_config(argv: list[str] | None, world_size: int) -> RunConfig:
     if "model" not in tree:
         problems.append("model: missing; give a --config file with a model section")
     config = _build(RunConfig, tree, "config", problems) if not problems else None
-    if config is not None:
+    # Semantic checks only make sense once every value has the right type.
+    if config is not None and not problems:
         problems.extend(config.problems(world_size))
     if problems:
         raise ConfigError(problems)
@@ -279,16 +322,16 @@ def apply_training_switches(config: RunConfig) -> LlavaConfig:
     dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
 
     def transformer(tc: TransformerConfig) -> TransformerConfig:
-        return dataclasses.replace(
-            tc, params_dtype=dtype, recompute=t.recompute_granularity, recompute_num_layers=t.recompute_num_layers
-        )
+        # --recompute-num-layers counts each tower's layers; a tower with fewer recomputes all of them.
+        layers = None if t.recompute_num_layers is None else min(t.recompute_num_layers, tc.num_layers)
+        return dataclasses.replace(tc, params_dtype=dtype, recompute=t.recompute_granularity, recompute_num_layers=layers)
 
     model = config.model
     return dataclasses.replace(
         model,
         vision=dataclasses.replace(model.vision, transformer=transformer(model.vision.transformer)),
         language=dataclasses.replace(model.language, transformer=transformer(model.language.transformer)),
-        freeze_vision=model.freeze_vision or t.freeze_ViT,
-        freeze_language=model.freeze_language or t.freeze_LM,
-        freeze_projector=model.freeze_projector or t.freeze_projector,
+        freeze_vision=model.freeze_vision if t.freeze_ViT is None else t.freeze_ViT,
+        freeze_language=model.freeze_language if t.freeze_LM is None else t.freeze_LM,
+        freeze_projector=model.freeze_projector if t.freeze_projector is None else t.freeze_projector,
     )

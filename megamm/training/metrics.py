@@ -25,8 +25,18 @@ import torch
 
 from megamm.config import LlavaConfig, TransformerConfig
 
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device-name substring.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s), matched in this order against the device name, so the
+# more specific names come first.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("A10G", 125.0),
+    ("L4", 121.0),
+)
 
 
 def layer_flops_per_token(config: TransformerConfig, seq_length: int) -> float:
@@ -73,14 +83,15 @@ def step_flops(config: LlavaConfig, seq_length: int, samples: int, images: int) 
     )
 
 
-def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    """The device's peak for MFU: the flag if given, else a known GPU's bf16 peak, else None."""
+def peak_tflops(device: torch.device, override: float | None, half_precision: bool) -> float | None:
+    """The peak for MFU: the flag if given, else a known GPU's bf16 peak for bf16/fp16 runs, else
+    None (fp32 runs and CPUs have no default: pass --peak-tflops)."""
     if override is not None:
         return override
-    if device.type != "cuda":
+    if device.type != "cuda" or not half_precision:
         return None
     name = torch.cuda.get_device_name(device)
-    return next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
+    return next((value for key, value in PEAK_TFLOPS if key in name), None)
 
 
 def peak_memory_gib(device: torch.device) -> float:
