@@ -35,6 +35,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # How long a collective waits for a peer before the job fails instead of hanging.
     distributed_timeout_minutes: float = 10.0
+    # Interleaved pipeline: language layers per model chunk (virtual stage); None = one chunk.
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    # Uneven pipeline split: language layers on the first / last stage (the rest split evenly).
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
 
 
 @dataclass

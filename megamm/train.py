@@ -28,6 +28,8 @@ from megamm.config import ConfigError
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState, initialize_parallel_state
+from megamm.pipeline.layout import stage_layers
+from megamm.pipeline.schedules import bubble_fraction
 from megamm.training.arguments import RunConfig, apply_training_switches, parse_run_config
 from megamm.training.metrics import peak_memory_gib, peak_tflops, step_flops
 from megamm.training.step import Batch, Trainer, build_trainer, evaluate, train_step
@@ -91,15 +93,48 @@ class Reporter:
             self.writer.close()
 
 
+# What each pipeline stage reads: the first embeds tokens and images, the last needs the labels.
+FIRST_STAGE_KEYS = ("input_ids", "pixel_values", "images_per_sample")
+LAST_STAGE_KEYS = ("labels", "images_per_sample")
+
+
+def build_model_chunks(config: RunConfig, state: ParallelState) -> list[LlavaModel]:
+    """This stage's model chunks (one without virtual stages), deterministically initialized."""
+    p, t = config.parallel, config.training
+    model_config = apply_training_switches(config)
+    layer_chunks = stage_layers(
+        model_config.language.transformer.num_layers, state.pp_size, state.pp_rank,
+        p.num_layers_per_virtual_pipeline_stage, p.decoder_first_pipeline_num_layers,
+        p.decoder_last_pipeline_num_layers,
+    )
+    chunks = []
+    for index, layers in enumerate(layer_chunks):
+        chunk = LlavaModel(
+            model_config, state, sequence_parallel=p.sequence_parallel,
+            pre_process=state.is_first_stage and index == 0,
+            post_process=state.is_last_stage and index == len(layer_chunks) - 1,
+            language_layers=layers,
+        )
+        chunk.initialize(t.seed)
+        chunks.append(chunk)
+    return chunks
+
+
 def _microbatches(dataset: SyntheticMultimodalDataset, iteration: int, config: RunConfig,
                   state: ParallelState) -> list[Batch]:
+    """This rank's microbatches of one iteration, with only the fields its stage uses (a middle
+    pipeline stage reads no data at all)."""
     t = config.training
     indices = microbatch_indices(iteration, t.global_batch_size, t.micro_batch_size, state.dp_rank, state.dp_size)
-    return [collate([dataset[i] for i in chunk]) for chunk in indices]
+    keys = (FIRST_STAGE_KEYS if state.is_first_stage else ()) + (LAST_STAGE_KEYS if state.is_last_stage else ())
+    if not keys:
+        return [{} for _ in indices]
+    batches = [collate([dataset[i] for i in chunk]) for chunk in indices]
+    return [{key: batch[key] for key in keys} for batch in batches]
 
 
 def _images(microbatches: list[Batch]) -> int:
-    return sum(int(mb["images_per_sample"].sum()) for mb in microbatches)
+    return sum(int(mb["images_per_sample"].sum()) for mb in microbatches if "images_per_sample" in mb)
 
 
 def _sum_dp(value: float, state: ParallelState) -> float:
@@ -139,9 +174,9 @@ def run(config: RunConfig) -> dict[str, float]:
         p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.distributed_timeout_minutes
     )
     state.seed(t.seed)
-    model = LlavaModel(apply_training_switches(config), state, sequence_parallel=p.sequence_parallel)
-    model.initialize(t.seed)
-    trainer = build_trainer(config, state, model)
+    chunks = build_model_chunks(config, state)
+    trainer = build_trainer(config, state, chunks)
+    model = chunks[0]
     reporter = Reporter(config, state)
     train_data = SyntheticMultimodalDataset(model.config, t.seq_length, t.seed, t.images_per_sample)
     eval_data = SyntheticMultimodalDataset(model.config, t.seq_length, t.seed + EVAL_SEED_OFFSET, t.images_per_sample)
@@ -153,10 +188,16 @@ def run(config: RunConfig) -> dict[str, float]:
         reporter.scalars(iteration, {"validation-lm-loss": loss})
         return loss
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in trainer.parameters() if p.requires_grad)
+    microbatches_per_step = config.accumulation_steps(state.world_size)
+    pipeline = ""
+    if state.pp_size > 1:
+        bubble = bubble_fraction(state.pp_size, len(chunks), microbatches_per_step)
+        pipeline = (f", {len(chunks)} model chunk(s) per stage, pipeline bubble (pp-1)/(vp*M) = "
+                    f"{100 * bubble:.1f}% of the ideal step time")
     reporter.line(
         f" megamm: world {state.world_size} = tp {state.tp_size} x dp {state.dp_size} x pp {state.pp_size}, "
-        f"{config.accumulation_steps(state.world_size)} microbatch(es) of {t.micro_batch_size} per step, "
+        f"{microbatches_per_step} microbatch(es) of {t.micro_batch_size} per step{pipeline}, "
         f"{trainable:,} trainable parameters on this rank"
     )
     stats, skipped, skipped_in_a_row = IntervalStats(), 0, 0

@@ -45,8 +45,8 @@ def test_every_violation_is_listed_at_once(tmp_path: Path) -> None:
         path.write_text(yaml.safe_dump(tree))
         parse_run_config(
             ["--config", str(path), "--global-batch-size", "10", "--bf16", "--fp16", "--min-lr", "1", "--lr", "0.1",
-             "--tensor-model-parallel-size", "4", "--pipeline-model-parallel-size", "2"],
-            world_size=8,
+             "--tensor-model-parallel-size", "4", "--pipeline-model-parallel-size", "3"],
+            world_size=12,
         )
     problems = raised.value.problems
     joined = "\n".join(problems)
@@ -56,7 +56,7 @@ def test_every_violation_is_listed_at_once(tmp_path: Path) -> None:
         "--global-batch-size 10 must be a positive multiple of --micro-batch-size 4 x data-parallel size 1 = 4",
         "--bf16 and --fp16 are mutually exclusive",
         "need 0 <= --min-lr (1.0) <= --lr (0.1)",
-        "pipeline schedules are not available yet",
+        "4 language layers are not divisible by 3 pipeline stages",
     ):
         assert expected in joined, expected
 

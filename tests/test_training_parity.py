@@ -47,7 +47,7 @@ def _train(config: RunConfig, state: ParallelState, sequence_parallel: bool = Fa
     model.initialize(t.seed)
     initial = {name: gather_master(p.detach(), p.param_layout, state.tp_group).clone()
                for name, p in model.named_parameters()}
-    trainer = build_trainer(config, state, model)
+    trainer = build_trainer(config, state, [model])
     data = SyntheticMultimodalDataset(model.config, t.seq_length, t.seed, t.images_per_sample)
     losses, norms = [], []
     for iteration in range(t.train_iters):

@@ -42,11 +42,6 @@ class LanguageModel(nn.Module):
         tcfg = config.transformer
         if tcfg.position_embedding != "rope":
             raise ValueError("the language model supports rope position embeddings only")
-        if config.tie_word_embeddings and post_process and not pre_process:
-            raise NotImplementedError(
-                "tied embeddings with the output layer on a later pipeline stage than the embedding "
-                "are not supported yet"
-            )
         self.config = config
         self.state = state
         self.pre_process = pre_process
@@ -56,11 +51,17 @@ class LanguageModel(nn.Module):
             config.vocab_size, config.make_vocab_size_divisible_by, state.tp_size
         )
         std, dtype = tcfg.init_method_std, tcfg.params_dtype
-        if pre_process:
+        tied_output = post_process and config.tie_word_embeddings
+        if pre_process or tied_output:
+            # With tied embeddings on a last stage that does not embed, this is its own copy of the
+            # table for the output layer, initialized identically (same global name) and kept equal
+            # by syncing its gradient with the first stage's (see megamm.training.step).
             self.embedding = VocabParallelEmbedding(
                 config.vocab_size, self.padded_vocab_size, tcfg.hidden_size,
                 state=state, init=normal_init(std), dtype=dtype,
             )
+            self.embedding.weight.shared_embedding = config.tie_word_embeddings
+            self.embedding.weight.tied_copy = not pre_process
         self.rotary = RotaryEmbedding(tcfg.head_dim, tcfg.rotary_base)
         numbers = range(tcfg.num_layers) if layer_numbers is None else layer_numbers
         self.decoder = TransformerBlock(tcfg, state, sequence_parallel, numbers)

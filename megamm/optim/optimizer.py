@@ -48,8 +48,15 @@ class Piece:
     counts_in_norm: bool
 
 
-def counts_in_norm(param: nn.Parameter, state: ParallelState) -> bool:
-    """Tensor-parallel shards are distinct on every tp rank; replicated parameters count once."""
+def counts_in_norm(param: nn.Parameter, state: ParallelState, sharded_over_dp: bool) -> bool:
+    """Whether this rank's copy of `param` adds to the global grad norm, so each element counts once.
+
+    Tensor-parallel shards are distinct on every tp rank; replicated parameters count on tp rank 0.
+    The last stage's copy of a tied embedding table counts only when the distributed optimizer
+    splits the pair's gradient into disjoint shards; otherwise the first stage's copy counts.
+    """
+    if getattr(param, "tied_copy", False) and not sharded_over_dp:
+        return False
     layout = getattr(param, "param_layout", None)
     return (layout is not None and layout.partition_dim is not None) or state.tp_rank == 0
 
@@ -133,12 +140,13 @@ class _AdamWOverPieces:
 
 
 class MixedPrecisionOptimizer(_AdamWOverPieces):
-    def __init__(self, buffer: GradBuffer, specs: dict[nn.Parameter, ParamGroupSpec], state: ParallelState,
+    def __init__(self, buffers: list[GradBuffer], specs: dict[nn.Parameter, ParamGroupSpec], state: ParallelState,
                  lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
         pieces = []
-        for param in buffer.params:
+        for param in (p for buffer in buffers for p in buffer.params):
             master = param if param.dtype == torch.float32 else param.detach().float().clone()
-            pieces.append(Piece(master, param.main_grad, param, None, specs[param], counts_in_norm(param, state)))
+            pieces.append(Piece(master, param.main_grad, param, None, specs[param],
+                                counts_in_norm(param, state, sharded_over_dp=False)))
         # Grads are identical across dp, so the norm sums over the model-parallel ranks only.
         super().__init__(pieces, state, lr, betas, eps, norm_group=state.mp_group)
 
@@ -150,23 +158,24 @@ class MixedPrecisionOptimizer(_AdamWOverPieces):
 
 
 class DistributedOptimizer(_AdamWOverPieces):
-    def __init__(self, buffer: GradBuffer, specs: dict[nn.Parameter, ParamGroupSpec], state: ParallelState,
+    def __init__(self, buffers: list[GradBuffer], specs: dict[nn.Parameter, ParamGroupSpec], state: ParallelState,
                  lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-        if not buffer.shard_for_optimizer:
-            raise ValueError("the distributed optimizer needs a GradBuffer built with shard_for_optimizer=True")
-        self.buffer = buffer
+        if not all(buffer.shard_for_optimizer for buffer in buffers):
+            raise ValueError("the distributed optimizer needs GradBuffers built with shard_for_optimizer=True")
+        self.buffers = buffers
         pieces = []
-        for bucket in buffer.buckets:
-            shard_start, shard_end = buffer.shard_range(bucket)
-            for param in bucket.params:
-                start, end = buffer.offsets[param]
-                lo, hi = max(start, shard_start), min(end, shard_end)
-                if lo >= hi:
-                    continue
-                master = param.detach().reshape(-1)[lo - start : hi - start].float().clone()
-                grad = buffer.grad_data[lo:hi]
-                pieces.append(Piece(master, grad, param, (lo - start, hi - start), specs[param],
-                                    counts_in_norm(param, state)))
+        for buffer in buffers:
+            for bucket in buffer.buckets:
+                shard_start, shard_end = buffer.shard_range(bucket)
+                for param in bucket.params:
+                    start, end = buffer.offsets[param]
+                    lo, hi = max(start, shard_start), min(end, shard_end)
+                    if lo >= hi:
+                        continue
+                    master = param.detach().reshape(-1)[lo - start : hi - start].float().clone()
+                    grad = buffer.grad_data[lo:hi]
+                    pieces.append(Piece(master, grad, param, (lo - start, hi - start), specs[param],
+                                        counts_in_norm(param, state, sharded_over_dp=True)))
         # Each dp rank holds a disjoint shard: the norm sums over every rank.
         super().__init__(pieces, state, lr, betas, eps, norm_group=None)
 
@@ -175,4 +184,5 @@ class DistributedOptimizer(_AdamWOverPieces):
             for piece in self.pieces:
                 start, end = piece.span
                 piece.param.data.view(-1)[start:end].copy_(piece.master)
-        self.buffer.all_gather_params()
+        for buffer in self.buffers:
+            buffer.all_gather_params()

@@ -44,6 +44,11 @@ def rank_layout(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]]
         "dp": [[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
         "pp": [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
         "mp": [[rank(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)],
+        # The word-embedding copies of the first and last stage (tied embeddings) are synced like
+        # data-parallel replicas: one group per tp rank over both stages and every dp rank.
+        "embedding_dp": [
+            sorted({rank(t, d, p) for d in range(dp) for p in (0, pp - 1)}) for t in range(tp)
+        ],
     }
 
 
@@ -65,6 +70,9 @@ class ParallelState:
     dp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
     mp_group: dist.ProcessGroup | None = None
+    # Pipeline gradients travel on their own group (see megamm.pipeline.p2p).
+    pp_grad_group: dist.ProcessGroup | None = None
+    embedding_dp_group: dist.ProcessGroup | None = None
     pp_ranks: list[int] = field(default_factory=lambda: [0])
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rng: RNGStatesTracker = field(default_factory=RNGStatesTracker)
@@ -103,6 +111,7 @@ class ParallelState:
         world_size = dist.get_world_size()
         rank = dist.get_rank()
         layout = rank_layout(world_size, tp, pp)
+        layout["pp_grad"] = layout["pp"]
         mine: dict[str, tuple[dist.ProcessGroup, list[int]]] = {}
         for kind, groups in layout.items():
             for ranks in groups:
@@ -121,6 +130,8 @@ class ParallelState:
             dp_group=mine["dp"][0],
             pp_group=mine["pp"][0],
             mp_group=mine["mp"][0],
+            pp_grad_group=mine["pp_grad"][0],
+            embedding_dp_group=mine["embedding_dp"][0] if "embedding_dp" in mine else None,
             pp_ranks=mine["pp"][1],
             device=device,
         )

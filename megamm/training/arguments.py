@@ -29,6 +29,8 @@ from megamm.config import (
     ParallelConfig,
     TransformerConfig,
 )
+from megamm.pipeline.layout import layout_problems
+from megamm.pipeline.schedules import schedule_problems
 
 
 def _opt(default: Any, help: str, flag: str | None = None) -> Any:
@@ -95,6 +97,15 @@ class RunConfig:
         mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
         return world_size // mp if mp > 0 else 0
 
+    @property
+    def virtual_stages(self) -> int:
+        """Model chunks per pipeline stage."""
+        p = self.parallel
+        per_chunk = p.num_layers_per_virtual_pipeline_stage
+        if per_chunk is None or per_chunk < 1:
+            return 1
+        return max(1, self.model.language.transformer.num_layers // (p.pipeline_model_parallel_size * per_chunk))
+
     def accumulation_steps(self, world_size: int) -> int:
         t = self.training
         return t.global_batch_size // (t.micro_batch_size * self.data_parallel_size(world_size))
@@ -118,8 +129,17 @@ class RunConfig:
                     f"--global-batch-size {t.global_batch_size} must be a positive multiple of "
                     f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp} = {unit}"
                 )
-        if p.pipeline_model_parallel_size != 1:
-            found.append("--pipeline-model-parallel-size > 1: pipeline schedules are not available yet")
+        found += layout_problems(
+            self.model.language.transformer.num_layers,
+            p.pipeline_model_parallel_size,
+            p.num_layers_per_virtual_pipeline_stage,
+            p.decoder_first_pipeline_num_layers,
+            p.decoder_last_pipeline_num_layers,
+        )
+        if world_size % max(mp, 1) == 0 and t.micro_batch_size >= 1 and not found_batch_problem(found):
+            found += schedule_problems(
+                p.pipeline_model_parallel_size, self.virtual_stages, self.accumulation_steps(world_size)
+            )
         for name in ("train_iters", "seq_length", "log_interval", "ddp_bucket_size", "max_skipped_iters_in_a_row"):
             if getattr(t, name) < 1:
                 found.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
@@ -148,6 +168,10 @@ class RunConfig:
 
 
 # ---- YAML -> dataclasses -------------------------------------------------------------------------
+
+
+def found_batch_problem(found: list[str]) -> bool:
+    return any("--global-batch-size" in problem for problem in found)
 
 
 def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
@@ -263,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline_model_parallel_size": "pipeline stages per model replica",
         "sequence_parallel": "split norms/dropout along the sequence across tp ranks",
         "distributed_timeout_minutes": "collective timeout before a stuck job fails",
+        "num_layers_per_virtual_pipeline_stage": "language layers per virtual stage (interleaved 1F1B)",
+        "decoder_first_pipeline_num_layers": "language layers on the first pipeline stage (uneven split)",
+        "decoder_last_pipeline_num_layers": "language layers on the last pipeline stage (uneven split)",
     }
     for cls, group in groups.items():
         hints = typing.get_type_hints(cls)

@@ -15,7 +15,6 @@ the global batch exactly, whatever dp and accumulation are.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +28,7 @@ from megamm.optim.schedules import DynamicLossScaler, LRSchedule
 from megamm.parallel.cross_entropy import IGNORE_INDEX
 from megamm.parallel.grads import allreduce_sequence_parallel_grads
 from megamm.parallel.state import ParallelState
+from megamm.pipeline.schedules import PipelineSchedule, forward_backward_no_pipelining
 from megamm.training.arguments import RunConfig
 
 Batch = dict[str, torch.Tensor | None]
@@ -46,44 +46,66 @@ class StepResult:
 
 @dataclass
 class Trainer:
-    """What a step needs: the model, its gradient buffer, optimizer, schedules and settings."""
+    """What a step needs: this stage's model chunks, their gradient buffers, the optimizer,
+    schedules and settings. Without pipelining there is one chunk."""
 
     config: RunConfig
     state: ParallelState
-    model: LlavaModel
-    buffer: GradBuffer
+    chunks: list[LlavaModel]
+    buffers: list[GradBuffer]
     optimizer: MixedPrecisionOptimizer | DistributedOptimizer
     lr_schedule: LRSchedule
     scaler: DynamicLossScaler | None
     forward_backward: ForwardBackward
 
+    @property
+    def model(self) -> LlavaModel:
+        """The first chunk (the whole model without pipelining)."""
+        return self.chunks[0]
 
-def param_group_specs(model: LlavaModel, weight_decay: float, lr: float, projector_lr: float | None) -> dict:
+    def parameters(self):
+        return (p for chunk in self.chunks for p in chunk.parameters())
+
+
+def param_group_specs(chunks: list[LlavaModel], weight_decay: float, lr: float, projector_lr: float | None) -> dict:
     """Weight decay except on biases and norms (1-D tensors); the projector's own learning rate."""
     specs = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = weight_decay if param.dim() > 1 else 0.0
-        scale = projector_lr / lr if projector_lr is not None and name.startswith("projector.") and lr > 0 else 1.0
-        specs[param] = ParamGroupSpec(decay, scale)
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = weight_decay if param.dim() > 1 else 0.0
+            projector = projector_lr is not None and name.startswith("projector.")
+            specs[param] = ParamGroupSpec(decay, projector_lr / lr if projector else 1.0)
     return specs
 
 
-def build_trainer(config: RunConfig, state: ParallelState, model: LlavaModel) -> Trainer:
+def _gradient_buffers(config: RunConfig, state: ParallelState, chunks: list[LlavaModel]) -> list[GradBuffer]:
+    """One buffer per model chunk (the schedule arms each chunk's overlapped sync on its last
+    backward), plus, with pipelining and tied embeddings, one for the embedding table copies of the
+    first and last stage, synced over both stages' dp ranks as if they were dp replicas."""
     t = config.training
-    params = [p for p in model.parameters() if p.requires_grad]
-    buffer = GradBuffer(
-        params,
-        state.dp_group,
-        bucket_size=t.ddp_bucket_size,
-        overlap=t.overlap_grad_reduce,
-        shard_for_optimizer=t.use_distributed_optimizer,
-    )
+    shared = [
+        p for chunk in chunks for p in chunk.parameters()
+        if p.requires_grad and getattr(p, "shared_embedding", False) and state.pp_size > 1
+    ]
+    settings = {"bucket_size": t.ddp_bucket_size, "shard_for_optimizer": t.use_distributed_optimizer}
+    buffers = []
+    for chunk in chunks:
+        params = [p for p in chunk.parameters() if p.requires_grad and not any(p is q for q in shared)]
+        buffers.append(GradBuffer(params, state.dp_group, overlap=t.overlap_grad_reduce, **settings))
+    if shared:
+        buffers.append(GradBuffer(shared, state.embedding_dp_group, overlap=False, **settings))
+    return buffers
+
+
+def build_trainer(config: RunConfig, state: ParallelState, chunks: list[LlavaModel]) -> Trainer:
+    t = config.training
+    buffers = _gradient_buffers(config, state, chunks)
     optimizer_cls = DistributedOptimizer if t.use_distributed_optimizer else MixedPrecisionOptimizer
     optimizer = optimizer_cls(
-        buffer,
-        param_group_specs(model, t.weight_decay, t.lr, t.projector_lr),
+        buffers,
+        param_group_specs(chunks, t.weight_decay, t.lr, t.projector_lr),
         state,
         lr=t.lr,
         betas=(t.adam_beta1, t.adam_beta2),
@@ -97,11 +119,21 @@ def build_trainer(config: RunConfig, state: ParallelState, model: LlavaModel) ->
         style=t.lr_decay_style,
     )
     scaler = DynamicLossScaler(t.initial_loss_scale, t.loss_scale_window) if t.fp16 else None
-    return Trainer(config, state, model, buffer, optimizer, schedule, scaler, forward_backward_no_pipelining)
+    if state.pp_size > 1:
+        language = chunks[0].config.language.transformer
+        seq = t.seq_length // (state.tp_size if config.parallel.sequence_parallel else 1)
+        forward_backward = PipelineSchedule(state, (seq, t.micro_batch_size, language.hidden_size),
+                                            language.params_dtype)
+    else:
+        forward_backward = forward_backward_no_pipelining
+    return Trainer(config, state, chunks, buffers, optimizer, schedule, scaler, forward_backward)
 
 
 def count_loss_tokens(microbatches: list[Batch]) -> int:
-    return sum(int((shift_labels(mb["labels"]) != IGNORE_INDEX).sum()) for mb in microbatches)
+    """Loss tokens in these microbatches (0 on stages that hold no labels)."""
+    return sum(
+        int((shift_labels(mb["labels"]) != IGNORE_INDEX).sum()) for mb in microbatches if mb.get("labels") is not None
+    )
 
 
 def _sum_over(value: float, group, device: torch.device) -> float:
@@ -111,67 +143,60 @@ def _sum_over(value: float, group, device: torch.device) -> float:
     return tensor.item()
 
 
-def forward_backward_no_pipelining(
-    model: LlavaModel,
-    microbatches: list[Batch],
-    total_tokens: float,
-    buffer: GradBuffer | None,
-    loss_scale: float = 1.0,
-    forward_only: bool = False,
-) -> torch.Tensor:
-    """Gradient accumulation: forward and backward each microbatch in turn.
-
-    Returns the sum of per-token losses over this rank's microbatches (fp32, detached). With a
-    buffer, its overlapped dp sync is armed for the last microbatch only.
-    """
-    total = torch.zeros((), dtype=torch.float32, device=model.state.device)
-    for index, microbatch in enumerate(microbatches):
-        if buffer is not None:
-            buffer.is_last_microbatch = index == len(microbatches) - 1
-        with torch.no_grad() if forward_only else nullcontext():
-            output = model(**microbatch)
-            loss_sum = output["loss"].sum()
-        if not forward_only:
-            (loss_sum * (loss_scale / total_tokens)).backward()
-        total += loss_sum.detach()
-    return total
+def _from_last_stage(values: list[float], state: ParallelState) -> list[float]:
+    """The last pipeline stage's values on every stage, so every rank reports the same numbers."""
+    if state.pp_size == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=state.device)
+    dist.broadcast(tensor, src=state.pp_ranks[-1], group=state.pp_group)
+    return tensor.tolist()
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _set_mode(trainer: Trainer, training: bool) -> None:
+    for chunk in trainer.chunks:
+        chunk.train(training)
+
+
 def train_step(trainer: Trainer, microbatches: list[Batch], iteration: int) -> StepResult:
     state, t = trainer.state, trainer.config.training
     microbatches = [_to_device(mb, state.device) for mb in microbatches]
-    trainer.model.train()
-    trainer.buffer.start_step()
+    _set_mode(trainer, True)
+    for buffer in trainer.buffers:
+        buffer.start_step()
     lr = trainer.lr_schedule(iteration)
     trainer.optimizer.set_lr(lr)
     total_tokens = _sum_over(count_loss_tokens(microbatches), state.dp_group, state.device)
     scale = trainer.scaler.scale if trainer.scaler is not None else 1.0
     loss_sum = trainer.forward_backward(
-        trainer.model, microbatches, max(total_tokens, 1.0), trainer.buffer, loss_scale=scale
+        trainer.chunks, microbatches, max(total_tokens, 1.0), trainer.buffers, loss_scale=scale
     )
-    trainer.buffer.finish_grad_sync()
-    allreduce_sequence_parallel_grads(trainer.model, state.tp_group, attribute="main_grad")
+    for buffer in trainer.buffers:
+        buffer.finish_grad_sync()
+    for chunk in trainer.chunks:
+        allreduce_sequence_parallel_grads(chunk, state.tp_group, attribute="main_grad")
     applied, grad_norm = trainer.optimizer.step(t.clip_grad, grad_scale=scale)
     if trainer.scaler is not None:
         trainer.scaler.update(overflow=not applied)
-    loss = _sum_over(loss_sum.item(), state.dp_group, state.device) / max(total_tokens, 1.0)
-    return StepResult(loss, grad_norm, applied, int(total_tokens), lr)
+    loss_sum_global = _sum_over(loss_sum.item(), state.dp_group, state.device)
+    loss_sum_global, total_tokens = _from_last_stage([loss_sum_global, total_tokens], state)
+    return StepResult(loss_sum_global / max(total_tokens, 1.0), grad_norm, applied, int(total_tokens), lr)
 
 
 def evaluate(trainer: Trainer, global_batches: list[list[Batch]]) -> float:
     """Per-token mean loss over the given global batches (this rank's microbatches of each)."""
     state = trainer.state
-    trainer.model.eval()
+    _set_mode(trainer, False)
     loss_sum, tokens = 0.0, 0.0
     for microbatches in global_batches:
         microbatches = [_to_device(mb, state.device) for mb in microbatches]
         tokens += count_loss_tokens(microbatches)
-        loss_sum += trainer.forward_backward(trainer.model, microbatches, 1.0, None, forward_only=True).item()
-    trainer.model.train()
+        loss_sum += trainer.forward_backward(trainer.chunks, microbatches, 1.0, None, forward_only=True).item()
+    _set_mode(trainer, True)
     loss_sum = _sum_over(loss_sum, state.dp_group, state.device)
     tokens = _sum_over(tokens, state.dp_group, state.device)
+    loss_sum, tokens = _from_last_stage([loss_sum, tokens], state)
     return loss_sum / max(tokens, 1.0)

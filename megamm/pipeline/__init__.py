@@ -1,0 +1,1 @@
+"""Pipeline parallelism: layer placement, point-to-point exchange and microbatch schedules."""
