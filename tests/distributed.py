@@ -87,6 +87,7 @@ def solo_state(device: torch.device | None = None):
     groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
     mine = groups[rank]
     return ParallelState(
-        tp_group=mine, dp_group=mine, pp_group=mine, mp_group=mine, pp_ranks=[rank],
+        tp_group=mine, dp_group=mine, pp_group=mine, mp_group=mine, pp_grad_group=mine, world_group=mine,
+        pp_ranks=[rank],
         device=device or torch.device("cpu"),
     )

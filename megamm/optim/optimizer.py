@@ -177,7 +177,7 @@ class DistributedOptimizer(_AdamWOverPieces):
                     pieces.append(Piece(master, grad, param, (lo - start, hi - start), specs[param],
                                         counts_in_norm(param, state, sharded_over_dp=True)))
         # Each dp rank holds a disjoint shard: the norm sums over every rank.
-        super().__init__(pieces, state, lr, betas, eps, norm_group=None)
+        super().__init__(pieces, state, lr, betas, eps, norm_group=state.world_group)
 
     def _copy_back(self) -> None:
         with torch.no_grad():

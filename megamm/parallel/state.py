@@ -73,6 +73,9 @@ class ParallelState:
     # Pipeline gradients travel on their own group (see megamm.pipeline.p2p).
     pp_grad_group: dist.ProcessGroup | None = None
     embedding_dp_group: dist.ProcessGroup | None = None
+    # Every rank of this layout (None: the default world group); a reduction over all ranks, such
+    # as the grad norm of the distributed optimizer, uses it.
+    world_group: dist.ProcessGroup | None = None
     pp_ranks: list[int] = field(default_factory=lambda: [0])
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rng: RNGStatesTracker = field(default_factory=RNGStatesTracker)
