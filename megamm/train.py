@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megamm.checkpoint.checkpointer import Checkpointer
 from megamm.config import ConfigError
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
 from megamm.models.llava import LlavaModel
@@ -200,10 +201,23 @@ def run(config: RunConfig) -> dict[str, float]:
         f"{microbatches_per_step} microbatch(es) of {t.micro_batch_size} per step{pipeline}, "
         f"{trainable:,} trainable parameters on this rank"
     )
+    checkpointer = None
+    if t.save or t.load:
+        checkpointer = Checkpointer(trainer, t.save, t.keep_last_checkpoints, t.async_save, reporter.line)
+    start = 0
+    if t.load:
+        progress = checkpointer.load(
+            t.load,
+            load_optim=t.load_optim and not t.finetune,
+            load_rng=t.load_rng and not t.finetune,
+            reset_progress=t.finetune,
+        )
+        start = progress.iteration if progress is not None else 0
     stats, skipped, skipped_in_a_row = IntervalStats(), 0, 0
     first_loss, last_loss, eval_loss = float("nan"), float("nan"), float("nan")
+    saved_at = start
     started = time.perf_counter()
-    for iteration in range(t.train_iters):
+    for iteration in range(start, t.train_iters):
         microbatches = _microbatches(train_data, iteration, config, state)
         tick = time.perf_counter()
         result = train_step(trainer, microbatches, iteration)
@@ -223,6 +237,8 @@ def run(config: RunConfig) -> dict[str, float]:
         else:
             skipped += 1
             skipped_in_a_row += 1
+            if skipped_in_a_row >= t.max_skipped_iters_in_a_row and checkpointer is not None:
+                checkpointer.wait()
             if skipped_in_a_row >= t.max_skipped_iters_in_a_row:
                 raise RuntimeError(
                     f"stopping at iteration {iteration + 1}: {skipped_in_a_row} iterations in a row had a "
@@ -236,8 +252,15 @@ def run(config: RunConfig) -> dict[str, float]:
             stats = IntervalStats()
         if t.eval_iters and t.eval_interval and done % t.eval_interval == 0:
             eval_loss = run_eval(done)
+        if t.save and t.save_interval and done % t.save_interval == 0:
+            checkpointer.save(done, done * t.global_batch_size)
+            saved_at = done
     if t.eval_iters and (not t.eval_interval or t.train_iters % t.eval_interval):
         eval_loss = run_eval(t.train_iters)
+    if t.save and saved_at != t.train_iters:
+        checkpointer.save(t.train_iters, t.train_iters * t.global_batch_size)
+    if checkpointer is not None:
+        checkpointer.wait()
     elapsed = time.perf_counter() - started
     state_bytes = trainer.optimizer.state_bytes()
     validation = f"validation lm loss: {eval_loss:.6E} | " if t.eval_iters else ""

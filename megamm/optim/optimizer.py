@@ -119,7 +119,19 @@ class _AdamWOverPieces:
         return True, norm
 
     def _copy_back(self) -> None:
+        """Write the updated masters into the model parameters."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def reset_masters_from_params(self) -> None:
+        """Refresh the fp32 masters from the parameters (after loading weights without optimizer state)."""
+        for piece in self.pieces:
+            if piece.master is piece.param:
+                continue
+            source = piece.param.detach().reshape(-1)
+            if piece.span is not None:
+                source = source[piece.span[0] : piece.span[1]]
+            piece.master.copy_(source.view_as(piece.master))
 
     def state_bytes(self) -> int:
         """Bytes of fp32 master copies and Adam moments held by this rank."""

@@ -79,6 +79,15 @@ class TrainingConfig:
     # Data.
     mock_data: bool = _opt(False, "train on the deterministic synthetic multimodal dataset")
     images_per_sample: int = _opt(1, "mock data: most images in one sample (0 gives text-only data)")
+    # Checkpoints.
+    save: str | None = _opt(None, "directory for checkpoints (iter_NNNNNNN/ and latest)")
+    save_interval: int | None = _opt(None, "save every this many steps (and always at the end)")
+    keep_last_checkpoints: int | None = _opt(None, "delete all but the newest N checkpoints")
+    async_save: bool = _opt(False, "write checkpoints in the background while training continues")
+    load: str | None = _opt(None, "checkpoint to resume from (a checkpoint or a --save directory)")
+    load_optim: bool = _opt(True, "load the optimizer state (--no-load-optim: the model only)")
+    load_rng: bool = _opt(True, "load the generator states (--no-load-rng: reseed from --seed)")
+    finetune: bool = _opt(False, "load only the model weights and start at iteration 0")
     # Evaluation and logging.
     eval_interval: int = _opt(0, "evaluate every this many steps (0: only at the end if --eval-iters)")
     eval_iters: int = _opt(0, "global batches per evaluation (0 disables evaluation)")
@@ -153,6 +162,14 @@ class RunConfig:
         decay_iters = t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters
         if t.lr_warmup_iters > decay_iters:
             found.append(f"--lr-warmup-iters {t.lr_warmup_iters} exceeds the decay length {decay_iters}")
+        if t.save_interval is not None and (t.save_interval < 1 or not t.save):
+            found.append("--save-interval needs --save and a value >= 1")
+        if t.async_save and not t.save:
+            found.append("--async-save needs --save")
+        if t.keep_last_checkpoints is not None and t.keep_last_checkpoints < 1:
+            found.append("--keep-last-checkpoints must be >= 1")
+        if t.finetune and not t.load:
+            found.append("--finetune needs --load")
         if t.clip_grad < 0:
             found.append("--clip-grad must be >= 0")
         if not t.mock_data:

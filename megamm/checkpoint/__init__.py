@@ -1,0 +1,1 @@
+"""Sharded, reshardable checkpoints on torch.distributed.checkpoint."""
