@@ -17,7 +17,6 @@ collectives in a background thread while training continues on the main groups.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from megamm.checkpoint.blocks import (
     view_2d_shape,
 )
 from megamm.optim.optimizer import DistributedOptimizer
+from megamm.training.arguments import run_config_to_dict
 from megamm.training.step import Trainer
 
 
@@ -232,7 +232,7 @@ class Checkpointer:
             "iteration": iteration,
             "layout": self.layout_signature(),
             "optimizer": "distributed" if isinstance(self.trainer.optimizer, DistributedOptimizer) else "plain",
-            "config": dataclasses.asdict(config),
+            "config": run_config_to_dict(config),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 

@@ -187,6 +187,26 @@ class RunConfig:
 # ---- YAML -> dataclasses -------------------------------------------------------------------------
 
 
+def run_config_to_dict(config: RunConfig) -> dict:
+    """The config as a YAML/JSON-ready tree that `run_config_from_dict` reads back (derived fields,
+    such as the parameter dtype that --bf16 sets, are left out)."""
+    tree = dataclasses.asdict(config)
+    for tower in ("vision", "language"):
+        tree["model"][tower]["transformer"].pop("params_dtype", None)
+    return tree
+
+
+def run_config_from_dict(tree: dict, world_size: int | None = None) -> RunConfig:
+    """Build (and, given the world size, validate) a RunConfig from a tree like the YAML file's."""
+    problems: list[str] = []
+    config = _build(RunConfig, tree, "config", problems)
+    if config is not None and not problems and world_size is not None:
+        problems.extend(config.problems(world_size))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
 def found_batch_problem(found: list[str]) -> bool:
     return any("--global-batch-size" in problem for problem in found)
 
