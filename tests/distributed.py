@@ -9,6 +9,7 @@ worker that hangs is killed after `timeout` seconds.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -36,7 +37,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
     )
     torch.set_num_threads(1)
     try:
-        results.put((rank, "ok", fn(*args)))
+        # Plain pickle bytes: torch's queue would share tensors through file descriptors that vanish
+        # when this process exits before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent, not hang it
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -61,7 +64,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
         for _ in range(world_size):
             rank, status, payload = results.get(timeout=timeout)
             if status == "ok":
-                collected[rank] = payload
+                collected[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break
