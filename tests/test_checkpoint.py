@@ -29,8 +29,9 @@ WEIGHT_TOLERANCE = 5e-5  # Adam amplifies rounding of near-zero grads (see test_
 EVAL_BATCH = 100
 
 
-def _config(tp: int, pp: int, dropout: float = 0.0, **training) -> RunConfig:
-    language = language_config(num_layers=8, hidden_dropout=dropout, attention_dropout=dropout)
+def _config(tp: int, pp: int, dropout: float = 0.0, tied: bool = False, **training) -> RunConfig:
+    language = replace(language_config(num_layers=8, hidden_dropout=dropout, attention_dropout=dropout),
+                       tie_word_embeddings=tied)
     vision = replace(vision_config(hidden_dropout=dropout, attention_dropout=dropout))
     settings = {
         "micro_batch_size": 1, "global_batch_size": 8, "seq_length": 48, "train_iters": 4, "lr": 3e-3,
@@ -86,13 +87,16 @@ def _reshard_job(directory: str, source: tuple[int, int], targets: list[tuple[in
     layouts = {source, *targets}
     states = {layout: ParallelState.from_groups(tp=layout[0], pp=layout[1], device=torch.device("cpu"))
               for layout in sorted(layouts)}
-    saved = Session(_config(*source, use_distributed_optimizer=distributed), states[source], Path(directory))
+    # The distributed-optimizer checkpoint also has tied embeddings (two stage copies of one table).
+    tied = distributed
+    saved = Session(_config(*source, tied=tied, use_distributed_optimizer=distributed), states[source],
+                    Path(directory))
     for iteration in range(2):
         saved.step(iteration)
     saved.checkpointer.save(2, 16)
     results = {"source": _figures(saved, 2)}
     for target, target_dist in zip(targets, target_distributed):
-        config = _config(*target, use_distributed_optimizer=target_dist)
+        config = _config(*target, tied=tied, use_distributed_optimizer=target_dist)
         session = Session(config, states[target], init_seed=999)
         progress = session.checkpointer.load(directory)
         assert progress is not None and progress.iteration == 2 and progress.consumed_samples == 16
@@ -143,8 +147,8 @@ def test_tp2_pp2_checkpoint_loads_at_other_layouts(plain_reshard: list[dict], ca
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["tp1_pp4_dist", "tp1_pp1_dist", "tp2_pp2_plain"])
 def test_distributed_optimizer_checkpoint_reshards(distributed_reshard: list[dict], case: str) -> None:
-    """Saved with the distributed optimizer at dp=2 (pp=2): loads at dp=1 and dp=4, and into the
-    plain optimizer, with the same next step."""
+    """Saved with the distributed optimizer at dp=2 (pp=2, tied embeddings): loads at dp=1 and dp=4,
+    and into the plain optimizer, with the same next step."""
     _compare(distributed_reshard, case)
 
 
