@@ -88,10 +88,9 @@ class _AdamWOverPieces:
 
     def grad_norm(self) -> float:
         """Global L2 norm over all trainable parameters, each counted once."""
-        squares = torch.zeros((), dtype=torch.float32, device=self.state.device)
-        for piece in self.pieces:
-            if piece.counts_in_norm:
-                squares += piece.grad.float().pow(2).sum()
+        norms = [torch.linalg.vector_norm(piece.grad, dtype=torch.float32) for piece in self.pieces
+                 if piece.counts_in_norm]
+        squares = torch.stack(norms).pow(2).sum() if norms else torch.zeros((), device=self.state.device)
         if dist.is_initialized():
             dist.all_reduce(squares, group=self.norm_group)
         return math.sqrt(squares.item()) if math.isfinite(squares.item()) else float("nan")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megamm.parallel.mappings import Group, group_rank, group_size
 
@@ -74,4 +75,10 @@ def vocab_parallel_cross_entropy(
     Returns `[...]`, zero at ignored positions. Averaging is the caller's job (training averages
     over all tokens of the global batch, not per microbatch).
     """
+    if group_size(group) == 1:
+        # One rank holds the whole vocabulary: torch's fused kernel, on the real columns only.
+        real = logits[..., :vocab_size].float()
+        loss = F.cross_entropy(real.reshape(-1, vocab_size), target.reshape(-1), reduction="none",
+                               ignore_index=IGNORE_INDEX)
+        return loss.view(target.shape)
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_size, group)

@@ -90,13 +90,12 @@ class SelfAttention(nn.Module):
             lower = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
             attention_mask = attention_mask & lower
             causal = False
-        if self.local_groups != self.local_heads:
-            repeat = self.local_heads // self.local_groups
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
         dropout = self.config.attention_dropout if self.training else 0.0
         # Heads are split across tp, so each rank's dropout mask must come from its own stream.
+        # GQA: each group of heads/groups consecutive query heads shares one key/value head, the
+        # grouping enable_gqa uses, so no expanded copy of k and v is made.
         with self.state.rng.fork() if dropout > 0 else nullcontext():
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal
+                q, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal,
+                enable_gqa=self.local_groups != self.local_heads,
             )
