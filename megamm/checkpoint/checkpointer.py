@@ -165,7 +165,9 @@ class Checkpointer:
         if self.save_dir is None:
             raise ValueError("no --save directory")
         self.wait()
-        state = {**self.model_state(), **self.optimizer_state(create=False),
+        # create=True: before the first step Adam has no moments yet; saving zeros (what Adam would
+        # start from) keeps the checkpoint complete for a later full resume.
+        state = {**self.model_state(), **self.optimizer_state(create=True),
                  **self.progress_state(iteration, consumed_samples), **self.rng_state()}
         directory = storage.partial_dir(self.save_dir, iteration)
         if self.rank == 0:
