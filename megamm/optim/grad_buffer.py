@@ -1,9 +1,9 @@
 """Contiguous fp32 gradient buffers ("main grads") synced across data parallelism in buckets.
 
-Every trainable parameter gets `param.main_grad`, an fp32 view into one flat buffer. A
-post-accumulate-grad hook adds each fresh `param.grad` (model dtype) into it and frees `param.grad`,
-so gradients accumulate over microbatches in fp32 whatever the compute dtype. Frozen parameters get
-no buffer space.
+Every trainable parameter gets `param.main_grad`, an fp32 view into one flat buffer. For fp32
+parameters `param.grad` is that view, so autograd accumulates into the buffer in place; for bf16/fp16
+parameters a post-accumulate-grad hook adds each fresh `param.grad` into it and frees `param.grad`.
+Either way gradients accumulate over microbatches in fp32. Frozen parameters get no buffer space.
 
 The buffer is cut into buckets of about `bucket_size` elements, in reverse parameter order (roughly
 the order backward produces them). Each bucket is padded to a multiple of dp so that it splits into
@@ -109,8 +109,9 @@ class GradBuffer:
     # ---- backward-time accumulation and sync ---------------------------------------------------
 
     def _on_grad(self, param: nn.Parameter) -> None:
-        param.main_grad.add_(param.grad)
-        param.grad = None
+        if param.grad is not param.main_grad:
+            param.main_grad.add_(param.grad)
+            param.grad = None
         if self.overlap and self.is_last_microbatch:
             bucket = self._bucket_of[id(param)]
             bucket.pending.discard(id(param))
@@ -134,6 +135,11 @@ class GradBuffer:
     def start_step(self) -> None:
         """Zero the main grads and arm the overlap bookkeeping for a new iteration."""
         self.grad_data.zero_()
+        # fp32 parameters accumulate straight into their main grad: with `.grad` already set to the
+        # buffer view, autograd adds each new gradient into it in place (no extra copy or add).
+        for param in self.params:
+            if param.dtype == torch.float32:
+                param.grad = param.main_grad
         self._next_to_launch = 0
         for bucket in self.buckets:
             bucket.pending = {id(p) for p in bucket.params}

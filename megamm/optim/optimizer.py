@@ -107,8 +107,9 @@ class _AdamWOverPieces:
             factor = clip_grad / (norm + 1e-6)
             for piece in self.pieces:
                 piece.grad.mul_(factor)
-        # The grads are attached only for the update: a parameter that is its own master must have
-        # no .grad during backward, or autograd would accumulate into the main-grad view itself.
+        # The grads are attached for the update only (a separate master's .grad would otherwise
+        # keep the buffer view referenced; an fp32 parameter's .grad is the buffer view anyway and
+        # is set again by GradBuffer.start_step).
         for piece in self.pieces:
             piece.master.grad = piece.grad
         self.adam.step()
