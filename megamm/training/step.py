@@ -3,8 +3,8 @@
 The step is: zero the main grads -> count the global batch's loss tokens -> the forward-backward
 schedule over this rank's microbatches -> finish the dp gradient sync -> sum sequence-parallel
 partial grads over tp -> optimizer step (unscale, norm, skip or clip, AdamW). The schedule is a
-plain function argument: the no-pipelining one here is gradient accumulation; a pipeline schedule
-with the same signature plugs in without touching the rest.
+plain function argument (megamm.pipeline.schedules): gradient accumulation without pipelining, or
+1F1B / interleaved 1F1B; all share one signature.
 
 Loss normalization: each microbatch backpropagates `sum(per-token loss) / T`, where T is the number
 of loss tokens in the whole global batch (all microbatches, all dp ranks; one small all-reduce before
@@ -163,13 +163,15 @@ def _set_mode(trainer: Trainer, training: bool) -> None:
 
 def train_step(trainer: Trainer, microbatches: list[Batch], iteration: int) -> StepResult:
     state, t = trainer.state, trainer.config.training
+    # Counted before the copy to the device, so counting costs no device synchronization.
+    local_tokens = count_loss_tokens(microbatches)
     microbatches = [_to_device(mb, state.device) for mb in microbatches]
     _set_mode(trainer, True)
     for buffer in trainer.buffers:
         buffer.start_step()
     lr = trainer.lr_schedule(iteration)
     trainer.optimizer.set_lr(lr)
-    total_tokens = _sum_over(count_loss_tokens(microbatches), state.dp_group, state.device)
+    total_tokens = _sum_over(local_tokens, state.dp_group, state.device)
     scale = trainer.scaler.scale if trainer.scaler is not None else 1.0
     loss_sum = trainer.forward_backward(
         trainer.chunks, microbatches, max(total_tokens, 1.0), trainer.buffers, loss_scale=scale
@@ -192,8 +194,8 @@ def evaluate(trainer: Trainer, global_batches: list[list[Batch]]) -> float:
     _set_mode(trainer, False)
     loss_sum, tokens = 0.0, 0.0
     for microbatches in global_batches:
-        microbatches = [_to_device(mb, state.device) for mb in microbatches]
         tokens += count_loss_tokens(microbatches)
+        microbatches = [_to_device(mb, state.device) for mb in microbatches]
         loss_sum += trainer.forward_backward(trainer.chunks, microbatches, 1.0, None, forward_only=True).item()
     _set_mode(trainer, True)
     loss_sum = _sum_over(loss_sum, state.dp_group, state.device)
