@@ -20,8 +20,8 @@ from megamm.data.sources import (
     Record,
     SkippingReader,
     SourceError,
-    TarShardSource,
 )
+from megamm.data.tar_shards import TarShardSource
 
 
 def _png(color: tuple[int, int, int] = (255, 0, 0)) -> bytes:
