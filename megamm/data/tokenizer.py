@@ -71,6 +71,14 @@ class Tokenizer(ABC):
     pad_id: int
     image_token_id: int
 
+    def __init__(self, path: str | Path, image_token: str, pad_token: str) -> None:
+        """The settings both backends share; checks that the file exists."""
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {self.path}")
+        self.image_token = image_token
+        self.pad_token = pad_token
+
     @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Ids of `text` as a standalone document (backend's default prefix space), no BOS/EOS."""
@@ -203,11 +211,7 @@ class SentencePieceTokenizer(Tokenizer):
     ) -> None:
         import sentencepiece as spm
 
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {self.path}")
-        self.image_token = image_token
-        self.pad_token = pad_token
+        super().__init__(path, image_token, pad_token)
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(self.path.read_bytes())
@@ -322,11 +326,7 @@ class HFTokenizer(Tokenizer):
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as _HF
 
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {self.path}")
-        self.image_token = image_token
-        self.pad_token = pad_token
+        super().__init__(path, image_token, pad_token)
         try:
             self._tok = _HF.from_file(str(self.path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON or schema
