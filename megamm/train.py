@@ -26,17 +26,14 @@ import torch.distributed as dist
 
 from megamm.checkpoint.checkpointer import Checkpointer
 from megamm.config import ConfigError
-from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.layout import stage_layers
 from megamm.pipeline.schedules import bubble_fraction
 from megamm.training.arguments import RunConfig, apply_training_switches, parse_run_config
+from megamm.training.data import FileData, SyntheticData, build_training_data, rows_in
 from megamm.training.metrics import peak_memory_gib, peak_tflops, step_flops
 from megamm.training.step import Batch, Trainer, build_trainer, evaluate, train_step
-
-# Held-out synthetic samples come from another seed stream.
-EVAL_SEED_OFFSET = 7919
 
 
 def _single_process_env() -> None:
@@ -60,6 +57,7 @@ class IntervalStats:
     loss_steps: int = 0
     seconds: float = 0.0
     images: int = 0
+    rows: int = 0
     grad_norms: list[float] = field(default_factory=list)
 
 
@@ -94,11 +92,6 @@ class Reporter:
             self.writer.close()
 
 
-# What each pipeline stage reads: the first embeds tokens and images, the last needs the labels.
-FIRST_STAGE_KEYS = ("input_ids", "pixel_values", "images_per_sample")
-LAST_STAGE_KEYS = ("labels", "images_per_sample")
-
-
 def build_model_chunks(config: RunConfig, state: ParallelState) -> list[LlavaModel]:
     """This stage's model chunks (one without virtual stages), deterministically initialized."""
     p, t = config.parallel, config.training
@@ -121,17 +114,21 @@ def build_model_chunks(config: RunConfig, state: ParallelState) -> list[LlavaMod
     return chunks
 
 
-def _microbatches(dataset: SyntheticMultimodalDataset, iteration: int, config: RunConfig,
-                  state: ParallelState) -> list[Batch]:
-    """This rank's microbatches of one iteration, with only the fields its stage uses (a middle
-    pipeline stage reads no data at all)."""
-    t = config.training
-    indices = microbatch_indices(iteration, t.global_batch_size, t.micro_batch_size, state.dp_rank, state.dp_size)
-    keys = (FIRST_STAGE_KEYS if state.is_first_stage else ()) + (LAST_STAGE_KEYS if state.is_last_stage else ())
-    if not keys:
-        return [{} for _ in indices]
-    batches = [collate([dataset[i] for i in chunk]) for chunk in indices]
-    return [{key: batch[key] for key in keys} for batch in batches]
+def _quiet(_: str) -> None:
+    """The log of ranks whose data messages would repeat another rank's."""
+
+
+def _data_counts(data: FileData | SyntheticData, state: ParallelState) -> tuple[str, dict[str, int]]:
+    """Records read and skipped over all data-parallel ranks: the summary line's part and the counts."""
+    counts = data.counts()
+    if not counts:
+        return "", {}
+    names = sorted(counts)
+    totals = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=state.device)
+    dist.all_reduce(totals, group=state.dp_group)
+    summed = dict(zip(names, (int(v) for v in totals.tolist())))
+    reasons = ", ".join(f"{n.split('/', 1)[1]} {v}" for n, v in summed.items() if n.startswith("bad/") and v)
+    return f"data: {summed['records']} records read, {summed['bad']} bad skipped ({reasons or 'none'}) | ", summed
 
 
 def _images(microbatches: list[Batch]) -> int:
@@ -149,9 +146,11 @@ def _log(reporter: Reporter, trainer: Trainer, iteration: int, stats: IntervalSt
     t = config.training
     world = state.world_size
     images = _sum_dp(stats.images, state)
+    # Rows, not samples: packed rows hold several samples each.
+    rows = _sum_dp(stats.rows, state) / max(stats.steps, 1)
     seconds = stats.seconds / max(stats.steps, 1)
-    tokens_per_second = t.global_batch_size * t.seq_length / seconds
-    flops = step_flops(trainer.model.config, t.seq_length, t.global_batch_size, images / max(stats.steps, 1))
+    tokens_per_second = rows * t.seq_length / seconds
+    flops = step_flops(trainer.model.config, t.seq_length, rows, images / max(stats.steps, 1))
     tflops = flops / seconds / world / 1e12
     peak = peak_tflops(state.device, t.peak_tflops, half_precision=t.bf16 or t.fp16)
     mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
@@ -179,12 +178,9 @@ def run(config: RunConfig) -> dict[str, float]:
     trainer = build_trainer(config, state, chunks)
     model = chunks[0]
     reporter = Reporter(config, state)
-    train_data = SyntheticMultimodalDataset(model.config, t.seq_length, t.seed, t.images_per_sample)
-    eval_data = SyntheticMultimodalDataset(model.config, t.seq_length, t.seed + EVAL_SEED_OFFSET, t.images_per_sample)
 
     def run_eval(iteration: int) -> float:
-        batches = [_microbatches(eval_data, i, config, state) for i in range(t.eval_iters)]
-        loss = evaluate(trainer, batches)
+        loss = evaluate(trainer, data.eval_batches())
         reporter.line(f" validation at iteration {iteration} | lm loss: {loss:.6E}")
         reporter.scalars(iteration, {"validation-lm-loss": loss})
         return loss
@@ -213,12 +209,18 @@ def run(config: RunConfig) -> dict[str, float]:
             reset_progress=t.finetune,
         )
         start = progress.iteration if progress is not None else 0
+    # Built after loading: a resumed run's loader starts at the checkpoint's iteration.
+    data = build_training_data(
+        config, model.config, state, start, microbatch_multiple=state.pp_size if len(chunks) > 1 else 1,
+        log=print if state.tp_rank == 0 and state.is_first_stage else _quiet,
+    )
+    reporter.line(f" data: {data.describe()}")
     stats, skipped, skipped_in_a_row = IntervalStats(), 0, 0
     first_loss, last_loss, eval_loss = float("nan"), float("nan"), float("nan")
     saved_at = start
     started = time.perf_counter()
     for iteration in range(start, t.train_iters):
-        microbatches = _microbatches(train_data, iteration, config, state)
+        microbatches = data.microbatches(iteration)
         tick = time.perf_counter()
         result = train_step(trainer, microbatches, iteration)
         if state.device.type == "cuda":
@@ -226,6 +228,7 @@ def run(config: RunConfig) -> dict[str, float]:
         stats.seconds += time.perf_counter() - tick
         stats.steps += 1
         stats.images += _images(microbatches)
+        stats.rows += rows_in(microbatches)
         stats.grad_norms.append(result.grad_norm)
         if result.applied:
             skipped_in_a_row = 0
@@ -264,15 +267,16 @@ def run(config: RunConfig) -> dict[str, float]:
     elapsed = time.perf_counter() - started
     state_bytes = trainer.optimizer.state_bytes()
     validation = f"validation lm loss: {eval_loss:.6E} | " if t.eval_iters else ""
+    data_line, data_counts = _data_counts(data, state)
     reporter.line(
         f" done: {t.train_iters} iterations in {elapsed:.1f} s | final lm loss: {last_loss:.6E} | "
-        f"{validation}skipped iterations: {skipped} | "
+        f"{validation}skipped iterations: {skipped} | {data_line}"
         f"optimizer state per rank: {state_bytes:,} bytes ({state_bytes / max(trainable, 1):.2f} per "
         f"trainable parameter) | peak memory (GiB): {peak_memory_gib(state.device):.2f}"
     )
     reporter.close()
     return {"first_loss": first_loss, "final_loss": last_loss, "eval_loss": eval_loss, "skipped": skipped,
-            "optimizer_state_bytes": trainer.optimizer.state_bytes()}
+            "optimizer_state_bytes": trainer.optimizer.state_bytes(), "data": data_counts}
 
 
 def main(argv: list[str] | None = None) -> int:

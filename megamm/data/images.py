@@ -20,6 +20,7 @@ naming the file instead of a bare Pillow exception from deep inside a data loade
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
@@ -169,15 +170,34 @@ def load_image(
             Pillow's exception is chained as the cause.
     """
     resolved = resolve_image_path(path, image_root)
-    name = os.fspath(path)
+    return _decode(resolved, f"{os.fspath(path)!r} ({resolved})", max_pixels, background)
+
+
+def load_image_bytes(
+    data: bytes,
+    name: str,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    background: RGB = WHITE,
+) -> Image.Image:
+    """`load_image` for an encoded file held in memory (a tar shard member); `name` is used in errors.
+
+    Raises ImageError naming `name` exactly as `load_image` does for a file.
+    """
+    return _decode(io.BytesIO(data), repr(name), max_pixels, background)
+
+
+def _decode(
+    source: Path | io.BytesIO, name: str, max_pixels: int | None, background: RGB
+) -> Image.Image:
+    """Open, check the pixel count from the header, fully decode and convert to RGB."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(resolved) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageError(
-                        f"image {name!r} is {width}x{height} = {width * height} pixels, more than "
+                        f"image {name} is {width}x{height} = {width * height} pixels, more than "
                         f"max_pixels={max_pixels} (possible decompression bomb)"
                     )
                 # Decode now, while the file is open: truncation and corruption surface here, not later
@@ -187,7 +207,7 @@ def load_image(
     except _DECODE_ERRORS as e:
         if isinstance(e, ImageError):
             raise
-        raise ImageError(f"cannot decode image {name!r} ({resolved}): {type(e).__name__}: {e}") from e
+        raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
 
 
 def expand_to_square(img: Image.Image, fill: RGB) -> Image.Image:

@@ -391,6 +391,38 @@ def render(
     return tokenized
 
 
+def render_prompt(
+    conversation: Sequence[Mapping[str, object]],
+    template: str | ChatTemplate,
+    tokenizer: Tokenizer,
+    tokens_per_image: Sequence[int] = (),
+) -> Tokenized:
+    """The generation prompt: the turns given (ending with a user turn), then the assistant header.
+
+    The ids are exactly those `render` puts before the first trained token of the answer that
+    would follow (an empty assistant turn renders the header alone), so the model continues from
+    the state training taught it to answer in. Labels are those of the earlier answers, if any;
+    a prompt is not trained on, so nothing being trained is no error here. ValueError if the
+    conversation does not end with a user turn or the image counts do not match.
+    """
+    chat = get_template(template) if isinstance(template, str) else template
+    turns = normalize_conversation(conversation)
+    if not turns or turns[-1].role != "user":
+        roles = [turn.role for turn in turns]
+        raise ValueError(f"a generation prompt must end with a user turn, got the roles {roles}")
+    placeholders = sum(turn.value.count(IMAGE_PLACEHOLDER) for turn in turns)
+    if placeholders != len(tokens_per_image):
+        raise ValueError(
+            f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholders but tokens_per_image "
+            f"has {len(tokens_per_image)} entries"
+        )
+    if any(count < 1 for count in tokens_per_image):
+        raise ValueError(f"tokens_per_image must be positive, got {list(tokens_per_image)}")
+    builder = _Builder(tokenizer, tokens_per_image)
+    chat.build(builder, [*turns, Turn("assistant", "")])
+    return builder.result()
+
+
 def truncate(tokenized: Tokenized, max_length: int) -> Tokenized | None:
     """Cut to at most `max_length` tokens, never through an image (the cut moves before it).
 

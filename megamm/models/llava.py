@@ -169,11 +169,14 @@ class LlavaModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         decoder_input: torch.Tensor | None = None,
         return_logits: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One stage's forward.
 
         First stage: input_ids `[b, s]` and pixel_values `[n, C, H, W]` (or None).
         Later stages: decoder_input, the previous stage's hidden states.
+        Every stage: position_ids `[b, s]` and attention_mask `[b, 1, s, s]` (bool, True = may attend,
+        combined with causality) for packed rows; None gives 0..s-1 and plain causal attention.
         Last stage: labels `[b, s]` aligned with input_ids, -100 where ignored. Returns
         {"loss": `[b, s]`, "loss_mask": `[b, s]`, optionally "logits"}; see LanguageModel.forward.
         """
@@ -183,7 +186,9 @@ class LlavaModel(nn.Module):
             decoder_input = self.embed(input_ids, pixel_values, images_per_sample)
         elif decoder_input is None:
             raise ValueError("a non-first pipeline stage needs decoder_input")
-        return self.language(decoder_input, labels, position_ids, return_logits=return_logits)
+        return self.language(
+            decoder_input, labels, position_ids, attention_mask=attention_mask, return_logits=return_logits
+        )
 
 
 def average_loss(output: dict[str, torch.Tensor]) -> torch.Tensor:

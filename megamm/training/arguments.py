@@ -29,6 +29,7 @@ from megamm.config import (
     ParallelConfig,
     TransformerConfig,
 )
+from megamm.data.templates import TEMPLATES
 from megamm.pipeline.layout import layout_problems
 from megamm.pipeline.schedules import schedule_problems
 
@@ -79,6 +80,25 @@ class TrainingConfig:
     # Data.
     mock_data: bool = _opt(False, "train on the deterministic synthetic multimodal dataset")
     images_per_sample: int = _opt(1, "mock data: most images in one sample (0 gives text-only data)")
+    # _opt returns a dataclasses.field, so the None default is not shared mutable state.
+    data_path: list[str] | None = _opt(  # noqa: RUF009
+        None, "training data: path(s) or 'weight path' pairs; LLaVA or caption JSON/JSONL, .tar shards, "
+        "a directory or glob of shards"
+    )
+    valid_data_path: list[str] | None = _opt(None, "validation data, same forms as --data-path")  # noqa: RUF009
+    image_folder: str | None = _opt(None, "directory the JSON rows' image paths are relative to (and confined to)")
+    tokenizer_model: str | None = _opt(None, "sentencepiece .model, tokenizer.json, or a directory with one")
+    chat_template: str = _opt("llava_v1", "conversation format: " + ", ".join(sorted(TEMPLATES)))
+    image_aspect_ratio: Literal["pad", "crop", "resize"] = _opt(
+        "pad", "single-image preprocessing: pad to square with the mean color, center crop, or squash"
+    )
+    image_normalization: Literal["clip", "siglip"] | None = _opt(
+        None, "pixel statistics (default: siglip for a tower without a class token, else clip)"
+    )
+    max_image_tiles: int = _opt(1, "dynamic tiling: most tiles per image, plus a thumbnail (1: no tiling)")
+    pack_sequences: bool = _opt(False, "pack several samples per row with per-sample attention and positions")
+    num_workers: int = _opt(2, "data loader worker processes per rank (0: read in the training process)")
+    max_bad_sample_fraction: float = _opt(0.5, "stop when more than this fraction of the samples read are bad")
     # Checkpoints.
     save: str | None = _opt(None, "directory for checkpoints (iter_NNNNNNN/ and latest)")
     save_interval: int | None = _opt(None, "save every this many steps (and always at the end)")
@@ -172,8 +192,7 @@ class RunConfig:
             found.append("--finetune needs --load")
         if t.clip_grad < 0:
             found.append("--clip-grad must be >= 0")
-        if not t.mock_data:
-            found.append("no training data: pass --mock-data (dataset files are not supported yet)")
+        found += data_problems(t)
         switched = apply_training_switches(self)
         if switched.freeze_language and switched.freeze_vision and switched.freeze_projector:
             found.append("the language model, vision tower and projector are all frozen: nothing to train")
@@ -182,6 +201,34 @@ class RunConfig:
         if t.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
             found.append("--tensorboard-dir needs the tensorboard package (pip install tensorboard)")
         return found
+
+
+def data_problems(t: TrainingConfig) -> list[str]:
+    """Violations among the data flags (files are checked to exist, not opened)."""
+    found = []
+    if not t.mock_data and not t.data_path:
+        found.append("no training data: pass --data-path (dataset files) or --mock-data (synthetic data)")
+    if t.mock_data and t.data_path:
+        found.append("--mock-data and --data-path are mutually exclusive")
+    if t.data_path and not t.tokenizer_model:
+        found.append("--data-path needs --tokenizer-model")
+    if t.tokenizer_model and not Path(t.tokenizer_model).exists():
+        found.append(f"--tokenizer-model {t.tokenizer_model}: no such file or directory")
+    if t.image_folder and not Path(t.image_folder).is_dir():
+        found.append(f"--image-folder {t.image_folder}: no such directory")
+    if t.chat_template not in TEMPLATES:
+        found.append(f"--chat-template {t.chat_template!r}: unknown; known: {', '.join(sorted(TEMPLATES))}")
+    if t.data_path and t.eval_iters and not t.valid_data_path:
+        found.append("--eval-iters with --data-path needs --valid-data-path")
+    if t.pack_sequences and not t.data_path:
+        found.append("--pack-sequences needs --data-path")
+    if t.max_image_tiles < 1:
+        found.append(f"--max-image-tiles must be >= 1, got {t.max_image_tiles}")
+    if t.num_workers < 0:
+        found.append(f"--num-workers must be >= 0, got {t.num_workers}")
+    if not 0.0 <= t.max_bad_sample_fraction <= 1.0:
+        found.append(f"--max-bad-sample-fraction must be in [0, 1], got {t.max_bad_sample_fraction}")
+    return found
 
 
 # ---- YAML -> dataclasses -------------------------------------------------------------------------
@@ -274,6 +321,11 @@ def _coerce(hint: Any, value: Any, where: str, problems: list[str]) -> Any:
         elif option is str:
             if isinstance(value, str):
                 return value
+        elif typing.get_origin(option) is list:
+            if isinstance(value, str):
+                return value.split()
+            if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+                return [str(v) for v in value]
         else:
             return value
     expected = " or ".join(
@@ -298,6 +350,12 @@ def _set_path(tree: dict, dotted: str, raw: str, problems: list[str]) -> None:
 
 
 # ---- flags ---------------------------------------------------------------------------------------
+
+
+def _without_none(hint: Any) -> Any:
+    """`X | None` -> X; anything else unchanged."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
 
 
 def _flag_name(spec: dataclasses.Field) -> str:
@@ -336,8 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
             hint = hints[spec.name]
             if hint is bool or hint == bool | None:
                 kwargs["action"] = argparse.BooleanOptionalAction
-            elif typing.get_origin(hint) is Literal:
-                kwargs["choices"] = typing.get_args(hint)
+            elif typing.get_origin(base_hint := _without_none(hint)) is Literal:
+                kwargs["choices"] = typing.get_args(base_hint)
+            elif list[str] in typing.get_args(hint):
+                kwargs["nargs"] = "+"
             else:
                 base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
                 kwargs["type"] = base[0]

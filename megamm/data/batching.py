@@ -1,0 +1,92 @@
+"""One rank's samples of an iteration -> its microbatches, padded or packed.
+
+Padded (default): each sample is one row of `seq_length` tokens (pad id, label -100 after it);
+microbatches of `micro_batch_size` rows. Keys: input_ids, labels `[b, s]`, pixel_values `[n, 3, H, W]`
+or None, images_per_sample `[b]` (vision-tower inputs per row, tiles counted).
+
+Packed (`--pack-sequences`): the same samples are bin-packed (first-fit decreasing, C++ when built)
+into as few rows as possible, so a step trains on exactly the samples the padded step would (same
+loss, since the loss is the per-token mean over the global batch) in fewer rows. Each row also carries
+position_ids `[b, s]` restarting per sample and attention_mask `[b, 1, s, s]` (block-diagonal causal,
+`megamm.data.packing.block_causal_mask`), which every pipeline stage needs. The row count is rounded up
+with empty rows (all padding, no loss) to whole microbatches, and to a multiple of `microbatch_multiple`
+microbatches (the interleaved pipeline schedule needs a multiple of the pipeline size).
+
+Images stay in token order within a row: a packed row's images are its samples' images in the order
+the samples are placed in the row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megamm.data.packing import block_causal_mask, pack_first_fit_decreasing, packed_sequence
+from megamm.data.samples import Sample
+from megamm.parallel.cross_entropy import IGNORE_INDEX
+
+Batch = dict[str, torch.Tensor | None]
+
+
+def _images(rows: list[list[Sample]], image_shape: tuple[int, int, int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    per_row = torch.tensor([sum(s.num_images for s in row) for row in rows], dtype=torch.long)
+    pixels = [s.pixel_values for row in rows for s in row if s.num_images]
+    if not pixels:
+        return None, per_row
+    stacked = torch.cat(pixels)
+    if tuple(stacked.shape[1:]) != image_shape:
+        raise ValueError(f"images of shape {tuple(stacked.shape[1:])}, the vision tower takes {image_shape}")
+    return stacked, per_row
+
+
+def padded_batch(samples: list[Sample], seq_length: int, pad_id: int, image_shape: tuple[int, int, int]) -> Batch:
+    """One microbatch, a row per sample, padded to `seq_length`."""
+    input_ids = torch.full((len(samples), seq_length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), seq_length), IGNORE_INDEX, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        if len(sample) > seq_length:
+            raise ValueError(f"sample {sample.sample_id!r} has {len(sample)} tokens, more than {seq_length}")
+        input_ids[row, : len(sample)] = torch.tensor(sample.input_ids)
+        labels[row, : len(sample)] = torch.tensor(sample.labels)
+    pixel_values, per_row = _images([[s] for s in samples], image_shape)
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "images_per_sample": per_row}
+
+
+def padded_microbatches(
+    samples: list[Sample], micro_batch_size: int, seq_length: int, pad_id: int, image_shape: tuple[int, int, int]
+) -> list[Batch]:
+    return [
+        padded_batch(samples[i : i + micro_batch_size], seq_length, pad_id, image_shape)
+        for i in range(0, len(samples), micro_batch_size)
+    ]
+
+
+def packed_microbatches(
+    samples: list[Sample],
+    micro_batch_size: int,
+    seq_length: int,
+    pad_id: int,
+    image_shape: tuple[int, int, int],
+    microbatch_multiple: int = 1,
+) -> list[Batch]:
+    """The samples packed into rows of `seq_length`, grouped into microbatches (see the module docstring)."""
+    bins = pack_first_fit_decreasing([len(s) for s in samples], seq_length)
+    unit = micro_batch_size * microbatch_multiple
+    rows = [[samples[i] for i in members] for members in bins]
+    rows += [[] for _ in range(-len(rows) % unit)]
+    batches = []
+    for start in range(0, len(rows), micro_batch_size):
+        group = rows[start : start + micro_batch_size]
+        packed = [
+            packed_sequence([{"input_ids": s.input_ids, "labels": s.labels} for s in row], seq_length, pad_id)
+            for row in group
+        ]
+        pixel_values, per_row = _images(group, image_shape)
+        batches.append({
+            "input_ids": torch.stack([p["input_ids"] for p in packed]),
+            "labels": torch.stack([p["labels"] for p in packed]),
+            "position_ids": torch.stack([p["position_ids"] for p in packed]),
+            "attention_mask": torch.stack([block_causal_mask(p["cu_seqlens"], seq_length) for p in packed])[:, None],
+            "pixel_values": pixel_values,
+            "images_per_sample": per_row,
+        })
+    return batches

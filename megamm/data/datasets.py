@@ -1,0 +1,133 @@
+"""From what a user names on the command line to one random-access source of records.
+
+`--data-path` takes Megatron's forms: one path, several paths (equal weights), or weight/path pairs
+(`0.7 llava_665k.json 0.3 shards/`). Each path is opened by what it is:
+
+* a `.json` / `.jsonl` file: LLaVA conversation rows, or image-caption rows (`{"image", "caption"}`),
+  told apart by the first rows;
+* a `.tar` file, a directory of `.tar` shards, or a glob (`shards/part-*.tar`): webdataset-style shards.
+
+Several sources are mixed by `BlendedSource` (deterministic, proportional in every prefix).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from megamm.data.sources import BlendedSource, CaptionSource, LlavaJsonSource, RecordSource, SourceError
+from megamm.data.tar_shards import TarShardSource
+
+# Rows looked at to tell conversation files from caption files.
+_SNIFF_ROWS = 32
+
+
+def parse_data_path(items: Sequence[str]) -> list[tuple[float, str]]:
+    """`["a.json"]`, `["a.json", "b.json"]` or `["0.7", "a.json", "0.3", "b.json"]` -> (weight, path)s.
+
+    ValueError naming the flag when weights and paths are mixed up.
+    """
+    if not items:
+        raise ValueError("--data-path is empty")
+
+    def is_number(text: str) -> bool:
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return not os.path.exists(text)
+
+    if not is_number(items[0]):
+        if any(is_number(item) for item in items):
+            raise ValueError(f"--data-path {' '.join(items)}: give either only paths or weight/path pairs")
+        return [(1.0, item) for item in items]
+    if len(items) % 2:
+        raise ValueError(f"--data-path {' '.join(items)}: weight/path pairs expected, got an odd count")
+    pairs = []
+    for weight, path in zip(items[0::2], items[1::2]):
+        if not is_number(weight) or is_number(path):
+            raise ValueError(f"--data-path {' '.join(items)}: expected 'weight path' pairs, got {weight!r} {path!r}")
+        if float(weight) < 0:
+            raise ValueError(f"--data-path: negative weight {weight} for {path}")
+        pairs.append((float(weight), path))
+    return pairs
+
+
+def _tar_shards(path: str) -> list[str] | None:
+    """The shard files `path` names (a tar, a directory of tars, a glob), or None if it is not shards."""
+    if any(ch in path for ch in "*?["):
+        found = sorted(glob.glob(path))
+        if not found:
+            raise FileNotFoundError(f"--data-path {path}: the pattern matches no file")
+        return found
+    if os.path.isdir(path):
+        found = sorted(str(p) for p in Path(path).glob("*.tar"))
+        if not found:
+            raise FileNotFoundError(f"--data-path {path}: directory holds no .tar shards")
+        return found
+    if path.endswith(".tar"):
+        return [path]
+    return None
+
+
+def _looks_like_captions(path: str) -> bool:
+    """True when the first rows are caption rows (no "conversations", a "caption" or "text")."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
+    rows: list = []
+    if head[:1] == b"[":
+        try:
+            with open(path, "rb") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise SourceError(f"{path} is not valid JSON: {error}") from error
+        rows = data[:_SNIFF_ROWS] if isinstance(data, list) else []
+    else:
+        with open(path, "rb") as f:
+            for line in f:
+                if len(rows) >= _SNIFF_ROWS:
+                    break
+                try:
+                    rows.append(json.loads(line))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+    objects = [row for row in rows if isinstance(row, dict)]
+    if not objects:
+        return False
+    captions = sum("conversations" not in row and ("caption" in row or "text" in row) for row in objects)
+    return captions > len(objects) / 2
+
+
+def open_source(path: str, image_folder: str | None) -> RecordSource:
+    """One path -> its record source; FileNotFoundError / SourceError naming the path."""
+    shards = _tar_shards(path)
+    if shards is not None:
+        return TarShardSource(shards)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data-path {path}: no such file")
+    if image_folder is not None and not os.path.isdir(image_folder):
+        raise FileNotFoundError(f"--image-folder {image_folder}: no such directory")
+    cls = CaptionSource if _looks_like_captions(path) else LlavaJsonSource
+    return cls(path, image_folder)
+
+
+def build_source(
+    data_path: Sequence[str], image_folder: str | None, seed: int, num_samples: int
+) -> tuple[RecordSource, list[str]]:
+    """The (blended) source for `--data-path`, and a one-line description of each part.
+
+    A single path is used as it is (the loader shuffles it per epoch); several are blended into
+    `num_samples` positions, each path getting its weight's share.
+    """
+    pairs = parse_data_path(data_path)
+    sources = [open_source(path, image_folder) for _, path in pairs]
+    described = [f"{path}: {len(source)} samples, weight {weight:g}" for (weight, path), source in zip(pairs, sources)]
+    for (_, path), source in zip(pairs, sources):
+        if len(source) == 0:
+            raise SourceError(f"--data-path {path}: no samples")
+    if len(sources) == 1:
+        return sources[0], described
+    return BlendedSource(sources, [w for w, _ in pairs], seed, num_samples), described

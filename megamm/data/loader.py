@@ -1,0 +1,208 @@
+"""The training data loader: deterministic, sharded over data-parallel ranks, resumable, with workers.
+
+Positions, not iterators. Global sample position p (0, 1, 2, ...) is read from record
+`order(p)`: epoch e = p // N uses a permutation of the N records seeded by (seed, e). Iteration k
+trains on positions [k * G, (k + 1) * G) (G = global batch size) and data-parallel rank r of D takes
+the contiguous slice [k * G + r * G / D, k * G + (r + 1) * G / D). So what any rank reads at any step
+is a pure function of (seed, iteration, rank), nothing is carried from step to step, and a run resumed
+from a checkpoint at iteration k (`train/consumed_samples` = k * G) reads exactly what the
+uninterrupted run would have. Within an epoch no record is read twice across all ranks.
+
+Bad samples. A position whose record is bad (`BadSample`) is filled by a replacement drawn from a
+generator seeded by (seed, position, attempt), again a pure function of the position, so every pipeline
+stage and tensor-parallel rank that reads a position picks the same replacement, and a resumed run
+picks the same as an uninterrupted one. The bad record is reported back with the sample and counted by
+`LoaderStats`; when more than `max_bad_fraction` of the records read are bad the loader raises, since
+then the dataset or its configuration (a wrong --image-folder, a wrong template) is broken.
+
+Workers. `torch.utils.data.DataLoader` worker processes decode images and tokenize; results come back
+in position order, so the worker count changes speed, never content.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from megamm.data.samples import Sample, SampleBuilder
+from megamm.data.sources import BadSample, RecordSource
+
+_LOGGER = logging.getLogger(__name__)
+# Replacement draws for one bad position before giving up (only reachable when nearly all are bad).
+MAX_REPLACEMENT_ATTEMPTS = 64
+# Every BadSample kind the readers and the sample builder raise; counts are kept for each (ranks add
+# them up in a fixed order).
+BAD_KINDS = ("json", "schema", "placeholders", "member", "image", "all_masked", "too_long")
+# Stream ids that keep the epoch permutations and the replacement draws independent.
+_ORDER_STREAM, _REPLACEMENT_STREAM = 0, 1
+
+
+class SampleOrder:
+    """Global sample position -> record index: a fresh seeded permutation of the records per epoch."""
+
+    def __init__(self, num_records: int, seed: int) -> None:
+        if num_records < 1:
+            raise ValueError("the dataset has no samples")
+        self.num_records = num_records
+        self.seed = seed
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def __call__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_records)
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, _ORDER_STREAM, epoch])
+            self._epoch = (epoch, rng.permutation(self.num_records))
+        return int(self._epoch[1][offset])
+
+    def replacement(self, position: int, attempt: int) -> int:
+        """The record tried instead at `position` after `attempt` + 1 bad ones."""
+        rng = np.random.default_rng([self.seed, _REPLACEMENT_STREAM, position, attempt])
+        return int(rng.integers(self.num_records))
+
+
+@dataclass
+class Fetched:
+    """What reading one position gave: the sample and the bad records met on the way (kind, message)."""
+
+    position: int
+    sample: Sample
+    bad: list[tuple[str, str]] = field(default_factory=list)
+
+
+class PositionDataset(Dataset):
+    """`dataset[position]` -> Fetched, replacing bad records deterministically (see the module docstring)."""
+
+    def __init__(self, source: RecordSource, builder: SampleBuilder, seed: int) -> None:
+        self.source = source
+        self.builder = builder
+        self.order = SampleOrder(len(source), seed)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, position: int) -> Fetched:
+        bad: list[tuple[str, str]] = []
+        index = self.order(position)
+        for attempt in range(MAX_REPLACEMENT_ATTEMPTS + 1):
+            try:
+                return Fetched(position, self.builder.build(self.source[index]), bad)
+            except BadSample as error:
+                bad.append((error.kind, str(error)))
+            index = self.order.replacement(position, attempt)
+        raise RuntimeError(
+            f"position {position}: {len(bad)} records in a row were bad, e.g. {bad[-1][1]}; the dataset "
+            "or its configuration (--image-folder, --chat-template, --seq-length) looks broken"
+        )
+
+
+class _Positions(Sampler[int]):
+    """This rank's positions for iterations [start, stop), in order."""
+
+    def __init__(self, start: int, stop: int, global_batch: int, dp_rank: int, dp_size: int) -> None:
+        self.start, self.stop = start, stop
+        self.global_batch = global_batch
+        self.per_rank = global_batch // dp_size
+        self.offset = dp_rank * self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        for iteration in range(self.start, self.stop):
+            base = iteration * self.global_batch + self.offset
+            yield from range(base, base + self.per_rank)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.per_rank
+
+
+def rank_positions(iteration: int, global_batch: int, dp_rank: int, dp_size: int) -> list[int]:
+    """The global positions data-parallel rank `dp_rank` trains on at `iteration`."""
+    return list(_Positions(iteration, iteration + 1, global_batch, dp_rank, dp_size))
+
+
+@dataclass
+class LoaderStats:
+    """Records read and bad ones (by kind) on this rank; `check` enforces the bad-fraction limit."""
+
+    records: int = 0
+    bad: int = 0
+    reasons: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_KINDS, 0))
+
+    def add(self, fetched: Fetched) -> None:
+        self.records += 1 + len(fetched.bad)
+        self.bad += len(fetched.bad)
+        for kind, _ in fetched.bad:
+            if kind not in self.reasons:
+                raise ValueError(f"unknown bad-sample kind {kind!r}; add it to BAD_KINDS")
+            self.reasons[kind] += 1
+
+    def check(self, max_bad_fraction: float, min_records: int) -> None:
+        if self.records >= min_records and self.bad > max_bad_fraction * self.records:
+            raise RuntimeError(
+                f"most samples are bad: {self.bad} of {self.records} records read were skipped "
+                f"(more than --max-bad-sample-fraction {max_bad_fraction}); by reason: "
+                f"{ {k: v for k, v in self.reasons.items() if v} }. "
+                "Check --data-path, --image-folder and --chat-template"
+            )
+
+
+class RankLoader:
+    """Iterates this rank's samples, one list of G / D samples per iteration, from `start_iteration`.
+
+    `num_workers` > 0 reads ahead in worker processes (about two iterations' worth).
+    """
+
+    def __init__(
+        self,
+        dataset: PositionDataset,
+        global_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        start_iteration: int,
+        stop_iteration: int,
+        num_workers: int = 0,
+        max_bad_fraction: float = 0.5,
+        min_records_for_check: int = 100,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if global_batch % dp_size:
+            raise ValueError(f"global batch {global_batch} is not a multiple of the data-parallel size {dp_size}")
+        self.per_rank = global_batch // dp_size
+        self.max_bad_fraction = max_bad_fraction
+        self.min_records_for_check = min_records_for_check
+        self.log = log if log is not None else _LOGGER.warning
+        self.stats = LoaderStats()
+        self.iteration = start_iteration
+        sampler = _Positions(start_iteration, stop_iteration, global_batch, dp_rank, dp_size)
+        extra = {}
+        if num_workers > 0:
+            extra = {
+                "prefetch_factor": max(2, math.ceil(2 * self.per_rank / num_workers)),
+                "multiprocessing_context": "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None,
+            }
+        self._items = iter(
+            DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_identity, **extra)
+        )
+
+    def __iter__(self) -> RankLoader:
+        return self
+
+    def __next__(self) -> list[Sample]:
+        samples = []
+        for _ in range(self.per_rank):
+            fetched: Fetched = next(self._items)
+            self.stats.add(fetched)
+            for kind, message in fetched.bad:
+                self.log(f"skipping bad sample ({kind}): {message}")
+            samples.append(fetched.sample)
+        self.stats.check(self.max_bad_fraction, self.min_records_for_check)
+        self.iteration += 1
+        return samples
+
+
+def _identity(item: Fetched) -> Fetched:
+    return item

@@ -1,0 +1,166 @@
+"""One raw `Record` -> one `Sample` as the model sees it: token ids, labels and vision-tower inputs.
+
+The order of work matters: images are decoded (and tiled) first, because a tiled image's placeholder
+expands to `tiles x image_tokens_per_image` image tokens, and only then is the conversation rendered
+(`megamm.data.templates.render`), so labels are built span by span with the right image lengths. The
+result is truncated to the sequence length without cutting an image (`templates.truncate`); the images
+the cut removed are dropped with it.
+
+Every way a sample can be unusable becomes `BadSample` naming the file, the sample and the reason, so
+the loader can skip and count it: an image that is missing, escapes the image folder, is truncated,
+corrupt or a decompression bomb ("image"); a conversation whose placeholders, roles or values are
+wrong ("schema"); a sample in which nothing would be trained ("all_masked", the silent loss-0 bug);
+a sample too long even without its text ("too_long").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megamm.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    Normalization,
+    PreprocessMode,
+    load_image,
+    load_image_bytes,
+    preprocess,
+    preprocess_tiles,
+)
+from megamm.data.sources import BadSample, Record
+from megamm.data.templates import AllLabelsMaskedError, ChatTemplate, get_template, render, truncate
+from megamm.data.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How an image becomes vision-tower inputs.
+
+    size: the tower's `image_size`; mode: "pad" | "crop" | "resize" for a single image (see
+    `megamm.data.images.preprocess`); normalization: "clip" | "siglip" statistics; max_tiles: 1 for one
+    input per image, more for dynamic tiling (a grid of `size` tiles chosen by aspect ratio, plus a
+    thumbnail when there is more than one tile; tiles are cut from the image resized to the grid, so
+    `mode` does not apply to them); max_pixels: larger images are refused before decoding.
+    """
+
+    size: int
+    mode: PreprocessMode = "pad"
+    normalization: Normalization = "clip"
+    max_tiles: int = 1
+    thumbnail: bool = True
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class Sample:
+    """A tokenized sample with its images.
+
+    input_ids / labels: equal-length lists (labels aligned with the ids, -100 where not trained; the
+    model shifts them). pixel_values: `[n, 3, size, size]` float32, n = sum(tiles_per_image), in the
+    order the image tokens appear. grids: (cols, rows) of each image's tiles ((1, 1) untiled).
+    """
+
+    source: str
+    index: int
+    sample_id: str
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor
+    tiles_per_image: list[int]
+    grids: list[tuple[int, int]]
+    text: str
+    truncated_from: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_images(self) -> int:
+        """Vision-tower inputs (tiles included)."""
+        return int(self.pixel_values.shape[0])
+
+
+class SampleBuilder:
+    """Turns records into samples for one model: its tokenizer, chat template, tower and sequence length.
+
+    `tokens_per_tile` is the model's `image_tokens_per_image` (embeddings one tower input yields).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        template: str | ChatTemplate,
+        images: ImageSettings,
+        tokens_per_tile: int,
+        seq_length: int,
+    ) -> None:
+        if tokens_per_tile < 1 or seq_length < 1:
+            raise ValueError(f"need tokens_per_tile >= 1 and seq_length >= 1, got {tokens_per_tile}, {seq_length}")
+        if images.max_tiles < 1:
+            raise ValueError(f"max_tiles must be >= 1, got {images.max_tiles}")
+        self.tokenizer = tokenizer
+        self.template = get_template(template) if isinstance(template, str) else template
+        self.images = images
+        self.tokens_per_tile = tokens_per_tile
+        self.seq_length = seq_length
+
+    def _pixels(self, record: Record) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        settings = self.images
+        pixels, grids = [], []
+        for number, name in enumerate(record.images):
+            if record.image_bytes is not None:
+                img = load_image_bytes(record.image_bytes[number], f"{record.source}:{name}", settings.max_pixels)
+            else:
+                img = load_image(name, os.path.dirname(name) or ".", settings.max_pixels)
+            if settings.max_tiles == 1:
+                pixels.append(preprocess(img, settings.size, settings.mode, settings.normalization)[None])
+                grids.append((1, 1))
+            else:
+                tiles, grid = preprocess_tiles(
+                    img, settings.size, settings.max_tiles, settings.normalization, settings.thumbnail
+                )
+                pixels.append(tiles)
+                grids.append(grid)
+        return pixels, grids
+
+    def build(self, record: Record) -> Sample:
+        """The sample for `record`, or BadSample naming it and what is wrong."""
+        where = f"sample {record.index} (id {record.sample_id!r})"
+        try:
+            pixels, grids = self._pixels(record)
+        except ImageError as error:
+            raise BadSample(record.source, where, "image", str(error)) from None
+        tiles = [p.shape[0] for p in pixels]
+        try:
+            tokenized = render(
+                record.conversations, self.template, self.tokenizer, [n * self.tokens_per_tile for n in tiles]
+            )
+            kept = truncate(tokenized, self.seq_length)
+        except AllLabelsMaskedError as error:
+            raise BadSample(record.source, where, "all_masked", str(error)) from None
+        except (ValueError, TypeError) as error:
+            raise BadSample(record.source, where, "schema", str(error)) from None
+        if kept is None:
+            first_image_end = tokenized.image_spans[0][1]
+            raise BadSample(
+                record.source, where, "too_long",
+                f"its first image ends at token {first_image_end}, beyond --seq-length {self.seq_length}",
+            )
+        images_kept = len(kept.image_spans)
+        size = self.images.size
+        pixel_values = torch.cat(pixels[:images_kept]) if images_kept else torch.zeros(0, 3, size, size)
+        return Sample(
+            source=record.source,
+            index=record.index,
+            sample_id=record.sample_id,
+            input_ids=kept.input_ids,
+            labels=kept.labels,
+            pixel_values=pixel_values,
+            tiles_per_image=tiles[:images_kept],
+            grids=grids[:images_kept],
+            text=kept.text,
+            truncated_from=kept.truncated_from,
+        )

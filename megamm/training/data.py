@@ -1,0 +1,197 @@
+"""What a training run reads: this rank's microbatches of each iteration, and the validation batches.
+
+Two kinds, one interface (`microbatches(iteration)`, `eval_batches()`, `counts()`):
+- `SyntheticData` (--mock-data): the deterministic synthetic multimodal set, indexed by position.
+- `FileData` (--data-path): dataset files through the sample builder and the worker loader
+  (`megamm.data.loader`), padded or packed into microbatches.
+
+Each pipeline stage keeps only what it uses: the first stage the tokens and images, the last stage the
+labels; packed rows also give every stage their positions and attention mask. A stage that needs
+nothing (a middle stage without packing) reads nothing. Tensor-parallel ranks read the same samples
+independently; the loader is deterministic, so they agree without a broadcast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from megamm.config import LlavaConfig
+from megamm.data.batching import Batch, packed_microbatches, padded_microbatches
+from megamm.data.datasets import build_source
+from megamm.data.loader import BAD_KINDS, PositionDataset, RankLoader
+from megamm.data.samples import ImageSettings, Sample, SampleBuilder
+from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
+from megamm.data.tokenizer import Tokenizer, load_tokenizer
+from megamm.parallel.state import ParallelState
+from megamm.training.arguments import RunConfig
+
+# Held-out synthetic samples come from another seed stream.
+EVAL_SEED_OFFSET = 7919
+FIRST_STAGE_KEYS = ("input_ids", "pixel_values", "images_per_sample")
+LAST_STAGE_KEYS = ("labels", "images_per_sample")
+EVERY_STAGE_KEYS = ("position_ids", "attention_mask")
+
+
+def stage_keys(state: ParallelState, packed: bool) -> tuple[str, ...]:
+    keys = (FIRST_STAGE_KEYS if state.is_first_stage else ()) + (LAST_STAGE_KEYS if state.is_last_stage else ())
+    return keys + (EVERY_STAGE_KEYS if packed else ())
+
+
+def _select(batches: list[Batch], keys: tuple[str, ...]) -> list[Batch]:
+    return [{key: batch[key] for key in keys if key in batch} for batch in batches]
+
+
+class SyntheticData:
+    """--mock-data: sample i of the synthetic set is global position i."""
+
+    def __init__(self, config: RunConfig, model_config: LlavaConfig, state: ParallelState) -> None:
+        t = config.training
+        self.config, self.state = config, state
+        self.train = SyntheticMultimodalDataset(model_config, t.seq_length, t.seed, t.images_per_sample)
+        self.eval = SyntheticMultimodalDataset(model_config, t.seq_length, t.seed + EVAL_SEED_OFFSET, t.images_per_sample)
+        self.keys = stage_keys(state, packed=False)
+
+    def _batches(self, dataset: SyntheticMultimodalDataset, iteration: int) -> list[Batch]:
+        t, state = self.config.training, self.state
+        indices = microbatch_indices(iteration, t.global_batch_size, t.micro_batch_size, state.dp_rank, state.dp_size)
+        if not self.keys:
+            return [{} for _ in indices]
+        return _select([collate([dataset[i] for i in chunk]) for chunk in indices], self.keys)
+
+    def microbatches(self, iteration: int) -> list[Batch]:
+        return self._batches(self.train, iteration)
+
+    def eval_batches(self) -> list[list[Batch]]:
+        return [self._batches(self.eval, i) for i in range(self.config.training.eval_iters)]
+
+    def counts(self) -> dict[str, int]:
+        return {}
+
+    def describe(self) -> str:
+        return "synthetic multimodal data (--mock-data)"
+
+
+def _image_settings(config: RunConfig, model_config: LlavaConfig) -> ImageSettings:
+    t, vision = config.training, model_config.vision
+    normalization = t.image_normalization or ("clip" if vision.class_token else "siglip")
+    return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles)
+
+
+def check_tokenizer(tokenizer: Tokenizer, model_config: LlavaConfig, path: str) -> None:
+    """The tokenizer and the model must agree on the vocabulary and the image token."""
+    language = model_config.language
+    if tokenizer.vocab_size > language.vocab_size:
+        raise ValueError(
+            f"--tokenizer-model {path} has {tokenizer.vocab_size} tokens (added image/pad tokens included) "
+            f"but model.language.vocab_size is {language.vocab_size}"
+        )
+    if tokenizer.image_token_id != language.image_token_id:
+        raise ValueError(
+            f"--tokenizer-model {path} gives the image token {tokenizer.image_token!r} id "
+            f"{tokenizer.image_token_id} but model.language.image_token_id is {language.image_token_id}"
+        )
+
+
+def build_sample_builder(config: RunConfig, model_config: LlavaConfig) -> SampleBuilder:
+    """The tokenizer, template and image settings of a run, checked against the model."""
+    t = config.training
+    tokenizer = load_tokenizer(t.tokenizer_model)
+    check_tokenizer(tokenizer, model_config, t.tokenizer_model)
+    return SampleBuilder(
+        tokenizer, t.chat_template, _image_settings(config, model_config),
+        model_config.image_tokens_per_image, t.seq_length,
+    )
+
+
+class FileData:
+    """--data-path: dataset files, read by worker processes from the resume iteration on."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        model_config: LlavaConfig,
+        state: ParallelState,
+        start_iteration: int,
+        microbatch_multiple: int = 1,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        t = config.training
+        self.config, self.state, self.log = config, state, log
+        self.builder = build_sample_builder(config, model_config)
+        vision = model_config.vision
+        self.image_shape = (vision.num_channels, vision.image_size, vision.image_size)
+        self.microbatch_multiple = microbatch_multiple
+        self.keys = stage_keys(state, t.pack_sequences)
+        total = t.train_iters * t.global_batch_size
+        source, self.parts = build_source(t.data_path, t.image_folder, t.seed, total)
+        self.train = PositionDataset(source, self.builder, t.seed)
+        self.loader = self._loader(self.train, start_iteration, t.train_iters) if self.keys else None
+        self.valid = None
+        if t.valid_data_path:
+            valid_source, _ = build_source(t.valid_data_path, t.image_folder, t.seed, t.eval_iters * t.global_batch_size)
+            self.valid = PositionDataset(valid_source, self.builder, t.seed)
+
+    def _loader(self, dataset: PositionDataset, start: int, stop: int) -> RankLoader:
+        t, state = self.config.training, self.state
+        return RankLoader(
+            dataset, t.global_batch_size, state.dp_rank, state.dp_size, start, stop, t.num_workers,
+            t.max_bad_sample_fraction, log=self.log,
+        )
+
+    def _to_microbatches(self, samples: list[Sample]) -> list[Batch]:
+        t = self.config.training
+        pad_id = self.builder.tokenizer.pad_id
+        if t.pack_sequences:
+            batches = packed_microbatches(
+                samples, t.micro_batch_size, t.seq_length, pad_id, self.image_shape, self.microbatch_multiple
+            )
+        else:
+            batches = padded_microbatches(samples, t.micro_batch_size, t.seq_length, pad_id, self.image_shape)
+        return _select(batches, self.keys)
+
+    def _empty(self) -> list[Batch]:
+        t = self.config.training
+        return [{} for _ in range(t.global_batch_size // (t.micro_batch_size * self.state.dp_size))]
+
+    def microbatches(self, iteration: int) -> list[Batch]:
+        if self.loader is None:
+            return self._empty()
+        if iteration != self.loader.iteration:
+            raise RuntimeError(f"the loader is at iteration {self.loader.iteration}, not {iteration}")
+        return self._to_microbatches(next(self.loader))
+
+    def eval_batches(self) -> list[list[Batch]]:
+        iters = self.config.training.eval_iters
+        if self.valid is None or not self.keys:
+            return [self._empty() for _ in range(iters)]
+        loader = self._loader(self.valid, 0, iters)
+        return [self._to_microbatches(samples) for samples in loader]
+
+    def counts(self) -> dict[str, int]:
+        """Records read and skipped on this rank, with skips by reason (`bad/<kind>`)."""
+        if self.loader is None:
+            return {"records": 0, "bad": 0, **{f"bad/{k}": 0 for k in BAD_KINDS}}
+        stats = self.loader.stats
+        return {"records": stats.records, "bad": stats.bad, **{f"bad/{k}": v for k, v in stats.reasons.items()}}
+
+    def describe(self) -> str:
+        t = self.config.training
+        packing = "packed" if t.pack_sequences else "padded"
+        return f"{'; '.join(self.parts)} | template {t.chat_template} | {packing} rows of {t.seq_length} tokens"
+
+
+def build_training_data(
+    config: RunConfig, model_config: LlavaConfig, state: ParallelState, start_iteration: int,
+    microbatch_multiple: int = 1, log: Callable[[str], None] = print,
+) -> SyntheticData | FileData:
+    if config.training.mock_data:
+        return SyntheticData(config, model_config, state)
+    return FileData(config, model_config, state, start_iteration, microbatch_multiple, log)
+
+
+def rows_in(microbatches: list[Batch]) -> int:
+    """Rows (sequences) in these microbatches, 0 on stages that hold no tokens or labels."""
+    for key in ("input_ids", "labels"):
+        if microbatches and key in microbatches[0]:
+            return sum(int(mb[key].shape[0]) for mb in microbatches)
+    return 0
