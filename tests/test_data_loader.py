@@ -3,6 +3,7 @@ loader, padded vs packed batches (same losses), and the data flags of the traini
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from megamm.parallel.state import ParallelState
 from tests.data_fixtures import SEQ_LENGTH, DatasetFiles, model_for, write_dataset
 
 TOKENS_PER_TILE = 16
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +226,25 @@ def test_packed_rows_give_the_padded_losses(clean: DatasetFiles) -> None:
     packed_loss, packed_tokens = totals(packed)
     assert packed_tokens == padded_tokens
     assert abs(packed_loss - padded_loss) / padded_loss < 1e-5
+
+
+# ---------------------------------------------------------------------------------- preview tool
+
+
+def test_preview_tool_marks_trained_spans_images_and_bad_samples(
+    corrupted: DatasetFiles, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = importlib.util.spec_from_file_location("preview_sample", ROOT / "tools" / "preview_sample.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    source = open_source(str(corrupted.train), str(corrupted.images))
+    bad_index = 25  # write_dataset: 24 good rows, then "missing", then "truncated"
+    argv = ["--data-path", str(corrupted.train), "--image-folder", str(corrupted.images), "--tokenizer-model",
+            str(corrupted.tokenizer), "--chat-template", "mistral", "--seq-length", "96", "--image-size", "16",
+            "--image-tokens", "16", "--index", "0", str(bad_index), "--tokens"]
+    assert tool.main(argv) == 0
+    out = capsys.readouterr().out
+    answer = source[0].conversations[-1]["value"]
+    assert f"[[{answer}" in out and "<image x 16>" in out and "tile grid 1x1" in out
+    assert "skipped by the loader (image)" in out and "truncated.png" in out
+    assert out.count(" train\n") >= len(load_tokenizer(corrupted.tokenizer).encode(answer)) - 1

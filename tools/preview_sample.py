@@ -1,0 +1,153 @@
+"""Print samples exactly as the model will see them: tokens with their labels, image positions, tiles.
+
+    python tools/preview_sample.py --data-path data/train.json --image-folder data/images \\
+        --tokenizer-model tok.model --chat-template llava_v1 --seq-length 2048 --image-size 336 \\
+        [--max-image-tiles 6] [--index 0 5 17 | --count 3] [--tokens]
+
+or take every data setting from a training config: `--config run.yaml` (flags given here win).
+
+For each sample: its file and id, length, trained-token count, the image spans with their tile grids,
+then the sequence as text in which trained spans are wrapped in [[...]] and each image is one
+<image x N> marker (N image tokens). `--tokens` adds one line per token: position, id, piece, label.
+A bad sample is printed with the reason the loader would skip it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+from megamm.data.datasets import open_source, parse_data_path
+from megamm.data.samples import ImageSettings, Sample, SampleBuilder
+from megamm.data.sources import BadSample
+from megamm.data.templates import TEMPLATES
+from megamm.data.tokenizer import Tokenizer, load_tokenizer
+from megamm.parallel.cross_entropy import IGNORE_INDEX
+
+# Settings read from a training config when not given as flags: flag name -> (section, field).
+FROM_CONFIG = {
+    "data_path": ("training", "data_path"),
+    "image_folder": ("training", "image_folder"),
+    "tokenizer_model": ("training", "tokenizer_model"),
+    "chat_template": ("training", "chat_template"),
+    "seq_length": ("training", "seq_length"),
+    "image_aspect_ratio": ("training", "image_aspect_ratio"),
+    "max_image_tiles": ("training", "max_image_tiles"),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="a training YAML file to take the data settings from")
+    parser.add_argument("--data-path", nargs="+", help="dataset path(s), as for training")
+    parser.add_argument("--image-folder")
+    parser.add_argument("--tokenizer-model")
+    parser.add_argument("--chat-template", choices=sorted(TEMPLATES))
+    parser.add_argument("--seq-length", type=int)
+    parser.add_argument("--image-size", type=int, help="the vision tower's image size (default: from --config)")
+    parser.add_argument("--image-tokens", type=int, help="image tokens per tower input (default: from --config)")
+    parser.add_argument("--image-aspect-ratio", choices=("pad", "crop", "resize"))
+    parser.add_argument("--max-image-tiles", type=int)
+    parser.add_argument("--index", type=int, nargs="+", help="sample numbers in the (first) dataset file")
+    parser.add_argument("--count", type=int, default=1, help="without --index: the first N samples")
+    parser.add_argument("--tokens", action="store_true", help="also list every token with its label")
+    return parser.parse_args(argv)
+
+
+def _fill_from_config(args: argparse.Namespace) -> None:
+    """Missing flags from --config; the image geometry from its model section."""
+    if args.config is None:
+        return
+    from megamm.training.arguments import parse_run_config
+
+    config = parse_run_config(["--config", str(args.config)], world_size=1 << 20)
+    for name, (section, field) in FROM_CONFIG.items():
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(getattr(config, section), field))
+    if args.image_size is None:
+        args.image_size = config.model.vision.image_size
+    if args.image_tokens is None:
+        args.image_tokens = config.model.image_tokens_per_image
+
+
+def _missing(args: argparse.Namespace) -> list[str]:
+    needed = ("data_path", "tokenizer_model", "seq_length", "image_size", "image_tokens")
+    return [f"--{name.replace('_', '-')}" for name in needed if getattr(args, name) is None]
+
+
+def _piece(tokenizer: Tokenizer, token: int) -> str:
+    return repr(tokenizer.decode([token]))
+
+
+def _image_spans(sample: Sample, image_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each image's tokens: image positions in order, cut by each image's tile count."""
+    positions = [i for i, token in enumerate(sample.input_ids) if token == image_id]
+    if not positions:
+        return []
+    per_tile = len(positions) // sum(sample.tiles_per_image)
+    spans, used = [], 0
+    for tiles in sample.tiles_per_image:
+        count = tiles * per_tile
+        spans.append((positions[used], positions[used + count - 1] + 1))
+        used += count
+    return spans
+
+
+def render_sample(sample: Sample, tokenizer: Tokenizer, with_tokens: bool) -> str:
+    """The sample as text: trained spans in [[...]], each image as one <image x N> marker."""
+    ids, labels = sample.input_ids, sample.labels
+    trained = sum(label != IGNORE_INDEX for label in labels)
+    lines = [
+        f"{sample.source} | sample {sample.index} | id {sample.sample_id!r} | {len(ids)} tokens"
+        + (f" (truncated from {sample.truncated_from})" if sample.truncated_from else "")
+        + f" | {trained} trained",
+    ]
+    spans = _image_spans(sample, tokenizer.image_token_id)
+    for number, (start, end) in enumerate(spans):
+        cols, rows = sample.grids[number]
+        lines.append(f"  image {number}: tokens [{start}, {end}), {sample.tiles_per_image[number]} tower "
+                     f"input(s), tile grid {cols}x{rows}")
+    pieces = []
+    trained_flips = [i for i in range(1, len(ids)) if (labels[i] != IGNORE_INDEX) != (labels[i - 1] != IGNORE_INDEX)]
+    boundaries = sorted({0, len(ids), *(p for span in spans for p in span), *trained_flips})
+    for start, end in itertools.pairwise(boundaries):
+        if ids[start] == tokenizer.image_token_id:
+            pieces.append(f"<image x {end - start}>")
+        elif labels[start] != IGNORE_INDEX:
+            pieces.append(f"[[{tokenizer.decode(ids[start:end])}]]")
+        else:
+            pieces.append(tokenizer.decode(ids[start:end]))
+    lines.append("  " + "".join(pieces))
+    if with_tokens:
+        for position, (token, label) in enumerate(zip(ids, labels)):
+            mark = "train" if label != IGNORE_INDEX else "-"
+            lines.append(f"    {position:5d} {token:7d} {_piece(tokenizer, token):20s} {mark}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _fill_from_config(args)
+    missing = _missing(args)
+    if missing:
+        print(f"preview_sample.py: missing {', '.join(missing)} (give them, or --config)", file=sys.stderr)
+        return 2
+    tokenizer = load_tokenizer(args.tokenizer_model)
+    settings = ImageSettings(args.image_size, args.image_aspect_ratio or "pad", max_tiles=args.max_image_tiles or 1)
+    builder = SampleBuilder(tokenizer, args.chat_template or "llava_v1", settings, args.image_tokens, args.seq_length)
+    _, first = parse_data_path(args.data_path)[0]
+    source = open_source(first, args.image_folder)
+    indices = args.index if args.index is not None else range(min(args.count, len(source)))
+    for index in indices:
+        try:
+            print(render_sample(builder.build(source[index]), tokenizer, args.tokens))
+        except BadSample as error:
+            print(f"{first} | sample {index} | skipped by the loader ({error.kind}): {error}")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
