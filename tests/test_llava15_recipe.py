@@ -42,9 +42,22 @@ def _module(path: Path):
     return module
 
 
+def _data_flags(root: Path) -> list[str]:
+    """The tokenizer and image folder the recipe names exist on a cluster, not here: stand-ins."""
+    tokenizer = root / "tokenizer.model"
+    tokenizer.touch()
+    (root / "images").mkdir(exist_ok=True)
+    return ["--tokenizer-model", str(tokenizer), "--image-folder", str(root / "images")]
+
+
 @pytest.fixture(scope="module")
-def configs() -> dict:
-    return {name: parse_run_config(["--config", str(path)], WORLD) for name, path in STAGES.items()}
+def data_flags(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    return _data_flags(tmp_path_factory.mktemp("llava15_data"))
+
+
+@pytest.fixture(scope="module")
+def configs(data_flags: list[str]) -> dict:
+    return {name: parse_run_config(["--config", str(path), *data_flags], WORLD) for name, path in STAGES.items()}
 
 
 def test_hyperparameters_are_llava15(configs: dict) -> None:
@@ -56,6 +69,9 @@ def test_hyperparameters_are_llava15(configs: dict) -> None:
         assert t.train_iters == math.ceil(samples / t.global_batch_size)
         assert t.lr_warmup_iters == math.ceil(0.03 * t.train_iters)
         assert t.bf16 and t.finetune and t.seq_length == 2048
+    # LLaVA's data: captions with the plain template, then the instruction mix with vicuna_v1.
+    assert (one.chat_template, two.chat_template) == ("plain", "vicuna_v1")
+    assert one.data_path[0].endswith("blip_laion_cc_sbu_558k.json") and two.data_path[0].endswith("mix665k.json")
     # Stage 1 trains the projector only; stage 2 the projector and the language model.
     assert one.freeze_LM and one.freeze_ViT and not one.freeze_projector
     assert two.freeze_LM is False and two.freeze_ViT
@@ -79,7 +95,7 @@ def test_model_is_what_the_import_step_writes(configs: dict) -> None:
         assert model.image_tokens_per_image == 576 and model.language.vocab_size == 32064
 
 
-def test_parallel_layout_and_memory_fit(configs: dict) -> None:
+def test_parallel_layout_and_memory_fit(configs: dict, data_flags: list[str]) -> None:
     """tp 4 inside a node; stage 2 splits 32 decoder layers 16 / 16; 8 and 16 microbatches per
     step; the estimated peak per GPU leaves room on an 80 GB device; ~7.06 B parameters."""
     estimate = _module(RECIPE / "memory_estimate.py").estimate
@@ -99,7 +115,7 @@ def test_parallel_layout_and_memory_fit(configs: dict) -> None:
     assert len(stage2) == 2 and all(stage["optimizer"] > 4 for stage in stage2)
     # The same configs on one node would not fit the global batch rule: validation catches it.
     with pytest.raises(Exception, match="global-batch-size"):
-        parse_run_config(["--config", str(STAGES["stage1"]), "--micro-batch-size", "48"], WORLD)
+        parse_run_config(["--config", str(STAGES["stage1"]), *data_flags, "--micro-batch-size", "48"], WORLD)
 
 
 @pytest.mark.parametrize("script", ["run_torchrun.sh", "llava15.sbatch"])

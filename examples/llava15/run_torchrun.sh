@@ -48,7 +48,7 @@ wait_for "$STAGE0"
 train() {
     "$TORCHRUN" --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS" \
         --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-        -m megamm.train --config "$1" "${@:2}"
+        -m megamm.train --config "$1" --tokenizer-model "$VICUNA_DIR" "${@:2}"
 }
 
 # 2. Stage 1: projector only (lr 1e-3, global batch 256).
