@@ -1,4 +1,5 @@
-# The two entry points: `make test` (set up and run the test suite) and, later, `make demo`.
+# The two entry points: `make demo` (set up, then train a small vision-language model on CPU and show
+# that it learned to see) and `make test` (set up and run the test suite).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint clean
+.PHONY: install demo test lint clean cuda-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,15 @@ install: $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest tests
+
+# About 15 minutes on 2 CPU cores; data, checkpoints and logs go to $(DEMO_OUT).
+DEMO_OUT ?= demo_out
+demo: install
+	$(BIN)/python tools/demo.py --out $(DEMO_OUT)
+
+# Compile every CUDA kernel for sm_80 and sm_90 (needs only nvcc; skipped without it).
+cuda-check:
+	bash tools/check_cuda_compile.sh
 
 lint: install
 	$(BIN)/ruff check megamm tests

@@ -15,6 +15,7 @@ Normalization = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "swiglu"]
 PositionEmbedding = Literal["rope", "learned", "none"]
 Recompute = Literal["none", "full", "selective"]
+AttentionBackend = Literal["sdpa", "unfused"]
 ProjectorType = Literal["linear", "mlp2x_gelu"]
 
 
@@ -65,6 +66,9 @@ class TransformerConfig:
     causal: bool = True
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    # sdpa: F.scaled_dot_product_attention (flash/efficient kernels on GPU). unfused: q k^T, the
+    # scaled masked softmax op of megamm.kernels, then v (a debugging and comparison path).
+    attention_backend: AttentionBackend = "sdpa"
     # full: recompute whole layers in backward; selective: only the attention core (softmax(QK)V).
     recompute: Recompute = "none"
     # With recompute="full": how many layers (counted from the first) recompute; None = all.

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from megamm.config import LanguageConfig
+from megamm.inference.kv_cache import KVCache
 from megamm.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from megamm.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, pad_vocab_size
 from megamm.parallel.mappings import scatter_to_sequence_parallel_region
@@ -85,6 +86,7 @@ class LanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         return_logits: bool = False,
+        kv_cache: KVCache | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run this stage's part of the decoder.
 
@@ -95,7 +97,14 @@ class LanguageModel(nn.Module):
         Returns {"hidden_states"} on non-last stages; on the last stage {"loss": `[b, s]` fp32
         per-token loss, zero where ignored, "loss_mask": `[b, s]` bool} and "logits" `[s, b, V_pad/tp]`
         when `return_logits`.
+        kv_cache (generation, no sequence parallelism): the s positions continue the cached ones
+            (default position_ids: offset .. offset + s - 1) and are appended to the cache; the
+            last stage returns the logits of the last position only, `[1, b, V_pad/tp]`, the one
+            the next token is drawn from (a prompt's logits over the vocabulary would be the
+            largest tensor of the step).
         """
+        if kv_cache is not None:
+            return self._generation_step(hidden_states, position_ids, attention_mask, kv_cache)
         if self.pre_process and self.sequence_parallel:
             hidden_states = scatter_to_sequence_parallel_region(hidden_states, self.state.tp_group)
         batch = hidden_states.shape[1]
@@ -119,3 +128,25 @@ class LanguageModel(nn.Module):
         if return_logits or labels is None:
             out["logits"] = logits
         return out
+
+    def _generation_step(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        kv_cache: KVCache,
+    ) -> dict[str, torch.Tensor]:
+        """`forward` with a KV cache: `[s, b, h]` new positions in, last-position logits out."""
+        if self.sequence_parallel:
+            raise ValueError("generation with a KV cache needs a model built without sequence parallelism")
+        seq, batch = hidden_states.shape[:2]
+        if position_ids is None:
+            start = kv_cache.length
+            position_ids = torch.arange(start, start + seq, device=hidden_states.device).expand(batch, seq)
+        hidden_states = self.decoder(hidden_states, self.rotary(position_ids), attention_mask, kv_cache=kv_cache)
+        kv_cache.advance(seq)
+        if not self.post_process:
+            return {"hidden_states": hidden_states}
+        hidden_states = self.final_norm(hidden_states[-1:])
+        tied_weight = self.embedding.weight if self.config.tie_word_embeddings else None
+        return {"logits": self.output_layer(hidden_states, weight=tied_weight)}

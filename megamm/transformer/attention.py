@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamm.config import TransformerConfig
+from megamm.inference.kv_cache import LayerKVCache
+from megamm.kernels.attention import unfused_attention
 from megamm.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megamm.parallel.sharding import normal_init, scaled_init
 from megamm.parallel.state import ParallelState
@@ -59,9 +61,15 @@ class SelfAttention(nn.Module):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         """rotary: (cos, sin) `[s, b, 1, d]`; attention_mask: bool, broadcastable to
-        `[b, heads, s, s]`, True where a query may attend a key (combined with causality)."""
+        `[b, heads, s, s_k]`, True where a query may attend a key (combined with causality).
+
+        kv_cache (generation): the s new positions' keys and values are appended to it at its
+        offset and the queries attend to every cached key, s_k = offset + s; the queries are the
+        last s positions, which is how the attention core aligns causality when s < s_k.
+        """
         qkv = self.qkv(x)
         s, b = qkv.shape[:2]
         d = self.head_dim
@@ -74,6 +82,12 @@ class SelfAttention(nn.Module):
             k = apply_rotary(k, *rotary)
         # [s, b, heads, d] -> [b, heads, s, d] for scaled_dot_product_attention.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+            if attention_mask is None:
+                # An all-true mask makes the core align causality to the last query (s < s_k); the
+                # bare is_causal flag would align it to the first.
+                attention_mask = torch.ones(1, 1, 1, k.shape[2], dtype=torch.bool, device=q.device)
         if self.config.recompute == "selective":
             context = recompute(self._core, self.state.rng, q, k, v, attention_mask)
         else:
@@ -83,7 +97,8 @@ class SelfAttention(nn.Module):
     def _core(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d)) v on `[b, heads, s, d]`; flash/efficient kernels on GPU."""
+        """softmax(q k^T / sqrt(d)) v on `[b, heads, s, d]`: sdpa (flash/efficient kernels on GPU) or,
+        with attention_backend="unfused", `megamm.kernels.attention.unfused_attention`."""
         causal = self.config.causal
         if attention_mask is not None and causal:
             s_q, s_k = q.shape[2], k.shape[2]
@@ -91,6 +106,12 @@ class SelfAttention(nn.Module):
             attention_mask = attention_mask & lower
             causal = False
         dropout = self.config.attention_dropout if self.training else 0.0
+        if self.config.attention_backend == "unfused":
+            return unfused_attention(q, k, v, attention_mask, causal, dropout, self.state.rng)
+        if self.config.attention_backend != "sdpa":
+            raise ValueError(
+                f"unknown attention_backend {self.config.attention_backend!r}; expected sdpa or unfused"
+            )
         # Heads are split across tp, so each rank's dropout mask must come from its own stream.
         # GQA: each group of heads/groups consecutive query heads shares one key/value head, the
         # grouping enable_gqa uses, so no expanded copy of k and v is made.

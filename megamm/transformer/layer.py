@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamm.config import TransformerConfig
+from megamm.inference.kv_cache import KVCache, LayerKVCache
 from megamm.parallel.state import ParallelState
 from megamm.transformer.attention import SelfAttention
 from megamm.transformer.mlp import MLP
@@ -44,8 +45,9 @@ class TransformerLayer(nn.Module):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self._dropout(self.self_attention(self.input_norm(x), rotary, attention_mask))
+        x = x + self._dropout(self.self_attention(self.input_norm(x), rotary, attention_mask, kv_cache))
         return x + self._dropout(self.mlp(self.pre_mlp_norm(x)))
 
 
@@ -76,13 +78,17 @@ class TransformerBlock(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         num_layers: int | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Run the first `num_layers` held layers (all by default) in order."""
-        layers = list(self.layers.values())[:num_layers]
+        """Run the first `num_layers` held layers (all by default) in order; with `kv_cache`
+        (generation) each layer appends to its own entry, keyed by its global number."""
+        layers = list(self.layers.items())[:num_layers]
         full = self.config.recompute == "full"
         limit = self.config.recompute_num_layers
-        for position, layer in enumerate(layers):
-            if full and (limit is None or position < limit) and torch.is_grad_enabled():
+        for position, (number, layer) in enumerate(layers):
+            if kv_cache is not None:
+                x = layer(x, rotary, attention_mask, kv_cache.layer(int(number)))
+            elif full and (limit is None or position < limit) and torch.is_grad_enabled():
                 x = recompute(layer, self.state.rng, x, rotary, attention_mask)
             else:
                 x = layer(x, rotary, attention_mask)

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from megamm import kernels
 from megamm.config import TransformerConfig
 from megamm.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megamm.parallel.sharding import normal_init, scaled_init
 from megamm.parallel.state import ParallelState
 
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """OpenAI CLIP's sigmoid approximation of GELU."""
-    return x * torch.sigmoid(1.702 * x)
-
-
+# Ops of megamm.kernels: the torch reference, or a fused kernel where one is enabled.
 ELEMENTWISE_ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": quick_gelu,
+    "gelu": kernels.gelu,
+    "gelu_tanh": kernels.gelu_tanh,
+    "quick_gelu": kernels.quick_gelu,
 }
 
 
@@ -57,8 +52,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)
         if self.gated:
-            gate, up = hidden.chunk(2, dim=-1)
-            hidden = F.silu(gate) * up
+            hidden = kernels.swiglu(hidden)
         else:
             hidden = self.activation(hidden)
         return self.fc2(hidden)

@@ -1,7 +1,8 @@
 """LayerNorm and RMSNorm with megamm parameter layouts.
 
 Both normalize in fp32 and cast back, which matches Hugging Face's LLaMA RMSNorm and keeps bf16
-training stable. Under sequence parallelism each tp rank normalizes its own sequence chunk, so
+training stable (the math is `megamm.kernels.reference`; on GPU a fused kernel may run instead, see
+`megamm.kernels`). Under sequence parallelism each tp rank normalizes its own sequence chunk, so
 the weight's gradient is a partial sum: the layout says so and the grads are all-reduced across tp
 (`megamm.parallel.grads.allreduce_sequence_parallel_grads`).
 """
@@ -9,9 +10,9 @@ the weight's gradient is a partial sum: the layout says so and the grads are all
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from megamm import kernels
 from megamm.config import TransformerConfig
 from megamm.parallel.sharding import ParamLayout, constant_init, new_parameter
 from megamm.parallel.state import ParallelState
@@ -45,11 +46,8 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
-            out = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
-            return out.to(x.dtype)
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def build_norm(config: TransformerConfig, state: ParallelState, sequence_parallel: bool) -> Norm:

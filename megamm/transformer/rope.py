@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megamm import kernels
+
 
 class RotaryEmbedding(nn.Module):
     """Produces `cos, sin` of shape `[s, b, 1, d]` for the given positions."""
@@ -26,12 +28,7 @@ class RotaryEmbedding(nn.Module):
         return angles.cos(), angles.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: `[s, b, heads, d]`; cos, sin: `[s, b, 1, d]`. Computed in fp32, returned in x's dtype."""
-    x32 = x.float()
-    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+    """x: `[s, b, heads, d]`; cos, sin: `[s, b, 1, d]`. Computed in fp32, returned in x's dtype
+    (`megamm.kernels.reference.apply_rotary`, or the fused kernel where enabled)."""
+    return kernels.apply_rotary(x, cos, sin)
