@@ -1,0 +1,74 @@
+"""Score a megamm checkpoint on a LLaVA-format question file by exact match.
+
+    python tools/evaluate_vqa.py --load CKPT --questions val.json --image-root images/ \\
+        [--predictions preds.jsonl] [--blank-image] [--json]
+    torchrun --nproc-per-node 2 tools/evaluate_vqa.py --load CKPT --tensor-model-parallel-size 2 ...
+
+The file is a LLaVA JSON list (or JSONL): {"id", "image", "conversations": [{"from": "human",
+"value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}], optional "question_type" or "type"}. Each
+question is answered (greedy unless sampling flags say otherwise) and compared with the reference
+after normalization (lowercase, no punctuation, no articles; see megamm.inference.vqa). Prints the
+accuracy overall and per question type; --predictions writes one JSON line per question.
+--blank-image replaces every image with a uniform image of the preprocessing mean colour: the
+score a model gets without seeing, to set against the real one. --limit scores the first N questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megamm.checkpoint.model_weights import ModelWeightsError
+from megamm.inference import cli
+from megamm.inference.vqa import evaluate_vqa, format_score, load_questions, prediction_records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="evaluate_vqa.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--questions", required=True, help="LLaVA-format JSON list or JSONL of questions")
+    parser.add_argument("--predictions", help="write one JSON line per question here")
+    parser.add_argument("--limit", type=int, help="score only the first N questions")
+    parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    cli.add_arguments(parser)
+    parser.set_defaults(max_new_tokens=16)
+    args = parser.parse_args(argv)
+    path = Path(args.questions)
+    try:
+        items = load_questions(path)
+    except (OSError, ValueError, TypeError) as error:
+        raise SystemExit(f"evaluate_vqa.py: {error}") from error
+    if args.limit is not None:
+        items = items[: args.limit]
+    state = cli.setup_state(args)
+    try:
+        session = cli.open_session(args, state)
+        result, predictions = evaluate_vqa(
+            session, items, cli.generation_config(args, session), image_root=args.image_root or str(path.parent),
+            batch_size=args.batch_size, blank_image=args.blank_image,
+        )
+    except (OSError, ValueError, ModelWeightsError, NotImplementedError) as error:
+        # A bad checkpoint, tokenizer, image or setting: the message says which; no traceback.
+        print(f"evaluate_vqa.py: {error}", file=sys.stderr)
+        return 2
+    else:
+        if cli.is_first_process():
+            if args.predictions:
+                lines = [json.dumps(record) for record in prediction_records(items, predictions)]
+                Path(args.predictions).write_text("".join(line + "\n" for line in lines))
+            if args.json:
+                print(json.dumps({**result.as_dict(), "blank_image": args.blank_image}))
+            else:
+                baseline = " (blank images)" if args.blank_image else ""
+                print(f"{path}: {len(items)} questions{baseline}\n{format_score(result)}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
