@@ -56,3 +56,18 @@ def test_hook_accumulates_grads_into_fp32_main_grad() -> None:
     assert weight.grad is None
     assert weight.main_grad.dtype == torch.float32
     assert torch.equal(weight.main_grad, 3 * torch.arange(4.0))
+
+
+def test_projector_and_vision_learning_rates_scale_their_groups() -> None:
+    from megamm.models.llava import LlavaModel
+    from megamm.parallel.state import ParallelState
+    from megamm.training.step import param_group_specs
+    from tests.tiny import llava_config
+
+    model = LlavaModel(llava_config(), ParallelState.single())
+    specs = param_group_specs([model], 0.1, 1e-3, projector_lr=2e-3, vision_lr=1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scales = {names[id(p)].split(".")[0]: spec.lr_scale for p, spec in specs.items()}
+    assert scales == {"vision": 0.1, "projector": 2.0, "language": 1.0}
+    decays = {names[id(p)]: spec.weight_decay for p, spec in specs.items()}
+    assert decays["vision.patch_embedding"] == 0.1 and decays["projector.fc1.bias"] == 0.0

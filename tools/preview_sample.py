@@ -19,12 +19,15 @@ import itertools
 import sys
 from pathlib import Path
 
+import yaml
+
 from megamm.data.datasets import open_source, parse_data_path
 from megamm.data.samples import ImageSettings, Sample, SampleBuilder
 from megamm.data.sources import BadSample
 from megamm.data.templates import TEMPLATES
 from megamm.data.tokenizer import Tokenizer, load_tokenizer
 from megamm.parallel.cross_entropy import IGNORE_INDEX
+from megamm.training.arguments import run_config_from_dict
 
 # Settings read from a training config when not given as flags: flag name -> (section, field).
 FROM_CONFIG = {
@@ -60,9 +63,8 @@ def _fill_from_config(args: argparse.Namespace) -> None:
     """Missing flags from --config; the image geometry from its model section."""
     if args.config is None:
         return
-    from megamm.training.arguments import parse_run_config
-
-    config = parse_run_config(["--config", str(args.config)], world_size=1 << 20)
+    # Read without the run's semantic checks: the data flags may come from this command line instead.
+    config = run_config_from_dict(yaml.safe_load(args.config.read_text()) or {})
     for name, (section, field) in FROM_CONFIG.items():
         if getattr(args, name) is None:
             setattr(args, name, getattr(getattr(config, section), field))
@@ -78,7 +80,21 @@ def _missing(args: argparse.Namespace) -> list[str]:
 
 
 def _piece(tokenizer: Tokenizer, token: int) -> str:
-    return repr(tokenizer.decode([token]))
+    return repr(_decode(tokenizer, [token]))
+
+
+def _decode(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """Decoded text with BOS / EOS shown as <s> / </s> (the backends decode them to nothing)."""
+    marks = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}
+    out, run = [], []
+    for token in ids:
+        if token in marks:
+            out.append(tokenizer.decode(run) + marks[token])
+            run = []
+        else:
+            run.append(token)
+    out.append(tokenizer.decode(run))
+    return "".join(out)
 
 
 def _image_spans(sample: Sample, image_id: int) -> list[tuple[int, int]]:
@@ -116,9 +132,9 @@ def render_sample(sample: Sample, tokenizer: Tokenizer, with_tokens: bool) -> st
         if ids[start] == tokenizer.image_token_id:
             pieces.append(f"<image x {end - start}>")
         elif labels[start] != IGNORE_INDEX:
-            pieces.append(f"[[{tokenizer.decode(ids[start:end])}]]")
+            pieces.append(f"[[{_decode(tokenizer, ids[start:end])}]]")
         else:
-            pieces.append(tokenizer.decode(ids[start:end]))
+            pieces.append(_decode(tokenizer, ids[start:end]))
     lines.append("  " + "".join(pieces))
     if with_tokens:
         for position, (token, label) in enumerate(zip(ids, labels)):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from megamm import kernels
 from megamm.config import ProjectorConfig
 from megamm.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megamm.parallel.sharding import normal_init
@@ -63,5 +63,5 @@ class Projector(nn.Module):
             features = pixel_shuffle(features, self.grid_size)
         x = self.fc1(features)
         if self.fc2 is not None:
-            x = self.fc2(F.gelu(x))
+            x = self.fc2(kernels.gelu(x))
         return x

@@ -52,6 +52,7 @@ class TrainingConfig:
     lr_warmup_iters: int = _opt(0, "linear warmup steps from 0 to --lr")
     lr_decay_iters: int | None = _opt(None, "steps from the start to the end of decay (default: --train-iters)")
     projector_lr: float | None = _opt(None, "peak learning rate of the projector (default: --lr)")
+    vision_lr: float | None = _opt(None, "peak learning rate of the vision tower (default: --lr)")
     weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norms)")
     adam_beta1: float = _opt(0.9, "AdamW beta1")
     adam_beta2: float = _opt(0.999, "AdamW beta2")
@@ -196,6 +197,8 @@ class RunConfig:
         switched = apply_training_switches(self)
         if switched.freeze_language and switched.freeze_vision and switched.freeze_projector:
             found.append("the language model, vision tower and projector are all frozen: nothing to train")
+        if t.vision_lr is not None and t.lr <= 0:
+            found.append("--vision-lr is a multiple of the --lr schedule and needs --lr > 0")
         if t.projector_lr is not None and t.lr <= 0:
             found.append("--projector-lr is a multiple of the --lr schedule and needs --lr > 0")
         if t.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:

@@ -67,16 +67,21 @@ class Trainer:
         return (p for chunk in self.chunks for p in chunk.parameters())
 
 
-def param_group_specs(chunks: list[LlavaModel], weight_decay: float, lr: float, projector_lr: float | None) -> dict:
-    """Weight decay except on biases and norms (1-D tensors); the projector's own learning rate."""
+def param_group_specs(
+    chunks: list[LlavaModel], weight_decay: float, lr: float, projector_lr: float | None,
+    vision_lr: float | None = None,
+) -> dict:
+    """Weight decay except on biases and norms (1-D tensors); the projector's and the vision tower's
+    own learning rates (as multiples of --lr, so they follow its warmup and decay)."""
+    own_lr = {"projector.": projector_lr, "vision.": vision_lr}
     specs = {}
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             if not param.requires_grad:
                 continue
             decay = weight_decay if param.dim() > 1 else 0.0
-            projector = projector_lr is not None and name.startswith("projector.")
-            specs[param] = ParamGroupSpec(decay, projector_lr / lr if projector else 1.0)
+            module_lr = next((v for prefix, v in own_lr.items() if name.startswith(prefix)), None)
+            specs[param] = ParamGroupSpec(decay, module_lr / lr if module_lr is not None else 1.0)
     return specs
 
 
@@ -105,7 +110,7 @@ def build_trainer(config: RunConfig, state: ParallelState, chunks: list[LlavaMod
     optimizer_cls = DistributedOptimizer if t.use_distributed_optimizer else MixedPrecisionOptimizer
     optimizer = optimizer_cls(
         buffers,
-        param_group_specs(chunks, t.weight_decay, t.lr, t.projector_lr),
+        param_group_specs(chunks, t.weight_decay, t.lr, t.projector_lr, t.vision_lr),
         state,
         lr=t.lr,
         betas=(t.adam_beta1, t.adam_beta2),
