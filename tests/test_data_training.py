@@ -68,3 +68,16 @@ def test_packed_pipeline_training_equals_padded(corrupted: DatasetFiles) -> None
     for key in ("first_loss", "final_loss"):
         assert abs(last[key] - padded[key]) <= 1e-5 * abs(padded[key]), (key, last[key], padded[key])
     assert last["data"] == padded["data"]
+
+
+@pytest.mark.slow
+def test_resumed_run_reads_and_trains_like_an_uninterrupted_one(corrupted: DatasetFiles, tmp_path: Path) -> None:
+    common = ("--micro-batch-size", "2", "--global-batch-size", "4", "--num-workers", "1",
+              "--lr-decay-style", "constant", "--pack-sequences")
+    whole = run_distributed(_run, 1, _argv(corrupted, *common, "--train-iters", "4"), 1)[0]
+    save = str(tmp_path / "ckpt")
+    run_distributed(_run, 1, _argv(corrupted, *common, "--train-iters", "2", "--save", save), 1)
+    resumed = run_distributed(_run, 1, _argv(corrupted, *common, "--train-iters", "4", "--load", save), 1)[0]
+    assert resumed["final_loss"] == whole["final_loss"]
+    # The resumed run read only iterations 3 and 4: half of the samples, and the same bad ones.
+    assert resumed["data"]["records"] - resumed["data"]["bad"] == 8
