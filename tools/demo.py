@@ -49,7 +49,7 @@ class Schedule:
     stage2_iters: int
 
 
-FULL = Schedule(train_images=3000, test_images=200, phase0_iters=700, stage1_iters=60, stage2_iters=200)
+FULL = Schedule(train_images=6000, test_images=200, phase0_iters=1800, stage1_iters=60, stage2_iters=300)
 QUICK = Schedule(train_images=600, test_images=60, phase0_iters=200, stage1_iters=10, stage2_iters=40)
 
 
