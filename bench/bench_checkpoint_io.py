@@ -150,8 +150,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, root: str) -> None:
 def run(rank: int, args: argparse.Namespace, root: Path) -> None:
     from megamm.checkpoint import storage
     from megamm.checkpoint.checkpointer import Checkpointer
-    from megamm.data.synthetic import SyntheticMultimodalDataset
-    from megamm.train import _microbatches
+    from megamm.training.data import SyntheticData
     from megamm.training.step import train_step
 
     def quiet(_: str) -> None:
@@ -159,9 +158,7 @@ def run(rank: int, args: argparse.Namespace, root: Path) -> None:
 
     rows: list[tuple[str, str, float, float, float | None]] = []  # op, layout, bytes, seconds, extra seconds
     config, state, trainer = build(args, tp=2)
-    dataset = SyntheticMultimodalDataset(trainer.model.config, config.training.seq_length, config.training.seed,
-                                         config.training.images_per_sample)
-    step = train_step(trainer, _microbatches(dataset, 0, config, state), 0)
+    step = train_step(trainer, SyntheticData(config, trainer.model.config, state).microbatches(0), 0)
 
     sync_dir, async_dir = root / "sync", root / "async"
     checkpointer = Checkpointer(trainer, str(sync_dir), log=quiet)

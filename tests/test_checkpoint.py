@@ -15,11 +15,11 @@ import torch
 
 from megamm.checkpoint.checkpointer import Checkpointer, CheckpointMismatchError
 from megamm.config import ParallelConfig
-from megamm.data.synthetic import SyntheticMultimodalDataset
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
-from megamm.train import _microbatches, build_model_chunks
+from megamm.train import build_model_chunks
 from megamm.training.arguments import RunConfig, TrainingConfig
+from megamm.training.data import SyntheticData
 from megamm.training.step import build_trainer, evaluate, train_step
 from tests.distributed import run_distributed
 from tests.tiny import language_config, llava_config, vision_config
@@ -60,15 +60,14 @@ class Session:
         self.trainer = build_trainer(config, state, self.chunks)
         self.checkpointer = Checkpointer(self.trainer, str(save) if save else None, async_save=async_save,
                                          log=lambda _: None)
-        t = config.training
-        self.data = SyntheticMultimodalDataset(self.chunks[0].config, t.seq_length, t.seed, t.images_per_sample)
+        self.data = SyntheticData(config, self.chunks[0].config, state)
 
     def step(self, iteration: int) -> tuple[float, float]:
-        result = train_step(self.trainer, _microbatches(self.data, iteration, self.config, self.state), iteration)
+        result = train_step(self.trainer, self.data.microbatches(iteration), iteration)
         return result.loss, result.grad_norm
 
     def eval_loss(self) -> float:
-        return evaluate(self.trainer, [_microbatches(self.data, EVAL_BATCH, self.config, self.state)])
+        return evaluate(self.trainer, [self.data.batches_at(self.data.train, EVAL_BATCH)])
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: gather_master(p.detach(), p.param_layout, self.state.tp_group).clone()

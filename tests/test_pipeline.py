@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from megamm.config import ParallelConfig
-from megamm.data.synthetic import SyntheticMultimodalDataset
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.layout import layout_problems, stage_layers
 from megamm.pipeline.schedules import schedule_order, schedule_problems
-from megamm.train import _microbatches, build_model_chunks
+from megamm.train import build_model_chunks
 from megamm.training.arguments import RunConfig, TrainingConfig
+from megamm.training.data import SyntheticData
 from megamm.training.step import build_trainer, evaluate, train_step
 from tests.distributed import run_distributed, solo_state
 from tests.tiny import language_config, llava_config
@@ -45,13 +45,13 @@ def _train(config: RunConfig, state: ParallelState) -> dict:
     state.seed(t.seed)
     chunks = build_model_chunks(config, state)
     trainer = build_trainer(config, state, chunks)
-    data = SyntheticMultimodalDataset(chunks[0].config, t.seq_length, t.seed, t.images_per_sample)
+    data = SyntheticData(config, chunks[0].config, state)
     losses, norms = [], []
     for iteration in range(t.train_iters):
-        result = train_step(trainer, _microbatches(data, iteration, config, state), iteration)
+        result = train_step(trainer, data.microbatches(iteration), iteration)
         losses.append(result.loss)
         norms.append(result.grad_norm)
-    eval_loss = evaluate(trainer, [_microbatches(data, 100 + i, config, state) for i in range(2)])
+    eval_loss = evaluate(trainer, [data.batches_at(data.train, 100 + i) for i in range(2)])
     final = {
         name: gather_master(p.detach(), p.param_layout, state.tp_group)
         for chunk in chunks for name, p in chunk.named_parameters()

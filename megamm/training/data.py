@@ -51,7 +51,8 @@ class SyntheticData:
         self.eval = SyntheticMultimodalDataset(model_config, t.seq_length, t.seed + EVAL_SEED_OFFSET, t.images_per_sample)
         self.keys = stage_keys(state, packed=False)
 
-    def _batches(self, dataset: SyntheticMultimodalDataset, iteration: int) -> list[Batch]:
+    def batches_at(self, dataset: SyntheticMultimodalDataset, iteration: int) -> list[Batch]:
+        """This rank's microbatches of global batch `iteration` of `dataset` (the train or eval set)."""
         t, state = self.config.training, self.state
         indices = microbatch_indices(iteration, t.global_batch_size, t.micro_batch_size, state.dp_rank, state.dp_size)
         if not self.keys:
@@ -59,10 +60,10 @@ class SyntheticData:
         return _select([collate([dataset[i] for i in chunk]) for chunk in indices], self.keys)
 
     def microbatches(self, iteration: int) -> list[Batch]:
-        return self._batches(self.train, iteration)
+        return self.batches_at(self.train, iteration)
 
     def eval_batches(self) -> list[list[Batch]]:
-        return [self._batches(self.eval, i) for i in range(self.config.training.eval_iters)]
+        return [self.batches_at(self.eval, i) for i in range(self.config.training.eval_iters)]
 
     def counts(self) -> dict[str, int]:
         return {}
