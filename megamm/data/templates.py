@@ -358,6 +358,18 @@ def get_template(name: str) -> ChatTemplate:
         raise KeyError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}") from None
 
 
+def _check_images(turns: list[Turn], tokens_per_image: Sequence[int]) -> None:
+    """One positive token count per "<image>" placeholder, or ValueError."""
+    placeholders = sum(turn.value.count(IMAGE_PLACEHOLDER) for turn in turns)
+    if placeholders != len(tokens_per_image):
+        raise ValueError(
+            f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholders but tokens_per_image "
+            f"has {len(tokens_per_image)} entries"
+        )
+    if any(count < 1 for count in tokens_per_image):
+        raise ValueError(f"tokens_per_image must be positive, got {list(tokens_per_image)}")
+
+
 def render(
     conversation: Sequence[Mapping[str, object]],
     template: str | ChatTemplate,
@@ -371,14 +383,7 @@ def render(
     """
     chat = get_template(template) if isinstance(template, str) else template
     turns = normalize_conversation(conversation)
-    placeholders = sum(turn.value.count(IMAGE_PLACEHOLDER) for turn in turns)
-    if placeholders != len(tokens_per_image):
-        raise ValueError(
-            f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholders but tokens_per_image "
-            f"has {len(tokens_per_image)} entries"
-        )
-    if any(count < 1 for count in tokens_per_image):
-        raise ValueError(f"tokens_per_image must be positive, got {list(tokens_per_image)}")
+    _check_images(turns, tokens_per_image)
     builder = _Builder(tokenizer, tokens_per_image)
     chat.build(builder, turns)
     tokenized = builder.result()
@@ -410,14 +415,7 @@ def render_prompt(
     if not turns or turns[-1].role != "user":
         roles = [turn.role for turn in turns]
         raise ValueError(f"a generation prompt must end with a user turn, got the roles {roles}")
-    placeholders = sum(turn.value.count(IMAGE_PLACEHOLDER) for turn in turns)
-    if placeholders != len(tokens_per_image):
-        raise ValueError(
-            f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholders but tokens_per_image "
-            f"has {len(tokens_per_image)} entries"
-        )
-    if any(count < 1 for count in tokens_per_image):
-        raise ValueError(f"tokens_per_image must be positive, got {list(tokens_per_image)}")
+    _check_images(turns, tokens_per_image)
     builder = _Builder(tokenizer, tokens_per_image)
     chat.build(builder, [*turns, Turn("assistant", "")])
     return builder.result()
