@@ -97,20 +97,6 @@ def _decode(tokenizer: Tokenizer, ids: list[int]) -> str:
     return "".join(out)
 
 
-def _image_spans(sample: Sample, image_id: int) -> list[tuple[int, int]]:
-    """[start, end) of each image's tokens: image positions in order, cut by each image's tile count."""
-    positions = [i for i, token in enumerate(sample.input_ids) if token == image_id]
-    if not positions:
-        return []
-    per_tile = len(positions) // sum(sample.tiles_per_image)
-    spans, used = [], 0
-    for tiles in sample.tiles_per_image:
-        count = tiles * per_tile
-        spans.append((positions[used], positions[used + count - 1] + 1))
-        used += count
-    return spans
-
-
 def render_sample(sample: Sample, tokenizer: Tokenizer, with_tokens: bool) -> str:
     """The sample as text: trained spans in [[...]], each image as one <image x N> marker."""
     ids, labels = sample.input_ids, sample.labels
@@ -120,7 +106,7 @@ def render_sample(sample: Sample, tokenizer: Tokenizer, with_tokens: bool) -> st
         + (f" (truncated from {sample.truncated_from})" if sample.truncated_from else "")
         + f" | {trained} trained",
     ]
-    spans = _image_spans(sample, tokenizer.image_token_id)
+    spans = sample.image_spans
     for number, (start, end) in enumerate(spans):
         cols, rows = sample.grids[number]
         lines.append(f"  image {number}: tokens [{start}, {end}), {sample.tiles_per_image[number]} tower "

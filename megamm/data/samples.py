@@ -61,6 +61,7 @@ class Sample:
     input_ids / labels: equal-length lists (labels aligned with the ids, -100 where not trained; the
     model shifts them). pixel_values: `[n, 3, size, size]` float32, n = sum(tiles_per_image), in the
     order the image tokens appear. grids: (cols, rows) of each image's tiles ((1, 1) untiled).
+    image_spans: [start, end) of each image's tokens, as the template placed them.
     """
 
     source: str
@@ -71,6 +72,7 @@ class Sample:
     pixel_values: torch.Tensor
     tiles_per_image: list[int]
     grids: list[tuple[int, int]]
+    image_spans: list[tuple[int, int]]
     text: str
     truncated_from: int | None = None
 
@@ -161,6 +163,7 @@ class SampleBuilder:
             pixel_values=pixel_values,
             tiles_per_image=tiles[:images_kept],
             grids=grids[:images_kept],
+            image_spans=list(kept.image_spans),
             text=kept.text,
             truncated_from=kept.truncated_from,
         )
