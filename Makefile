@@ -20,7 +20,9 @@ $(STAMP): $(BIN)/python setup.py requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# The layer contract first (pyproject.toml [tool.importlinter]): an upward import fails the run.
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest tests
 
 # About 15 minutes on 2 CPU cores; data, checkpoints and logs go to $(DEMO_OUT).

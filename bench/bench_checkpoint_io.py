@@ -50,8 +50,7 @@ GB = 1e9
 
 
 def build_config(args: argparse.Namespace, tp: int):
-    from megamm.training.arguments import run_config_from_dict
-
+    from megamm.config.parsing import run_config_from_dict
     image, patch = args.image_size, 16
     tree = {
         "model": {
@@ -74,7 +73,7 @@ def build_config(args: argparse.Namespace, tp: int):
 
 def build(args: argparse.Namespace, tp: int):
     from megamm.parallel.state import initialize_parallel_state
-    from megamm.train import build_model_chunks
+    from megamm.pipeline.chunks import build_model_chunks
     from megamm.training.step import build_trainer
 
     config = build_config(args, tp)

@@ -37,11 +37,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from megamm.config import LanguageConfig, LlavaConfig, ProjectorConfig, TransformerConfig, VisionConfig
+from megamm.config.constants import IGNORE_INDEX
+from megamm.config.run import RunConfig, TrainingConfig, apply_training_switches
 from megamm.kernels import kernel_mode
 from megamm.models.llava import LlavaModel
-from megamm.parallel.cross_entropy import IGNORE_INDEX
 from megamm.parallel.state import ParallelState
-from megamm.training.arguments import RunConfig, TrainingConfig, apply_training_switches
 from megamm.training.step import Trainer, build_trainer, train_step
 
 # Dense bf16 peaks; the first name found in the device name wins (PCIe before the SXM default).

@@ -60,10 +60,10 @@ from megamm.config import (
     TransformerConfig,
     VisionConfig,
 )
+from megamm.config.constants import IGNORE_INDEX
+from megamm.config.run import RunConfig, TrainingConfig, apply_training_switches
 from megamm.models.llava import LlavaModel
-from megamm.parallel.cross_entropy import IGNORE_INDEX
 from megamm.parallel.state import ParallelState
-from megamm.training.arguments import RunConfig, TrainingConfig, apply_training_switches
 from megamm.training.step import Trainer, build_trainer, train_step
 
 Batch = dict[str, torch.Tensor]

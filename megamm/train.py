@@ -26,11 +26,11 @@ import torch.distributed as dist
 
 from megamm.checkpoint.checkpointer import Checkpointer
 from megamm.config import ConfigError
-from megamm.models.llava import LlavaModel
+from megamm.config.parsing import parse_run_config
+from megamm.config.run import RunConfig
 from megamm.parallel.state import ParallelState, initialize_parallel_state
-from megamm.pipeline.layout import stage_layers
+from megamm.pipeline.chunks import build_model_chunks
 from megamm.pipeline.schedules import bubble_fraction
-from megamm.training.arguments import RunConfig, apply_training_switches, parse_run_config
 from megamm.training.data import FileData, SyntheticData, build_training_data, rows_in
 from megamm.training.metrics import peak_memory_gib, peak_tflops, step_flops
 from megamm.training.step import Batch, Trainer, build_trainer, evaluate, train_step
@@ -90,28 +90,6 @@ class Reporter:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def build_model_chunks(config: RunConfig, state: ParallelState) -> list[LlavaModel]:
-    """This stage's model chunks (one without virtual stages), deterministically initialized."""
-    p, t = config.parallel, config.training
-    model_config = apply_training_switches(config)
-    layer_chunks = stage_layers(
-        model_config.language.transformer.num_layers, state.pp_size, state.pp_rank,
-        p.num_layers_per_virtual_pipeline_stage, p.decoder_first_pipeline_num_layers,
-        p.decoder_last_pipeline_num_layers,
-    )
-    chunks = []
-    for index, layers in enumerate(layer_chunks):
-        chunk = LlavaModel(
-            model_config, state, sequence_parallel=p.sequence_parallel,
-            pre_process=state.is_first_stage and index == 0,
-            post_process=state.is_last_stage and index == len(layer_chunks) - 1,
-            language_layers=layers,
-        )
-        chunk.initialize(t.seed)
-        chunks.append(chunk)
-    return chunks
 
 
 def _quiet(_: str) -> None:

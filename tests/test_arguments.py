@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from megamm.config import ConfigError
-from megamm.training.arguments import build_parser, parse_run_config
+from megamm.config.parsing import build_parser, parse_run_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
 
@@ -93,8 +93,7 @@ def test_values_are_type_checked_before_anything_runs() -> None:
 
 
 def test_freeze_flags_override_the_model_section_both_ways() -> None:
-    from megamm.training.arguments import apply_training_switches
-
+    from megamm.config.run import apply_training_switches
     frozen = parse_run_config(["--config", str(EXAMPLE), "--set", "model.freeze_vision=true"], world_size=1)
     assert apply_training_switches(frozen).freeze_vision
     thawed = parse_run_config(

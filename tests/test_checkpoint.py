@@ -15,10 +15,10 @@ import torch
 
 from megamm.checkpoint.checkpointer import Checkpointer, CheckpointMismatchError
 from megamm.config import ParallelConfig
+from megamm.config.run import RunConfig, TrainingConfig
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
-from megamm.train import build_model_chunks
-from megamm.training.arguments import RunConfig, TrainingConfig
+from megamm.pipeline.chunks import build_model_chunks
 from megamm.training.data import SyntheticData
 from megamm.training.step import build_trainer, evaluate, train_step
 from tests.distributed import run_distributed

@@ -19,11 +19,12 @@ from transformers import LlavaForConditionalGeneration
 
 from megamm.checkpoint import storage
 from megamm.checkpoint.checkpointer import Checkpointer
+from megamm.config.parsing import run_config_from_dict
+from megamm.config.run import RunConfig
 from megamm.convert.exporter import export_hf
 from megamm.convert.importer import import_llava_hf
 from megamm.parallel.state import ParallelState, initialize_parallel_state
-from megamm.train import build_model_chunks
-from megamm.training.arguments import RunConfig, run_config_from_dict
+from megamm.pipeline.chunks import build_model_chunks
 from megamm.training.step import build_trainer, evaluate, train_step
 from tests.distributed import run_distributed
 from tests.test_convert_roundtrip import VOCAB, build_hf_llava, llava_batch, save_hf

@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from megamm.config import ProjectorConfig
+from megamm.config.parsing import run_config_from_dict
 from megamm.convert import ConversionError
 from megamm.convert.exporter import export_hf
 from megamm.convert.importer import import_llava_hf, import_original_llava, import_towers
@@ -34,7 +35,6 @@ from megamm.convert.meta_llama import rotate_half_to_meta
 from megamm.convert.writer import CheckpointReader
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
-from megamm.training.arguments import run_config_from_dict
 from tests.test_convert_roundtrip import (
     IMAGE,
     IMAGE_TOKEN,

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from megamm.config.constants import IGNORE_INDEX
 from megamm.data.batching import packed_microbatches, padded_microbatches
 from megamm.data.datasets import build_source, open_source, parse_data_path
 from megamm.data.loader import LoaderStats, PositionDataset, RankLoader, rank_positions
@@ -17,7 +18,6 @@ from megamm.data.samples import ImageSettings, SampleBuilder
 from megamm.data.sources import BadSample, BlendedSource, CaptionSource, LlavaJsonSource, Record
 from megamm.data.tokenizer import load_tokenizer
 from megamm.models.llava import LlavaModel
-from megamm.parallel.cross_entropy import IGNORE_INDEX
 from megamm.parallel.state import ParallelState
 from tests.data_fixtures import SEQ_LENGTH, DatasetFiles, model_for, write_dataset
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from megamm.config.parsing import parse_run_config
 from megamm.data.tokenizer import load_tokenizer
-from megamm.training.arguments import parse_run_config
 from tests.data_fixtures import DatasetFiles, write_dataset
 from tests.distributed import run_distributed
 

@@ -22,13 +22,13 @@ from PIL import Image
 
 from megamm.checkpoint.model_weights import ModelWeightsError, load_model_weights
 from megamm.config import ParallelConfig
+from megamm.config.run import RunConfig, TrainingConfig
 from megamm.inference.generation import Generation, GenerationConfig, GenerationError, Prompt, generate
-from megamm.inference.kv_cache import KVCache
 from megamm.inference.sampling import SamplingConfig, choose_tokens, filter_logits, make_generators
 from megamm.inference.session import InferenceSession, inference_model_config
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
-from megamm.training.arguments import RunConfig, TrainingConfig
+from megamm.transformer.kv_cache import KVCache
 from tests.distributed import run_distributed
 from tests.tiny import IMAGE_TOKEN_ID, language_config, llava_config
 
@@ -203,7 +203,7 @@ def _tp_job(tmp: str, vocab_size: int, image_token_id: int, tool_args: list[str]
     from megamm.checkpoint.checkpointer import Checkpointer
     from megamm.parallel.sharding import gather_master
     from megamm.parallel.state import initialize_parallel_state
-    from megamm.train import build_model_chunks
+    from megamm.pipeline.chunks import build_model_chunks
     from megamm.training.step import build_trainer
     from tests.distributed import solo_state
 

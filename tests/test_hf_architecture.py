@@ -24,9 +24,9 @@ from transformers import (
 )
 
 from megamm.config import LanguageConfig, TransformerConfig, VisionConfig
+from megamm.config.constants import IGNORE_INDEX
 from megamm.models.language import LanguageModel
 from megamm.models.vision import VisionTower
-from megamm.parallel.cross_entropy import IGNORE_INDEX
 from megamm.parallel.state import ParallelState
 
 ATOL = 1e-5

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megamm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megamm.kernels.cross_entropy import vocab_parallel_cross_entropy
 from megamm.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,

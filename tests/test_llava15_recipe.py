@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from megamm.config import ProjectorConfig
+from megamm.config.parsing import parse_run_config
 from megamm.convert.hf_config import language_config_from_hf, vision_config_from_hf
 from megamm.convert.importer import extend_vocab
-from megamm.training.arguments import parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "examples" / "llava15"

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from megamm.config import ParallelConfig
+from megamm.config.layout import layout_problems, schedule_problems, stage_layers
+from megamm.config.run import RunConfig, TrainingConfig
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
-from megamm.pipeline.layout import layout_problems, stage_layers
-from megamm.pipeline.schedules import schedule_order, schedule_problems
-from megamm.train import build_model_chunks
-from megamm.training.arguments import RunConfig, TrainingConfig
+from megamm.pipeline.chunks import build_model_chunks
+from megamm.pipeline.schedules import schedule_order
 from megamm.training.data import SyntheticData
 from megamm.training.step import build_trainer, evaluate, train_step
 from tests.distributed import run_distributed, solo_state

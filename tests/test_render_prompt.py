@@ -11,9 +11,10 @@ import random
 
 import pytest
 
-from megamm.data.templates import LLAVA_V1_SYSTEM, TEMPLATES, Tokenized, render, render_prompt
+from megamm.config.constants import IGNORE_INDEX
+from megamm.config.registry import CHAT_TEMPLATES
+from megamm.data.templates import LLAVA_V1_SYSTEM, Tokenized, render, render_prompt
 from megamm.data.tokenizer import Tokenizer, load_tokenizer
-from megamm.parallel.cross_entropy import IGNORE_INDEX
 from tests.test_templates import CAPTION, CHAT_TOKENS, Q1, TWO_TURNS, CharTokenizer, _load_tool, human
 
 WORDS = "what is the capital of France Germany Paris Berlin and describe image a cat sat on mat"
@@ -46,7 +47,7 @@ def _trained_starts(tokenized: Tokenized) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", ["fake", "sentencepiece"])
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("name", CHAT_TEMPLATES.names())
 def test_prompt_is_the_prefix_before_the_first_answer(name: str, kind: str, request: pytest.FixtureRequest) -> None:
     tokenizer = _tokenizer(kind, request)
     conversation = CAPTION if name == "plain" else TWO_TURNS[:2]
@@ -59,7 +60,7 @@ def test_prompt_is_the_prefix_before_the_first_answer(name: str, kind: str, requ
 
 
 @pytest.mark.parametrize("kind", ["fake", "sentencepiece"])
-@pytest.mark.parametrize("name", sorted(set(TEMPLATES) - {"plain"}))
+@pytest.mark.parametrize("name", sorted(set(CHAT_TEMPLATES.names()) - {"plain"}))
 def test_second_turn_prompt_is_the_prefix_before_the_second_answer(
     name: str, kind: str, request: pytest.FixtureRequest
 ) -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from megamm.config.constants import IGNORE_INDEX
+from megamm.config.registry import CHAT_TEMPLATES
 from megamm.data.templates import (
     LLAVA_V1_SYSTEM,
-    TEMPLATES,
     AllLabelsMaskedError,
     Tokenized,
     get_template,
@@ -24,7 +25,6 @@ from megamm.data.templates import (
     truncate,
 )
 from megamm.data.tokenizer import Tokenizer, load_tokenizer
-from megamm.parallel.cross_entropy import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_TOKENS = (
@@ -162,7 +162,7 @@ def fake() -> CharTokenizer:
 # --------------------------------------------------------------------------- fake tokenizer goldens
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("name", CHAT_TEMPLATES.names())
 def test_golden_text_and_trained_spans(fake: CharTokenizer, name: str) -> None:
     text, answers = GOLDEN[name]
     t = render(sample_for(name), name, fake, [3])
@@ -266,7 +266,7 @@ def test_chatml_bos_not_doubled_when_it_is_im_start() -> None:
 # --------------------------------------------------------------------------- images
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("name", CHAT_TEMPLATES.names())
 def test_two_images_with_different_counts(fake: CharTokenizer, name: str) -> None:
     conv = [human("<image>\n<image>\nCompare them."), gpt("Same.")]
     t = render(conv, name, fake, [2, 5])
@@ -291,7 +291,7 @@ def test_images_in_later_turns_keep_their_order(fake: CharTokenizer) -> None:
 def test_placeholder_count_mismatch(fake: CharTokenizer, placeholders: int, counts: list[int]) -> None:
     conv = [human("<image>" * placeholders + "hi"), gpt("yo")]
     message = f"has {placeholders} <image> placeholders but tokens_per_image has {len(counts)} entries"
-    for name in TEMPLATES:
+    for name in CHAT_TEMPLATES.names():
         with pytest.raises(ValueError, match=message):
             render(conv, name, fake, counts)
 
@@ -304,7 +304,7 @@ def test_non_positive_image_count(fake: CharTokenizer) -> None:
 # --------------------------------------------------------------------------- all masked and other errors
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("name", CHAT_TEMPLATES.names())
 def test_all_labels_masked_is_loud(fake: CharTokenizer, name: str) -> None:
     with pytest.raises(AllLabelsMaskedError, match=f"all labels are masked in a '{name}' sample"):
         render([human("<image>\nWhat is it?"), gpt("")], name, fake, [2])
@@ -412,7 +412,7 @@ def sp(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     return load_tokenizer(tmp / "tok.model")
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("name", CHAT_TEMPLATES.names())
 def test_sentencepiece_trained_positions_are_the_answers(sp: Tokenizer, name: str) -> None:
     t = render(sample_for(name), name, sp, [3])
     assert 0 not in t.input_ids  # no <unk>: the corpus covers the text

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megamm.training.arguments import parse_run_config
+from megamm.config.parsing import parse_run_config
 from tests.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]

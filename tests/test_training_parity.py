@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from megamm.config import ParallelConfig
+from megamm.config.run import RunConfig, TrainingConfig, apply_training_switches
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
 from megamm.models.llava import LlavaModel
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
-from megamm.training.arguments import RunConfig, TrainingConfig, apply_training_switches
 from megamm.training.step import build_trainer, train_step
 from tests.distributed import run_distributed, solo_state
 from tests.tiny import llava_config

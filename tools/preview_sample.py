@@ -21,13 +21,13 @@ from pathlib import Path
 
 import yaml
 
+from megamm.config.constants import IGNORE_INDEX
+from megamm.config.parsing import run_config_from_dict
+from megamm.config.registry import CHAT_TEMPLATES
 from megamm.data.datasets import open_source, parse_data_path
 from megamm.data.samples import ImageSettings, Sample, SampleBuilder
 from megamm.data.sources import BadSample
-from megamm.data.templates import TEMPLATES
 from megamm.data.tokenizer import Tokenizer, load_tokenizer
-from megamm.parallel.cross_entropy import IGNORE_INDEX
-from megamm.training.arguments import run_config_from_dict
 
 # Settings read from a training config when not given as flags: flag name -> (section, field).
 FROM_CONFIG = {
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-path", nargs="+", help="dataset path(s), as for training")
     parser.add_argument("--image-folder")
     parser.add_argument("--tokenizer-model")
-    parser.add_argument("--chat-template", choices=sorted(TEMPLATES))
+    parser.add_argument("--chat-template", choices=CHAT_TEMPLATES.names())
     parser.add_argument("--seq-length", type=int)
     parser.add_argument("--image-size", type=int, help="the vision tower's image size (default: from --config)")
     parser.add_argument("--image-tokens", type=int, help="image tokens per tower input (default: from --config)")

@@ -47,7 +47,8 @@ import torch.multiprocessing as mp
 
 from megamm.checkpoint import storage
 from megamm.config import ConfigError
-from megamm.training.arguments import RunConfig, run_config_from_dict
+from megamm.config.parsing import run_config_from_dict
+from megamm.config.run import RunConfig
 
 
 class ReshardError(Exception):
@@ -140,7 +141,7 @@ def _reshard(rank: int, source: str, save: str, description: dict, target: Targe
     from megamm.checkpoint.blocks import BlockSavePlanner
     from megamm.checkpoint.checkpointer import Checkpointer
     from megamm.parallel.state import initialize_parallel_state
-    from megamm.train import build_model_chunks
+    from megamm.pipeline.chunks import build_model_chunks
     from megamm.training.step import build_trainer
 
     class ReshardCheckpointer(Checkpointer):

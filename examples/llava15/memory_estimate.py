@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
+from megamm.config.layout import stage_layers
+from megamm.config.parsing import parse_run_config
+from megamm.config.run import RunConfig, apply_training_switches
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
-from megamm.pipeline.layout import stage_layers
-from megamm.training.arguments import RunConfig, apply_training_switches, parse_run_config
 
 GIB = 2**30
 _LAYER = re.compile(r"^language\.decoder\.layers\.(\d+)\.")

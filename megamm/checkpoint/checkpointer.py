@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -39,9 +40,11 @@ from megamm.checkpoint.blocks import (
     parameter_blocks,
     view_2d_shape,
 )
+from megamm.config.parsing import run_config_to_dict
 from megamm.optim.optimizer import DistributedOptimizer
-from megamm.training.arguments import run_config_to_dict
-from megamm.training.step import Trainer
+
+if TYPE_CHECKING:
+    from megamm.training.step import Trainer
 
 
 class CheckpointMismatchError(RuntimeError):

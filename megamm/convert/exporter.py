@@ -32,12 +32,12 @@ import torch
 from safetensors.torch import save_file
 
 from megamm.config import ConfigError, LlavaConfig
+from megamm.config.parsing import run_config_from_dict
 from megamm.convert import ConversionError
 from megamm.convert.hf_config import HfExtras, hf_config_from_llava
 from megamm.convert.hf_keys import Entry, canonical_name, legacy_hf_key, model_entries
 from megamm.convert.importer import DTYPES
 from megamm.convert.writer import CheckpointReader
-from megamm.training.arguments import run_config_from_dict
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

@@ -29,6 +29,9 @@ from typing import Protocol
 import torch
 
 from megamm.config import ConfigError, LanguageConfig, LlavaConfig, ParallelConfig, ProjectorConfig
+from megamm.config.layout import layout_problems
+from megamm.config.parsing import run_config_to_dict
+from megamm.config.run import RunConfig
 from megamm.convert import ConversionError
 from megamm.convert.hf_config import (
     HfExtras,
@@ -50,8 +53,6 @@ from megamm.convert.readers import TensorInfo, WeightFiles, read_json
 from megamm.convert.writer import LazyTensor, write_checkpoint
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
-from megamm.pipeline.layout import layout_problems
-from megamm.training.arguments import RunConfig, run_config_to_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from megamm.config.constants import IGNORE_INDEX
 from megamm.data.packing import block_causal_mask, pack_first_fit_decreasing, packed_sequence
 from megamm.data.samples import Sample
-from megamm.parallel.cross_entropy import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor | None]
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from megamm.parallel.cross_entropy import IGNORE_INDEX
+from megamm.config.constants import IGNORE_INDEX
 
 PackFn = Callable[[Sequence[int], int], list[list[int]]]
 

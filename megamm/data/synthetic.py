@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from megamm.config import LlavaConfig
-from megamm.parallel.cross_entropy import IGNORE_INDEX
+from megamm.config.constants import IGNORE_INDEX
 
 BOS_ID = 1
 NUM_COLORS = 8

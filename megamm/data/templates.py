@@ -46,8 +46,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from megamm.config.constants import IGNORE_INDEX
+from megamm.config.registry import CHAT_TEMPLATES
 from megamm.data.tokenizer import Tokenizer
-from megamm.parallel.cross_entropy import IGNORE_INDEX
 
 IMAGE_PLACEHOLDER = "<image>"
 BOS_TEXT = "<s>"
@@ -340,22 +341,17 @@ class MistralTemplate(ChatTemplate):
                 b.eos(trained=True)
 
 
-TEMPLATES: dict[str, ChatTemplate] = {
-    "plain": PlainTemplate(),
-    "llava_v1": LlavaV1Template(),
-    "vicuna_v1": LlavaV1Template(),
-    "llama3": Llama3Template(),
-    "chatml": ChatMLTemplate(),
-    "mistral": MistralTemplate(),
-}
+PLAIN = PlainTemplate()
+LLAVA_V1 = LlavaV1Template()
+LLAMA3 = Llama3Template()
+CHATML = ChatMLTemplate()
+MISTRAL = MistralTemplate()
 
 
 def get_template(name: str) -> ChatTemplate:
-    """The registered template `name`; KeyError listing the known names."""
-    try:
-        return TEMPLATES[name]
-    except KeyError:
-        raise KeyError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}") from None
+    """The template registered as `name` (megamm.config.registry.CHAT_TEMPLATES); KeyError listing
+    the known names."""
+    return CHAT_TEMPLATES.get(name)
 
 
 def _check_images(turns: list[Turn], tokens_per_image: Sequence[int]) -> None:
@@ -456,7 +452,6 @@ def truncate(tokenized: Tokenized, max_length: int) -> Tokenized | None:
 __all__ = [
     "IMAGE_PLACEHOLDER",
     "LLAVA_V1_SYSTEM",
-    "TEMPLATES",
     "AllLabelsMaskedError",
     "ChatMLTemplate",
     "ChatTemplate",

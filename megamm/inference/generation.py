@@ -33,10 +33,10 @@ from typing import Literal
 
 import torch
 
-from megamm.inference.kv_cache import KVCache
 from megamm.inference.logits import agree_on_tokens, full_vocab_logits
 from megamm.inference.sampling import SamplingConfig, choose_tokens, make_generators
 from megamm.models.llava import LlavaModel
+from megamm.transformer.kv_cache import KVCache
 
 
 @dataclass

@@ -25,6 +25,7 @@ from PIL import Image
 
 from megamm.checkpoint.model_weights import load_model_weights, read_run_config_tree
 from megamm.config import LlavaConfig, TransformerConfig
+from megamm.config.parsing import run_config_from_dict
 from megamm.data.images import load_image, mean_fill, preprocess, preprocess_tiles
 from megamm.data.templates import IMAGE_PLACEHOLDER, get_template, render_prompt
 from megamm.data.tokenizer import Tokenizer, load_tokenizer
@@ -32,7 +33,6 @@ from megamm.inference.generation import GenerationConfig, Prompt, generate
 from megamm.models.llava import LlavaModel
 from megamm.parallel.mappings import group_size
 from megamm.parallel.state import ParallelState
-from megamm.training.arguments import run_config_from_dict
 
 # Answer-closing tokens of templates whose answers end with something other than EOS.
 TEMPLATE_STOP_TOKENS = {"llama3": ("<|eot_id|>",), "chatml": ("<|im_end|>",)}

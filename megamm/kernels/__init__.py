@@ -18,10 +18,8 @@ from megamm.kernels.ops import (
     swiglu,
     vocab_parallel_cross_entropy,
 )
-from megamm.kernels.reference import IGNORE_INDEX
 
 __all__ = [
-    "IGNORE_INDEX",
     "KERNELS",
     "VERIFIED",
     "apply_rotary",

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megamm.config.constants import IGNORE_INDEX
 from megamm.kernels.build import load_extension
-from megamm.kernels.reference import IGNORE_INDEX, _all_reduce_
+from megamm.kernels.reference import _all_reduce_
 from megamm.parallel.mappings import Group, group_rank
 
 ACTIVATION_KINDS = {"gelu": 0, "gelu_tanh": 1, "quick_gelu": 2}

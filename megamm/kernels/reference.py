@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megamm.config.constants import IGNORE_INDEX
 from megamm.parallel.mappings import Group, group_rank, group_size
 
-IGNORE_INDEX = -100
 QUICK_GELU_COEFF = 1.702
 
 

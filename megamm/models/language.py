@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from megamm.config import LanguageConfig
-from megamm.inference.kv_cache import KVCache
-from megamm.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
+from megamm.config.constants import IGNORE_INDEX
+from megamm.kernels.cross_entropy import vocab_parallel_cross_entropy
 from megamm.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, pad_vocab_size
 from megamm.parallel.mappings import scatter_to_sequence_parallel_region
 from megamm.parallel.sharding import normal_init
 from megamm.parallel.state import ParallelState
+from megamm.transformer.kv_cache import KVCache
 from megamm.transformer.layer import TransformerBlock
 from megamm.transformer.norm import build_norm
 from megamm.transformer.rope import RotaryEmbedding

@@ -21,26 +21,19 @@ on the last stage.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 
-from megamm.models.llava import LlavaModel
-from megamm.optim.grad_buffer import GradBuffer
 from megamm.parallel.state import ParallelState
 from megamm.pipeline.p2p import PipelineChannel
 
+if TYPE_CHECKING:
+    from megamm.models.llava import LlavaModel
+    from megamm.optim.grad_buffer import GradBuffer
+
 Batch = dict[str, torch.Tensor | None]
 Operation = tuple[str, int, int]  # ("F" or "B", model chunk, microbatch)
-
-
-def schedule_problems(pp: int, vp: int, num_microbatches: int) -> list[str]:
-    if vp > 1 and (num_microbatches < pp or num_microbatches % pp):
-        return [
-            (f"the interleaved pipeline schedule needs the number of microbatches per step ({num_microbatches}: "
-            f"global batch / (micro batch x data-parallel size)) to be a positive multiple of the "
-            f"{pp} pipeline stages")
-        ]
-    return []
 
 
 def bubble_fraction(pp: int, vp: int, num_microbatches: int) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from megamm.config import LlavaConfig
+from megamm.config.run import RunConfig
 from megamm.data.batching import Batch, packed_microbatches, padded_microbatches
 from megamm.data.datasets import build_source
 from megamm.data.loader import BAD_KINDS, PositionDataset, RankLoader
@@ -23,7 +24,6 @@ from megamm.data.samples import ImageSettings, Sample, SampleBuilder
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
 from megamm.data.tokenizer import Tokenizer, load_tokenizer
 from megamm.parallel.state import ParallelState
-from megamm.training.arguments import RunConfig
 
 # Held-out synthetic samples come from another seed stream.
 EVAL_SEED_OFFSET = 7919

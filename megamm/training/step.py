@@ -20,16 +20,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megamm.config.constants import IGNORE_INDEX
+from megamm.config.run import RunConfig
 from megamm.models.language import shift_labels
 from megamm.models.llava import LlavaModel
 from megamm.optim.grad_buffer import GradBuffer
 from megamm.optim.optimizer import DistributedOptimizer, MixedPrecisionOptimizer, ParamGroupSpec
 from megamm.optim.schedules import DynamicLossScaler, LRSchedule
-from megamm.parallel.cross_entropy import IGNORE_INDEX
 from megamm.parallel.grads import allreduce_sequence_parallel_grads
 from megamm.parallel.state import ParallelState
 from megamm.pipeline.schedules import PipelineSchedule, forward_backward_no_pipelining
-from megamm.training.arguments import RunConfig
 
 Batch = dict[str, torch.Tensor | None]
 ForwardBackward = Callable[..., torch.Tensor]

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamm.config import TransformerConfig
-from megamm.inference.kv_cache import LayerKVCache
 from megamm.kernels.attention import unfused_attention
 from megamm.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megamm.parallel.sharding import normal_init, scaled_init
 from megamm.parallel.state import ParallelState
+from megamm.transformer.kv_cache import LayerKVCache
 from megamm.transformer.recompute import recompute
 from megamm.transformer.rope import apply_rotary
 

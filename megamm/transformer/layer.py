@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamm.config import TransformerConfig
-from megamm.inference.kv_cache import KVCache, LayerKVCache
 from megamm.parallel.state import ParallelState
 from megamm.transformer.attention import SelfAttention
+from megamm.transformer.kv_cache import KVCache, LayerKVCache
 from megamm.transformer.mlp import MLP
 from megamm.transformer.norm import build_norm
 from megamm.transformer.recompute import recompute

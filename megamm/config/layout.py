@@ -1,4 +1,7 @@
-"""Which language-model layers each pipeline stage (and virtual stage) holds.
+"""Which language-model layers each pipeline stage (and virtual stage) holds, and what a schedule needs.
+
+Pure arithmetic on the parallel sizes, in the config layer so that validation and the model
+builders share one rule.
 
 Without virtual stages, stage r holds one contiguous block; `first_stage_layers` /
 `last_stage_layers` make the split uneven (the first stage also carries the vision tower and the
@@ -83,3 +86,13 @@ def stage_layers(
         counts.append(given if given is not None else rest // others)
     start = sum(counts[:pp_rank])
     return [range(start, start + counts[pp_rank])]
+
+
+def schedule_problems(pp: int, vp: int, num_microbatches: int) -> list[str]:
+    if vp > 1 and (num_microbatches < pp or num_microbatches % pp):
+        return [
+            (f"the interleaved pipeline schedule needs the number of microbatches per step ({num_microbatches}: "
+            f"global batch / (micro batch x data-parallel size)) to be a positive multiple of the "
+            f"{pp} pipeline stages")
+        ]
+    return []

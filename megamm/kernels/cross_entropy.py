@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 
 from megamm import kernels
-from megamm.kernels.reference import IGNORE_INDEX
 from megamm.parallel.mappings import Group
 
-__all__ = ["IGNORE_INDEX", "vocab_parallel_cross_entropy"]
+__all__ = ["vocab_parallel_cross_entropy"]
 
 
 def vocab_parallel_cross_entropy(

@@ -1,0 +1,56 @@
+"""Registries: the names of the pluggable parts, listed without importing their implementations.
+
+Each entry maps a name to `"package.module:attribute"`. The config layer validates names against
+these tables and prints them in `--help`; the layer that uses a part resolves it with `get`, which
+imports the module only then. So the config layer never imports models, data or conversion code,
+and adding a part is its own module plus one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Named implementations of one kind of part (chat templates, vision towers, ...)."""
+
+    kind: str
+    entries: Mapping[str, str]
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def unknown(self, name: object, where: str | None = None) -> str:
+        """The error line for a name that is not registered (`where`: the flag or field given)."""
+        prefix = f"{where}: " if where else ""
+        return f"{prefix}unknown {self.kind} {name!r}; known: {', '.join(self.names())}"
+
+    def get(self, name: str) -> Any:
+        """Import and return the implementation registered as `name` (KeyError listing the names)."""
+        if name not in self.entries:
+            raise KeyError(self.unknown(name))
+        module, attribute = self.entries[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+CHAT_TEMPLATES = Registry(
+    "chat template",
+    {
+        "plain": "megamm.data.templates:PLAIN",
+        "llava_v1": "megamm.data.templates:LLAVA_V1",
+        "vicuna_v1": "megamm.data.templates:LLAVA_V1",
+        "llama3": "megamm.data.templates:LLAMA3",
+        "chatml": "megamm.data.templates:CHATML",
+        "mistral": "megamm.data.templates:MISTRAL",
+    },
+)

@@ -1,0 +1,31 @@
+"""The model chunks one pipeline stage holds: one LlavaModel per virtual stage, each with its
+share of the language layers (megamm.config.layout), deterministically initialized."""
+
+from __future__ import annotations
+
+from megamm.config.layout import stage_layers
+from megamm.config.run import RunConfig, apply_training_switches
+from megamm.models.llava import LlavaModel
+from megamm.parallel.state import ParallelState
+
+
+def build_model_chunks(config: RunConfig, state: ParallelState) -> list[LlavaModel]:
+    """This stage's model chunks (one without virtual stages), deterministically initialized."""
+    p, t = config.parallel, config.training
+    model_config = apply_training_switches(config)
+    layer_chunks = stage_layers(
+        model_config.language.transformer.num_layers, state.pp_size, state.pp_rank,
+        p.num_layers_per_virtual_pipeline_stage, p.decoder_first_pipeline_num_layers,
+        p.decoder_last_pipeline_num_layers,
+    )
+    chunks = []
+    for index, layers in enumerate(layer_chunks):
+        chunk = LlavaModel(
+            model_config, state, sequence_parallel=p.sequence_parallel,
+            pre_process=state.is_first_stage and index == 0,
+            post_process=state.is_last_stage and index == len(layer_chunks) - 1,
+            language_layers=layers,
+        )
+        chunk.initialize(t.seed)
+        chunks.append(chunk)
+    return chunks
