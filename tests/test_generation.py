@@ -340,7 +340,7 @@ def test_evaluate_vqa_tool_one_process_equals_tp2(tp_run: dict, capsys: pytest.C
     assert all(r["prediction"] for r in tp1)
     assert _load_tool("evaluate_vqa").main([*tp_run["tool_args"], "--blank-image", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["blank_image"] is True and summary["total"] == 4 and set(summary["by_type"]) == {"all", "color", "shape"}
+    assert summary["blank_image"] is True and summary["total"] == 4 and set(summary["by_type"]) == {"(untyped)", "color", "shape"}
 
 
 def test_generate_tool_answers_pairs_and_files(tp_run: dict, capsys: pytest.CaptureFixture[str]) -> None:

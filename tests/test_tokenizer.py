@@ -231,13 +231,104 @@ def test_train_tool_reads_llava_jsonl_and_json(tmp_path: Path) -> None:
     assert base.unk_id() not in tok.encode("zebra " + _sentences(1, seed=5)[0])
 
 
-def test_train_tool_rejects_non_conversation_json(tmp_path: Path) -> None:
+def _conversation(text: str, image: str | None = "x.jpg") -> dict:
+    placeholder = "<image>\n" if image else ""
+    row: dict = {"conversations": [{"from": "human", "value": placeholder + text},
+                                   {"from": "gpt", "value": "zebra " + text}]}
+    if image:
+        row["image"] = image
+    return row
+
+
+# Bad rows of every kind a conversation file can have, with the kind the training reader gives each.
+BAD_ROWS = [
+    ("{not json", "json"),
+    ("[1, 2]", "schema"),  # a row that is not an object
+    (json.dumps({"text": "no conversations"}), "schema"),
+    (json.dumps({"conversations": [{"from": "human"}]}), "schema"),  # a turn without a value
+    (json.dumps(_conversation("two images", image=None) | {"images": ["a.jpg", "b.jpg"]}), "placeholders"),
+]
+
+
+def test_train_tool_skips_and_counts_bad_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = [json.dumps(_conversation(s)) for s in _sentences(150, seed=7)]
+    bad = [row for row, _ in BAD_ROWS] + ["{also not json"]
+    lines = good[:40] + bad[:3] + good[40:90] + bad[3:] + good[90:]
+    dirty = tmp_path / "dirty.jsonl"
+    dirty.write_text("\n".join(lines) + "\n")
+    text = tmp_path / "extra.txt"
+    text.write_bytes(b"the cat sat on the mat.\n\xff\xfe not utf-8\nthe dog runs.\r\n")
+    prefix = str(tmp_path / "tok")
+    args = ["--model-prefix", prefix, "--vocab-size", "150"]
+    assert train_tokenizer.main(["--input", str(dirty), str(text), *args]) == 0
+    out, err = capsys.readouterr()
+    assert f"  {dirty}: 156 records read, 6 bad skipped (json 2, placeholders 1, schema 3)" in out.splitlines()
+    assert f"  {text}: 3 records read, 1 bad skipped (encoding 1)" in out.splitlines()
+    assert "from 159 records (7 bad skipped)" in out
+    assert f"skipping bad sample (json): {dirty}: row 40: malformed JSON line" in err
+    assert f"skipping bad sample (encoding): {text}: line 2: not UTF-8 text" in err
+    # Five bad records of a file are printed, the rest only counted.
+    assert err.count("skipping bad sample") == 6 and err.count("further bad records are counted") == 1
+    assert f"{dirty}: further bad records are counted" in err and "also not json" not in err
+    dirty_model = Path(f"{prefix}.model").read_bytes()
+    # The good rows alone give the same model: nothing of the bad rows was used, nothing good was lost.
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("\n".join(good) + "\n")
+    text.write_bytes(b"the cat sat on the mat.\nthe dog runs.\n")
+    assert train_tokenizer.main(["--input", str(clean), str(text), *args]) == 0
+    assert f"  {clean}: 150 records read, 0 bad skipped (none)" in capsys.readouterr().out.splitlines()
+    assert Path(f"{prefix}.model").read_bytes() == dirty_model
+
+
+def test_train_tool_stops_when_most_records_are_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    small = tmp_path / "small.jsonl"  # fewer than 100 records: judged at the end of the file
+    small.write_text("\n".join([json.dumps(_conversation(s)) for s in _sentences(3)] + [r for r, _ in BAD_ROWS]))
+    args = ["--model-prefix", str(tmp_path / "t"), "--vocab-size", "40"]
+    assert train_tokenizer.main(["--input", str(small), *args]) == 2
+    err = capsys.readouterr().err
+    assert (f"train_tokenizer.py: {small}: 5 of 8 records read are bad, more than --max-bad-sample-fraction 0.5 "
+            "(json 1, placeholders 1, schema 3); first bad record (json): ") in err
+    assert not (tmp_path / "t.model").exists()
+    assert train_tokenizer.main(["--input", str(small), *args, "--max-bad-sample-fraction", "0.7"]) == 0
+    capsys.readouterr()
+    # Past 100 records the check runs as they are read; here in the second file, while sentencepiece
+    # pulls the sentences: the error still comes out as it is.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(_sentences(50)))
+    big = tmp_path / "big.jsonl"  # two rows of three bad
+    big.write_text("\n".join(json.dumps(_conversation(s)) if i % 3 == 0 else "{" for i, s in enumerate(_sentences(300))))
+    assert train_tokenizer.main(["--input", str(corpus), str(big), "--model-prefix", str(tmp_path / "u"),
+                                 "--vocab-size", "40"]) == 2
+    err = capsys.readouterr().err
+    assert f"train_tokenizer.py: {big}: 66 of 100 records read are bad, more than --max-bad-sample-fraction" in err
+    assert "INTERNAL" not in err and not (tmp_path / "u.model").exists()
+    # 0: any bad record stops it.
+    assert train_tokenizer.main(["--input", str(small), *args, "--max-bad-sample-fraction", "0"]) == 2
+    with pytest.raises(SystemExit):
+        train_tokenizer.main(["--input", str(small), *args, "--max-bad-sample-fraction", "1.5"])
+    assert "--max-bad-sample-fraction: must be in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_train_tool_rejects_non_conversation_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no conversations"}\n')
-    with pytest.raises(TypeError, match="bad.jsonl.*conversations"):
-        train_tokenizer.main(
-            ["--input", str(bad), "--model-prefix", str(tmp_path / "t"), "--vocab-size", "50"]
-        )
+    args = ["--model-prefix", str(tmp_path / "t"), "--vocab-size", "50"]
+    assert train_tokenizer.main(["--input", str(bad), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: 1 of 1 records read are bad" in err and "'conversations' must be a non-empty list" in err
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"conversations": ')
+    assert train_tokenizer.main(["--input", str(broken), *args]) == 2
+    assert f"{broken} is not valid JSON" in capsys.readouterr().err
+    missing = tmp_path / "missing.txt"
+    assert train_tokenizer.main(["--input", str(bad), str(missing), *args]) == 2
+    assert f"input file(s) not found: {missing}" in capsys.readouterr().err
+
+
+def test_train_tool_reads_one_record_json(tmp_path: Path) -> None:
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(_conversation("the cat sat"), indent=2))
+    assert list(train_tokenizer.read_sentences(one)) == ["the cat sat", "zebra the cat sat"]
 
 
 # --------------------------------------------------------------------------- tokenizers (HF)

@@ -134,11 +134,14 @@ def majority_baselines(test_file: Path) -> dict[str, float]:
 
 
 def report(seeing: dict, blank: dict, majority: dict[str, float]) -> str:
+    """The results table from evaluate_vqa.py's --json scores: accuracy by type, then "overall"."""
     rows = [f"{'question type':<14} {'with image':>10} {'blank image':>12} {'majority':>9}"]
     for kind in sorted(seeing["by_type"]):
         rows.append(f"{kind:<14} {100 * seeing['by_type'][kind]['accuracy']:>9.1f}% "
                     f"{100 * blank['by_type'][kind]['accuracy']:>11.1f}% {100 * majority[kind]:>8.1f}%")
-    rows.append(f"{'all':<14} {100 * seeing['accuracy']:>9.1f}% {100 * blank['accuracy']:>11.1f}%")
+    rows.append(f"{'overall':<14} {100 * seeing['accuracy']:>9.1f}% {100 * blank['accuracy']:>11.1f}%")
+    if seeing["errors"] or blank["errors"]:
+        rows.append(f"(not scored, image errors: {seeing['errors']} with image, {blank['errors']} blank)")
     return "\n".join(rows)
 
 

@@ -7,10 +7,18 @@
 The file is a LLaVA JSON list (or JSONL): {"id", "image", "conversations": [{"from": "human",
 "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}], optional "question_type" or "type"}. Each
 question is answered (greedy unless sampling flags say otherwise) and compared with the reference
-after normalization (lowercase, no punctuation, no articles; see megamm.inference.vqa). Prints the
-accuracy overall and per question type; --predictions writes one JSON line per question.
---blank-image replaces every image with a uniform image of the preprocessing mean colour: the
-score a model gets without seeing, to set against the real one. --limit scores the first N questions.
+after normalization (lowercase, no punctuation, no articles; see megamm.inference.vqa). Prints a table
+of the accuracy per question type (questions without one under "(untyped)") and "overall", with the
+counts correct, scored and errors; --json prints the same as one JSON object; --predictions writes
+one JSON line per question. --blank-image replaces every image with a uniform image of the
+preprocessing mean colour: the score a model gets without seeing, to set against the real one.
+--limit scores the first N questions.
+
+A question whose image is missing or unreadable is not scored: it counts as an error of its type (the
+errors column), its predictions line holds the message, and the first message goes to stderr; the
+rest are scored. Exit status 2 for bad input: a question file that is missing, malformed or empty, a
+bad checkpoint, tokenizer or setting, or no question scored at all (every image failed: a wrong
+--image-root?). The message names the file.
 """
 
 from __future__ import annotations
@@ -26,12 +34,22 @@ from megamm.checkpoint.model_weights import ModelWeightsError
 from megamm.inference import cli
 from megamm.inference.vqa import evaluate_vqa, format_score, load_questions, prediction_records
 
+TOOL = "evaluate_vqa.py"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="evaluate_vqa.py", description=__doc__.split("\n\n")[0])
+    """Evaluate and print the scores; returns the process exit status (2: bad input)."""
+    parser = argparse.ArgumentParser(prog=TOOL, description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", required=True, help="LLaVA-format JSON list or JSONL of questions")
     parser.add_argument("--predictions", help="write one JSON line per question here")
-    parser.add_argument("--limit", type=int, help="score only the first N questions")
+    parser.add_argument("--limit", type=_positive, help="score only the first N questions")
     parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     cli.add_arguments(parser)
     parser.set_defaults(max_new_tokens=16)
@@ -40,30 +58,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         items = load_questions(path)
     except (OSError, ValueError, TypeError) as error:
-        raise SystemExit(f"evaluate_vqa.py: {error}") from error
+        print(f"{TOOL}: {error}", file=sys.stderr)
+        return 2
     if args.limit is not None:
         items = items[: args.limit]
     state = cli.setup_state(args)
     try:
         session = cli.open_session(args, state)
-        result, predictions = evaluate_vqa(
+        result, predictions, errors = evaluate_vqa(
             session, items, cli.generation_config(args, session), image_root=args.image_root or str(path.parent),
             batch_size=args.batch_size, blank_image=args.blank_image,
         )
     except (OSError, ValueError, ModelWeightsError, NotImplementedError) as error:
-        # A bad checkpoint, tokenizer, image or setting: the message says which; no traceback.
-        print(f"evaluate_vqa.py: {error}", file=sys.stderr)
+        # A bad checkpoint, tokenizer, question or setting: the message says which; no traceback.
+        print(f"{TOOL}: {error}", file=sys.stderr)
         return 2
     else:
         if cli.is_first_process():
             if args.predictions:
-                lines = [json.dumps(record) for record in prediction_records(items, predictions)]
+                lines = [json.dumps(record) for record in prediction_records(items, predictions, errors)]
                 Path(args.predictions).write_text("".join(line + "\n" for line in lines))
             if args.json:
                 print(json.dumps({**result.as_dict(), "blank_image": args.blank_image}))
             else:
                 baseline = " (blank images)" if args.blank_image else ""
-                print(f"{path}: {len(items)} questions{baseline}\n{format_score(result)}")
+                print(f"{path}: {len(items)} questions{baseline}, exact match:\n{format_score(result)}")
+            if errors:
+                first = errors[min(errors)]
+                print(f"{TOOL}: {path}: {len(errors)} of {len(items)} questions not scored, their image could "
+                      f"not be loaded (first: {first})", file=sys.stderr)
+        if not result.overall.total:
+            if cli.is_first_process():
+                print(f"{TOOL}: {path}: no question could be scored; check --image-root", file=sys.stderr)
+            return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

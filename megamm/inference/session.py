@@ -26,7 +26,7 @@ from PIL import Image
 from megamm.checkpoint.model_weights import load_model_weights, read_run_config_tree
 from megamm.config import LlavaConfig, TransformerConfig
 from megamm.config.parsing import run_config_from_dict
-from megamm.data.images import load_image, mean_fill, preprocess, preprocess_tiles
+from megamm.data.images import ImageError, load_image, mean_fill, preprocess, preprocess_tiles
 from megamm.data.templates import IMAGE_PLACEHOLDER, get_template, render_prompt
 from megamm.data.tokenizer import Tokenizer, load_tokenizer
 from megamm.inference.generation import GenerationConfig, Prompt, generate
@@ -52,9 +52,13 @@ class DataSettings:
 
 @dataclass
 class Answer:
+    """A generated answer; with `skip_bad_images`, a question whose image failed to load has no text,
+    finish_reason "error" and the image's error message in `error`."""
+
     text: str
     tokens: list[int]
     finish_reason: str
+    error: str | None = None
 
 
 ImageInput = Image.Image | str | Path | None
@@ -219,12 +223,16 @@ class InferenceSession:
         batch_size: int = 8,
         image_root: str | Path | None = None,
         blank_image: bool = False,
+        skip_bad_images: bool = False,
     ) -> list[Answer]:
         """Answers to (image, question) pairs, in order, on every rank.
 
         An image is a PIL image, a path (relative to `image_root`, or absolute or relative to the
         working directory when no root is given) or None (a text-only question). blank_image
-        replaces every image by `blank_like(image)`.
+        replaces every image by `blank_like(image)`. An image that cannot be loaded (missing, outside
+        the root, unreadable) raises ImageError naming it, unless skip_bad_images: then that question
+        is not generated and its Answer carries the message in `error`; the other answers are the same
+        either way (each question samples with its own seed).
         """
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -233,9 +241,20 @@ class InferenceSession:
         mine = list(range(dp_rank, len(questions), dp))
         local: list[tuple[int, Answer]] = []
         for first in range(0, len(mine), batch_size):
-            indices = mine[first : first + batch_size]
-            prompts = [self.prompt(questions[i][1], self._image(questions[i][0], image_root), blank_image)
-                       for i in indices]
+            indices: list[int] = []
+            prompts: list[Prompt] = []
+            for i in mine[first : first + batch_size]:
+                try:
+                    image = self._image(questions[i][0], image_root)
+                except ImageError as error:
+                    if not skip_bad_images:
+                        raise
+                    local.append((i, Answer("", [], "error", error=str(error))))
+                    continue
+                indices.append(i)
+                prompts.append(self.prompt(questions[i][1], image, blank_image))
+            if not prompts:
+                continue
             results = generate(self.model, prompts, config, pad_id=self.tokenizer.pad_id,
                                seeds=[config.seed + i for i in indices])
             local += [
