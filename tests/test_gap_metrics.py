@@ -1,0 +1,196 @@
+"""The FLOP count and MFU of the training log (megamm/training/metrics.py, megamm/train.py), against
+figures worked out by hand for the tiny LLaVA of tests/tiny.py.
+
+The counting convention is the one metrics.py's docstring states (Megatron / PaLM MFU papers):
+matrix multiplies only, 2 FLOPs per multiply-add, so an `[m, k] @ [k, n]` product costs `2 m n k`;
+per transformer-layer token: QKV `2 h (n_q + 2 n_kv) d`, attention scores and context `4 s n_q d`
+(the full s x s square), output projection `2 n_q d h`, MLP `2 h f` per matrix (3 for SwiGLU, else 2);
+vision tower over its *used* layers plus the patch convolution; projector; language layers plus the
+output layer `2 h V`. A trained part costs 3x its forward (4x with full recompute), a frozen part that
+gradients flow through 2x, a frozen vision tower 1x.
+
+Every expected value below is plain arithmetic on the tiny configuration's numbers, written out so a
+reader can check it; no helper of metrics.py is used to produce an expected value. A wrong factor
+anywhere (a missing `2`, `n_q` instead of `n_kv`, the wrong pass factor of a frozen part, all vision
+layers instead of the used ones, ...) changes these integers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megamm import train as train_module
+from megamm.config import LlavaConfig, ProjectorConfig, TransformerConfig
+from megamm.training.arguments import RunConfig, TrainingConfig
+from megamm.training.metrics import layer_flops_per_token, peak_tflops, step_flops
+from tests.tiny import language_config, llava_config, vision_config
+
+SEQ = 48  # language sequence length used throughout
+SAMPLES = 4  # sequences in the step
+IMAGES = 3  # images in the step
+
+# --- The tiny vision tower (tests/tiny.py): h=32, 4 heads of d=8, MHA (n_kv = 4), f=64, quick-GELU
+# (2 MLP matrices), 3 layers of which select_layer=-2 uses 2; 16x16 images in 4x4 patches -> 16 patches
+# + class token = 17 tokens; 3 channels.
+VIT_QKV = 2 * 32 * (4 + 2 * 4) * 8  # 6144
+VIT_SCORES_CONTEXT = 4 * 17 * 4 * 8  # 2176: s = 17 tokens attend to all 17
+VIT_OUT = 2 * 4 * 8 * 32  # 2048
+VIT_MLP = 2 * 32 * 64 * 2  # 8192
+VIT_LAYER_TOKEN = VIT_QKV + VIT_SCORES_CONTEXT + VIT_OUT + VIT_MLP  # 18560
+VIT_PATCH_CONV = 2 * 3 * 4**2 * 32  # 3072 per patch: a [C p^2] -> [h] product
+VIT_IMAGE = 2 * 17 * VIT_LAYER_TOKEN + 16 * VIT_PATCH_CONV  # 2 used layers x 17 tokens + 16 patches
+
+# --- The projector: mlp2x_gelu, 32 -> 64 -> 64, on the 16 patch tokens (class token dropped).
+PROJECTOR_TOKEN = 2 * 32 * 64 + 2 * 64 * 64  # 12288
+PROJECTOR_IMAGE = 16 * PROJECTOR_TOKEN  # 196608
+
+# --- The tiny language model: h=64, 8 query heads of d=8, 4 kv groups, f=96, SwiGLU (3 matrices),
+# 2 layers, vocabulary 100 (the output layer counted over the real vocabulary, as the docstring says).
+LM_QKV = 2 * 64 * (8 + 2 * 4) * 8  # 16384
+LM_SCORES_CONTEXT = 4 * SEQ * 8 * 8  # 12288
+LM_OUT = 2 * 8 * 8 * 64  # 8192
+LM_MLP = 2 * 64 * 96 * 3  # 36864
+LM_LAYER_TOKEN = LM_QKV + LM_SCORES_CONTEXT + LM_OUT + LM_MLP  # 73728
+LM_TOKEN = 2 * LM_LAYER_TOKEN + 2 * 64 * 100  # 160256: 2 layers + output layer
+
+VISION_FWD = IMAGES * VIT_IMAGE  # 2040576
+PROJECTOR_FWD = IMAGES * PROJECTOR_IMAGE  # 589824
+LANGUAGE_FWD = SAMPLES * SEQ * LM_TOKEN  # 30769152
+
+
+def test_hand_arithmetic_is_for_the_tiny_config() -> None:
+    """The literals above describe tests/tiny.py's model (so the hand figures are about it), and the
+    intermediate sums are what the comments say."""
+    config = llava_config()
+    v, lt = config.vision, config.language.transformer
+    vt = v.transformer
+    def shape(t: TransformerConfig) -> tuple[int, ...]:
+        return t.hidden_size, t.num_attention_heads, t.query_groups, t.head_dim, t.ffn_hidden_size
+
+    assert shape(vt) == (32, 4, 4, 8, 64) and shape(lt) == (64, 8, 4, 8, 96)
+    assert (vt.activation, vt.num_layers, v.num_layers_used) == ("quick_gelu", 3, 2)
+    assert (v.seq_length, v.num_patches, v.num_channels, v.patch_size) == (17, 16, 3, 4)
+    assert (config.projector.type, config.image_tokens_per_image) == ("mlp2x_gelu", 16)
+    assert (lt.activation, lt.num_layers, config.language.vocab_size) == ("swiglu", 2, 100)
+    assert VIT_LAYER_TOKEN == 18560 and VIT_IMAGE == 680192
+    assert LM_LAYER_TOKEN == 73728 and LM_TOKEN == 160256
+    assert (VISION_FWD, PROJECTOR_FWD, LANGUAGE_FWD) == (2040576, 589824, 30769152)
+
+
+def test_layer_flops_per_token_by_hand() -> None:
+    """One layer, one token: the vision layer at s=17 and the language layer at s=48, and a GELU
+    (2-matrix) MLP variant of the language layer."""
+    config = llava_config()
+    assert layer_flops_per_token(config.vision.transformer, 17) == 18560
+    assert layer_flops_per_token(config.language.transformer, SEQ) == 73728
+    gelu = replace(config.language.transformer, activation="gelu")
+    assert layer_flops_per_token(gelu, SEQ) == LM_QKV + LM_SCORES_CONTEXT + LM_OUT + 2 * 64 * 96 * 2  # 61440
+    # Multi-head instead of GQA: k and v get 8 heads each.
+    mha = replace(config.language.transformer, num_query_groups=None)
+    mha_qkv = 2 * 64 * (8 + 2 * 8) * 8  # 24576
+    assert layer_flops_per_token(mha, SEQ) == mha_qkv + LM_SCORES_CONTEXT + LM_OUT + LM_MLP  # 81920
+
+
+# (freeze_vision, freeze_projector, freeze_language) -> pass factors (vision, projector, language)
+# and the step's total by hand.
+FREEZE_CASES = {
+    "all trained": ((False, False, False), (3, 3, 3), 3 * (2040576 + 589824 + 30769152)),  # 100198656
+    # LLaVA stage 2: frozen ViT runs forward only; projector and LM train.
+    "stage 2": ((True, False, False), (1, 3, 3), 2040576 + 3 * 589824 + 3 * 30769152),  # 96117504
+    # LLaVA stage 1: only the projector trains; gradients still flow back through the frozen LM (2x).
+    "stage 1": ((True, False, True), (1, 3, 2), 2040576 + 3 * 589824 + 2 * 30769152),  # 65348352
+    # Only the LM trains: nothing upstream needs gradients, vision and projector run forward only.
+    "LM only": ((True, True, False), (1, 1, 3), 2040576 + 589824 + 3 * 30769152),  # 94937856
+    # Only the ViT trains: gradients flow back through the frozen LM and the frozen projector.
+    "ViT only": ((False, True, True), (3, 2, 2), 3 * 2040576 + 2 * 589824 + 2 * 30769152),  # 68839680
+}
+
+
+@pytest.mark.parametrize("case", FREEZE_CASES)
+def test_step_flops_by_hand(case: str) -> None:
+    """The whole step: vision + projector + language forward, each times its pass factor."""
+    (freeze_vision, freeze_projector, freeze_language), factors, total = FREEZE_CASES[case]
+    forwards = (VISION_FWD, PROJECTOR_FWD, LANGUAGE_FWD)
+    assert total == sum(f * fwd for f, fwd in zip(factors, forwards, strict=True))
+    config = llava_config(freeze_vision=freeze_vision, freeze_projector=freeze_projector,
+                          freeze_language=freeze_language)
+    assert step_flops(config, SEQ, SAMPLES, IMAGES) == total
+
+
+def test_step_flops_full_recompute_adds_one_forward() -> None:
+    """Full recompute of both towers: trained parts cost 4 forwards; the projector (no recompute) 3."""
+    config = LlavaConfig(vision=vision_config(recompute="full"), language=language_config(recompute="full"),
+                         projector=ProjectorConfig())
+    assert step_flops(config, SEQ, SAMPLES, IMAGES) == 4 * 2040576 + 3 * 589824 + 4 * 30769152  # 133008384
+    # Selective recompute is not counted as extra model FLOPs (it is hardware FLOPs, not model FLOPs).
+    selective = LlavaConfig(vision=vision_config(recompute="selective"),
+                            language=language_config(recompute="selective"), projector=ProjectorConfig())
+    assert step_flops(selective, SEQ, SAMPLES, IMAGES) == 100198656
+
+
+def test_step_flops_pixel_shuffle_linear_projector() -> None:
+    """Pixel shuffle merges 2x2 patches: 4 image tokens per image, each of width 4 x 32 = 128; a linear
+    projector is one [128] -> [64] product per image token."""
+    config = llava_config(projector=ProjectorConfig(type="linear", pixel_shuffle=True))
+    projector = IMAGES * 4 * (2 * 128 * 64)  # 196608
+    assert step_flops(config, SEQ, SAMPLES, IMAGES) == 3 * (VISION_FWD + projector + LANGUAGE_FWD)  # 99019008
+
+
+def test_step_flops_scale_with_sequence_length_and_counts() -> None:
+    """Text-only sequences of length 96: the attention term grows with s, the rest per token."""
+    config = llava_config()
+    per_layer = 16384 + 4 * 96 * 8 * 8 + 8192 + 36864  # 86016
+    per_token = 2 * per_layer + 2 * 64 * 100  # 184832
+    assert step_flops(config, 96, 2, 0) == 3 * 2 * 96 * per_token  # 106463232
+
+
+def test_peak_tflops_table_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flag wins; fp32 and CPU runs have no default peak; GPUs match the most specific name first."""
+    cuda = torch.device("cuda", 0)
+    assert peak_tflops(torch.device("cpu"), 123.0, half_precision=False) == 123.0
+    assert peak_tflops(torch.device("cpu"), None, half_precision=True) is None
+    assert peak_tflops(cuda, None, half_precision=False) is None
+    names = {
+        "NVIDIA H100 PCIe": 756.0,
+        "NVIDIA H100 80GB HBM3": 989.0,
+        "NVIDIA H200": 989.0,
+        "NVIDIA A100-SXM4-80GB": 312.0,
+        "NVIDIA L40S": 362.0,
+        "NVIDIA L40": 181.0,
+        "NVIDIA A10G": 125.0,
+        "NVIDIA L4": 121.0,
+        "Some Future GPU": None,
+    }
+    for name, expected in names.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda _device, name=name: name)
+        assert peak_tflops(cuda, None, half_precision=True) == expected, name
+
+
+def test_log_line_mfu_and_throughput_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log line's tokens/s, TFLOP/s/device and MFU for a simulated dp=2 run.
+
+    Each of the 2 ranks logged 2 steps in 3.0 s holding 4 rows and 3 images: per step 2 x 4 / 2 = 4 rows
+    and 2 x 3 / 2 = 3 images, 1.5 s. The step's FLOPs are the hand figure 100198656 (all trained);
+    per device and second: 100198656 / 1.5 / 2 = 33399552 FLOP/s = 3.3399552e-5 TFLOP/s; with a peak of
+    1e-4 TFLOP/s the MFU is 33.4%. Tokens/s: 4 rows x 48 tokens / 1.5 s = 128.
+    """
+    monkeypatch.setattr(train_module, "_sum_dp", lambda value, state: 2 * value)  # 2 identical dp ranks
+    config = RunConfig(model=llava_config(), training=TrainingConfig(seq_length=SEQ, peak_tflops=1e-4,
+                                                                     global_batch_size=8, train_iters=10))
+    state = SimpleNamespace(world_size=2, device=torch.device("cpu"))
+    trainer = SimpleNamespace(config=config, state=state, model=SimpleNamespace(config=config.model))
+    stats = train_module.IntervalStats(steps=2, loss_sum=9.0, loss_steps=2, seconds=3.0, images=3, rows=4,
+                                       grad_norms=[0.5])
+    lines: list[str] = []
+    scalars: dict[str, float] = {}
+    reporter = SimpleNamespace(line=lines.append, scalars=lambda _iteration, values: scalars.update(values))
+    train_module._log(reporter, trainer, 2, stats, 0, 1e-3)
+    (line,) = lines
+    assert "tokens/s: 128 |" in line and "MFU: 33.4% |" in line, line
+    assert "lm loss: 4.500000E+00" in line and "elapsed time per iteration (ms): 1500.0" in line, line
+    assert scalars["tokens-per-second"] == pytest.approx(128.0, rel=1e-12)
+    assert scalars["tflops-per-device"] == pytest.approx(100198656 / 1.5 / 2 / 1e12, rel=1e-12)
