@@ -55,7 +55,7 @@ def _logits_and_targets() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _job() -> dict[str, dict[str, torch.Tensor]]:
     """On each of the 2 tp ranks: loss and gradient of (loss * weights).sum() w.r.t. this rank's slice."""
-    from megamm.parallel.cross_entropy import vocab_parallel_cross_entropy
+    from megamm.kernels.cross_entropy import vocab_parallel_cross_entropy
     from megamm.parallel.state import initialize_parallel_state
 
     state = initialize_parallel_state(tensor_model_parallel_size=TP)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megamm.config.constants import IGNORE_INDEX
+from megamm.config.run import RunConfig, TrainingConfig, apply_training_switches
 from megamm.data.synthetic import collate
 from megamm.models.llava import LlavaModel
-from megamm.parallel.cross_entropy import IGNORE_INDEX
 from megamm.parallel.state import ParallelState
-from megamm.training.arguments import RunConfig, TrainingConfig, apply_training_switches
 from megamm.training.step import build_trainer, count_loss_tokens, train_step
 from tests.tiny import llava_config, make_batch
 

@@ -25,7 +25,7 @@ import torch
 
 from megamm import train as train_module
 from megamm.config import LlavaConfig, ProjectorConfig, TransformerConfig
-from megamm.training.arguments import RunConfig, TrainingConfig
+from megamm.config.run import RunConfig, TrainingConfig
 from megamm.training.metrics import layer_flops_per_token, peak_tflops, step_flops
 from tests.tiny import language_config, llava_config, vision_config
 

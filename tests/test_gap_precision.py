@@ -32,10 +32,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megamm.config.run import RunConfig, TrainingConfig, apply_training_switches
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
-from megamm.training.arguments import RunConfig, TrainingConfig, apply_training_switches
 from megamm.training.step import build_trainer, train_step
 from tests.tiny import llava_config
 
