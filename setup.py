@@ -105,5 +105,6 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46,<6", "ruff>=0.6", "tensorboard>=2.14", "import-linter>=2.1"],
         "tensorboard": ["tensorboard>=2.14"],
+        "video": ["av>=12"],
     },
 )

@@ -16,6 +16,7 @@ import pytest
 
 from megamm.config.constants import IGNORE_INDEX
 from megamm.config.registry import CHAT_TEMPLATES
+from megamm.data.qwen_template import QWEN_SYSTEM
 from megamm.data.templates import (
     LLAVA_V1_SYSTEM,
     AllLabelsMaskedError,
@@ -36,6 +37,8 @@ CHAT_TOKENS = (
     "<|im_end|>",
     "[INST]",
     "[/INST]",
+    "<|vision_start|>",
+    "<|vision_end|>",
 )
 CHAR_OFFSET = 1000
 
@@ -148,6 +151,16 @@ GOLDEN = {
     ),
 }
 GOLDEN["vicuna_v1"] = GOLDEN["llava_v1"]
+# The image shows as "<image>" in the text (its tokens are the tokenizer's image token).
+GOLDEN["qwen2_vl"] = (
+    (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{Q1.replace('<image>', '<|vision_start|><image><|vision_end|>')}<|im_end|>\n"
+        "<|im_start|>assistant\nParis.<|im_end|>\n"
+        f"<|im_start|>user\n{Q2}<|im_end|>\n<|im_start|>assistant\nBerlin.<|im_end|>\n"
+    ),
+    ["Paris.<|im_end|>", "Berlin.<|im_end|>"],
+)
 
 
 def sample_for(name: str) -> list[dict[str, str]]:
@@ -395,6 +408,7 @@ def sp(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     rng = random.Random(0)
     lines = [
         LLAVA_V1_SYSTEM,
+        QWEN_SYSTEM,
         "USER: hi ASSISTANT: yes.",
         "A: b: c:",
         Q1.replace("<image>\n", ""),
@@ -421,7 +435,7 @@ def test_sentencepiece_trained_positions_are_the_answers(sp: Tokenizer, name: st
             assert sp.token_id(chat_token) in t.input_ids  # a single id, not characters
     answers = ["A cat sat on the mat."] if name == "plain" else ["Paris.", "Berlin."]
     runs = trained_runs(t)
-    end_token = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}.get(name)
+    end_token = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "qwen2_vl": "<|im_end|>"}.get(name)
     end_id = sp.eos_id if end_token is None else sp.token_id(end_token)
     assert [run[-1] for run in runs] == [end_id] * len(answers)
     assert [sp.decode(run[:-1]).strip() for run in runs] == answers

@@ -52,5 +52,6 @@ CHAT_TEMPLATES = Registry(
         "llama3": "megamm.data.templates:LLAMA3",
         "chatml": "megamm.data.templates:CHATML",
         "mistral": "megamm.data.templates:MISTRAL",
+        "qwen2_vl": "megamm.data.qwen_template:QWEN2_VL",
     },
 )

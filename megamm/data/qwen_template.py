@@ -1,0 +1,166 @@
+"""The Qwen2-VL chat template: ChatML with vision markers, built span by span like megamm.data.templates.
+
+Text: the official Qwen2-VL / Qwen2.5-VL Instruct `chat_template` (its `chat_template.json`),
+
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n     (unless the first turn is a system one)
+    <|im_start|>user\\n<|vision_start|><|image_pad|>...<|image_pad|><|vision_end|>question<|im_end|>\\n
+    <|im_start|>assistant\\nanswer<|im_end|>\\n
+
+with each "<image>" placeholder of a turn written where it stands as `<|vision_start|>`, that image's
+`tokens_per_image[i]` image tokens and `<|vision_end|>` (the processor's expansion of one
+`<|image_pad|>`), and each "<video>" placeholder likewise with `<|video_pad|>` tokens. Qwen's template
+has no BOS, so none is added. The answer and its `<|im_end|>` are trained; everything else, the
+"\\n" after an answer's `<|im_end|>` included, is not.
+
+The image tokens are the tokenizer's `image_token_id`: load a Qwen tokenizer with
+`load_tokenizer(path, image_token="<|image_pad|>")`, so that they are Qwen's `<|image_pad|>` (the
+model's `image_token_id`; training checks the two agree). Videos need `<|video_pad|>` in the
+vocabulary. `render(..., "qwen2_vl", ...)` renders conversations with images; `render_qwen2_vl` also
+takes `tokens_per_video`. These are building blocks for the Qwen2-VL family; the training data path
+does not call them yet (nor does `truncate` know video spans).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from megamm.data.templates import (
+    IMAGE_PLACEHOLDER,
+    AllLabelsMaskedError,
+    ChatTemplate,
+    Tokenized,
+    Turn,
+    _Builder,
+    _check_images,
+    _system_first,
+    normalize_conversation,
+)
+from megamm.data.tokenizer import Tokenizer
+
+VIDEO_PLACEHOLDER = "<video>"
+QWEN_SYSTEM = "You are a helpful assistant."
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+VIDEO_PAD = "<|video_pad|>"
+_VISION_RE = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+
+
+@dataclass
+class QwenTokenized(Tokenized):
+    """A rendered Qwen sample: `Tokenized` plus `video_spans` [start, end) of each video's tokens."""
+
+    video_spans: list[tuple[int, int]] = field(default_factory=list)
+
+
+class _VideoBuilder(_Builder):
+    """A builder that also expands videos: `tokens_per_video[i]` `<|video_pad|>` ids, untrained."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, tokens_per_image: Sequence[int], tokens_per_video: Sequence[int]
+    ):
+        super().__init__(tokenizer, tokens_per_image)
+        self.video_spans: list[tuple[int, int]] = []
+        self._tokens_per_video = list(tokens_per_video)
+
+    def video(self) -> None:
+        index = len(self.video_spans)
+        if index >= len(self._tokens_per_video):
+            raise ValueError(
+                f"more {VIDEO_PLACEHOLDER} placeholders than the {len(self._tokens_per_video)} videos given"
+            )
+        start = len(self.ids)
+        self._append(
+            [self.tokenizer.token_id(VIDEO_PAD)] * self._tokens_per_video[index], False, VIDEO_PLACEHOLDER
+        )
+        self.video_spans.append((start, len(self.ids)))
+
+
+@dataclass(frozen=True)
+class Qwen2VLTemplate(ChatTemplate):
+    """Qwen2-VL / Qwen2.5-VL Instruct (see the module docstring)."""
+
+    name: str = "qwen2_vl"
+    system: str = QWEN_SYSTEM
+
+    def _content(self, b: _Builder, value: str, trained: bool) -> None:
+        """A turn's text with its "<image>" / "<video>" placeholders wrapped in vision markers."""
+        for chunk in _VISION_RE.split(value):
+            if chunk in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+                b.special(VISION_START, trained=False)
+                if chunk == IMAGE_PLACEHOLDER:
+                    b.image()
+                elif isinstance(b, _VideoBuilder):
+                    b.video()
+                else:
+                    raise ValueError(
+                        f"template {self.name!r}: the conversation has a {VIDEO_PLACEHOLDER} placeholder; "
+                        "render it with megamm.data.qwen_template.render_qwen2_vl and tokens_per_video"
+                    )
+                b.special(VISION_END, trained=False)
+            elif chunk:
+                b.text(chunk, trained)
+
+    def build(self, b: _Builder, turns: list[Turn]) -> None:
+        system, turns = _system_first(turns, self.name)
+        for role, value in [("system", self.system if system is None else system)] + [
+            (turn.role, turn.value) for turn in turns
+        ]:
+            b.special("<|im_start|>", trained=False)
+            b.text(f"{role}\n", trained=False)
+            trained = role == "assistant"
+            if trained and not value:
+                continue  # the generation prompt: the assistant header alone
+            self._content(b, value, trained)
+            b.special("<|im_end|>", trained=trained)
+            b.text("\n", trained=False)
+
+
+QWEN2_VL = Qwen2VLTemplate()
+
+
+def render_qwen2_vl(
+    conversation: Sequence[Mapping[str, object]],
+    tokenizer: Tokenizer,
+    tokens_per_image: Sequence[int] = (),
+    tokens_per_video: Sequence[int] = (),
+    template: Qwen2VLTemplate = QWEN2_VL,
+) -> QwenTokenized:
+    """`megamm.data.templates.render` for conversations that may hold videos.
+
+    One positive count per "<image>" in `tokens_per_image` and per "<video>" in `tokens_per_video`
+    (`VisionInput.num_tokens`), else ValueError; AllLabelsMaskedError if nothing would be trained.
+    """
+    turns = normalize_conversation(conversation)
+    _check_images(turns, tokens_per_image)
+    videos = sum(turn.value.count(VIDEO_PLACEHOLDER) for turn in turns)
+    if videos != len(tokens_per_video):
+        raise ValueError(
+            f"the conversation has {videos} {VIDEO_PLACEHOLDER} placeholders but tokens_per_video has "
+            f"{len(tokens_per_video)} entries"
+        )
+    if any(count < 1 for count in tokens_per_video):
+        raise ValueError(f"tokens_per_video must be positive, got {list(tokens_per_video)}")
+    builder = _VideoBuilder(tokenizer, tokens_per_image, tokens_per_video)
+    template.build(builder, turns)
+    result = builder.result()
+    tokenized = QwenTokenized(
+        result.input_ids, result.labels, result.image_spans, result.text, video_spans=builder.video_spans
+    )
+    if tokenized.num_trained == 0:
+        raise AllLabelsMaskedError(
+            f"all labels are masked in a {template.name!r} sample (no assistant answer to train on; its loss "
+            f"would be 0): {tokenized.text[:200]!r}"
+        )
+    return tokenized
+
+
+__all__ = [
+    "QWEN2_VL",
+    "QWEN_SYSTEM",
+    "VIDEO_PLACEHOLDER",
+    "Qwen2VLTemplate",
+    "QwenTokenized",
+    "render_qwen2_vl",
+]
