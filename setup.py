@@ -103,7 +103,7 @@ setup(
     # The kernel sources ship with the package for the just-in-time build (megamm.kernels.build).
     package_data={"megamm": ["csrc/*.cu", "csrc/*.h", "csrc/kernels_*.cpp"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46,<6", "ruff>=0.6", "tensorboard>=2.14", "import-linter>=2.1"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46,<6", "ruff>=0.6", "tensorboard>=2.14", "import-linter>=2.1", "av>=12"],
         "tensorboard": ["tensorboard>=2.14"],
         "video": ["av>=12"],
     },
