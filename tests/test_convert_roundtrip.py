@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from megamm.config.registry import HF_ARCHITECTURES
 from megamm.convert import ConversionError
 from megamm.convert.exporter import export_hf
-from megamm.convert.hf_keys import canonical_name
 from megamm.convert.importer import import_llava_hf
 from megamm.convert.readers import WeightFiles
 from megamm.convert.writer import CheckpointReader
@@ -143,8 +143,9 @@ def test_import_export_round_trip_is_bit_exact(tmp_path: Path) -> None:
 
     export_hf(tmp_path / "ckpt", tmp_path / "out", max_shard_bytes=50_000, key_style="installed")
     # Names compared in canonical form: transformers 5 saves its own mix of spellings.
-    original = {canonical_name(k, "llava-hf"): v for k, v in hf_state(source).items()}
-    exported = {canonical_name(k, "llava-hf"): v for k, v in hf_state(tmp_path / "out").items()}
+    canonical_name = HF_ARCHITECTURES.get("llava-hf").canonical_name
+    original = {canonical_name(k): v for k, v in hf_state(source).items()}
+    exported = {canonical_name(k): v for k, v in hf_state(tmp_path / "out").items()}
     assert set(exported) == set(original) and len(original) == len(hf_state(source))
     for name, tensor in original.items():
         assert exported[name].dtype == tensor.dtype == torch.bfloat16, name

@@ -29,9 +29,9 @@ from transformers import (
 from megamm.config import ProjectorConfig
 from megamm.config.parsing import run_config_from_dict
 from megamm.convert import ConversionError
+from megamm.convert.adapters.meta_llama import rotate_half_to_meta
 from megamm.convert.exporter import export_hf
 from megamm.convert.importer import import_llava_hf, import_original_llava, import_towers
-from megamm.convert.meta_llama import rotate_half_to_meta
 from megamm.convert.writer import CheckpointReader
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
@@ -236,7 +236,7 @@ def test_siglip_llava_with_full_strategy_matches_transformers(tmp_path: Path) ->
     tree = json.loads((tmp_path / "hf" / "config.json").read_text())
     tree["vision_feature_select_strategy"] = "default"
     (tmp_path / "hf" / "config.json").write_text(json.dumps(tree))
-    with pytest.raises(ConversionError, match="SigLIP tower has no class token"):
+    with pytest.raises(ConversionError, match="siglip tower has no class token"):
         import_llava_hf(tmp_path / "hf", tmp_path / "bad")
 
 
