@@ -41,7 +41,7 @@ def test_pixel_shuffle_needs_even_grid() -> None:
     config = llava_config(
         vision=replace(vision_config(), image_size=12), projector=ProjectorConfig(pixel_shuffle=True)
     )
-    assert any("even patch grid" in p for p in config.problems(ParallelConfig()))
+    assert any("patch grid divisible by 2" in p for p in config.problems(ParallelConfig()))
 
 
 def test_image_token_must_be_in_vocabulary() -> None:

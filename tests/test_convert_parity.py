@@ -1,10 +1,12 @@
 """An imported checkpoint computes what transformers computes, at tp=1, tp=2 (sequence parallel),
 pp=2 and tp=2 x pp=2; a checkpoint trained by megamm exports to a directory that transformers
-loads and that gives megamm's logits.
+loads and that gives megamm's logits. For each language-model family of TEXT_FAMILIES (LLaMA, and
+Qwen2 with its q/k/v biases and tied embeddings).
 
-One spawned run of 4 gloo processes loads the imported checkpoint at every layout through the
-training code path (build_model_chunks, Checkpointer.load with --no-load-optim semantics), then
-trains two steps at tp=2 x pp=2, saves, and reloads the trained checkpoint at tp=2 for logits.
+One spawned run of 4 gloo processes, for every family, loads the imported checkpoint at every
+layout through the training code path (build_model_chunks, Checkpointer.load with --no-load-optim
+semantics), then trains two steps at tp=2 x pp=2, saves, and reloads the trained checkpoint at tp=2
+for logits.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.chunks import build_model_chunks
 from megamm.training.step import build_trainer, evaluate, train_step
 from tests.distributed import run_distributed
-from tests.test_convert_roundtrip import VOCAB, build_hf_llava, llava_batch, save_hf
+from tests.test_convert_roundtrip import TEXT_FAMILIES, VOCAB, build_hf_llava, llava_batch, save_hf
 
 LOGIT_ATOL = 1e-4
 LOSS_RTOL = 1e-5
@@ -73,8 +75,13 @@ def _full_logits(state: ParallelState, model, batch: dict) -> torch.Tensor:
     return torch.cat(pieces, dim=-1)[..., :VOCAB].transpose(0, 1).contiguous()
 
 
-def _parity_job(imported: str, trained: str, batch: dict) -> dict:
+def _parity_job(checkpoints: dict[str, tuple[str, str]], batch: dict) -> dict:
+    """family -> its results, for (imported, trained) checkpoint directories per family."""
     initialize_parallel_state()
+    return {family: _family_parity(imported, trained, batch) for family, (imported, trained) in checkpoints.items()}
+
+
+def _family_parity(imported: str, trained: str, batch: dict) -> dict:
     results: dict = {}
     for tp, pp in LAYOUTS:
         state, chunks, trainer, _, progress = _session(imported, tp, pp)
@@ -102,15 +109,26 @@ def _hf_outputs(model: LlavaForConditionalGeneration, batch: dict) -> tuple[torc
 
 
 @pytest.fixture(scope="module")
-def parity(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("parity")
-    hf = build_hf_llava(seed=4)
-    source = save_hf(hf, root / "hf")
-    import_llava_hf(source, root / "imported", tp=2, pp=2)
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """family -> the transformers reference and every rank's results (one spawned run for all)."""
     batch = llava_batch()
-    per_rank = run_distributed(_parity_job, 4, str(root / "imported"), str(root / "trained"), batch, timeout=600)
-    logits, loss = _hf_outputs(hf, batch)
-    return {"root": root, "batch": batch, "hf_logits": logits, "hf_loss": loss, "ranks": per_rank}
+    out, checkpoints = {}, {}
+    for family in TEXT_FAMILIES:
+        root = tmp_path_factory.mktemp(f"parity-{family}")
+        hf = build_hf_llava(seed=4, text=family)
+        import_llava_hf(save_hf(hf, root / "hf"), root / "imported", tp=2, pp=2)
+        checkpoints[family] = (str(root / "imported"), str(root / "trained"))
+        logits, loss = _hf_outputs(hf, batch)
+        out[family] = {"root": root, "batch": batch, "hf_logits": logits, "hf_loss": loss}
+    per_rank = run_distributed(_parity_job, 4, checkpoints, batch, timeout=900)
+    for family in TEXT_FAMILIES:
+        out[family]["ranks"] = [rank[family] for rank in per_rank]
+    return out
+
+
+@pytest.fixture(params=TEXT_FAMILIES)
+def parity(runs: dict, request: pytest.FixtureRequest) -> dict:
+    return runs[request.param]
 
 
 def _errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:

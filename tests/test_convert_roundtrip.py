@@ -1,7 +1,8 @@
 """import-hf -> export-hf gives back the Hugging Face tensors bit for bit; bad inputs give clear errors.
 
 Also holds the small random-weight Hugging Face models the other conversion tests build (no
-downloads): a LLaVA with a CLIP tower, GQA, vision feature layer -2 and an mlp2x_gelu projector.
+downloads): a LLaVA with a CLIP tower, GQA, vision feature layer -2 and an mlp2x_gelu projector,
+whose language model is a LLaMA or a Qwen2 (q/k/v biases, rope base 1e6, tied embeddings).
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2Config,
+)
 
+from megamm.config.registry import HF_ARCHITECTURES
 from megamm.convert import ConversionError
 from megamm.convert.exporter import export_hf
-from megamm.convert.hf_keys import canonical_name
 from megamm.convert.importer import import_llava_hf
 from megamm.convert.readers import WeightFiles
 from megamm.convert.writer import CheckpointReader
@@ -56,6 +63,17 @@ def text_kwargs(vocab: int = VOCAB) -> dict:
             "pad_token_id": PAD_TOKEN if vocab > PAD_TOKEN else None}
 
 
+# The language-model families the conversion tests run over.
+TEXT_FAMILIES = ("llama", "qwen2")
+
+
+def text_config(family: str = "llama", vocab: int = VOCAB) -> LlamaConfig | Qwen2Config:
+    """A small causal LM config of `family`: LLaMA (untied) or Qwen2 (tied, rope base 1e6)."""
+    if family == "qwen2":
+        return Qwen2Config(**{**text_kwargs(vocab), "rope_theta": 1e6, "tie_word_embeddings": True})
+    return LlamaConfig(**text_kwargs(vocab))
+
+
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int) -> None:
     """Every parameter random (norms around 1), so a mis-mapped tensor changes the output."""
@@ -70,9 +88,9 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             param.copy_(0.2 * noise)
 
 
-def build_hf_llava(seed: int = 1) -> LlavaForConditionalGeneration:
+def build_hf_llava(seed: int = 1, text: str = "llama") -> LlavaForConditionalGeneration:
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**vision_kwargs()), text_config=LlamaConfig(**text_kwargs()),
+        vision_config=CLIPVisionConfig(**vision_kwargs()), text_config=text_config(text),
         image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
         projector_hidden_act="gelu", image_seq_length=TOKENS_PER_IMAGE,
     )
@@ -122,10 +140,11 @@ def legacy_key(key: str) -> str:
 # ---- round trip ------------------------------------------------------------------------------------
 
 
-def test_import_export_round_trip_is_bit_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", TEXT_FAMILIES)
+def test_import_export_round_trip_is_bit_exact(tmp_path: Path, text: str) -> None:
     """Every tensor of the original directory comes back with the same name, dtype and bits; the
     checkpoint is an ordinary megamm checkpoint at iteration 0 with no optimizer state."""
-    model = build_hf_llava()
+    model = build_hf_llava(text=text)
     model.to(torch.bfloat16)  # a non-fp32 dtype must survive too
     source = save_hf(model, tmp_path / "hf")
     assert (source / "model.safetensors.index.json").is_file()
@@ -143,8 +162,9 @@ def test_import_export_round_trip_is_bit_exact(tmp_path: Path) -> None:
 
     export_hf(tmp_path / "ckpt", tmp_path / "out", max_shard_bytes=50_000, key_style="installed")
     # Names compared in canonical form: transformers 5 saves its own mix of spellings.
-    original = {canonical_name(k, "llava-hf"): v for k, v in hf_state(source).items()}
-    exported = {canonical_name(k, "llava-hf"): v for k, v in hf_state(tmp_path / "out").items()}
+    canonical_name = HF_ARCHITECTURES.get("llava-hf").canonical_name
+    original = {canonical_name(k): v for k, v in hf_state(source).items()}
+    exported = {canonical_name(k): v for k, v in hf_state(tmp_path / "out").items()}
     assert set(exported) == set(original) and len(original) == len(hf_state(source))
     for name, tensor in original.items():
         assert exported[name].dtype == tensor.dtype == torch.bfloat16, name
@@ -160,8 +180,16 @@ def test_import_export_round_trip_is_bit_exact(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["text_config"]["pad_token_id"] == PAD_TOKEN
+    assert config["text_config"]["pad_token_id"] == PAD_TOKEN and config["text_config"]["model_type"] == text
     assert config["text_config"]["num_key_value_heads"] == 4 and config["vision_feature_layer"] == -2
+    assert reader.description["config"]["model"]["language"]["family"] == text
+    if text == "qwen2":  # the q/k/v biases, fused like the weights; tied, so no output layer
+        bias = reader.read(["model/language.decoder.layers.0.self_attention.qkv.bias"])
+        expected = torch.cat([model.state_dict()[f"model.language_model.layers.0.self_attn.{p}_proj.bias"]
+                              for p in "qkv"])
+        assert torch.equal(next(iter(bias.values())), expected)
+        assert "model/language.output_layer.weight" not in reader.tensors
+        assert config["tie_word_embeddings"] and config["text_config"]["rope_parameters"]["rope_theta"] == 1e6
 
 
 def test_legacy_keys_and_bin_files_round_trip(tmp_path: Path) -> None:

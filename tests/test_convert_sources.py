@@ -1,5 +1,6 @@
-"""The other import sources: separate CLIP + LLaMA directories (Hugging Face and Meta format), the
-original LLaVA layout, and a SigLIP tower with the "full" feature strategy.
+"""The other import sources: separate CLIP + LLaMA directories (Hugging Face and Meta format),
+separate SigLIP + Qwen2 directories, the original LLaVA layout, and a SigLIP tower with the "full"
+feature strategy.
 
 Each is checked against transformers (outputs on the same weights) or against the llava-hf import
 of the same weights (tensor for tensor, exactly).
@@ -23,15 +24,17 @@ from transformers import (
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    Qwen2ForCausalLM,
     SiglipVisionConfig,
+    SiglipVisionModel,
 )
 
 from megamm.config import ProjectorConfig
 from megamm.config.parsing import run_config_from_dict
 from megamm.convert import ConversionError
+from megamm.convert.adapters.meta_llama import rotate_half_to_meta
 from megamm.convert.exporter import export_hf
 from megamm.convert.importer import import_llava_hf, import_original_llava, import_towers
-from megamm.convert.meta_llama import rotate_half_to_meta
 from megamm.convert.writer import CheckpointReader
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
@@ -43,6 +46,7 @@ from tests.test_convert_roundtrip import (
     llava_batch,
     randomize_,
     save_hf,
+    text_config,
     text_kwargs,
     vision_kwargs,
 )
@@ -112,6 +116,42 @@ def test_clip_plus_llama_import_matches_transformers(towers: dict, tmp_path: Pat
 
     with pytest.raises(ConversionError, match="no projector"):
         export_hf(tmp_path / "ckpt", tmp_path / "out")
+
+
+def test_siglip_plus_qwen2_import_matches_transformers(tmp_path: Path) -> None:
+    """A SigLIP vision model directory and a Qwen2ForCausalLM directory (q/k/v biases, tied
+    embeddings, rope base 1e6): the tower gives SigLIP's hidden_states[-2] (every token, "full"),
+    the language model Qwen2's logits, and the checkpoint loads at tp=2 x pp=2. A Qwen2 config with
+    sliding-window attention is refused."""
+    siglip = SiglipVisionModel(SiglipVisionConfig(**{**vision_kwargs(), "hidden_act": "gelu_pytorch_tanh"})).eval()
+    randomize_(siglip, seed=13)
+    siglip.save_pretrained(tmp_path / "siglip")
+    qwen_config = text_config("qwen2", TEXT_VOCAB)
+    qwen_config._attn_implementation = "eager"
+    qwen = Qwen2ForCausalLM(qwen_config).eval()
+    randomize_(qwen, seed=14)
+    qwen.save_pretrained(tmp_path / "qwen2")
+    summary = import_towers(tmp_path / "siglip", tmp_path / "qwen2", tmp_path / "ckpt", tp=2, pp=2,
+                            keep_class_token=True, vocab_multiple=8)
+    assert summary.fresh_projector and summary.skipped == []
+    model, reader = load_single(tmp_path / "ckpt")
+    language = model.config.language
+    assert language.family == "qwen2" and model.config.vision.family == "siglip" and language.tie_word_embeddings
+    assert language.transformer.add_qkv_bias and not language.transformer.add_bias_linear
+    assert "model/language.output_layer.weight" not in reader.tensors
+    pixels = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = siglip(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(model.vision(pixels).transpose(0, 1), expected, rtol=ATOL, atol=ATOL)
+        ids = torch.randint(0, TEXT_VOCAB, (2, 24), generator=torch.Generator().manual_seed(4))
+        logits = model(input_ids=ids, return_logits=True)["logits"].transpose(0, 1)[..., :TEXT_VOCAB]
+        torch.testing.assert_close(logits, qwen(input_ids=ids).logits, rtol=ATOL, atol=ATOL)
+
+    tree = json.loads((tmp_path / "qwen2" / "config.json").read_text())
+    tree.update(use_sliding_window=True, sliding_window=8, max_window_layers=2, layer_types=None)
+    (tmp_path / "qwen2" / "config.json").write_text(json.dumps(tree))
+    with pytest.raises(ConversionError, match=r"use_sliding_window \(sliding attention in layers \[2, 3\]\)"):
+        import_towers(tmp_path / "siglip", tmp_path / "qwen2", tmp_path / "bad", keep_class_token=True)
 
 
 def _write_meta(llama: LlamaForCausalLM, directory: Path, shards: int = 2) -> None:
@@ -236,7 +276,7 @@ def test_siglip_llava_with_full_strategy_matches_transformers(tmp_path: Path) ->
     tree = json.loads((tmp_path / "hf" / "config.json").read_text())
     tree["vision_feature_select_strategy"] = "default"
     (tmp_path / "hf" / "config.json").write_text(json.dumps(tree))
-    with pytest.raises(ConversionError, match="SigLIP tower has no class token"):
+    with pytest.raises(ConversionError, match="siglip tower has no class token"):
         import_llava_hf(tmp_path / "hf", tmp_path / "bad")
 
 

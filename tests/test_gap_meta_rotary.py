@@ -4,7 +4,7 @@ Meta's original LLaMA code (llama/model.py: `precompute_freqs_cis`, `apply_rotar
 head's q and k as d/2 complex numbers made of channels (2i, 2i + 1) and multiplies pair i at
 position t by `exp(i t theta_i)`, `theta_i = base^(-2i/d)`. megamm (megamm/transformer/rope.py) uses
 the Hugging Face "rotate half" form: channel j is rotated together with channel j + d/2 by
-`theta_j`. The Meta importer (megamm/convert/meta_llama.py, `MetaLlamaFiles.get`) therefore permutes
+`theta_j`. The Meta importer (megamm/convert/adapters/meta_llama.py, `MetaLlamaFiles.get`) therefore permutes
 the rows of wq and wk so that the two give the same attention.
 
 The fixture is a small Meta checkpoint written from random weights, with no help from megamm (in
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megamm.convert.meta_llama import MetaLlamaFiles
+from megamm.convert.adapters.meta_llama import MetaLlamaFiles
 from megamm.transformer.rope import RotaryEmbedding, apply_rotary
 
 DIM, HEADS, KV_HEADS, FFN, VOCAB = 32, 4, 2, 48, 20

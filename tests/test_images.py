@@ -11,10 +11,6 @@ import torch
 from PIL import Image
 
 from megamm.data.images import (
-    CLIP_MEAN,
-    CLIP_STD,
-    SIGLIP_MEAN,
-    SIGLIP_STD,
     ImageError,
     choose_grid,
     expand_to_square,
@@ -27,6 +23,11 @@ from megamm.data.images import (
     to_rgb,
     to_tensor,
 )
+from megamm.models.towers.clip import CLIP
+from megamm.models.towers.siglip import SIGLIP
+
+CLIP_MEAN, CLIP_STD = CLIP.image_mean, CLIP.image_std
+SIGLIP_MEAN, SIGLIP_STD = SIGLIP.image_mean, SIGLIP.image_std
 
 
 def _gradient(width: int, height: int) -> Image.Image:

@@ -17,7 +17,8 @@ import pytest
 
 from megamm.config import ProjectorConfig
 from megamm.config.parsing import parse_run_config
-from megamm.convert.hf_config import language_config_from_hf, vision_config_from_hf
+from megamm.convert.adapters.causal_lm import language_config_from_hf
+from megamm.convert.adapters.vision_tower import vision_config_from_hf
 from megamm.convert.importer import extend_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_hyperparameters_are_llava15(configs: dict) -> None:
 def test_model_is_what_the_import_step_writes(configs: dict) -> None:
     """CLIP ViT-L/14-336 (layer -2, class token dropped) + Vicuna-7B with <image> 32000 and <pad>
     32001 padded to 32064, as the scripts' import-hf flags produce, equals both stages' model."""
-    vision, _ = vision_config_from_hf(CLIP_L_336, select_layer=-2, keep_class_token=False, where="clip")
+    vision = vision_config_from_hf(CLIP_L_336, select_layer=-2, keep_class_token=False, where="clip")
     language, _ = language_config_from_hf(VICUNA_7B, "vicuna")
     extend_vocab(language, image_token_id=32000, pad_token_id=32001, multiple=64)
     for config in configs.values():

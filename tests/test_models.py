@@ -9,7 +9,7 @@ import torch
 
 from megamm.config import ConfigError, ProjectorConfig
 from megamm.models.llava import LlavaModel, average_loss
-from megamm.models.projector import pixel_shuffle
+from megamm.models.projectors.pixel_shuffle import pixel_shuffle
 from megamm.parallel.state import ParallelState
 from tests.tiny import IMAGE_TOKEN_ID, llava_config, make_batch, vision_config
 

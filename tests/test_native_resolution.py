@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from megamm.data.images import CLIP_MEAN, CLIP_STD
+from megamm.models.towers.clip import CLIP
+
+CLIP_MEAN, CLIP_STD = CLIP.image_mean, CLIP.image_std
 from megamm.data.native_resolution import (
     NativeResolution,
     num_vision_tokens,

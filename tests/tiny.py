@@ -46,6 +46,12 @@ def language_config(**transformer_overrides) -> LanguageConfig:
     )
 
 
+def qwen2_language_config() -> LanguageConfig:
+    """Qwen2-like: biases on q, k and v only, GQA, rope base 1e6, tied embeddings."""
+    language = language_config(add_qkv_bias=True, rotary_base=1e6)
+    return replace(language, family="qwen2", tie_word_embeddings=True)
+
+
 def llava_config(**overrides) -> LlavaConfig:
     config = LlavaConfig(vision=vision_config(), language=language_config(), projector=ProjectorConfig())
     return replace(config, **overrides)

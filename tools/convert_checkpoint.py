@@ -3,9 +3,11 @@
     # a llava-hf LlavaForConditionalGeneration directory (either key spelling)
     python tools/convert_checkpoint.py import-hf --llava llava-1.5-7b-hf --save ckpt/llava \\
         --tensor-model-parallel-size 4 --pipeline-model-parallel-size 2
-    # separate towers (the projector starts from the training run's --seed)
+    # separate towers (the projector starts from the training run's --seed); --text: LLaMA, Mistral, Qwen2
     python tools/convert_checkpoint.py import-hf --vision clip-vit-large-patch14-336 --text vicuna-7b-v1.5 \\
         --save ckpt/stage0 --projector-type mlp2x_gelu --vision-feature-layer -2 --pad-token-id 32001
+    python tools/convert_checkpoint.py import-hf --vision siglip-so400m-patch14-384 --text Qwen2-0.5B \\
+        --save ckpt/qwen --vision-feature-select-strategy full
     # original LLaVA (model.mm_projector) with its CLIP tower
     python tools/convert_checkpoint.py import-hf --original-llava llava-v1.5-7b --vision clip-vit-large-patch14-336 \\
         --save ckpt/llava
@@ -25,6 +27,7 @@ import re
 import sys
 
 from megamm.config import ProjectorConfig
+from megamm.config.registry import PROJECTORS
 from megamm.convert import ConversionError
 from megamm.convert.exporter import KEY_STYLES, export_hf
 from megamm.convert.importer import DTYPES, Summary, import_llava_hf, import_original_llava, import_towers
@@ -47,13 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp = commands.add_parser("import-hf", help="Hugging Face / original LLaVA / Meta LLaMA -> megamm checkpoint",
                               description="Write a megamm checkpoint (iteration 0, no optimizer state) from a llava-hf "
                                           "directory, an original LLaVA directory + its vision tower, or a CLIP/SigLIP "
-                                          "directory + a LLaMA/Mistral directory (Hugging Face or Meta format).")
+                                          "directory + a LLaMA/Mistral/Qwen2 directory (Hugging Face, or Meta format).")
     source = imp.add_argument_group("source (one of: --llava; --vision and --text; --original-llava and --vision)")
     source.add_argument("--llava", metavar="DIR", help="llava-hf LlavaForConditionalGeneration directory")
     source.add_argument("--original-llava", metavar="DIR", help="original LLaVA directory (model.mm_projector)")
     source.add_argument("--vision", metavar="DIR", help="CLIP or SigLIP directory (vision model or full model)")
-    source.add_argument("--text", metavar="DIR", help="LLaMA/Mistral directory: Hugging Face (config.json) or Meta "
-                                                      "(params.json + consolidated.*.pth)")
+    source.add_argument("--text", metavar="DIR", help="causal LM directory (LLaMA, Mistral, Qwen2): Hugging Face "
+                                                      "(config.json), or Meta for LLaMA (params.json + "
+                                                      "consolidated.*.pth)")
     imp.add_argument("--save", required=True, metavar="DIR", help="megamm save directory (gets iter_0000000 and latest)")
     imp.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="T",
                      help="validate the model for this tensor-parallel size (default 1)")
@@ -61,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="validate the model for this many pipeline stages (default 1)")
     imp.add_argument("--dtype", choices=sorted(DTYPES), help="store tensors in this dtype (default: as in the source)")
     towers = imp.add_argument_group("separate towers (--vision with --text)")
-    towers.add_argument("--projector-type", choices=("linear", "mlp2x_gelu"), help="default mlp2x_gelu")
+    towers.add_argument("--projector-type", choices=PROJECTORS.names(), help="default mlp2x_gelu")
     towers.add_argument("--vision-feature-layer", type=int, help="hidden state fed to the projector (default -2)")
     towers.add_argument("--vision-feature-select-strategy", choices=("default", "full"),
                         help="default: drop the class token; full: keep every token (default: default)")

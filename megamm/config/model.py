@@ -11,12 +11,15 @@ from typing import Literal
 
 import torch
 
+from megamm.config.registry import LANGUAGE_MODELS, PROJECTORS, VISION_TOWERS
+
 Normalization = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "swiglu"]
 PositionEmbedding = Literal["rope", "learned", "none"]
 Recompute = Literal["none", "full", "selective"]
 AttentionBackend = Literal["sdpa", "unfused"]
-ProjectorType = Literal["linear", "mlp2x_gelu"]
+# Pixel shuffle merges each PIXEL_SHUFFLE_BLOCK x PIXEL_SHUFFLE_BLOCK block of patches into one token.
+PIXEL_SHUFFLE_BLOCK = 2
 
 
 class ConfigError(ValueError):
@@ -118,9 +121,17 @@ class TransformerConfig:
 
 @dataclass
 class VisionConfig:
-    """A CLIP-style ViT (class token, pre-norm) or a SigLIP-style one (neither, patch bias on)."""
+    """A ViT: CLIP-style (class token, pre-norm) or SigLIP-style (neither, patch bias on).
+
+    `family` (a VISION_TOWERS name) names the conventions around the architecture: the image
+    statistics, the Hugging Face form and the defaults an import starts from. The booleans below are
+    the architecture itself and stay explicit, so a research tower may differ from its family; a
+    Hugging Face export checks that they agree with the family's form. None (a megamm.json written
+    before families existed) is derived once, here: CLIP has a class token, SigLIP has none.
+    """
 
     transformer: TransformerConfig
+    family: str | None = None
     image_size: int = 224
     patch_size: int = 14
     num_channels: int = 3
@@ -132,6 +143,10 @@ class VisionConfig:
     # 0 is the embeddings, i is the output of layer i, -1 the last layer, -2 (LLaVA) the one before.
     select_layer: int = -2
     drop_class_token: bool = True
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            self.family = "clip" if self.class_token else "siglip"
 
     @property
     def grid_size(self) -> int:
@@ -158,6 +173,8 @@ class VisionConfig:
 
     def problems(self, parallel: ParallelConfig) -> list[str]:
         found = self.transformer.problems(parallel, "vision")
+        if self.family not in VISION_TOWERS:
+            found.append(VISION_TOWERS.unknown(self.family, "vision.family"))
         if self.image_size % self.patch_size:
             found.append(f"vision.image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         n = self.transformer.num_layers
@@ -172,15 +189,32 @@ class VisionConfig:
 
 @dataclass
 class ProjectorConfig:
-    type: ProjectorType = "mlp2x_gelu"
-    # Merge each 2x2 block of patches into one token (4x fewer image tokens, 4x wider features).
+    # A PROJECTORS name: linear, mlp2x_gelu.
+    type: str = "mlp2x_gelu"
+    # Before any projector: merge each 2x2 block of patches into one token (4x fewer image tokens,
+    # 4x wider features). An option rather than a projector of its own, so it composes with each.
     pixel_shuffle: bool = False
     add_bias: bool = True
+
+    @property
+    def merged_patches(self) -> int:
+        """Vision tokens merged into one image token (and the factor the input width grows by)."""
+        return PIXEL_SHUFFLE_BLOCK**2 if self.pixel_shuffle else 1
+
+    def output_tokens(self, vision_tokens: int) -> int:
+        """Image tokens per image the projector gives for `vision_tokens` tower outputs."""
+        return vision_tokens // self.merged_patches
+
+    def problems(self) -> list[str]:
+        return [] if self.type in PROJECTORS else [PROJECTORS.unknown(self.type, "projector.type")]
 
 
 @dataclass
 class LanguageConfig:
     transformer: TransformerConfig
+    # A LANGUAGE_MODELS name (llama, mistral, qwen2): the Hugging Face form the decoder converts to
+    # and from. Every family runs on the same TransformerLayer, configured by `transformer`.
+    family: str = "llama"
     vocab_size: int = 32000
     # The table is padded to a multiple of this times tp (even shards, aligned GEMMs).
     make_vocab_size_divisible_by: int = 128
@@ -190,6 +224,8 @@ class LanguageConfig:
 
     def problems(self, parallel: ParallelConfig) -> list[str]:
         found = self.transformer.problems(parallel, "language")
+        if self.family not in LANGUAGE_MODELS:
+            found.append(LANGUAGE_MODELS.unknown(self.family, "language.family"))
         if self.vocab_size < 1:
             found.append(f"language.vocab_size must be >= 1, got {self.vocab_size}")
         if self.make_vocab_size_divisible_by < 1:
@@ -213,18 +249,18 @@ class LlavaConfig:
 
     @property
     def image_tokens_per_image(self) -> int:
-        tokens = self.vision.output_tokens
-        return tokens // 4 if self.projector.pixel_shuffle else tokens
+        return self.projector.output_tokens(self.vision.output_tokens)
 
     def problems(self, parallel: ParallelConfig, seq_length: int | None = None) -> list[str]:
-        found = self.vision.problems(parallel) + self.language.problems(parallel)
+        found = self.vision.problems(parallel) + self.language.problems(parallel) + self.projector.problems()
         tp = parallel.tensor_model_parallel_size
         if tp < 1 or parallel.pipeline_model_parallel_size < 1:
             found.append("parallel sizes must be >= 1")
         if self.projector.pixel_shuffle:
             grid = self.vision.grid_size
-            if grid % 2:
-                found.append(f"projector.pixel_shuffle needs an even patch grid, got {grid}x{grid}")
+            if grid % PIXEL_SHUFFLE_BLOCK:
+                found.append(f"projector.pixel_shuffle needs a patch grid divisible by {PIXEL_SHUFFLE_BLOCK}, "
+                             f"got {grid}x{grid}")
             if self.vision.class_token and not self.vision.drop_class_token:
                 found.append("projector.pixel_shuffle needs vision.drop_class_token (the grid must be square)")
         if seq_length is not None and parallel.sequence_parallel and seq_length % tp:

@@ -55,3 +55,47 @@ CHAT_TEMPLATES = Registry(
         "qwen2_vl": "megamm.data.qwen_template:QWEN2_VL",
     },
 )
+
+# Vision tower families (megamm.models.towers): the ViT conventions a VisionConfig's `family` names
+# (image statistics, Hugging Face model types, key map, defaults).
+VISION_TOWERS = Registry(
+    "vision tower family",
+    {
+        "clip": "megamm.models.towers.clip:CLIP",
+        "siglip": "megamm.models.towers.siglip:SIGLIP",
+    },
+)
+
+# Projectors (megamm.models.projectors): ProjectorConfig.type -> the module class.
+PROJECTORS = Registry(
+    "projector",
+    {
+        "linear": "megamm.models.projectors.linear:LinearProjector",
+        "mlp2x_gelu": "megamm.models.projectors.mlp:Mlp2xGeluProjector",
+    },
+)
+
+# Language-model families (megamm.models.decoders): LanguageConfig.family -> the family's Hugging
+# Face config mapping, key names and refusal rules. All run on the shared TransformerLayer.
+LANGUAGE_MODELS = Registry(
+    "language-model family",
+    {
+        "llama": "megamm.models.decoders.llama:LLAMA",
+        "mistral": "megamm.models.decoders.mistral:MISTRAL",
+        "qwen2": "megamm.models.decoders.qwen2:QWEN2",
+    },
+)
+
+# Hugging Face (and original LLaVA / Meta) checkpoint layouts the converter reads or writes
+# (megamm.convert.adapters): one adapter per layout, holding its config mapping, key spelling and
+# refusal rules.
+HF_ARCHITECTURES = Registry(
+    "Hugging Face architecture",
+    {
+        "llava-hf": "megamm.convert.adapters.llava_hf:ADAPTER",
+        "original-llava": "megamm.convert.adapters.original_llava:ADAPTER",
+        "vision-tower": "megamm.convert.adapters.vision_tower:ADAPTER",
+        "causal-lm": "megamm.convert.adapters.causal_lm:ADAPTER",
+        "meta-llama": "megamm.convert.adapters.meta_llama:ADAPTER",
+    },
+)

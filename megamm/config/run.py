@@ -17,7 +17,7 @@ import torch
 
 from megamm.config.layout import layout_problems, schedule_problems
 from megamm.config.model import LlavaConfig, ParallelConfig, TransformerConfig
-from megamm.config.registry import CHAT_TEMPLATES
+from megamm.config.registry import CHAT_TEMPLATES, VISION_TOWERS
 
 
 def _opt(default: Any, help: str, flag: str | None = None) -> Any:
@@ -79,8 +79,9 @@ class TrainingConfig:
     image_aspect_ratio: Literal["pad", "crop", "resize"] = _opt(
         "pad", "single-image preprocessing: pad to square with the mean color, center crop, or squash"
     )
-    image_normalization: Literal["clip", "siglip"] | None = _opt(
-        None, "pixel statistics (default: siglip for a tower without a class token, else clip)"
+    image_normalization: str | None = _opt(
+        None, "pixel statistics of a vision tower family: " + ", ".join(VISION_TOWERS.names())
+        + " (default: the model's vision.family)"
     )
     max_image_tiles: int = _opt(1, "dynamic tiling: most tiles per image, plus a thumbnail (1: no tiling)")
     pack_sequences: bool = _opt(False, "pack several samples per row with per-sample attention and positions")
@@ -207,6 +208,8 @@ def data_problems(t: TrainingConfig) -> list[str]:
         found.append(f"--image-folder {t.image_folder}: no such directory")
     if t.chat_template not in CHAT_TEMPLATES:
         found.append(CHAT_TEMPLATES.unknown(t.chat_template, "--chat-template"))
+    if t.image_normalization is not None and t.image_normalization not in VISION_TOWERS:
+        found.append(VISION_TOWERS.unknown(t.image_normalization, "--image-normalization"))
     if t.data_path and t.eval_iters and not t.valid_data_path:
         found.append("--eval-iters with --data-path needs --valid-data-path")
     if t.pack_sequences and not t.data_path:

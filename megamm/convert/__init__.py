@@ -1,12 +1,13 @@
 """Conversion between megamm checkpoints and Hugging Face (and original LLaVA / Meta LLaMA) weights.
 
 readers.py      weight files of a source directory, read one tensor at a time
-hf_config.py    Hugging Face config.json <-> LlavaConfig
-hf_keys.py      source key spellings -> canonical names, and megamm parameter <-> canonical tensors
-meta_llama.py   Meta-format LLaMA weights (consolidated.*.pth + params.json) as a source
+hf_config.py    reading config.json through transformers; the Hugging Face fields an export gives back
+hf_keys.py      canonical tensor names; megamm parameters <-> canonical tensors (from the families)
+adapters/       one adapter per checkpoint layout (llava-hf, original LLaVA, vision tower, causal LM,
+                Meta LLaMA): key spelling, config mapping, refusal rules
 writer.py       a megamm checkpoint written by one process, streaming tensor by tensor
 importer.py     sources -> megamm checkpoint
-exporter.py     megamm checkpoint -> Hugging Face LLaVA directory
+exporter.py     megamm checkpoint -> Hugging Face LLaVA directory (through an export adapter)
 """
 
 

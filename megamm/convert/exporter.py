@@ -16,7 +16,11 @@ meta device (which allocates nothing), so a missing or extra tensor is caught he
 
 Tensors a Hugging Face model has but megamm does not (the vision tower's final LayerNorm, unused by
 LLaVA) are taken from `hf_extra/` when the checkpoint came from a Hugging Face import, and
-otherwise written as an identity-initialized LayerNorm (weight 1, bias 0) and reported.
+otherwise written as the tower family supplies them (an identity LayerNorm: weight 1, bias 0) and
+reported.
+
+Everything layout-specific (config.json, key spellings, refusals, fills) comes from the export
+adapter (megamm.convert.adapters, `ExportAdapter`); this module only plans, splits and writes.
 """
 
 from __future__ import annotations
@@ -33,20 +37,21 @@ from safetensors.torch import save_file
 
 from megamm.config import ConfigError, LlavaConfig
 from megamm.config.parsing import run_config_from_dict
+from megamm.config.registry import HF_ARCHITECTURES
 from megamm.convert import ConversionError
-from megamm.convert.hf_config import HfExtras, hf_config_from_llava
-from megamm.convert.hf_keys import Entry, canonical_name, legacy_hf_key, model_entries
+from megamm.convert.adapters.base import ExportAdapter
+from megamm.convert.hf_config import HfExtras
+from megamm.convert.hf_keys import model_entries
 from megamm.convert.importer import DTYPES
 from megamm.convert.writer import CheckpointReader
+from megamm.models.keymap import Entry
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
     "generation_config.json",
 )
-# The vision tower's final LayerNorm: in every CLIP/SigLIP model, never used by LLaVA.
 KEY_STYLES = ("legacy", "installed")
-POST_NORM = ("vision.post_layernorm.weight", "vision.post_layernorm.bias")
 
 
 @dataclass
@@ -59,39 +64,15 @@ class ExportSummary:
     copied: list[str] = field(default_factory=list)
 
 
-def _hf_keys(hf_config: dict) -> dict[str, str]:
-    """canonical name -> key of the installed transformers' LlavaForConditionalGeneration (in memory)."""
-    from transformers import AutoConfig, LlavaForConditionalGeneration
-
-    tree = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")}
-    config = AutoConfig.for_model("llava", **tree)
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
-    out = {}
-    for key in model.state_dict():
-        name = canonical_name(key, "llava-hf")
-        if name is None:
-            raise ConversionError(f"transformers' LlavaForConditionalGeneration has a key {key} this exporter "
-                                  f"does not know")
-        out[name] = key
-    return out
-
-
-def _part_rows(entry: Entry, config: LlavaConfig, rows: int) -> list[int]:
-    """How a fused megamm tensor splits back into its canonical parts (dim 0)."""
-    if len(entry.parts) == 1:
-        return [rows]
-    lang = config.language.transformer
-    if entry.megamm.startswith("language.") and ".qkv." in entry.megamm:
-        q, kv = lang.num_attention_heads * lang.head_dim, lang.query_groups * lang.head_dim
-        return [q, kv, kv]
-    return [rows // len(entry.parts)] * len(entry.parts)
-
-
 def _load_config(reader: CheckpointReader) -> LlavaConfig:
     tree = reader.description.get("config")
     if not isinstance(tree, dict) or "model" not in tree:
         raise ConversionError(f"{reader.path}/megamm.json holds no run config, so the model is unknown")
+    language = tree["model"].get("language")
+    if isinstance(language, dict) and "family" not in language:
+        # Written before language families: the import recorded the Hugging Face text model type.
+        legacy = (reader.description.get("hf") or {}).get("text_model_type", "llama")
+        tree = {**tree, "model": {**tree["model"], "language": {**language, "family": legacy}}}
     try:
         return run_config_from_dict(tree).model
     except ConfigError as error:
@@ -130,9 +111,10 @@ def _shard_groups(items: list[tuple[str, int]], max_bytes: int) -> list[list[str
 
 
 def export_hf(load: str | Path, out: str | Path, tokenizer: str | Path | None = None, dtype: str | None = None,
-              max_shard_bytes: int = 5 * 2**30, key_style: str = "legacy", pad_token_id: int | None = None
-              ) -> ExportSummary:
-    """Write the checkpoint `load` as a Hugging Face LLaVA directory `out` (which must not exist)."""
+              max_shard_bytes: int = 5 * 2**30, key_style: str = "legacy", pad_token_id: int | None = None,
+              architecture: str = "llava-hf") -> ExportSummary:
+    """Write the checkpoint `load` as a Hugging Face directory `out` (which must not exist) in the
+    layout of the export adapter `architecture`."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"{out} exists and is not empty: choose a new output directory")
@@ -143,29 +125,30 @@ def export_hf(load: str | Path, out: str | Path, tokenizer: str | Path | None = 
     extras = HfExtras.from_dict(reader.description.get("hf"))
     if pad_token_id is not None:
         extras.pad_token_id = pad_token_id
-    hf_config = hf_config_from_llava(config, extras)
+    adapter = HF_ARCHITECTURES.get(architecture)
+    if not isinstance(adapter, ExportAdapter):
+        raise ConversionError(f"{architecture}: megamm reads this layout but does not write it")
     extra_names = sorted(k[len("hf_extra/"):] for k in reader.tensors if k.startswith("hf_extra/"))
-    if any(name.startswith("vision.head.") for name in extra_names):
-        hf_config["vision_config"]["vision_use_head"] = True  # a SigLIP pooling head came with the import
+    hf_config = adapter.config_to_hf(config, extras, extra_names)
     if key_style not in KEY_STYLES:
         raise ConversionError(f"key style {key_style!r}: expected one of {', '.join(KEY_STYLES)}")
-    installed = _hf_keys(hf_config)
+    installed = adapter.installed_keys(hf_config)
 
     def hf_key(name: str) -> str:
         if name not in installed:
-            raise ConversionError(f"{name}: the installed transformers' LlavaForConditionalGeneration has no such tensor")
-        return legacy_hf_key(name) if key_style == "legacy" else installed[name]
+            raise ConversionError(f"{name}: the installed transformers' {architecture} model has no such tensor")
+        return adapter.legacy_key(name) if key_style == "legacy" else installed[name]
 
     entries = _plan(reader, config)
     # Work items: ("model/<name>", its entry) and the tensors kept aside by an import ("hf_extra/<name>", None).
     work: list[tuple[str, Entry | None]] = [(f"model/{e.megamm}", e) for e in entries]
     work += [(f"hf_extra/{name}", None) for name in extra_names]
-    fill = [name for name in POST_NORM if name not in extra_names]
 
     def out_dtype(key: str) -> torch.dtype:
         return reader.dtype(key) if dtype is None else DTYPES[dtype]
 
     model_dtype = out_dtype("model/language.embedding.weight")
+    fill = {name: t for name, t in adapter.export_fill(config, model_dtype).items() if name not in extra_names}
     sizes = [(key, math.prod(reader.shape(key)) * out_dtype(key).itemsize) for key, _ in work]
     groups = _shard_groups(sizes, max_shard_bytes)
     entry_of = dict(work)
@@ -185,13 +168,13 @@ def export_hf(load: str | Path, out: str | Path, tokenizer: str | Path | None = 
             if entry is None:
                 pieces = {key[len("hf_extra/"):]: value}
             else:
-                pieces = dict(zip(entry.parts, value.split(_part_rows(entry, config, value.shape[0]), dim=0)))
+                pieces = dict(zip(entry.parts, value.split(entry.split_rows(value.shape[0]), dim=0)))
             for name, piece in pieces.items():
                 tensors[hf_key(name)] = piece.contiguous()
                 written.add(name)
         if index == len(groups):
-            for name in fill:
-                tensors[hf_key(name)] = _identity_norm(name, config, model_dtype)
+            for name, tensor in fill.items():
+                tensors[hf_key(name)] = tensor
                 summary.filled.append(hf_key(name))
         for key, tensor in tensors.items():
             weight_map[key] = shard_name
@@ -203,7 +186,7 @@ def export_hf(load: str | Path, out: str | Path, tokenizer: str | Path | None = 
     if config.language.tie_word_embeddings:
         absent = [n for n in absent if n != "text.lm_head.weight"]
     if absent:
-        raise ConversionError(f"internal: tensors of LlavaForConditionalGeneration not written: {absent}")
+        raise ConversionError(f"internal: tensors of the {architecture} model not written: {absent}")
     index_tree = {"metadata": {"total_size": summary.bytes}, "weight_map": dict(sorted(weight_map.items()))}
     (staging / "model.safetensors.index.json").write_text(json.dumps(index_tree, indent=2) + "\n")
     hf_config["torch_dtype"] = str(model_dtype).removeprefix("torch.")
@@ -220,12 +203,3 @@ def export_hf(load: str | Path, out: str | Path, tokenizer: str | Path | None = 
         out.rmdir()
     os.replace(staging, out)
     return summary
-
-
-def _identity_norm(name: str, config: LlavaConfig, dtype: torch.dtype) -> torch.Tensor:
-    hidden = config.vision.transformer.hidden_size
-    if name.endswith("post_layernorm.weight"):
-        return torch.ones(hidden, dtype=dtype)
-    if name.endswith("post_layernorm.bias"):
-        return torch.zeros(hidden, dtype=dtype)
-    raise ConversionError(f"{name}: the Hugging Face model needs it, and megamm has no value for it")

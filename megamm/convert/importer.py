@@ -1,12 +1,13 @@
 """Sources -> a megamm checkpoint, on one process, streaming tensor by tensor.
 
-Three kinds of input:
+Three kinds of input, each directory read through its adapter (megamm.convert.adapters):
 - a llava-hf directory (LlavaForConditionalGeneration: config.json + weights, either key spelling);
 - an original LLaVA directory (LlavaLlamaForCausalLM with `model.mm_projector`) plus the CLIP
   directory its `mm_vision_tower` names;
-- a CLIP/SigLIP directory plus a LLaMA/Mistral directory (Hugging Face or Meta format): the
-  projector is left out of the checkpoint, and a training run that loads it initializes the
-  projector from its --seed (megamm.checkpoint.checkpointer accepts exactly that gap).
+- a CLIP/SigLIP directory plus a causal LM directory of a language-model family (LLaMA, Mistral,
+  Qwen2; Hugging Face format, or Meta format for LLaMA): the projector is left out of the
+  checkpoint, and a training run that loads it initializes the projector from its --seed
+  (megamm.checkpoint.checkpointer accepts exactly that gap).
 
 The checkpoint is layout independent (master tensors); `tensor_parallel` / `pipeline_parallel`
 only decide which layout the model config is validated for and recorded with.
@@ -31,26 +32,18 @@ import torch
 from megamm.config import ConfigError, LanguageConfig, LlavaConfig, ParallelConfig, ProjectorConfig
 from megamm.config.layout import layout_problems
 from megamm.config.parsing import run_config_to_dict
+from megamm.config.registry import HF_ARCHITECTURES
 from megamm.config.run import RunConfig
 from megamm.convert import ConversionError
-from megamm.convert.hf_config import (
-    HfExtras,
-    language_config_from_hf,
-    llava_config_from_hf,
-    original_llava_config,
-    vision_config_from_hf,
-)
-from megamm.convert.hf_keys import (
-    KEPT_ASIDE,
-    NOT_VISION,
-    UNUSED_BY_LLAVA,
-    Entry,
-    canonical_name,
-    model_entries,
-)
-from megamm.convert.meta_llama import MetaLlamaFiles
+from megamm.convert.adapters.base import Adapter
+from megamm.convert.adapters.causal_lm import language_config_from_hf
+from megamm.convert.adapters.meta_llama import MetaLlamaFiles
+from megamm.convert.adapters.vision_tower import vision_config_from_hf
+from megamm.convert.hf_config import HfExtras
+from megamm.convert.hf_keys import derived, kept_aside, model_entries
 from megamm.convert.readers import TensorInfo, WeightFiles, read_json
 from megamm.convert.writer import LazyTensor, write_checkpoint
+from megamm.models.keymap import Entry
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
 
@@ -80,18 +73,19 @@ class Summary:
 
 
 class CanonicalTensors:
-    """Canonical name -> (file reader, key) over one or more sources."""
+    """Canonical name -> (file reader, key) over one or more source directories."""
 
     def __init__(self) -> None:
         self.where: dict[str, tuple[TensorFiles, str]] = {}
         self.skipped: list[str] = []
 
-    def add(self, files: TensorFiles, source: str, directory: Path) -> None:
+    def add(self, files: TensorFiles, adapter: Adapter, directory: Path) -> None:
+        """Every tensor of `files`, named by the adapter of the directory's layout."""
         unknown = []
         for key in files.names:
-            name = canonical_name(key, source) if source != "canonical" else key
+            name = adapter.canonical_name(key)
             if name is None:
-                if source == "vision" and NOT_VISION.match(key):
+                if adapter.not_llava(key):
                     self.skipped.append(f"{directory.name}/{key}")
                     continue
                 unknown.append(key)
@@ -100,7 +94,7 @@ class CanonicalTensors:
                 raise ConversionError(f"{directory}: {key} duplicates {name}, already read from another file")
             self.where[name] = (files, key)
         if unknown:
-            raise ConversionError(f"{directory}: tensors with no place in a LLaVA model ({source} layout): "
+            raise ConversionError(f"{directory}: tensors with no place in a LLaVA model ({adapter.name} layout): "
                                   + ", ".join(sorted(unknown)[:20]) + (" ..." if len(unknown) > 20 else ""))
 
     def info(self, name: str) -> TensorInfo:
@@ -181,11 +175,11 @@ def build_tensors(config: LlavaConfig, source: CanonicalTensors, with_projector:
         summary.skipped.append("text.lm_head.weight (tied to the embedding)")
     leftover = sorted(set(source.where) - used)
     for name in leftover:
-        if KEPT_ASIDE.match(name):
+        if kept_aside(config, name):
             info = source.info(name)
             out[f"hf_extra/{name}"] = LazyTensor(info.shape, info.dtype, lambda n=name: source.get(n))
             summary.kept_aside.append(name)
-        elif UNUSED_BY_LLAVA.match(name):
+        elif derived(config, name):
             summary.skipped.append(name)
         elif name.startswith("projector.") and not with_projector:
             problems.append(f"{name}: the text model directory holds projector weights; import it as a LLaVA model")
@@ -230,9 +224,10 @@ def import_llava_hf(directory: str | Path, save: str | Path, tp: int = 1, pp: in
                     ) -> Summary:
     """A llava-hf LlavaForConditionalGeneration directory -> megamm checkpoint."""
     directory = Path(directory)
-    config, extras = llava_config_from_hf(read_json(directory / "config.json"), str(directory / "config.json"))
+    adapter = HF_ARCHITECTURES.get("llava-hf")
+    config, extras = adapter.config_from_hf(read_json(directory / "config.json"), str(directory / "config.json"))
     source = CanonicalTensors()
-    source.add(WeightFiles(directory), "llava-hf", directory)
+    source.add(WeightFiles(directory), adapter, directory)
     return _finish(config, extras, source, save, tp, pp, dtype, {"llava-hf": str(directory)})
 
 
@@ -257,32 +252,33 @@ def extend_vocab(language: LanguageConfig, image_token_id: int | None, pad_token
     return VocabExtension(size - base), added
 
 
-def _text_source(text_dir: Path, max_positions: int) -> tuple[TensorFiles, str, LanguageConfig, HfExtras]:
-    if (text_dir / "params.json").is_file() and any(text_dir.glob("consolidated.*.pth")):
-        meta = MetaLlamaFiles(text_dir)
-        language, extras = meta.language_config(max_positions)
-        return meta, "canonical", language, extras
+def _text_source(text_dir: Path, max_positions: int) -> tuple[TensorFiles, Adapter, LanguageConfig, HfExtras]:
+    """The text tower's files, adapter, config and extras: Meta format, or a Hugging Face causal LM."""
+    meta = HF_ARCHITECTURES.get("meta-llama")
+    if meta.holds(text_dir):
+        files = MetaLlamaFiles(text_dir)
+        language, extras = files.language_config(max_positions)
+        return files, meta, language, extras
     language, extras = language_config_from_hf(read_json(text_dir / "config.json"), str(text_dir / "config.json"))
-    return WeightFiles(text_dir), "text", language, extras
+    return WeightFiles(text_dir), HF_ARCHITECTURES.get("causal-lm"), language, extras
 
 
 def import_towers(vision_dir: str | Path, text_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 1,
                   projector: ProjectorConfig | None = None, select_layer: int = -2, keep_class_token: bool = False,
                   image_token_id: int | None = None, pad_token_id: int | None = None, vocab_multiple: int = 64,
                   max_position_embeddings: int = 4096, dtype: str | None = None) -> Summary:
-    """A CLIP/SigLIP directory + a LLaMA/Mistral directory (HF or Meta) -> megamm checkpoint without
-    a projector (a stage-1 run initializes it)."""
+    """A CLIP/SigLIP directory + a causal LM directory (LLaMA, Mistral, Qwen2; HF, or Meta for
+    LLaMA) -> megamm checkpoint without a projector (a stage-1 run initializes it)."""
     vision_dir, text_dir = Path(vision_dir), Path(text_dir)
-    vision, vision_type = vision_config_from_hf(read_json(vision_dir / "config.json"), select_layer, keep_class_token,
-                                                str(vision_dir / "config.json"))
-    text_files, text_kind, language, extras = _text_source(text_dir, max_position_embeddings)
-    extras.vision_model_type = vision_type
+    vision = vision_config_from_hf(read_json(vision_dir / "config.json"), select_layer, keep_class_token,
+                                   str(vision_dir / "config.json"))
+    text_files, text_adapter, language, extras = _text_source(text_dir, max_position_embeddings)
     extension, added = extend_vocab(language, image_token_id, pad_token_id, vocab_multiple)
     extras.pad_token_id = added.get("pad", extras.pad_token_id)
     config = LlavaConfig(vision=vision, language=language, projector=projector or ProjectorConfig())
     source = CanonicalTensors()
-    source.add(WeightFiles(vision_dir), "vision", vision_dir)
-    source.add(text_files, text_kind, text_dir)
+    source.add(WeightFiles(vision_dir), HF_ARCHITECTURES.get("vision-tower"), vision_dir)
+    source.add(text_files, text_adapter, text_dir)
     sources = {"vision": str(vision_dir), "text": str(text_dir)}
     return _finish(config, extras, source, save, tp, pp, dtype, sources, with_projector=False,
                    extension=extension, added=added)
@@ -294,21 +290,21 @@ def import_original_llava(llava_dir: str | Path, vision_dir: str | Path, save: s
     """An original LLaVA directory (+ its CLIP tower's directory) -> megamm checkpoint."""
     llava_dir, vision_dir = Path(llava_dir), Path(vision_dir)
     tree = read_json(llava_dir / "config.json")
-    language, extras, projector, select_layer, keep_cls = original_llava_config(tree, str(llava_dir / "config.json"))
-    vision, vision_type = vision_config_from_hf(read_json(vision_dir / "config.json"), select_layer, keep_cls,
-                                                str(vision_dir / "config.json"))
+    adapter = HF_ARCHITECTURES.get("original-llava")
+    original = adapter.config_from_hf(tree, str(llava_dir / "config.json"))
+    vision = vision_config_from_hf(read_json(vision_dir / "config.json"), original.select_layer,
+                                   original.keep_class_token, str(vision_dir / "config.json"))
     if tree.get("mm_hidden_size") not in (None, vision.transformer.hidden_size):
         raise ConversionError(f"{llava_dir}/config.json: mm_hidden_size {tree['mm_hidden_size']} but the vision tower "
                               f"in {vision_dir} has hidden size {vision.transformer.hidden_size}")
-    extras.vision_model_type = vision_type
+    language, extras = original.language, original.extras
     extension, added = extend_vocab(language, image_token_id, pad_token_id, vocab_multiple)
     extras.pad_token_id = added.get("pad", extras.pad_token_id)
-    config = LlavaConfig(vision=vision, language=language, projector=projector)
+    config = LlavaConfig(vision=vision, language=language, projector=original.projector)
     source = CanonicalTensors()
-    llava_files = WeightFiles(llava_dir)
-    source.add(llava_files, "original-llava", llava_dir)
+    source.add(WeightFiles(llava_dir), adapter, llava_dir)
     if not any(name.startswith("vision.") for name in source.where):
-        source.add(WeightFiles(vision_dir), "vision", vision_dir)
+        source.add(WeightFiles(vision_dir), HF_ARCHITECTURES.get("vision-tower"), vision_dir)
     return _finish(config, extras, source, save, tp, pp, dtype, {"original-llava": str(llava_dir),
                                                                  "vision": str(vision_dir)},
                    extension=extension, added=added)

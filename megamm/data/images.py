@@ -32,20 +32,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-Normalization = Literal["clip", "siglip"]
+from megamm.config import VisionConfig
+from megamm.config.registry import VISION_TOWERS
+from megamm.models.towers import tower_family
+
+# Image statistics are named by vision tower family (megamm.config.registry.VISION_TOWERS).
+Normalization = str
 PreprocessMode = Literal["pad", "crop", "resize"]
 RGB = tuple[int, int, int]
 
-# OpenAI CLIP's statistics (also used by LLaVA's CLIP ViT-L/14-336 tower).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# SigLIP maps [0, 1] to [-1, 1].
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
-NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "clip": (CLIP_MEAN, CLIP_STD),
-    "siglip": (SIGLIP_MEAN, SIGLIP_STD),
-}
 
 # 64 megapixels (e.g. 8000 x 8000) is far above anything a ViT needs, yet allows real photographs and
 # scans. Decoding it as RGB takes 192 MiB, a bound a data loader worker can afford.
@@ -75,13 +70,17 @@ class ImageError(ValueError):
     """An image that cannot be used: outside the image root, missing, too large, truncated or corrupt."""
 
 
+def image_normalization(vision: VisionConfig, requested: str | None) -> Normalization:
+    """The statistics to normalize with: `requested` (a flag or config field), else the tower family's."""
+    return requested or vision.family
+
+
 def _mean_std(normalization: Normalization) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    try:
-        return NORMALIZATIONS[normalization]
-    except KeyError:
-        raise ValueError(
-            f"unknown normalization {normalization!r}; expected one of {sorted(NORMALIZATIONS)}"
-        ) from None
+    """The mean and std of the vision tower family named `normalization`."""
+    if normalization not in VISION_TOWERS:
+        raise ValueError(f"unknown normalization {normalization!r}; expected one of {VISION_TOWERS.names()}")
+    family = tower_family(normalization)
+    return family.image_mean, family.image_std
 
 
 def mean_fill(normalization: Normalization) -> RGB:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megamm.data.images import CLIP_MEAN, CLIP_STD
+from megamm.models.towers.clip import CLIP
 
 # transformers' smart_resize refuses images whose long side is more than this many times the short side.
 MAX_ASPECT_RATIO = 200
@@ -132,8 +132,8 @@ def resize_and_normalize(image: Image.Image, size: tuple[int, int]) -> torch.Ten
     height, width = size
     resized = np.asarray(image.resize((width, height), resample=Image.Resampling.BICUBIC))
     scaled = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
-    mean = np.asarray(CLIP_MEAN, dtype=np.float32)
-    std = np.asarray(CLIP_STD, dtype=np.float32)
+    mean = np.asarray(CLIP.image_mean, dtype=np.float32)
+    std = np.asarray(CLIP.image_std, dtype=np.float32)
     normalized = (scaled - mean) / std  # [height, width, 3]
     return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
 

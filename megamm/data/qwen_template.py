@@ -82,6 +82,7 @@ class Qwen2VLTemplate(ChatTemplate):
     """Qwen2-VL / Qwen2.5-VL Instruct (see the module docstring)."""
 
     name: str = "qwen2_vl"
+    stop_tokens: tuple[str, ...] = ("<|im_end|>",)
     system: str = QWEN_SYSTEM
 
     def _content(self, b: _Builder, value: str, trained: bool) -> None:

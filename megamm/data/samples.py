@@ -40,10 +40,11 @@ class ImageSettings:
     """How an image becomes vision-tower inputs.
 
     size: the tower's `image_size`; mode: "pad" | "crop" | "resize" for a single image (see
-    `megamm.data.images.preprocess`); normalization: "clip" | "siglip" statistics; max_tiles: 1 for one
-    input per image, more for dynamic tiling (a grid of `size` tiles chosen by aspect ratio, plus a
-    thumbnail when there is more than one tile; tiles are cut from the image resized to the grid, so
-    `mode` does not apply to them); max_pixels: larger images are refused before decoding.
+    `megamm.data.images.preprocess`); normalization: the vision tower family (clip, siglip) whose
+    statistics apply; max_tiles: 1 for one input per image, more for dynamic tiling (a grid of
+    `size` tiles chosen by aspect ratio, plus a thumbnail when there is more than one tile; tiles
+    are cut from the image resized to the grid, so `mode` does not apply to them); max_pixels:
+    larger images are refused before decoding.
     """
 
     size: int

@@ -191,6 +191,9 @@ class ChatTemplate(ABC):
     """One conversation format; `build` adds the whole conversation to the builder."""
 
     name: str
+    # Tokens that close an answer besides EOS (generation stops at them where the tokenizer has them
+    # as single ids).
+    stop_tokens: tuple[str, ...] = ()
 
     @abstractmethod
     def build(self, b: _Builder, turns: list[Turn]) -> None:
@@ -271,6 +274,7 @@ class Llama3Template(ChatTemplate):
     """
 
     name: str = "llama3"
+    stop_tokens: tuple[str, ...] = ("<|eot_id|>",)
 
     def build(self, b: _Builder, turns: list[Turn]) -> None:
         _system_first(turns, self.name)
@@ -298,6 +302,7 @@ class ChatMLTemplate(ChatTemplate):
     """
 
     name: str = "chatml"
+    stop_tokens: tuple[str, ...] = ("<|im_end|>",)
 
     def build(self, b: _Builder, turns: list[Turn]) -> None:
         _system_first(turns, self.name)

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from megamm.config.registry import VISION_TOWERS
 from megamm.inference.generation import GenerationConfig
 from megamm.inference.sampling import SamplingConfig
 from megamm.inference.session import DTYPES, InferenceSession
@@ -30,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--tokenizer-model", help="sentencepiece .model or tokenizer.json")
     data.add_argument("--chat-template", help="plain, llava_v1, vicuna_v1, llama3, chatml or mistral")
     data.add_argument("--image-aspect-ratio", choices=("pad", "crop", "resize"), help="image preprocessing mode")
-    data.add_argument("--image-normalization", choices=("clip", "siglip"), help="pixel statistics")
+    data.add_argument("--image-normalization", choices=VISION_TOWERS.names(),
+                      help="pixel statistics of this vision tower family")
     data.add_argument("--max-image-tiles", type=int, help="1: one image input; more: tiles + thumbnail")
     data.add_argument("--image-root", help="directory image paths are relative to (and must stay inside)")
     data.add_argument("--blank-image", action="store_true",

@@ -26,7 +26,15 @@ from PIL import Image
 from megamm.checkpoint.model_weights import load_model_weights, read_run_config_tree
 from megamm.config import LlavaConfig, TransformerConfig
 from megamm.config.parsing import run_config_from_dict
-from megamm.data.images import ImageError, load_image, mean_fill, preprocess, preprocess_tiles
+from megamm.config.registry import VISION_TOWERS
+from megamm.data.images import (
+    ImageError,
+    image_normalization,
+    load_image,
+    mean_fill,
+    preprocess,
+    preprocess_tiles,
+)
 from megamm.data.templates import IMAGE_PLACEHOLDER, get_template, render_prompt
 from megamm.data.tokenizer import Tokenizer, load_tokenizer
 from megamm.inference.generation import GenerationConfig, Prompt, generate
@@ -35,7 +43,6 @@ from megamm.parallel.mappings import group_size
 from megamm.parallel.state import ParallelState
 
 # Answer-closing tokens of templates whose answers end with something other than EOS.
-TEMPLATE_STOP_TOKENS = {"llama3": ("<|eot_id|>",), "chatml": ("<|im_end|>",)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -75,7 +82,7 @@ def data_settings(tree: dict, model_config: LlavaConfig, **overrides: object) ->
         "chat_template": training.get("chat_template"),
         "image_aspect_ratio": training.get("image_aspect_ratio") or "pad",
         "max_image_tiles": training.get("max_image_tiles") or 1,
-        "normalization": training.get("image_normalization") or ("clip" if model_config.vision.class_token else "siglip"),
+        "normalization": image_normalization(model_config.vision, training.get("image_normalization")),
     }
     values.update({key: value for key, value in overrides.items() if value is not None})
     problems = []
@@ -90,8 +97,8 @@ def data_settings(tree: dict, model_config: LlavaConfig, **overrides: object) ->
             problems.append(str(error.args[0]))
     if values["image_aspect_ratio"] not in ("pad", "crop", "resize"):
         problems.append(f"image aspect ratio must be pad, crop or resize, got {values['image_aspect_ratio']!r}")
-    if values["normalization"] not in ("clip", "siglip"):
-        problems.append(f"image normalization must be clip or siglip, got {values['normalization']!r}")
+    if values["normalization"] not in VISION_TOWERS:
+        problems.append(VISION_TOWERS.unknown(values["normalization"], "image normalization"))
     if not isinstance(values["max_image_tiles"], int) or values["max_image_tiles"] < 1:
         problems.append(f"max image tiles must be an integer >= 1, got {values['max_image_tiles']!r}")
     if problems:
@@ -127,9 +134,9 @@ def check_tokenizer(tokenizer: Tokenizer, config: LlavaConfig) -> None:
 
 
 def stop_token_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...]:
-    """EOS and the template's answer-closing token, where the tokenizer has them as single ids."""
+    """EOS and the template's answer-closing tokens, where the tokenizer has them as single ids."""
     ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    for token in TEMPLATE_STOP_TOKENS.get(template, ()):
+    for token in get_template(template).stop_tokens:
         try:
             ids.append(tokenizer.token_id(token))
         except KeyError:

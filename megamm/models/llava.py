@@ -19,7 +19,7 @@ from torch import nn
 
 from megamm.config import LlavaConfig, ParallelConfig
 from megamm.models.language import LanguageModel
-from megamm.models.projector import Projector
+from megamm.models.projectors import build_projector
 from megamm.models.vision import VisionTower
 from megamm.parallel.sharding import initialize_parameters
 from megamm.parallel.state import ParallelState
@@ -50,7 +50,7 @@ class LlavaModel(nn.Module):
         vision_t, language_t = config.vision.transformer, config.language.transformer
         if pre_process:
             self.vision = VisionTower(config.vision, state, sequence_parallel)
-            self.projector = Projector(
+            self.projector = build_projector(
                 config.projector,
                 vision_t.hidden_size,
                 language_t.hidden_size,

@@ -19,6 +19,7 @@ from megamm.config import LlavaConfig
 from megamm.config.run import RunConfig
 from megamm.data.batching import Batch, packed_microbatches, padded_microbatches
 from megamm.data.datasets import build_source
+from megamm.data.images import image_normalization
 from megamm.data.loader import BAD_KINDS, PositionDataset, RankLoader
 from megamm.data.samples import ImageSettings, Sample, SampleBuilder
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
@@ -74,7 +75,7 @@ class SyntheticData:
 
 def _image_settings(config: RunConfig, model_config: LlavaConfig) -> ImageSettings:
     t, vision = config.training, model_config.vision
-    normalization = t.image_normalization or ("clip" if vision.class_token else "siglip")
+    normalization = image_normalization(vision, t.image_normalization)
     return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles)
 
 

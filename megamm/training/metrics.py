@@ -8,7 +8,8 @@ Megatron and PaLM MFU papers:
   causal or not), output projection `2 n_q d h`, MLP `2 h f` x (3 for SwiGLU, else 2);
 - vision tower: the above for its `used` layers over patches (+ class token) per image, plus the
   patch convolution `2 C p^2 h` per patch;
-- projector: `2 c_in h` (+ `2 h h` for mlp2x_gelu) per image token;
+- projector: each type counts its own (`Projector.flops_per_token`: `2 c_in h`, + `2 h h` for
+  mlp2x_gelu) per image token;
 - language model: its layers plus the output layer `2 h V` per token.
 
 A training step costs 3x the forward (forward, backward for activations, backward for weights),
@@ -24,6 +25,7 @@ import sys
 import torch
 
 from megamm.config import LlavaConfig, TransformerConfig
+from megamm.models.projectors import projector_class
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s), matched in this order against the device name, so the
 # more specific names come first.
@@ -65,11 +67,8 @@ def step_flops(config: LlavaConfig, seq_length: int, samples: int, images: int) 
         vision.num_layers_used * vision.seq_length * layer_flops_per_token(vt, vision.seq_length)
         + vision.num_patches * 2 * vision.num_channels * vision.patch_size**2 * vt.hidden_size
     )
-    shuffle = 4 if config.projector.pixel_shuffle else 1
-    projector_in = vt.hidden_size * shuffle
-    per_image_token = 2 * projector_in * lt.hidden_size
-    if config.projector.type == "mlp2x_gelu":
-        per_image_token += 2 * lt.hidden_size * lt.hidden_size
+    projector_in = vt.hidden_size * config.projector.merged_patches
+    per_image_token = projector_class(config.projector).flops_per_token(projector_in, lt.hidden_size)
     projector_forward = images * config.image_tokens_per_image * per_image_token
     language_forward = samples * seq_length * (
         lt.num_layers * layer_flops_per_token(lt, seq_length) + 2 * lt.hidden_size * language.vocab_size

@@ -10,7 +10,8 @@ Two differences from the Hugging Face layout are undone here:
   parallel weights (wq, wk, wv, w1, w3, output) are joined along dim 0, row-parallel ones (wo, w2)
   along dim 1, the token embedding along whichever dim its pieces are short of, norms are shared.
 
-Tensors are exposed under canonical names (megamm.convert.hf_keys).
+Tensors are exposed under canonical names (megamm.convert.hf_keys), so the adapter's key map is the
+identity.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from megamm.config import LanguageConfig, TransformerConfig
 from megamm.convert import ConversionError
+from megamm.convert.adapters.base import Adapter
 from megamm.convert.hf_config import HfExtras
 from megamm.convert.readers import TensorInfo, read_json
 
@@ -151,3 +153,18 @@ class MetaLlamaFiles:
             max_position_embeddings=max_position_embeddings, causal=True,
         )
         return LanguageConfig(transformer=transformer, vocab_size=vocab, image_token_id=0), HfExtras()
+
+
+class MetaLlamaAdapter(Adapter):
+    name = "meta-llama"
+
+    def canonical_name(self, key: str) -> str | None:
+        return key
+
+    @staticmethod
+    def holds(directory: Path) -> bool:
+        """Whether `directory` holds Meta-format weights (params.json and consolidated.*.pth)."""
+        return (directory / "params.json").is_file() and any(directory.glob("consolidated.*.pth"))
+
+
+ADAPTER = MetaLlamaAdapter()

@@ -1,0 +1,138 @@
+"""llava-hf's LlavaForConditionalGeneration: a vision tower family, the mlp2x_gelu projector and a
+language-model family, in one directory.
+
+Key spellings read:
+  transformers < 4.52   language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*,
+                        multi_modal_projector.*
+  transformers >= 4.52  model.language_model.*, lm_head.*, model.vision_tower.[vision_model.]*,
+                        model.multi_modal_projector.*  (transformers 5 dropped "vision_model.")
+The export writes the first (every transformers version loads it) or the installed version's own.
+
+Refused: several feature layers concatenated, a projector activation other than exact GELU, an
+unknown feature strategy; on export, a projector other than mlp2x_gelu, pixel shuffle, and whatever
+the tower or language family refuses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megamm.config import LlavaConfig, ProjectorConfig
+from megamm.convert import ConversionError
+from megamm.convert.adapters.base import ExportAdapter
+from megamm.convert.adapters.causal_lm import language_config_from_hf
+from megamm.convert.adapters.vision_tower import vision_config_from_hf
+from megamm.convert.hf_config import HfExtras, hf_config, raise_problems
+from megamm.convert.hf_keys import rename
+from megamm.models.decoders import decoder_family
+from megamm.models.towers import tower_family
+
+PREFIXES = (
+    ("model.language_model.", "text."),
+    ("language_model.model.", "text."),
+    ("language_model.lm_head.", "text.lm_head."),
+    ("lm_head.", "text.lm_head."),
+    ("model.vision_tower.", "vision."),
+    ("vision_tower.", "vision."),
+    ("model.multi_modal_projector.", "projector."),
+    ("multi_modal_projector.", "projector."),
+)
+LEGACY_PREFIXES = (("text.lm_head.", "language_model.lm_head."), ("text.", "language_model.model."),
+                   ("vision.", "vision_tower.vision_model."), ("projector.", "multi_modal_projector."))
+
+
+class LlavaHfAdapter(ExportAdapter):
+    name = "llava-hf"
+
+    def canonical_name(self, key: str) -> str | None:
+        return rename(key, PREFIXES)
+
+    def config_from_hf(self, tree: dict, where: str) -> tuple[LlavaConfig, HfExtras]:
+        """config.json of a LlavaForConditionalGeneration -> (LlavaConfig, extras)."""
+        if tree.get("model_type") != "llava":
+            raise ConversionError(f"{where}: model_type {tree.get('model_type')!r} is not 'llava' "
+                                  f"(LlavaForConditionalGeneration)")
+        cfg = hf_config(tree, where)
+        problems = []
+        layer = cfg.vision_feature_layer
+        if not isinstance(layer, int):
+            problems.append(f"{where}: vision_feature_layer {layer!r}: megamm feeds the projector one hidden state, "
+                            f"not a concatenation of several layers")
+        if cfg.projector_hidden_act != "gelu":
+            problems.append(f"{where}: projector_hidden_act {cfg.projector_hidden_act!r}: megamm's mlp2x_gelu uses "
+                            f"exact (erf) GELU only")
+        strategy = cfg.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            problems.append(f"{where}: unknown vision_feature_select_strategy {strategy!r}")
+        raise_problems(problems)
+        vision = vision_config_from_hf(cfg.vision_config.to_dict(), layer, strategy == "full", f"{where} vision_config")
+        language, extras = language_config_from_hf(cfg.text_config.to_dict(), f"{where} text_config")
+        image_token = getattr(cfg, "image_token_index", None)
+        if image_token is None:
+            image_token = cfg.image_token_id
+        if not 0 <= image_token < language.vocab_size:
+            raise ConversionError(f"{where}: image_token_index {image_token} is outside the text vocabulary "
+                                  f"of {language.vocab_size} tokens (mismatched vocab)")
+        language.image_token_id = image_token
+        language.tie_word_embeddings = bool(cfg.text_config.tie_word_embeddings or tree.get("tie_word_embeddings"))
+        if tree.get("pad_token_id") is not None:
+            extras.pad_token_id = tree["pad_token_id"]
+        projector = ProjectorConfig(type="mlp2x_gelu", add_bias=bool(cfg.multimodal_projector_bias))
+        return LlavaConfig(vision=vision, language=language, projector=projector), extras
+
+    # ---- export ---------------------------------------------------------------------------------
+
+    def export_problems(self, config: LlavaConfig) -> list[str]:
+        found = []
+        if config.projector.type != "mlp2x_gelu":
+            found.append(f"projector.type {config.projector.type!r}: LlavaForConditionalGeneration has a two-layer "
+                         f"GELU projector only (mlp2x_gelu)")
+        if config.projector.pixel_shuffle:
+            found.append("projector.pixel_shuffle: LlavaForConditionalGeneration does not merge patches")
+        found += tower_family(config.vision.family).problems(config.vision)
+        return found + decoder_family(config.language.family).problems(config.language)
+
+    def config_to_hf(self, config: LlavaConfig, extras: HfExtras, kept_aside: list[str]) -> dict:
+        raise_problems(self.export_problems(config), "the model cannot be written as LlavaForConditionalGeneration")
+        v, lang = config.vision, config.language
+        return {
+            "model_type": "llava",
+            "architectures": ["LlavaForConditionalGeneration"],
+            "image_token_index": lang.image_token_id,
+            "image_seq_length": config.image_tokens_per_image,
+            "projector_hidden_act": "gelu",
+            "vision_feature_select_strategy": "full" if (not v.class_token or not v.drop_class_token) else "default",
+            "vision_feature_layer": v.select_layer,
+            "multimodal_projector_bias": config.projector.add_bias,
+            "tie_word_embeddings": lang.tie_word_embeddings,
+            "pad_token_id": extras.pad_token_id,
+            "vision_config": tower_family(v.family).config_to_hf(v, kept_aside),
+            "text_config": decoder_family(lang.family).config_to_hf(lang, extras.to_dict()),
+        }
+
+    def installed_keys(self, hf_config: dict) -> dict[str, str]:
+        from transformers import AutoConfig, LlavaForConditionalGeneration
+
+        tree = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")}
+        with torch.device("meta"):
+            model = LlavaForConditionalGeneration(AutoConfig.for_model("llava", **tree))
+        out = {}
+        for key in model.state_dict():
+            name = self.canonical_name(key)
+            if name is None:
+                raise ConversionError(f"transformers' LlavaForConditionalGeneration has a key {key} this exporter "
+                                      f"does not know")
+            out[name] = key
+        return out
+
+    def legacy_key(self, name: str) -> str:
+        key = rename(name, LEGACY_PREFIXES)
+        if key is None:
+            raise ValueError(f"not a canonical name: {name}")
+        return key
+
+    def export_fill(self, config: LlavaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return tower_family(config.vision.family).export_fill(config.vision, dtype)
+
+
+ADAPTER = LlavaHfAdapter()
