@@ -33,10 +33,10 @@ from safetensors.torch import save_file
 
 from megamm.config import ConfigError, LlavaConfig
 from megamm.config.parsing import run_config_from_dict
+from megamm.config.precision import dtype_named
 from megamm.convert import ConversionError
 from megamm.convert.hf_config import HfExtras, hf_config_from_llava
 from megamm.convert.hf_keys import Entry, canonical_name, legacy_hf_key, model_entries
-from megamm.convert.importer import DTYPES
 from megamm.convert.writer import CheckpointReader
 
 TOKENIZER_FILES = (
@@ -163,7 +163,7 @@ def export_hf(load: str | Path, out: str | Path, tokenizer: str | Path | None = 
     fill = [name for name in POST_NORM if name not in extra_names]
 
     def out_dtype(key: str) -> torch.dtype:
-        return reader.dtype(key) if dtype is None else DTYPES[dtype]
+        return reader.dtype(key) if dtype is None else dtype_named(dtype, "--dtype")
 
     model_dtype = out_dtype("model/language.embedding.weight")
     sizes = [(key, math.prod(reader.shape(key)) * out_dtype(key).itemsize) for key, _ in work]

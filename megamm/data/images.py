@@ -26,11 +26,14 @@ import struct
 import warnings
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from megamm.config import VisionConfig
 
 Normalization = Literal["clip", "siglip"]
 PreprocessMode = Literal["pad", "crop", "resize"]
@@ -82,6 +85,18 @@ def _mean_std(normalization: Normalization) -> tuple[tuple[float, float, float],
         raise ValueError(
             f"unknown normalization {normalization!r}; expected one of {sorted(NORMALIZATIONS)}"
         ) from None
+
+
+def tower_normalization(vision: VisionConfig) -> Normalization:
+    """The pixel statistics the vision tower was trained with: a tower with a class token is
+    CLIP-style, one without SigLIP-style (the one place that asks the tower)."""
+    return "clip" if vision.class_token else "siglip"
+
+
+def image_normalization(requested: str | None, vision: VisionConfig) -> str:
+    """The normalization a run uses: `requested` (--image-normalization) if given, else the tower's.
+    Training and generation both ask here, so a model sees the statistics it was trained on."""
+    return requested or tower_normalization(vision)
 
 
 def mean_fill(normalization: Normalization) -> RGB:

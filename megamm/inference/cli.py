@@ -13,9 +13,10 @@ import os
 
 import torch
 
+from megamm.config.precision import DTYPES
 from megamm.inference.generation import GenerationConfig
 from megamm.inference.sampling import SamplingConfig
-from megamm.inference.session import DTYPES, InferenceSession
+from megamm.inference.session import InferenceSession
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 
 
