@@ -51,6 +51,7 @@ GB = 1e9
 
 def build_config(args: argparse.Namespace, tp: int):
     from megamm.config.parsing import run_config_from_dict
+    from megamm.config.resolved import resolve
     image, patch = args.image_size, 16
     tree = {
         "model": {
@@ -68,7 +69,7 @@ def build_config(args: argparse.Namespace, tp: int):
         "training": {"mock_data": True, "micro_batch_size": 1, "global_batch_size": 2, "seq_length": args.seq_length,
                      "train_iters": 1, "lr": 1e-4, "weight_decay": 0.01},
     }
-    return run_config_from_dict(tree, world_size=2)
+    return resolve(run_config_from_dict(tree), world_size=2)
 
 
 def build(args: argparse.Namespace, tp: int):
@@ -157,7 +158,7 @@ def run(rank: int, args: argparse.Namespace, root: Path) -> None:
 
     rows: list[tuple[str, str, float, float, float | None]] = []  # op, layout, bytes, seconds, extra seconds
     config, state, trainer = build(args, tp=2)
-    step = train_step(trainer, SyntheticData(config, trainer.model.config, state).microbatches(0), 0)
+    step = train_step(trainer, SyntheticData(config, state).microbatches(0), 0)
 
     sync_dir, async_dir = root / "sync", root / "async"
     checkpointer = Checkpointer(trainer, str(sync_dir), log=quiet)

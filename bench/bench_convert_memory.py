@@ -24,8 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from megamm.config.precision import DTYPES
+
 ROOT = Path(__file__).resolve().parents[1]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The precisions this bench writes (a subset of megamm.config.precision.DTYPES).
+WRITTEN_DTYPES = ("fp32", "bf16")
 
 VISION = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
           "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
@@ -131,7 +134,7 @@ def baseline() -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=WRITTEN_DTYPES, default="fp32")
     parser.add_argument("--keep", action="store_true", help="keep the scratch files")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="megamm-convert-bench-"))

@@ -38,7 +38,8 @@ import torch
 
 from megamm.config import LanguageConfig, LlavaConfig, ProjectorConfig, TransformerConfig, VisionConfig
 from megamm.config.constants import IGNORE_INDEX
-from megamm.config.run import RunConfig, TrainingConfig, apply_training_switches
+from megamm.config.resolved import resolve
+from megamm.config.run import RunConfig, TrainingConfig
 from megamm.kernels import kernel_mode
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
@@ -101,14 +102,12 @@ def build_trainer_for(shapes: Shapes, config: LlavaConfig, device: str, steps: i
             bf16=True, freeze_ViT=True, mock_data=True, images_per_sample=1,
         ),
     )
-    problems = run_config.problems(world_size=1)
-    if problems:
-        raise ValueError("run config: " + "; ".join(problems))
+    resolved = resolve(run_config, world_size=1)
     state = ParallelState.single(device)
     state.seed(0)
-    model = LlavaModel(apply_training_switches(run_config), state)
+    model = LlavaModel(resolved.model, state)
     model.initialize(0)
-    return build_trainer(run_config, state, [model])
+    return build_trainer(resolved, state, [model])
 
 
 def make_batch(shapes: Shapes, config: LlavaConfig, seed: int) -> dict[str, torch.Tensor]:

@@ -38,7 +38,6 @@ with the defaults (--steps 20 --warmup 2 --threads <torch's default> --seed 0):
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 import statistics
@@ -61,7 +60,8 @@ from megamm.config import (
     VisionConfig,
 )
 from megamm.config.constants import IGNORE_INDEX
-from megamm.config.run import RunConfig, TrainingConfig, apply_training_switches
+from megamm.config.resolved import resolve
+from megamm.config.run import RunConfig, TrainingConfig
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
 from megamm.training.step import Trainer, build_trainer, train_step
@@ -215,17 +215,12 @@ def build_megamm(shapes: Shapes, total_steps: int, seed: int) -> Trainer:
             images_per_sample=shapes.images_per_sample,
         ),
     )
-    problems = run_config.problems(world_size=1)
-    if problems:
-        raise ValueError("megamm run config: " + "; ".join(problems))
+    resolved = resolve(run_config, world_size=1)
     state = ParallelState.single()
     state.seed(seed)
-    model = LlavaModel(apply_training_switches(run_config), state)
+    model = LlavaModel(resolved.model, state)
     model.initialize(seed)
-    # build_trainer takes the list of this stage's model chunks since pipelining; the model itself before.
-    if "chunks" in inspect.signature(build_trainer).parameters:
-        return build_trainer(run_config, state, [model])
-    return build_trainer(run_config, state, model)
+    return build_trainer(resolved, state, [model])
 
 
 def hf_to_megamm(hf: nn.Module, shapes: Shapes) -> dict[str, torch.Tensor]:

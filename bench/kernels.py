@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from megamm.config.precision import DTYPES
 from megamm.kernels import fused, reference
 from megamm.transformer.rope import RotaryEmbedding
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SOFTMAX_SCALE = 0.125  # 1/sqrt(head_dim 64)
 
 

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megamm.checkpoint import storage
 from megamm.checkpoint.checkpointer import Checkpointer
+from megamm.checkpoint.model_weights import read_run_config_tree
 from megamm.config import ConfigError
 from megamm.config.parsing import parse_run_config
-from megamm.config.run import RunConfig
+from megamm.config.resolved import ResolvedConfig, resolve
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.chunks import build_model_chunks
 from megamm.pipeline.schedules import bubble_fraction
@@ -48,6 +50,20 @@ def _single_process_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def saved_run_config(load: str) -> dict | None:
+    """The run config tree checkpoint `load` saved; None while `load` holds no checkpoint yet (a run
+    that saves there starts from its initialization)."""
+    if storage.resolve(load) is None:
+        return None
+    return read_run_config_tree(load)[1]
+
+
+def read_config(argv: list[str] | None, world_size: int) -> ResolvedConfig:
+    """Flags + YAML (+ the model of the checkpoint --load names) -> the resolved run, or ConfigError
+    listing every problem. Reads files only: no process group exists yet."""
+    return resolve(parse_run_config(argv, world_size, saved_config=saved_run_config), world_size)
+
+
 @dataclass
 class IntervalStats:
     """What accumulates between two log lines."""
@@ -64,7 +80,7 @@ class IntervalStats:
 class Reporter:
     """Prints log lines on one rank (and TensorBoard scalars when asked)."""
 
-    def __init__(self, config: RunConfig, state: ParallelState) -> None:
+    def __init__(self, config: ResolvedConfig, state: ParallelState) -> None:
         self.enabled = state.tp_rank == 0 and state.dp_rank == 0 and state.is_last_stage
         self.interactive = self.enabled and sys.stdout.isatty()
         self.writer = None
@@ -145,7 +161,7 @@ def _log(reporter: Reporter, trainer: Trainer, iteration: int, stats: IntervalSt
                                  "tokens-per-second": tokens_per_second, "tflops-per-device": tflops})
 
 
-def run(config: RunConfig) -> dict[str, float]:
+def run(config: ResolvedConfig) -> dict[str, float]:
     """Train as configured on the already launched processes; returns the final figures."""
     t, p = config.training, config.parallel
     state = initialize_parallel_state(
@@ -154,7 +170,6 @@ def run(config: RunConfig) -> dict[str, float]:
     state.seed(t.seed)
     chunks = build_model_chunks(config, state)
     trainer = build_trainer(config, state, chunks)
-    model = chunks[0]
     reporter = Reporter(config, state)
 
     def run_eval(iteration: int) -> float:
@@ -164,7 +179,7 @@ def run(config: RunConfig) -> dict[str, float]:
         return loss
 
     trainable = sum(p.numel() for p in trainer.parameters() if p.requires_grad)
-    microbatches_per_step = config.accumulation_steps(state.world_size)
+    microbatches_per_step = config.microbatches_per_step
     pipeline = ""
     if state.pp_size > 1:
         bubble = bubble_fraction(state.pp_size, len(chunks), microbatches_per_step)
@@ -189,7 +204,7 @@ def run(config: RunConfig) -> dict[str, float]:
         start = progress.iteration if progress is not None else 0
     # Built after loading: a resumed run's loader starts at the checkpoint's iteration.
     data = build_training_data(
-        config, model.config, state, start, microbatch_multiple=state.pp_size if len(chunks) > 1 else 1,
+        config, state, start, microbatch_multiple=state.pp_size if len(chunks) > 1 else 1,
         log=print if state.tp_rank == 0 and state.is_first_stage else _quiet,
     )
     reporter.line(f" data: {data.describe()}")
@@ -260,7 +275,7 @@ def run(config: RunConfig) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     _single_process_env()
     try:
-        config = parse_run_config(argv, int(os.environ["WORLD_SIZE"]))
+        config = read_config(argv, int(os.environ["WORLD_SIZE"]))
     except ConfigError as error:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"megamm.train: {error}", file=sys.stderr)

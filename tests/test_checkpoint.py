@@ -15,6 +15,7 @@ import torch
 
 from megamm.checkpoint.checkpointer import Checkpointer, CheckpointMismatchError
 from megamm.config import ParallelConfig
+from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
@@ -49,8 +50,9 @@ def _config(tp: int, pp: int, dropout: float = 0.0, tied: bool = False, **traini
 class Session:
     """A model, trainer and checkpointer at one layout; `init_seed` perturbs the initialization."""
 
-    def __init__(self, config: RunConfig, state: ParallelState, save: Path | None = None,
+    def __init__(self, run: RunConfig, state: ParallelState, save: Path | None = None,
                  init_seed: int | None = None, async_save: bool = False) -> None:
+        config = resolve(run, state.world_size)
         self.config, self.state = config, state
         state.seed(config.training.seed)
         self.chunks = build_model_chunks(config, state)
@@ -60,7 +62,7 @@ class Session:
         self.trainer = build_trainer(config, state, self.chunks)
         self.checkpointer = Checkpointer(self.trainer, str(save) if save else None, async_save=async_save,
                                          log=lambda _: None)
-        self.data = SyntheticData(config, self.chunks[0].config, state)
+        self.data = SyntheticData(config, state)
 
     def step(self, iteration: int) -> tuple[float, float]:
         result = train_step(self.trainer, self.data.microbatches(iteration), iteration)

@@ -47,3 +47,29 @@ def test_pixel_shuffle_needs_even_grid() -> None:
 def test_image_token_must_be_in_vocabulary() -> None:
     config = llava_config(language=replace(language_config(), image_token_id=100))
     assert any("image_token_id 100" in p for p in config.problems(ParallelConfig()))
+
+
+def test_position_embedding_must_be_what_each_tower_builds() -> None:
+    config = llava_config(
+        vision=replace(vision_config(), transformer=replace(vision_config().transformer, position_embedding="rope")),
+        language=replace(language_config(), transformer=replace(language_config().transformer,
+                                                                 position_embedding="learned")),
+    )
+    problems = config.problems(ParallelConfig())
+    assert "vision.transformer.position_embedding must be 'learned' (the ViT learns a position table), got 'rope'" \
+        in problems
+    assert ("language.transformer.position_embedding must be 'rope' (the decoder rotates queries and keys), "
+            "got 'learned'") in problems
+
+
+def test_max_position_embeddings_bounds_both_towers() -> None:
+    # The tiny ViT has 16 patches + a class token = 17 positions; the decoder is asked for 48.
+    vision = vision_config(max_position_embeddings=16)
+    language = language_config(max_position_embeddings=47)
+    problems = llava_config(vision=vision, language=language).problems(ParallelConfig(), seq_length=48)
+    assert "vision: 17 positions (patches + class token) exceed vision.transformer.max_position_embeddings 16" \
+        in problems
+    assert "sequence length 48 exceeds language.transformer.max_position_embeddings 47" in problems
+    fits = llava_config(vision=vision_config(max_position_embeddings=17), language=language_config(
+        max_position_embeddings=48))
+    assert fits.problems(ParallelConfig(), seq_length=48) == []

@@ -22,6 +22,7 @@ from transformers import LlavaForConditionalGeneration
 from megamm.checkpoint import storage
 from megamm.checkpoint.checkpointer import Checkpointer
 from megamm.config.parsing import run_config_from_dict
+from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig
 from megamm.convert.exporter import export_hf
 from megamm.convert.importer import import_llava_hf
@@ -53,7 +54,7 @@ def _microbatches(batch: dict) -> list[dict]:
 def _session(load: str, tp: int, pp: int, save: str | None = None):
     description = storage.read_description(storage.resolve(load))
     world = dist.get_world_size()
-    config = _run_config(description, tp, pp, world)
+    config = resolve(_run_config(description, tp, pp, world), world)
     state = ParallelState.from_groups(tp=tp, pp=pp, device=torch.device("cpu"))
     state.seed(config.training.seed)
     chunks = build_model_chunks(config, state)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from megamm.config.parsing import parse_run_config
 from megamm.data.tokenizer import load_tokenizer
 from tests.data_fixtures import DatasetFiles, write_dataset
 from tests.distributed import run_distributed
@@ -36,9 +35,9 @@ def _argv(files: DatasetFiles, *extra: str) -> list[str]:
 
 
 def _run(argv: list[str], world_size: int) -> dict:
-    from megamm.train import run
+    from megamm.train import read_config, run
 
-    return run(parse_run_config(argv, world_size))
+    return run(read_config(argv, world_size))
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from megamm.config.constants import IGNORE_INDEX
-from megamm.config.run import RunConfig, TrainingConfig, apply_training_switches
+from megamm.config.resolved import resolve
+from megamm.config.run import RunConfig, TrainingConfig
 from megamm.data.synthetic import collate
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
@@ -54,7 +55,7 @@ def _samples() -> list[dict[str, torch.Tensor]]:
 
 def _run_config(micro_batch_size: int) -> RunConfig:
     # clip_grad=0: the accumulated main grads are left as backward made them, so they can be compared.
-    training = TrainingConfig(micro_batch_size=micro_batch_size, global_batch_size=GLOBAL_BATCH,
+    training = TrainingConfig(mock_data=True, micro_batch_size=micro_batch_size, global_batch_size=GLOBAL_BATCH,
                               seq_length=SEQ, train_iters=STEPS, lr=1e-3, lr_decay_style="constant",
                               clip_grad=0.0, weight_decay=0.1, seed=SEED)
     return RunConfig(model=llava_config(), training=training)
@@ -62,7 +63,7 @@ def _run_config(micro_batch_size: int) -> RunConfig:
 
 def _model(config: RunConfig, state: ParallelState) -> LlavaModel:
     state.seed(SEED)
-    model = LlavaModel(apply_training_switches(config), state)
+    model = LlavaModel(resolve(config, 1).model, state)
     model.initialize(SEED)
     return model
 
@@ -72,7 +73,7 @@ def _train(micro_batch_size: int) -> dict:
     config = _run_config(micro_batch_size)
     state = ParallelState.single()
     model = _model(config, state)
-    trainer = build_trainer(config, state, [model])
+    trainer = build_trainer(resolve(config, 1), state, [model])
     samples = _samples()
     starts = range(0, GLOBAL_BATCH, micro_batch_size)
     microbatches = [collate(samples[i : i + micro_batch_size]) for i in starts]

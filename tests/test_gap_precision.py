@@ -32,7 +32,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megamm.config.run import RunConfig, TrainingConfig, apply_training_switches
+from megamm.config.resolved import resolve
+from megamm.config.run import RunConfig, TrainingConfig
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
@@ -58,9 +59,9 @@ def _train(precision: str) -> dict:
     config = RunConfig(model=llava_config(), training=training)
     state = ParallelState.single()
     state.seed(SEED)
-    model = LlavaModel(apply_training_switches(config), state)
+    model = LlavaModel(resolve(config, 1).model, state)
     model.initialize(SEED)
-    trainer = build_trainer(config, state, [model])
+    trainer = build_trainer(resolve(config, 1), state, [model])
     data = SyntheticMultimodalDataset(model.config, SEQ, SEED, max_images=2)
     starts = range(0, GLOBAL, MICRO)
     microbatches = [collate([data[i] for i in range(start, start + MICRO)]) for start in starts]

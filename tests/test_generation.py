@@ -22,10 +22,11 @@ from PIL import Image
 
 from megamm.checkpoint.model_weights import ModelWeightsError, load_model_weights
 from megamm.config import ParallelConfig
+from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.inference.generation import Generation, GenerationConfig, GenerationError, Prompt, generate
 from megamm.inference.sampling import SamplingConfig, choose_tokens, filter_logits, make_generators
-from megamm.inference.session import InferenceSession, inference_model_config
+from megamm.inference.session import InferenceSession
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
 from megamm.transformer.kv_cache import KVCache
@@ -212,9 +213,10 @@ def _tp_job(tmp: str, vocab_size: int, image_token_id: int, tool_args: list[str]
     tp1 = solo_state()
     config = _run_config(vocab_size, image_token_id, f"{tmp}/tok.model")
     tp2.seed(SAVED_SEED)
-    chunks = build_model_chunks(config, tp2)
-    Checkpointer(build_trainer(config, tp2, chunks), f"{tmp}/ckpt", log=lambda _: None).save(1, 2)
-    model_config = inference_model_config(config.model, torch.float32)
+    resolved = resolve(config, tp2.world_size)
+    chunks = build_model_chunks(resolved, tp2)
+    Checkpointer(build_trainer(resolved, tp2, chunks), f"{tmp}/ckpt", log=lambda _: None).save(1, 2)
+    model_config = config.model.for_runtime(torch.float32)
     loaded = {}
     for name, state in (("tp2", tp2), ("tp1", tp1)):
         model = LlavaModel(model_config, state)

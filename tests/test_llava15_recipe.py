@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import shlex
 import subprocess
 from dataclasses import asdict
@@ -15,11 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from megamm.checkpoint import storage
 from megamm.config import ProjectorConfig
-from megamm.config.parsing import parse_run_config
+from megamm.config.parsing import parse_run_config, run_config_to_dict
+from megamm.config.resolved import resolve
 from megamm.convert.adapters.causal_lm import language_config_from_hf
 from megamm.convert.adapters.vision_tower import vision_config_from_hf
 from megamm.convert.importer import extend_vocab
+from megamm.train import saved_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "examples" / "llava15"
@@ -57,8 +61,29 @@ def data_flags(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def configs(data_flags: list[str]) -> dict:
-    return {name: parse_run_config(["--config", str(path), *data_flags], WORLD) for name, path in STAGES.items()}
+def configs(data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Both stages parsed as megamm.train parses them; stage 2 loads a stand-in for stage 1's last
+    checkpoint (its megamm.json, as stage 1 saves it), at the relative path the YAML names."""
+    stage1 = parse_run_config(["--config", str(STAGES["stage1"]), *data_flags], WORLD)
+    root = tmp_path_factory.mktemp("llava15_run")
+    checkpoint = root / stage1.training.save
+    checkpoint.mkdir(parents=True)
+    storage.write_description(checkpoint, {"config": run_config_to_dict(stage1)})
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        stage2 = parse_run_config(["--config", str(STAGES["stage2"]), *data_flags], WORLD, saved_run_config)
+    finally:
+        os.chdir(cwd)
+    return {"stage1": stage1, "stage2": stage2}
+
+
+def test_stage2_takes_its_model_from_stage1(configs: dict) -> None:
+    """The stage-2 file has no model section: the model is the one stage 1's checkpoint saved."""
+    import yaml
+
+    assert "model" not in yaml.safe_load(STAGES["stage2"].read_text())
+    assert configs["stage2"].model == configs["stage1"].model
 
 
 def test_hyperparameters_are_llava15(configs: dict) -> None:
@@ -103,16 +128,17 @@ def test_parallel_layout_and_memory_fit(configs: dict, data_flags: list[str]) ->
     one, two = configs["stage1"], configs["stage2"]
     assert one.parallel.tensor_model_parallel_size == two.parallel.tensor_model_parallel_size == 4
     assert (one.parallel.pipeline_model_parallel_size, two.parallel.pipeline_model_parallel_size) == (1, 2)
-    assert (one.data_parallel_size(WORLD), two.data_parallel_size(WORLD)) == (4, 2)
-    assert (one.accumulation_steps(WORLD), two.accumulation_steps(WORLD)) == (8, 16)
-    for name, config in configs.items():
-        result = estimate(config, WORLD)
+    one, two = resolve(one, WORLD), resolve(two, WORLD)
+    assert (one.data_parallel_size, two.data_parallel_size) == (4, 2)
+    assert (one.microbatches_per_step, two.microbatches_per_step) == (8, 16)
+    for name, config in (("stage1", one), ("stage2", two)):
+        result = estimate(config)
         assert 7.0e9 < result["parameters"] < 7.1e9, result["parameters"]
         assert result["peak_gib"] < 60, f"{name}: {result}"
     # Stage 1 keeps no optimizer state for the frozen language model and vision tower.
-    stage1 = estimate(one, WORLD)["stages"][0]
+    stage1 = estimate(one)["stages"][0]
     assert stage1["optimizer"] < 0.05
-    stage2 = estimate(two, WORLD)["stages"]
+    stage2 = estimate(two)["stages"]
     assert len(stage2) == 2 and all(stage["optimizer"] > 4 for stage in stage2)
     # The same configs on one node would not fit the global batch rule: validation catches it.
     with pytest.raises(Exception, match="global-batch-size"):

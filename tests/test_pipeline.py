@@ -15,6 +15,7 @@ import torch
 
 from megamm.config import ParallelConfig
 from megamm.config.layout import layout_problems, schedule_problems, stage_layers
+from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
@@ -40,12 +41,13 @@ def _config(parallel: ParallelConfig, global_batch: int = 8, tied: bool = False,
     return RunConfig(model=llava_config(language=language), parallel=parallel, training=TrainingConfig(**settings))
 
 
-def _train(config: RunConfig, state: ParallelState) -> dict:
+def _train(run: RunConfig, state: ParallelState) -> dict:
+    config = resolve(run, state.world_size)
     t = config.training
     state.seed(t.seed)
     chunks = build_model_chunks(config, state)
     trainer = build_trainer(config, state, chunks)
-    data = SyntheticData(config, chunks[0].config, state)
+    data = SyntheticData(config, state)
     losses, norms = [], []
     for iteration in range(t.train_iters):
         result = train_step(trainer, data.microbatches(iteration), iteration)

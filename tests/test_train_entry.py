@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from megamm.config.parsing import parse_run_config
 from tests.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,9 +46,9 @@ def test_bad_flags_exit_2_with_every_problem() -> None:
 
 
 def _run(argv: list[str]) -> dict:
-    from megamm.train import run
+    from megamm.train import read_config, run
 
-    return run(parse_run_config(argv, 1))
+    return run(read_config(argv, 1))
 
 
 SMALL = ["--config", EXAMPLE, "--log-interval", "100", "--set", "model.language.transformer.num_layers=2",

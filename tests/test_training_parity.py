@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from megamm.config import LlavaConfig, ParallelConfig, TransformerConfig
-from megamm.config.run import RunConfig, TrainingConfig, apply_training_switches
+from megamm.config.resolved import resolve
+from megamm.config.run import RunConfig, TrainingConfig
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
 from megamm.models.llava import LlavaModel
 from megamm.parallel.sharding import gather_master
@@ -40,10 +41,11 @@ def _run_config(model: LlavaConfig | None = None, **training) -> RunConfig:
     return RunConfig(model=model or llava_config(), training=TrainingConfig(**defaults))
 
 
-def _train(config: RunConfig, state: ParallelState, sequence_parallel: bool = False) -> dict:
+def _train(run: RunConfig, state: ParallelState, sequence_parallel: bool = False) -> dict:
+    config = resolve(run, state.world_size)
     t = config.training
     state.seed(t.seed)
-    model = LlavaModel(apply_training_switches(config), state, sequence_parallel=sequence_parallel)
+    model = LlavaModel(config.model, state, sequence_parallel=sequence_parallel)
     model.initialize(t.seed)
     initial = {name: gather_master(p.detach(), p.param_layout, state.tp_group).clone()
                for name, p in model.named_parameters()}

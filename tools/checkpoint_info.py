@@ -28,6 +28,7 @@ import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from megamm.checkpoint import storage
+from megamm.config.precision import precision_name
 
 
 class CheckpointInfoError(Exception):
@@ -114,7 +115,7 @@ def config_summary(tree: dict) -> dict:
     vision, language, projector = (model.get(k, {}) or {} for k in ("vision", "language", "projector"))
     vt, lt = vision.get("transformer", {}) or {}, language.get("transformer", {}) or {}
     training = tree.get("training", {}) or {}
-    precision = "bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "fp32"
+    precision = precision_name(bool(training.get("bf16")), bool(training.get("fp16")))
     frozen = [name for name, flag, model_flag in (("vision", "freeze_ViT", "freeze_vision"),
                                                    ("language", "freeze_LM", "freeze_language"),
                                                    ("projector", "freeze_projector", "freeze_projector"))

@@ -27,10 +27,11 @@ import re
 import sys
 
 from megamm.config import ProjectorConfig
+from megamm.config.precision import DTYPES
 from megamm.config.registry import PROJECTORS
 from megamm.convert import ConversionError
 from megamm.convert.exporter import KEY_STYLES, export_hf
-from megamm.convert.importer import DTYPES, Summary, import_llava_hf, import_original_llava, import_towers
+from megamm.convert.importer import Summary, import_llava_hf, import_original_llava, import_towers
 
 TOWER_ONLY = ("projector_type", "vision_feature_layer", "vision_feature_select_strategy", "max_position_embeddings")
 NEW_TOKENS = ("image_token_id", "pad_token_id", "vocab_multiple")

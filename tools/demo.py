@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_CONFIG = ROOT / "examples" / "demo" / "model.yaml"
+TRAINING_CONFIG = ROOT / "examples" / "demo" / "training.yaml"
 TEMPLATE_MARKERS = "<image>,<pad>,[INST],[/INST]"
 
 
@@ -77,15 +78,17 @@ def torchrun(*args: str) -> list[str]:
 
 
 def phases(out: Path, schedule: Schedule, vocab: dict[str, int]) -> list[tuple[str, list[str]]]:
-    """(name, training flags) of each phase, each loading the previous phase's checkpoint."""
+    """(name, training flags) of each phase, each loading the previous phase's checkpoint. Phase 0
+    names the model; the stages take it from the checkpoint they load."""
     data, checkpoints = out / "data", out / "checkpoints"
     common = [
-        "--config", str(MODEL_CONFIG), "--tensor-model-parallel-size", "2", "--sequence-parallel",
+        "--config", str(TRAINING_CONFIG), "--tensor-model-parallel-size", "2", "--sequence-parallel",
         "--image-folder", str(data), "--tokenizer-model", str(out / "tokenizer.model"),
-        "--set", f"model.language.vocab_size={vocab['vocab_size']}",
-        "--set", f"model.language.image_token_id={vocab['image_token_id']}",
     ]
     phase0 = [
+        "--config", str(MODEL_CONFIG),
+        "--set", f"model.language.vocab_size={vocab['vocab_size']}",
+        "--set", f"model.language.image_token_id={vocab['image_token_id']}",
         "--data-path", str(data / "train.json"), "--chat-template", "mistral",
         "--train-iters", str(schedule.phase0_iters), "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "20",
         "--vision-lr", "1e-4",

@@ -19,10 +19,8 @@ import itertools
 import sys
 from pathlib import Path
 
-import yaml
-
 from megamm.config.constants import IGNORE_INDEX
-from megamm.config.parsing import run_config_from_dict
+from megamm.config.parsing import read_yaml_tree, run_config_from_dict
 from megamm.config.registry import CHAT_TEMPLATES
 from megamm.data.datasets import open_source, parse_data_path
 from megamm.data.samples import ImageSettings, Sample, SampleBuilder
@@ -43,7 +41,8 @@ FROM_CONFIG = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, help="a training YAML file to take the data settings from")
+    parser.add_argument("--config", type=Path, action="append", default=[],
+                        help="training YAML file(s) to take the data settings from (repeatable, as for training)")
     parser.add_argument("--data-path", nargs="+", help="dataset path(s), as for training")
     parser.add_argument("--image-folder")
     parser.add_argument("--tokenizer-model")
@@ -61,10 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _fill_from_config(args: argparse.Namespace) -> None:
     """Missing flags from --config; the image geometry from its model section."""
-    if args.config is None:
+    if not args.config:
         return
     # Read without the run's semantic checks: the data flags may come from this command line instead.
-    config = run_config_from_dict(yaml.safe_load(args.config.read_text()) or {})
+    config = run_config_from_dict(read_yaml_tree(args.config))
     for name, (section, field) in FROM_CONFIG.items():
         if getattr(args, name) is None:
             setattr(args, name, getattr(getattr(config, section), field))

@@ -48,7 +48,7 @@ import torch.multiprocessing as mp
 from megamm.checkpoint import storage
 from megamm.config import ConfigError
 from megamm.config.parsing import run_config_from_dict
-from megamm.config.run import RunConfig
+from megamm.config.resolved import ResolvedConfig, resolve
 
 
 class ReshardError(Exception):
@@ -68,7 +68,7 @@ class Target:
     no_optim: bool
 
 
-def target_config(description: dict, target: Target) -> RunConfig:
+def target_config(description: dict, target: Target) -> ResolvedConfig:
     """SRC's run config with the parallel section replaced by the target layout (and the optimizer
     kind as asked); everything else as SRC ran it. Raises ReshardError listing every problem."""
     tree = description.get("config")
@@ -76,9 +76,10 @@ def target_config(description: dict, target: Target) -> RunConfig:
         raise ReshardError(f"the checkpoint's {storage.DESCRIPTION} holds no run config")
     tree = {**tree, "parallel": dict(tree.get("parallel") or {}), "training": dict(tree.get("training") or {})}
     source_parallel = tree["parallel"]
+    # Not given: as SRC ran (in effect only where the target has tp > 1, see ResolvedConfig).
     sequence_parallel = target.sequence_parallel
     if sequence_parallel is None:
-        sequence_parallel = bool(source_parallel.get("sequence_parallel")) and target.tensor_model_parallel_size > 1
+        sequence_parallel = bool(source_parallel.get("sequence_parallel"))
     tree["parallel"] = {
         "tensor_model_parallel_size": target.tensor_model_parallel_size,
         "pipeline_model_parallel_size": target.pipeline_model_parallel_size,
@@ -95,12 +96,13 @@ def target_config(description: dict, target: Target) -> RunConfig:
         config = run_config_from_dict(tree)
     except ConfigError as error:
         raise ReshardError(f"the checkpoint's run config does not build: {error}") from error
-    problems = config.problems(target.world_size)
-    if problems:
+    try:
+        return resolve(config, target.world_size)
+    except ConfigError as error:
         raise ReshardError(
-            f"the target layout does not fit this run (world size {target.world_size}):\n  - " + "\n  - ".join(problems)
-        )
-    return config
+            f"the target layout does not fit this run (world size {target.world_size}):\n  - "
+            + "\n  - ".join(error.problems)
+        ) from error
 
 
 def _layout_text(layout: dict | None) -> str:

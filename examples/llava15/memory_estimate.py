@@ -1,6 +1,10 @@
 """Per-GPU memory estimate of a megamm run config, without building the model.
 
-    python examples/llava15/memory_estimate.py examples/llava15/stage2_finetune.yaml --world-size 16
+    python examples/llava15/memory_estimate.py examples/llava15/stage1_pretrain.yaml \
+        examples/llava15/stage2_finetune.yaml --world-size 16
+
+(the files merge as repeated --config flags do: stage 2 has no model section of its own, it trains
+the model of stage 1's checkpoint, which is stage 1's model.)
 
 Parameter counts come from a LlavaModel built on the meta device (shapes only, no memory); each
 parameter is assigned to its pipeline stage and divided by tp when it is tensor-parallel. Per
@@ -29,10 +33,10 @@ from pathlib import Path
 import torch
 
 from megamm.config.layout import stage_layers
-from megamm.config.parsing import parse_run_config
-from megamm.config.run import RunConfig, apply_training_switches
+from megamm.config.resolved import ResolvedConfig
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
+from megamm.train import read_config
 
 GIB = 2**30
 _LAYER = re.compile(r"^language\.decoder\.layers\.(\d+)\.")
@@ -47,18 +51,18 @@ def _stage_of(name: str, layer_stage: dict[int, int], pp: int) -> int:
     return 0  # vision tower, projector, embedding
 
 
-def estimate(config: RunConfig, world_size: int) -> dict:
+def estimate(config: ResolvedConfig) -> dict:
     """{"stages": [per-stage GiB breakdown], "peak_gib": the largest stage total, "parameters": count}."""
     p, t = config.parallel, config.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    dp = config.data_parallel_size(world_size)
-    model_config = apply_training_switches(config)
+    dp = config.data_parallel_size
+    model_config = config.model
     model = LlavaModel(model_config, ParallelState.single("meta"))
     layers = model_config.language.transformer.num_layers
     layer_stage = {n: r for r in range(pp) for chunk in stage_layers(
         layers, pp, r, p.num_layers_per_virtual_pipeline_stage, p.decoder_first_pipeline_num_layers,
         p.decoder_last_pipeline_num_layers) for n in chunk}
-    weight_bytes = torch.finfo(model_config.language.transformer.params_dtype).bits // 8
+    weight_bytes = torch.finfo(config.params_dtype).bits // 8
     optimizer_share = dp if t.use_distributed_optimizer else 1
     stages = [{"weights": 0.0, "grads": 0.0, "optimizer": 0.0, "activations": 0.0, "logits": 0.0} for _ in range(pp)]
     total_parameters = 0
@@ -74,7 +78,7 @@ def estimate(config: RunConfig, world_size: int) -> dict:
     s, b = t.seq_length, t.micro_batch_size
     h = model_config.language.transformer.hidden_size
     per_layer = (2 if t.recompute_granularity == "full" else 34) * s * b * h / tp
-    microbatches = config.accumulation_steps(world_size)
+    microbatches = config.microbatches_per_step
     for rank in range(pp):
         held = sum(1 for stage in layer_stage.values() if stage == rank)
         in_flight = min(pp - rank, microbatches) if pp > 1 else 1
@@ -90,11 +94,11 @@ def estimate(config: RunConfig, world_size: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Per-GPU memory estimate of a megamm run config.")
-    parser.add_argument("config", type=Path)
+    parser.add_argument("config", type=Path, nargs="+", help="YAML file(s), merged as repeated --config")
     parser.add_argument("--world-size", type=int, required=True)
     args = parser.parse_args(argv)
-    config = parse_run_config(["--config", str(args.config)], args.world_size)
-    result = estimate(config, args.world_size)
+    flags = [part for path in args.config for part in ("--config", str(path))]
+    result = estimate(read_config(flags, args.world_size))
     print(f"{result['parameters'] / 1e9:.2f} B parameters")
     for rank, stage in enumerate(result["stages"]):
         print(f"stage {rank}: " + ", ".join(f"{k} {v:.1f} GiB" for k, v in stage.items()))

@@ -159,7 +159,7 @@ class Checkpointer:
     def layout_signature(self) -> dict:
         s, t = self.trainer.state, self.trainer.config
         return {"world_size": s.world_size, "tp": s.tp_size, "pp": s.pp_size, "dp": s.dp_size,
-                "virtual_stages": len(self.trainer.chunks), "sequence_parallel": t.parallel.sequence_parallel}
+                "virtual_stages": len(self.trainer.chunks), "sequence_parallel": t.sequence_parallel}
 
     # ---- save ------------------------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ class Checkpointer:
             "iteration": iteration,
             "layout": self.layout_signature(),
             "optimizer": "distributed" if isinstance(self.trainer.optimizer, DistributedOptimizer) else "plain",
-            "config": run_config_to_dict(config),
+            "config": run_config_to_dict(config.run),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 

@@ -59,6 +59,14 @@ def layout_problems(
     return found
 
 
+def virtual_stages(num_layers: int, pp: int, layers_per_virtual_stage: int | None) -> int:
+    """Model chunks per pipeline stage: `num_layers / (pp * layers_per_virtual_stage)`, 1 without
+    virtual stages (and for a split `layout_problems` refuses, so validation can still ask)."""
+    if layers_per_virtual_stage is None or layers_per_virtual_stage < 1 or pp < 1:
+        return 1
+    return max(1, num_layers // (pp * layers_per_virtual_stage))
+
+
 def stage_layers(
     num_layers: int,
     pp: int,
@@ -72,7 +80,7 @@ def stage_layers(
     if problems:
         raise ValueError("; ".join(problems))
     if layers_per_virtual_stage is not None:
-        chunks = num_layers // (pp * layers_per_virtual_stage)
+        chunks = virtual_stages(num_layers, pp, layers_per_virtual_stage)
         return [
             range((c * pp + pp_rank) * layers_per_virtual_stage, (c * pp + pp_rank + 1) * layers_per_virtual_stage)
             for c in range(chunks)

@@ -6,6 +6,7 @@ language model each hold one. `ParallelConfig` holds the sizes that constrain it
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,7 +16,8 @@ from megamm.config.registry import LANGUAGE_MODELS, PROJECTORS, VISION_TOWERS
 
 Normalization = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "swiglu"]
-PositionEmbedding = Literal["rope", "learned", "none"]
+# The vision tower learns a position table, the language model rotates (rope); nothing else is built.
+PositionEmbedding = Literal["rope", "learned"]
 Recompute = Literal["none", "full", "selective"]
 AttentionBackend = Literal["sdpa", "unfused"]
 # Pixel shuffle merges each PIXEL_SHUFFLE_BLOCK x PIXEL_SHUFFLE_BLOCK block of patches into one token.
@@ -45,6 +47,16 @@ class ParallelConfig:
     decoder_first_pipeline_num_layers: int | None = None
     decoder_last_pipeline_num_layers: int | None = None
 
+    @property
+    def sequence_parallel_in_effect(self) -> bool:
+        """Sequence parallelism splits the sequence over tp ranks: with one rank there is nothing to split."""
+        return self.sequence_parallel and self.tensor_model_parallel_size > 1
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Model replicas in a world of `world_size` processes (0 when the sizes do not fit)."""
+        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        return world_size // mp if mp > 0 else 0
+
 
 @dataclass
 class TransformerConfig:
@@ -64,7 +76,9 @@ class TransformerConfig:
     add_qkv_bias: bool = False
     position_embedding: PositionEmbedding = "rope"
     rotary_base: float = 10000.0
-    # Length of the learned position table, and the longest sequence rope is asked to cover.
+    # The longest sequence the positions cover: the language model's --seq-length and prompt plus
+    # generated tokens must fit; the ViT's patch sequence must fit (its learned table has exactly
+    # vision.seq_length rows, the table Hugging Face's CLIP/SigLIP store).
     max_position_embeddings: int = 4096
     causal: bool = True
     attention_dropout: float = 0.0
@@ -72,12 +86,15 @@ class TransformerConfig:
     # sdpa: F.scaled_dot_product_attention (flash/efficient kernels on GPU). unfused: q k^T, the
     # scaled masked softmax op of megamm.kernels, then v (a debugging and comparison path).
     attention_backend: AttentionBackend = "sdpa"
-    # full: recompute whole layers in backward; selective: only the attention core (softmax(QK)V).
-    recompute: Recompute = "none"
-    # With recompute="full": how many layers (counted from the first) recompute; None = all.
-    recompute_num_layers: int | None = None
     init_method_std: float = 0.02
-    params_dtype: torch.dtype = torch.float32
+    # Set by the process that builds the model (training flags, or generation's --dtype), never by
+    # the model section: `set_by` names the flag; megamm.config.parsing rejects them in a YAML file
+    # and leaves them out of a saved config.
+    # full: recompute whole layers in backward; selective: only the attention core (softmax(QK)V).
+    recompute: Recompute = field(default="none", metadata={"set_by": "--recompute-granularity"})
+    # With recompute="full": how many layers (counted from the first) recompute; None = all.
+    recompute_num_layers: int | None = field(default=None, metadata={"set_by": "--recompute-num-layers"})
+    params_dtype: torch.dtype = field(default=torch.float32, metadata={"set_by": "--bf16 / --fp16"})
 
     @property
     def query_groups(self) -> int:
@@ -182,8 +199,12 @@ class VisionConfig:
             found.append(f"vision.select_layer {self.select_layer} out of range for {n} layers")
         if self.transformer.causal:
             found.append("vision.transformer.causal must be False: a vision tower attends bidirectionally")
-        if self.transformer.position_embedding == "rope":
-            found.append("vision.transformer.position_embedding: the ViT uses learned positions, not rope")
+        if self.transformer.position_embedding != "learned":
+            found.append(f"vision.transformer.position_embedding must be 'learned' (the ViT learns a position "
+                         f"table), got {self.transformer.position_embedding!r}")
+        if self.seq_length > self.transformer.max_position_embeddings:
+            found.append(f"vision: {self.seq_length} positions (patches + class token) exceed "
+                         f"vision.transformer.max_position_embeddings {self.transformer.max_position_embeddings}")
         return found
 
 
@@ -234,6 +255,9 @@ class LanguageConfig:
             found.append(f"language.image_token_id {self.image_token_id} not in the vocabulary [0, {self.vocab_size})")
         if not self.transformer.causal:
             found.append("language.transformer.causal must be True for a decoder")
+        if self.transformer.position_embedding != "rope":
+            found.append(f"language.transformer.position_embedding must be 'rope' (the decoder rotates queries "
+                         f"and keys), got {self.transformer.position_embedding!r}")
         return found
 
 
@@ -263,9 +287,30 @@ class LlavaConfig:
                              f"got {grid}x{grid}")
             if self.vision.class_token and not self.vision.drop_class_token:
                 found.append("projector.pixel_shuffle needs vision.drop_class_token (the grid must be square)")
-        if seq_length is not None and parallel.sequence_parallel and seq_length % tp:
+        if seq_length is not None and parallel.sequence_parallel_in_effect and seq_length % tp:
             found.append(f"sequence length {seq_length} not divisible by tensor-model-parallel size {tp} (sequence parallel)")
+        limit = self.language.transformer.max_position_embeddings
+        if seq_length is not None and seq_length > limit:
+            found.append(f"sequence length {seq_length} exceeds language.transformer.max_position_embeddings {limit}")
         return found
+
+    def for_runtime(
+        self, params_dtype: torch.dtype, recompute: Recompute = "none", recompute_num_layers: int | None = None
+    ) -> LlavaConfig:
+        """This config with the build-time settings of both towers (see TransformerConfig's `set_by`
+        fields). `recompute_num_layers` counts each tower's layers; a tower with fewer recomputes all."""
+
+        def transformer(config: TransformerConfig) -> TransformerConfig:
+            layers = None if recompute_num_layers is None else min(recompute_num_layers, config.num_layers)
+            return dataclasses.replace(
+                config, params_dtype=params_dtype, recompute=recompute, recompute_num_layers=layers
+            )
+
+        return dataclasses.replace(
+            self,
+            vision=dataclasses.replace(self.vision, transformer=transformer(self.vision.transformer)),
+            language=dataclasses.replace(self.language, transformer=transformer(self.language.transformer)),
+        )
 
     def validate(self, parallel: ParallelConfig, seq_length: int | None = None) -> None:
         """Raise `ConfigError` listing every problem, or return quietly."""

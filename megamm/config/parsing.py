@@ -1,10 +1,15 @@
 """YAML files and command-line flags -> one RunConfig.
 
-Precedence: dataclass defaults < YAML file (`--config`) < flags. The YAML file has three sections:
-`model` (the LlavaConfig tree: vision, language, projector and their `transformer` blocks),
-`parallel` and `training` (field names as in megamm.config.run). Flags use the names Megatron users
-type (`--micro-batch-size`, `--tensor-model-parallel-size`, `--freeze-LM`, ...); any field can be
-set with `--set model.language.transformer.num_layers=4` (repeatable).
+Precedence: dataclass defaults < YAML files (`--config`, repeatable: later files win field by field)
+< flags. The YAML has three sections: `model` (the LlavaConfig tree: vision, language, projector and
+their `transformer` blocks), `parallel` and `training` (field names as in megamm.config.run). Flags
+use the names Megatron users type (`--micro-batch-size`, `--tensor-model-parallel-size`,
+`--freeze-LM`, ...); any field can be set with `--set model.language.transformer.num_layers=4`.
+
+A run that loads a checkpoint (--load) builds the checkpoint's model: without a model section in the
+YAML it takes the one the checkpoint saved, and a model section (YAML or --set) that differs from it
+is a problem listing each differing field. The config layer does not read checkpoints: the caller
+passes `saved_config` (megamm.train passes the checkpoint layer's reader).
 """
 
 from __future__ import annotations
@@ -13,24 +18,38 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from megamm.config.model import ConfigError, ParallelConfig
+from megamm.config.model import ConfigError, LlavaConfig, ParallelConfig
 from megamm.config.run import RunConfig, TrainingConfig
+
+# The run config tree a checkpoint saved (None when `--load` holds no checkpoint yet).
+SavedConfig = Callable[[str], dict | None]
 
 # ---- YAML -> dataclasses -------------------------------------------------------------------------
 
 
+def _set_by(cls: type) -> dict[str, str]:
+    """Fields of dataclass `cls` that a flag sets at build time (their `set_by` metadata): never in a YAML file."""
+    return {f.name: f.metadata["set_by"] for f in dataclasses.fields(cls) if "set_by" in f.metadata}
+
+
+def _without_set_by(value: Any) -> Any:
+    """`dataclasses.asdict` of `value` without the build-time fields, recursively."""
+    if not dataclasses.is_dataclass(value):
+        return value
+    skip = _set_by(type(value))
+    return {f.name: _without_set_by(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in skip}
+
+
 def run_config_to_dict(config: RunConfig) -> dict:
-    """The config as a YAML/JSON-ready tree that `run_config_from_dict` reads back (derived fields,
-    such as the parameter dtype that --bf16 sets, are left out)."""
-    tree = dataclasses.asdict(config)
-    for tower in ("vision", "language"):
-        tree["model"][tower]["transformer"].pop("params_dtype", None)
-    return tree
+    """The config as a YAML/JSON-ready tree that `run_config_from_dict` reads back (the build-time
+    fields, such as the parameter dtype that --bf16 sets, are left out)."""
+    return _without_set_by(config)
 
 
 def run_config_from_dict(tree: dict, world_size: int | None = None) -> RunConfig:
@@ -51,9 +70,12 @@ def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
         problems.append(f"{where}: expected a mapping, got {type(data).__name__}")
         return None
     hints = typing.get_type_hints(cls)
-    names = {f.name: f for f in dataclasses.fields(cls)}
+    set_by = _set_by(cls)
+    names = {f.name: f for f in dataclasses.fields(cls) if f.name not in set_by}
     for key in data:
-        if key not in names:
+        if key in set_by:
+            problems.append(f"{where}.{key}: not a model setting; set it with the training flag {set_by[key]}")
+        elif key not in names:
             problems.append(f"{where}.{key}: unknown field (known: {', '.join(sorted(names))})")
     kwargs = {}
     for name, spec in names.items():
@@ -148,16 +170,27 @@ def _flag_name(spec: dataclasses.Field) -> str:
     return spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
 
 
+def _default_text(spec: dataclasses.Field) -> str:
+    """How --help states a field's default, once: its `default_help` ("--lr": defaults to --lr), else
+    the value; None (not set) says nothing, the help text tells what happens then."""
+    shown = spec.metadata.get("default_help")
+    if shown is None and spec.default is not None:
+        shown = spec.default
+    return "" if shown is None else f" (default: {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m megamm.train",
         description="Train a LlavaModel with tensor, sequence and data parallelism (launch with torchrun).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", type=Path, help="YAML file with model, parallel and training sections")
+    parser.add_argument(
+        "--config", type=Path, action="append", default=[], metavar="YAML",
+        help="YAML file with model, parallel and training sections; repeatable, later files win field by field",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="PATH=VALUE",
-        help="override any config field, e.g. model.language.transformer.num_layers=4",
+        help="override any config field, e.g. model.language.transformer.num_layers=4 (repeatable)",
     )
     groups = {
         ParallelConfig: parser.add_argument_group("parallelism"),
@@ -175,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     for cls, group in groups.items():
         hints = typing.get_type_hints(cls)
         for spec in dataclasses.fields(cls):
-            help_text = spec.metadata.get("help") or parallel_help.get(spec.name, "")
+            help_text = (spec.metadata.get("help") or parallel_help.get(spec.name, "")) + _default_text(spec)
             kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": help_text}
             hint = hints[spec.name]
             if hint is bool or hint == bool | None:
@@ -187,23 +220,79 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
                 kwargs["type"] = base[0]
-            kwargs["help"] = f"{help_text} (default: {spec.default})"
             group.add_argument(_flag_name(spec), **kwargs)
     return parser
 
 
-def parse_run_config(argv: list[str] | None, world_size: int) -> RunConfig:
-    """Parse flags (and the YAML they name) into a validated RunConfig, or raise ConfigError."""
+def _merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, section by section: nested mappings merge, other values replace."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml_tree(paths: list[Path]) -> dict:
+    """The config tree of YAML files read in order, later files winning field by field (ConfigError
+    naming an unreadable file)."""
+    tree: dict = {}
+    for path in paths:
+        try:
+            part = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError([f"--config {path}: {error}"]) from error
+        if not isinstance(part, dict):
+            raise ConfigError([f"--config {path}: expected a mapping of sections, got {type(part).__name__}"])
+        tree = _merge(tree, part)
+    return tree
+
+
+def _differences(ours: Any, theirs: Any, path: str) -> list[tuple[str, Any, Any]]:
+    """(field path, our value, their value) for every leaf where two config trees differ."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return [d for key in sorted(ours.keys() | theirs.keys())
+                for d in _differences(ours.get(key), theirs.get(key), f"{path}.{key}")]
+    return [] if ours == theirs else [(path, ours, theirs)]
+
+
+def _checkpoint_model(tree: dict, saved_config: SavedConfig | None, problems: list[str]) -> tuple[str, dict] | None:
+    """(--load, the model tree its checkpoint saved), or None when the run loads nothing (yet)."""
+    load = (tree.get("training") or {}).get("load")
+    if not isinstance(load, str) or saved_config is None:
+        return None
+    try:
+        saved = saved_config(load)
+    except (OSError, ValueError, TypeError) as error:
+        problems.append(f"--load {load}: {error}")
+        return None
+    if saved is None:
+        return None
+    model = saved.get("model")
+    if not isinstance(model, dict):
+        problems.append(f"--load {load}: the checkpoint's saved config has no model section")
+        return None
+    return load, model
+
+
+def _disagreements(config: RunConfig, load: str, saved_model: dict, problems: list[str]) -> None:
+    """One problem per model field where the run's model differs from the checkpoint's."""
+    saved = _build(LlavaConfig, saved_model, f"--load {load}: model", problems)
+    if saved is None:
+        return
+    for path, ours, theirs in _differences(_without_set_by(config.model), _without_set_by(saved), "model"):
+        problems.append(f"{path}: the config says {ours!r}, checkpoint {load} has {theirs!r} "
+                        "(leave the model section out to use the checkpoint's)")
+
+
+def parse_run_config(argv: list[str] | None, world_size: int, saved_config: SavedConfig | None = None) -> RunConfig:
+    """Parse flags (and the YAML files they name) into a validated RunConfig, or raise ConfigError
+    listing every problem. `saved_config(load)` reads the run config a checkpoint saved (see the
+    module docstring); without it, --load does not supply or check the model section."""
     args = vars(build_parser().parse_args(argv))
     problems: list[str] = []
-    tree: dict = {}
-    config_path = args.pop("config", None)
-    if config_path is not None:
-        try:
-            tree = yaml.safe_load(Path(config_path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError([f"--config {config_path}: {error}"]) from error
-    for item in args.pop("set", []):
+    tree = read_yaml_tree(args.pop("config"))
+    yaml_model = "model" in tree
+    for item in args.pop("set"):
         if "=" not in item:
             problems.append(f"--set {item}: expected PATH=VALUE")
             continue
@@ -213,14 +302,18 @@ def parse_run_config(argv: list[str] | None, world_size: int) -> RunConfig:
     for name, value in args.items():
         section = "parallel" if name in parallel_fields else "training"
         tree.setdefault(section, {})[name] = value
+    checkpoint = _checkpoint_model(tree, saved_config, problems)
+    if checkpoint is not None and not yaml_model:
+        # --set model.* lands on the checkpoint's model (and is then checked against it like YAML).
+        tree["model"] = _merge(checkpoint[1], tree.get("model") or {})
     if "model" not in tree:
-        problems.append("model: missing; give a --config file with a model section")
+        problems.append("model: missing; give a --config file with a model section (or --load a checkpoint)")
     config = _build(RunConfig, tree, "config", problems) if not problems else None
-    # Semantic checks only make sense once every value has the right type.
+    # Comparisons and semantic checks only make sense once every value has the right type.
     if config is not None and not problems:
+        if checkpoint is not None:
+            _disagreements(config, *checkpoint, problems)
         problems.extend(config.problems(world_size))
     if problems:
         raise ConfigError(problems)
     return config
-
-

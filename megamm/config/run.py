@@ -3,6 +3,8 @@
 `RunConfig.problems(world_size)` returns every violation at once (megamm.config.parsing builds a
 RunConfig from YAML and flags and raises a `ConfigError` with all of them before any process group
 exists). Nothing here imports an implementation layer: chat-template names come from the registry.
+What follows from the sections (data-parallel size, microbatches per step, ...) is computed by the
+methods and functions here and collected once in `megamm.config.resolved.ResolvedConfig`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from typing import Any, Literal
 
 import torch
 
-from megamm.config.layout import layout_problems, schedule_problems
-from megamm.config.model import LlavaConfig, ParallelConfig, TransformerConfig
+from megamm.config.layout import layout_problems, schedule_problems, virtual_stages
+from megamm.config.model import LlavaConfig, ParallelConfig
+from megamm.config.precision import DTYPES, precision_name
 from megamm.config.registry import CHAT_TEMPLATES, VISION_TOWERS
 
 
-def _opt(default: Any, help: str, flag: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "flag": flag})
+def _opt(default: Any, help: str, flag: str | None = None, default_help: str | None = None) -> Any:
+    """A training field: its --help text, its flag when not --field-name, and how --help states the
+    default when the value alone would not say it (`default_help`, e.g. "--lr" for "defaults to --lr")."""
+    return field(default=default, metadata={"help": help, "flag": flag, "default_help": default_help})
 
 
 @dataclass
@@ -36,9 +41,9 @@ class TrainingConfig:
     min_lr: float = _opt(0.0, "learning rate at the end of the decay")
     lr_decay_style: Literal["constant", "linear", "cosine"] = _opt("cosine", "decay after warmup")
     lr_warmup_iters: int = _opt(0, "linear warmup steps from 0 to --lr")
-    lr_decay_iters: int | None = _opt(None, "steps from the start to the end of decay (default: --train-iters)")
-    projector_lr: float | None = _opt(None, "peak learning rate of the projector (default: --lr)")
-    vision_lr: float | None = _opt(None, "peak learning rate of the vision tower (default: --lr)")
+    lr_decay_iters: int | None = _opt(None, "steps from the start to the end of decay", default_help="--train-iters")
+    projector_lr: float | None = _opt(None, "peak learning rate of the projector", default_help="--lr")
+    vision_lr: float | None = _opt(None, "peak learning rate of the vision tower", default_help="--lr")
     weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norms)")
     adam_beta1: float = _opt(0.9, "AdamW beta1")
     adam_beta2: float = _opt(0.999, "AdamW beta2")
@@ -56,13 +61,16 @@ class TrainingConfig:
     ddp_bucket_size: int = _opt(40_000_000, "elements per gradient bucket")
     # Model-level switches.
     # None: keep what the model section says; a flag (or its --no- form) overrides it.
-    freeze_LM: bool | None = _opt(None, "do not train the language model", flag="--freeze-LM")
-    freeze_ViT: bool | None = _opt(None, "do not train the vision tower", flag="--freeze-ViT")
-    freeze_projector: bool | None = _opt(None, "do not train the projector")
+    freeze_LM: bool | None = _opt(None, "do not train the language model", flag="--freeze-LM",
+                                  default_help="model.freeze_language")
+    freeze_ViT: bool | None = _opt(None, "do not train the vision tower", flag="--freeze-ViT",
+                                   default_help="model.freeze_vision")
+    freeze_projector: bool | None = _opt(None, "do not train the projector", default_help="model.freeze_projector")
     recompute_granularity: Literal["none", "full", "selective"] = _opt(
         "none", "activation recompute: whole layers (full) or the attention core (selective)"
     )
-    recompute_num_layers: int | None = _opt(None, "with full recompute: layers per stage to recompute (default all)")
+    recompute_num_layers: int | None = _opt(None, "with full recompute: layers per stage to recompute",
+                                            default_help="all")
     seed: int = _opt(1234, "seed for init, data order and dropout")
     # Data.
     mock_data: bool = _opt(False, "train on the deterministic synthetic multimodal dataset")
@@ -80,8 +88,8 @@ class TrainingConfig:
         "pad", "single-image preprocessing: pad to square with the mean color, center crop, or squash"
     )
     image_normalization: str | None = _opt(
-        None, "pixel statistics of a vision tower family: " + ", ".join(VISION_TOWERS.names())
-        + " (default: the model's vision.family)"
+        None, "pixel statistics of a vision tower family: " + ", ".join(VISION_TOWERS.names()),
+        default_help="the model's vision.family"
     )
     max_image_tiles: int = _opt(1, "dynamic tiling: most tiles per image, plus a thumbnail (1: no tiling)")
     pack_sequences: bool = _opt(False, "pack several samples per row with per-sample attention and positions")
@@ -101,7 +109,25 @@ class TrainingConfig:
     eval_iters: int = _opt(0, "global batches per evaluation (0 disables evaluation)")
     log_interval: int = _opt(10, "print a log line every this many steps")
     tensorboard_dir: str | None = _opt(None, "write TensorBoard scalars here")
-    peak_tflops: float | None = _opt(None, "device peak TFLOP/s for MFU (default: known GPUs, none on CPU)")
+    peak_tflops: float | None = _opt(None, "device peak TFLOP/s for MFU", default_help="known GPUs, none on CPU")
+
+    @property
+    def lr_decay_length(self) -> int:
+        """Steps from the start to the end of the learning-rate decay."""
+        return self.lr_decay_iters if self.lr_decay_iters is not None else self.train_iters
+
+    @property
+    def precision(self) -> str:
+        """The precision name --bf16 / --fp16 select: "fp32", "bf16" or "fp16"."""
+        return precision_name(self.bf16, self.fp16)
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    def microbatches_per_step(self, data_parallel_size: int) -> int:
+        """Microbatches each data-parallel rank runs per optimizer step (gradient accumulation)."""
+        return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
 
 
 @dataclass
@@ -110,26 +136,10 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
-    def data_parallel_size(self, world_size: int) -> int:
-        mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
-        return world_size // mp if mp > 0 else 0
-
-    @property
-    def virtual_stages(self) -> int:
-        """Model chunks per pipeline stage."""
-        p = self.parallel
-        per_chunk = p.num_layers_per_virtual_pipeline_stage
-        if per_chunk is None or per_chunk < 1:
-            return 1
-        return max(1, self.model.language.transformer.num_layers // (p.pipeline_model_parallel_size * per_chunk))
-
-    def accumulation_steps(self, world_size: int) -> int:
-        t = self.training
-        return t.global_batch_size // (t.micro_batch_size * self.data_parallel_size(world_size))
-
     def problems(self, world_size: int) -> list[str]:
         t, p = self.training, self.parallel
-        found = apply_training_switches(self).problems(p, seq_length=t.seq_length)
+        model = training_model_config(self)
+        found = model.problems(p, seq_length=t.seq_length)
         mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
         if mp < 1 or world_size % mp:
             found.append(
@@ -139,7 +149,7 @@ class RunConfig:
         elif t.micro_batch_size < 1:
             found.append("--micro-batch-size must be >= 1")
         else:
-            dp = world_size // mp
+            dp = p.data_parallel_size(world_size)
             unit = t.micro_batch_size * dp
             if t.global_batch_size < unit or t.global_batch_size % unit:
                 found.append(
@@ -154,9 +164,12 @@ class RunConfig:
             p.decoder_last_pipeline_num_layers,
         )
         if world_size % max(mp, 1) == 0 and t.micro_batch_size >= 1 and not found_batch_problem(found):
-            found += schedule_problems(
-                p.pipeline_model_parallel_size, self.virtual_stages, self.accumulation_steps(world_size)
+            chunks = virtual_stages(
+                self.model.language.transformer.num_layers, p.pipeline_model_parallel_size,
+                p.num_layers_per_virtual_pipeline_stage,
             )
+            microbatches = t.microbatches_per_step(p.data_parallel_size(world_size))
+            found += schedule_problems(p.pipeline_model_parallel_size, chunks, microbatches)
         for name in ("train_iters", "seq_length", "log_interval", "ddp_bucket_size", "max_skipped_iters_in_a_row"):
             if getattr(t, name) < 1:
                 found.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
@@ -167,9 +180,8 @@ class RunConfig:
             found.append("--bf16 and --fp16 are mutually exclusive")
         if t.lr < 0 or t.min_lr < 0 or t.min_lr > t.lr:
             found.append(f"need 0 <= --min-lr ({t.min_lr}) <= --lr ({t.lr})")
-        decay_iters = t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters
-        if t.lr_warmup_iters > decay_iters:
-            found.append(f"--lr-warmup-iters {t.lr_warmup_iters} exceeds the decay length {decay_iters}")
+        if t.lr_warmup_iters > t.lr_decay_length:
+            found.append(f"--lr-warmup-iters {t.lr_warmup_iters} exceeds the decay length {t.lr_decay_length}")
         if t.save_interval is not None and (t.save_interval < 1 or not t.save):
             found.append("--save-interval needs --save and a value >= 1")
         if t.async_save and not t.save:
@@ -181,8 +193,7 @@ class RunConfig:
         if t.clip_grad < 0:
             found.append("--clip-grad must be >= 0")
         found += data_problems(t)
-        switched = apply_training_switches(self)
-        if switched.freeze_language and switched.freeze_vision and switched.freeze_projector:
+        if model.freeze_language and model.freeze_vision and model.freeze_projector:
             found.append("the language model, vision tower and projector are all frozen: nothing to train")
         if t.vision_lr is not None and t.lr <= 0:
             found.append("--vision-lr is a multiple of the --lr schedule and needs --lr > 0")
@@ -223,27 +234,17 @@ def data_problems(t: TrainingConfig) -> list[str]:
     return found
 
 
-
-
 def found_batch_problem(found: list[str]) -> bool:
     return any("--global-batch-size" in problem for problem in found)
 
 
-def apply_training_switches(config: RunConfig) -> LlavaConfig:
-    """The model config with the training flags applied (freezing, recompute, dtype)."""
-    t = config.training
-    dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
-
-    def transformer(tc: TransformerConfig) -> TransformerConfig:
-        # --recompute-num-layers counts each tower's layers; a tower with fewer recomputes all of them.
-        layers = None if t.recompute_num_layers is None else min(t.recompute_num_layers, tc.num_layers)
-        return dataclasses.replace(tc, params_dtype=dtype, recompute=t.recompute_granularity, recompute_num_layers=layers)
-
-    model = config.model
+def training_model_config(config: RunConfig) -> LlavaConfig:
+    """The model a training run builds: the model section with the training flags applied (parameter
+    dtype, recompute, and the freeze flags where given; None keeps the model section's)."""
+    t, model = config.training, config.model
+    built = model.for_runtime(t.params_dtype, t.recompute_granularity, t.recompute_num_layers)
     return dataclasses.replace(
-        model,
-        vision=dataclasses.replace(model.vision, transformer=transformer(model.vision.transformer)),
-        language=dataclasses.replace(model.language, transformer=transformer(model.language.transformer)),
+        built,
         freeze_vision=model.freeze_vision if t.freeze_ViT is None else t.freeze_ViT,
         freeze_language=model.freeze_language if t.freeze_LM is None else t.freeze_LM,
         freeze_projector=model.freeze_projector if t.freeze_projector is None else t.freeze_projector,

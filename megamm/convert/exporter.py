@@ -37,12 +37,12 @@ from safetensors.torch import save_file
 
 from megamm.config import ConfigError, LlavaConfig
 from megamm.config.parsing import run_config_from_dict
+from megamm.config.precision import dtype_named
 from megamm.config.registry import HF_ARCHITECTURES
 from megamm.convert import ConversionError
 from megamm.convert.adapters.base import ExportAdapter
 from megamm.convert.hf_config import HfExtras
 from megamm.convert.hf_keys import model_entries
-from megamm.convert.importer import DTYPES
 from megamm.convert.writer import CheckpointReader
 from megamm.models.keymap import Entry
 
@@ -145,7 +145,7 @@ def export_hf(load: str | Path, out: str | Path, tokenizer: str | Path | None = 
     work += [(f"hf_extra/{name}", None) for name in extra_names]
 
     def out_dtype(key: str) -> torch.dtype:
-        return reader.dtype(key) if dtype is None else DTYPES[dtype]
+        return reader.dtype(key) if dtype is None else dtype_named(dtype, "--dtype")
 
     model_dtype = out_dtype("model/language.embedding.weight")
     fill = {name: t for name, t in adapter.export_fill(config, model_dtype).items() if name not in extra_names}

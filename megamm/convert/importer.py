@@ -32,6 +32,7 @@ import torch
 from megamm.config import ConfigError, LanguageConfig, LlavaConfig, ParallelConfig, ProjectorConfig
 from megamm.config.layout import layout_problems
 from megamm.config.parsing import run_config_to_dict
+from megamm.config.precision import dtype_named
 from megamm.config.registry import HF_ARCHITECTURES
 from megamm.config.run import RunConfig
 from megamm.convert import ConversionError
@@ -46,8 +47,6 @@ from megamm.convert.writer import LazyTensor, write_checkpoint
 from megamm.models.keymap import Entry
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TensorFiles(Protocol):
@@ -216,7 +215,7 @@ def _finish(config: LlavaConfig, extras: HfExtras, source: CanonicalTensors, sav
         raise ConversionError(f"the mapped model config is not valid: {error}") from error
     _check_layout(config, tp, pp)
     summary = Summary(Path(save), config, added_tokens=added or {}, fresh_projector=not with_projector)
-    tensors = build_tensors(config, source, with_projector, DTYPES[dtype] if dtype else None, extension, summary)
+    tensors = build_tensors(config, source, with_projector, dtype_named(dtype, "--dtype") if dtype else None, extension, summary)
     return _save(config, extras, tensors, save, tp, pp, sources, summary)
 
 

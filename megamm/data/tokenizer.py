@@ -52,7 +52,10 @@ import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megamm.config import LanguageConfig
 
 DEFAULT_IMAGE_TOKEN = "<image>"
 DEFAULT_PAD_TOKEN = "<pad>"
@@ -381,6 +384,23 @@ class HFTokenizer(Tokenizer):
         ids |= {self.image_token_id, self.pad_id}
         ids |= {i for i in (self.bos_id, self.eos_id) if i is not None}
         return ids
+
+
+def check_tokenizer(tokenizer: Tokenizer, language: LanguageConfig, source: str) -> None:
+    """The tokenizer must fit the language model: no id beyond its vocabulary, the same image token id.
+
+    ValueError naming `source` (e.g. "--tokenizer-model PATH") and every mismatch. Training and
+    generation both check here, before any weights are read.
+    """
+    problems = []
+    if tokenizer.vocab_size > language.vocab_size:
+        problems.append(f"it has {tokenizer.vocab_size} tokens (added image/pad tokens included) but "
+                        f"model.language.vocab_size is {language.vocab_size}")
+    if tokenizer.image_token_id != language.image_token_id:
+        problems.append(f"it gives the image token {tokenizer.image_token!r} id {tokenizer.image_token_id} but "
+                        f"model.language.image_token_id is {language.image_token_id}")
+    if problems:
+        raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
 
 
 def load_tokenizer(

@@ -13,10 +13,11 @@ import os
 
 import torch
 
+from megamm.config.precision import DTYPES
 from megamm.config.registry import VISION_TOWERS
 from megamm.inference.generation import GenerationConfig
 from megamm.inference.sampling import SamplingConfig
-from megamm.inference.session import DTYPES, InferenceSession
+from megamm.inference.session import InferenceSession
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 
 

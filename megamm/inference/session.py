@@ -16,7 +16,7 @@ index in the request, so the answers depend neither on dp nor on the batch size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +24,9 @@ import torch.distributed as dist
 from PIL import Image
 
 from megamm.checkpoint.model_weights import load_model_weights, read_run_config_tree
-from megamm.config import LlavaConfig, TransformerConfig
+from megamm.config import LlavaConfig
 from megamm.config.parsing import run_config_from_dict
+from megamm.config.precision import dtype_named, precision_name
 from megamm.config.registry import VISION_TOWERS
 from megamm.data.images import (
     ImageError,
@@ -36,14 +37,13 @@ from megamm.data.images import (
     preprocess_tiles,
 )
 from megamm.data.templates import IMAGE_PLACEHOLDER, get_template, render_prompt
-from megamm.data.tokenizer import Tokenizer, load_tokenizer
+from megamm.data.tokenizer import Tokenizer, check_tokenizer, load_tokenizer
 from megamm.inference.generation import GenerationConfig, Prompt, generate
 from megamm.models.llava import LlavaModel
 from megamm.parallel.mappings import group_size
 from megamm.parallel.state import ParallelState
 
 # Answer-closing tokens of templates whose answers end with something other than EOS.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -106,33 +106,6 @@ def data_settings(tree: dict, model_config: LlavaConfig, **overrides: object) ->
     return DataSettings(**values)  # type: ignore[arg-type]
 
 
-def inference_model_config(model: LlavaConfig, dtype: torch.dtype) -> LlavaConfig:
-    """The trained model's config for inference: parameters in `dtype`, no recompute."""
-
-    def transformer(config: TransformerConfig) -> TransformerConfig:
-        return replace(config, params_dtype=dtype, recompute="none", recompute_num_layers=None)
-
-    return replace(
-        model,
-        vision=replace(model.vision, transformer=transformer(model.vision.transformer)),
-        language=replace(model.language, transformer=transformer(model.language.transformer)),
-    )
-
-
-def check_tokenizer(tokenizer: Tokenizer, config: LlavaConfig) -> None:
-    """The tokenizer must fit the model's vocabulary and image token id; ValueError otherwise."""
-    language = config.language
-    problems = []
-    if tokenizer.vocab_size > language.vocab_size:
-        problems.append(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary {language.vocab_size}")
-    if tokenizer.image_token_id != language.image_token_id:
-        problems.append(
-            f"the tokenizer's image token id is {tokenizer.image_token_id}, the model's {language.image_token_id}"
-        )
-    if problems:
-        raise ValueError(f"tokenizer {tokenizer.path} does not fit the model: " + "; ".join(problems))
-
-
 def stop_token_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...]:
     """EOS and the template's answer-closing tokens, where the tokenizer has them as single ids."""
     ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
@@ -148,7 +121,7 @@ class InferenceSession:
     """A model with its tokenizer and data settings; `answer` turns questions into answers."""
 
     def __init__(self, model: LlavaModel, tokenizer: Tokenizer, settings: DataSettings) -> None:
-        check_tokenizer(tokenizer, model.config)
+        check_tokenizer(tokenizer, model.config.language, f"tokenizer {tokenizer.path}")
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
@@ -171,16 +144,14 @@ class InferenceSession:
         model_config = run_config_from_dict({"model": tree.get("model")}).model
         settings = data_settings(tree, model_config, **overrides)
         training = tree.get("training") or {}
-        trained = "bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "fp32"
-        if (dtype or trained) not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        params_dtype = dtype_named(dtype or precision_name(bool(training.get("bf16")), bool(training.get("fp16"))))
         # The tokenizer first: a wrong one fails in a second, not after the weights are read.
         try:
             tokenizer = load_tokenizer(settings.tokenizer_model)
         except FileNotFoundError as error:
             raise FileNotFoundError(f"{error} (the checkpoint's tokenizer; pass --tokenizer-model to use another path)") from error
-        check_tokenizer(tokenizer, model_config)
-        model = LlavaModel(inference_model_config(model_config, DTYPES[dtype or trained]), state)
+        check_tokenizer(tokenizer, model_config.language, f"tokenizer {settings.tokenizer_model}")
+        model = LlavaModel(model_config.for_runtime(params_dtype), state)
         model.requires_grad_(False)
         load_model_weights(model, path, state)
         model.eval()

@@ -48,7 +48,7 @@ class LanguageModel(nn.Module):
         self.state = state
         self.pre_process = pre_process
         self.post_process = post_process
-        self.sequence_parallel = sequence_parallel and state.tp_size > 1
+        self.sequence_parallel = sequence_parallel
         self.padded_vocab_size = pad_vocab_size(
             config.vocab_size, config.make_vocab_size_divisible_by, state.tp_size
         )

@@ -30,7 +30,7 @@ class VisionTower(nn.Module):
         tcfg = config.transformer
         self.config = config
         self.state = state
-        self.sequence_parallel = sequence_parallel and state.tp_size > 1
+        self.sequence_parallel = sequence_parallel
         h, p, dtype, std = tcfg.hidden_size, config.patch_size, tcfg.params_dtype, tcfg.init_method_std
 
         def replicated(shape: tuple[int, ...]) -> nn.Parameter:

@@ -67,7 +67,7 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError("output padding is supported for a plain, bias-free projection only")
         self.state = state
         self.gather_output = gather_output
-        self.sequence_parallel = sequence_parallel and tp > 1
+        self.sequence_parallel = sequence_parallel
         weight_layout = ParamLayout(
             (out_features, in_features),
             init,
@@ -125,7 +125,7 @@ class RowParallelLinear(nn.Module):
         if in_features % tp != 0:
             raise ValueError(f"input features {in_features} not divisible by tp={tp}")
         self.state = state
-        self.sequence_parallel = sequence_parallel and tp > 1
+        self.sequence_parallel = sequence_parallel
         self.weight = new_parameter(
             ParamLayout((out_features, in_features), init, partition_dim=1), tp, dtype, state.device
         )

@@ -4,15 +4,14 @@ share of the language layers (megamm.config.layout), deterministically initializ
 from __future__ import annotations
 
 from megamm.config.layout import stage_layers
-from megamm.config.run import RunConfig, apply_training_switches
+from megamm.config.resolved import ResolvedConfig
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
 
 
-def build_model_chunks(config: RunConfig, state: ParallelState) -> list[LlavaModel]:
+def build_model_chunks(config: ResolvedConfig, state: ParallelState) -> list[LlavaModel]:
     """This stage's model chunks (one without virtual stages), deterministically initialized."""
-    p, t = config.parallel, config.training
-    model_config = apply_training_switches(config)
+    p, t, model_config = config.parallel, config.training, config.model
     layer_chunks = stage_layers(
         model_config.language.transformer.num_layers, state.pp_size, state.pp_rank,
         p.num_layers_per_virtual_pipeline_stage, p.decoder_first_pipeline_num_layers,
@@ -21,7 +20,7 @@ def build_model_chunks(config: RunConfig, state: ParallelState) -> list[LlavaMod
     chunks = []
     for index, layers in enumerate(layer_chunks):
         chunk = LlavaModel(
-            model_config, state, sequence_parallel=p.sequence_parallel,
+            model_config, state, sequence_parallel=config.sequence_parallel,
             pre_process=state.is_first_stage and index == 0,
             post_process=state.is_last_stage and index == len(layer_chunks) - 1,
             language_layers=layers,

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from megamm.config import LlavaConfig
-from megamm.config.run import RunConfig
+from megamm.config.resolved import ResolvedConfig
 from megamm.data.batching import Batch, packed_microbatches, padded_microbatches
 from megamm.data.datasets import build_source
 from megamm.data.images import image_normalization
 from megamm.data.loader import BAD_KINDS, PositionDataset, RankLoader
 from megamm.data.samples import ImageSettings, Sample, SampleBuilder
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
-from megamm.data.tokenizer import Tokenizer, load_tokenizer
+from megamm.data.tokenizer import check_tokenizer, load_tokenizer
 from megamm.parallel.state import ParallelState
 
 # Held-out synthetic samples come from another seed stream.
@@ -45,8 +44,8 @@ def _select(batches: list[Batch], keys: tuple[str, ...]) -> list[Batch]:
 class SyntheticData:
     """--mock-data: sample i of the synthetic set is global position i."""
 
-    def __init__(self, config: RunConfig, model_config: LlavaConfig, state: ParallelState) -> None:
-        t = config.training
+    def __init__(self, config: ResolvedConfig, state: ParallelState) -> None:
+        t, model_config = config.training, config.model
         self.config, self.state = config, state
         self.train = SyntheticMultimodalDataset(model_config, t.seq_length, t.seed, t.images_per_sample)
         self.eval = SyntheticMultimodalDataset(model_config, t.seq_length, t.seed + EVAL_SEED_OFFSET, t.images_per_sample)
@@ -73,34 +72,19 @@ class SyntheticData:
         return "synthetic multimodal data (--mock-data)"
 
 
-def _image_settings(config: RunConfig, model_config: LlavaConfig) -> ImageSettings:
-    t, vision = config.training, model_config.vision
+def _image_settings(config: ResolvedConfig) -> ImageSettings:
+    t, vision = config.training, config.model.vision
     normalization = image_normalization(vision, t.image_normalization)
     return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles)
 
 
-def check_tokenizer(tokenizer: Tokenizer, model_config: LlavaConfig, path: str) -> None:
-    """The tokenizer and the model must agree on the vocabulary and the image token."""
-    language = model_config.language
-    if tokenizer.vocab_size > language.vocab_size:
-        raise ValueError(
-            f"--tokenizer-model {path} has {tokenizer.vocab_size} tokens (added image/pad tokens included) "
-            f"but model.language.vocab_size is {language.vocab_size}"
-        )
-    if tokenizer.image_token_id != language.image_token_id:
-        raise ValueError(
-            f"--tokenizer-model {path} gives the image token {tokenizer.image_token!r} id "
-            f"{tokenizer.image_token_id} but model.language.image_token_id is {language.image_token_id}"
-        )
-
-
-def build_sample_builder(config: RunConfig, model_config: LlavaConfig) -> SampleBuilder:
+def build_sample_builder(config: ResolvedConfig) -> SampleBuilder:
     """The tokenizer, template and image settings of a run, checked against the model."""
-    t = config.training
+    t, model_config = config.training, config.model
     tokenizer = load_tokenizer(t.tokenizer_model)
-    check_tokenizer(tokenizer, model_config, t.tokenizer_model)
+    check_tokenizer(tokenizer, model_config.language, f"--tokenizer-model {t.tokenizer_model}")
     return SampleBuilder(
-        tokenizer, t.chat_template, _image_settings(config, model_config),
+        tokenizer, t.chat_template, _image_settings(config),
         model_config.image_tokens_per_image, t.seq_length,
     )
 
@@ -110,8 +94,7 @@ class FileData:
 
     def __init__(
         self,
-        config: RunConfig,
-        model_config: LlavaConfig,
+        config: ResolvedConfig,
         state: ParallelState,
         start_iteration: int,
         microbatch_multiple: int = 1,
@@ -119,8 +102,8 @@ class FileData:
     ) -> None:
         t = config.training
         self.config, self.state, self.log = config, state, log
-        self.builder = build_sample_builder(config, model_config)
-        vision = model_config.vision
+        self.builder = build_sample_builder(config)
+        vision = config.model.vision
         self.image_shape = (vision.num_channels, vision.image_size, vision.image_size)
         self.microbatch_multiple = microbatch_multiple
         self.keys = stage_keys(state, t.pack_sequences)
@@ -152,8 +135,7 @@ class FileData:
         return _select(batches, self.keys)
 
     def _empty(self) -> list[Batch]:
-        t = self.config.training
-        return [{} for _ in range(t.global_batch_size // (t.micro_batch_size * self.state.dp_size))]
+        return [{} for _ in range(self.config.microbatches_per_step)]
 
     def microbatches(self, iteration: int) -> list[Batch]:
         if self.loader is None:
@@ -183,12 +165,12 @@ class FileData:
 
 
 def build_training_data(
-    config: RunConfig, model_config: LlavaConfig, state: ParallelState, start_iteration: int,
+    config: ResolvedConfig, state: ParallelState, start_iteration: int,
     microbatch_multiple: int = 1, log: Callable[[str], None] = print,
 ) -> SyntheticData | FileData:
     if config.training.mock_data:
-        return SyntheticData(config, model_config, state)
-    return FileData(config, model_config, state, start_iteration, microbatch_multiple, log)
+        return SyntheticData(config, state)
+    return FileData(config, state, start_iteration, microbatch_multiple, log)
 
 
 def rows_in(microbatches: list[Batch]) -> int:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megamm.config.constants import IGNORE_INDEX
-from megamm.config.run import RunConfig
+from megamm.config.resolved import ResolvedConfig
 from megamm.models.language import shift_labels
 from megamm.models.llava import LlavaModel
 from megamm.optim.grad_buffer import GradBuffer
@@ -49,7 +49,7 @@ class Trainer:
     """What a step needs: this stage's model chunks, their gradient buffers, the optimizer,
     schedules and settings. Without pipelining there is one chunk."""
 
-    config: RunConfig
+    config: ResolvedConfig
     state: ParallelState
     chunks: list[LlavaModel]
     buffers: list[GradBuffer]
@@ -85,7 +85,7 @@ def param_group_specs(
     return specs
 
 
-def _gradient_buffers(config: RunConfig, state: ParallelState, chunks: list[LlavaModel]) -> list[GradBuffer]:
+def _gradient_buffers(config: ResolvedConfig, state: ParallelState, chunks: list[LlavaModel]) -> list[GradBuffer]:
     """One buffer per model chunk (the schedule arms each chunk's overlapped sync on its last
     backward), plus, with pipelining and tied embeddings, one for the embedding table copies of the
     first and last stage, synced over both stages' dp ranks as if they were dp replicas."""
@@ -104,7 +104,7 @@ def _gradient_buffers(config: RunConfig, state: ParallelState, chunks: list[Llav
     return buffers
 
 
-def build_trainer(config: RunConfig, state: ParallelState, chunks: list[LlavaModel]) -> Trainer:
+def build_trainer(config: ResolvedConfig, state: ParallelState, chunks: list[LlavaModel]) -> Trainer:
     t = config.training
     buffers = _gradient_buffers(config, state, chunks)
     optimizer_cls = DistributedOptimizer if t.use_distributed_optimizer else MixedPrecisionOptimizer
@@ -120,15 +120,15 @@ def build_trainer(config: RunConfig, state: ParallelState, chunks: list[LlavaMod
         lr=t.lr,
         min_lr=t.min_lr,
         warmup_iters=t.lr_warmup_iters,
-        decay_iters=t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters,
+        decay_iters=config.lr_decay_iters,
         style=t.lr_decay_style,
     )
     scaler = DynamicLossScaler(t.initial_loss_scale, t.loss_scale_window) if t.fp16 else None
     if state.pp_size > 1:
         language = chunks[0].config.language.transformer
-        seq = t.seq_length // (state.tp_size if config.parallel.sequence_parallel else 1)
+        seq = t.seq_length // (state.tp_size if config.sequence_parallel else 1)
         forward_backward = PipelineSchedule(state, (seq, t.micro_batch_size, language.hidden_size),
-                                            language.params_dtype)
+                                            config.params_dtype)
     else:
         forward_backward = forward_backward_no_pipelining
     return Trainer(config, state, chunks, buffers, optimizer, schedule, scaler, forward_backward)

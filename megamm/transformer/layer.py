@@ -25,7 +25,7 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.config = config
         self.state = state
-        self.sequence_parallel = sequence_parallel and state.tp_size > 1
+        self.sequence_parallel = sequence_parallel
         self.input_norm = build_norm(config, state, sequence_parallel)
         self.self_attention = SelfAttention(config, state, sequence_parallel)
         self.pre_mlp_norm = build_norm(config, state, sequence_parallel)

@@ -35,7 +35,7 @@ class Norm(nn.Module):
             raise ValueError(f"unknown normalization {kind!r}; expected layernorm or rmsnorm")
         self.kind = kind
         self.eps = eps
-        partial_grads = sequence_parallel and state.tp_size > 1
+        partial_grads = sequence_parallel
 
         def param(value: float) -> nn.Parameter:
             layout = ParamLayout((hidden_size,), constant_init(value), sequence_parallel=partial_grads)
