@@ -17,6 +17,7 @@ from megamm.config import ParallelConfig
 from megamm.config.run import RunConfig, TrainingConfig, apply_training_switches
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
 from megamm.models.llava import LlavaModel
+from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.training.step import build_trainer, train_step
@@ -45,7 +46,8 @@ def _train(config: RunConfig, state: ParallelState, sequence_parallel: bool = Fa
     state.seed(t.seed)
     model = LlavaModel(apply_training_switches(config), state, sequence_parallel=sequence_parallel)
     model.initialize(t.seed)
-    initial = {name: gather_master(p.detach(), p.param_layout, state.tp_group).clone()
+    specs = param_specs(model)
+    initial = {name: gather_master(p.detach(), specs[name].layout, state.tp_group).clone()
                for name, p in model.named_parameters()}
     trainer = build_trainer(config, state, [model])
     data = SyntheticMultimodalDataset(model.config, t.seq_length, t.seed, t.images_per_sample)
@@ -56,7 +58,7 @@ def _train(config: RunConfig, state: ParallelState, sequence_parallel: bool = Fa
         assert result.applied
         losses.append(result.loss)
         norms.append(result.grad_norm)
-    final = {name: gather_master(p.detach(), p.param_layout, state.tp_group) for name, p in model.named_parameters()}
+    final = {name: gather_master(p.detach(), specs[name].layout, state.tp_group) for name, p in model.named_parameters()}
     frozen_unchanged = all(torch.equal(final[n], initial[n]) for n, p in model.named_parameters() if not p.requires_grad)
     return {"losses": losses, "norms": norms, "final": final, "frozen_unchanged": frozen_unchanged,
             "state_bytes": trainer.optimizer.state_bytes(),

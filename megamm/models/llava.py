@@ -21,7 +21,7 @@ from megamm.config import LlavaConfig, ParallelConfig
 from megamm.models.language import LanguageModel
 from megamm.models.projector import Projector
 from megamm.models.vision import VisionTower
-from megamm.parallel.sharding import initialize_parameters
+from megamm.parallel.params import initialize_parameters
 from megamm.parallel.state import ParallelState
 
 
