@@ -17,6 +17,7 @@ from megamm.checkpoint.checkpointer import Checkpointer, CheckpointMismatchError
 from megamm.config import ParallelConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
+from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.chunks import build_model_chunks
@@ -72,7 +73,7 @@ class Session:
         return evaluate(self.trainer, [self.data.batches_at(self.data.train, EVAL_BATCH)])
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {name: gather_master(p.detach(), p.param_layout, self.state.tp_group).clone()
+        return {name: gather_master(p.detach(), param_specs(chunk)[name].layout, self.state.tp_group).clone()
                 for chunk in self.chunks for name, p in chunk.named_parameters()}
 
 

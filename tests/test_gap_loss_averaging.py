@@ -84,7 +84,8 @@ def _train(micro_batch_size: int) -> dict:
         assert result.applied and result.loss_tokens == sum(KEEP)
         losses.append(result.loss)
         norms.append(result.grad_norm)
-        grads.append({name: p.main_grad.clone() for name, p in model.named_parameters() if p.requires_grad})
+        buffer = trainer.buffers[0]
+        grads.append({name: buffer.main_grad(p).clone() for name, p in model.named_parameters() if p.requires_grad})
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     return {"losses": losses, "norms": norms, "grads": grads, "params": params}
 

@@ -202,6 +202,7 @@ def _run_config(vocab_size: int, image_token_id: int, tokenizer_model: str) -> R
 
 def _tp_job(tmp: str, vocab_size: int, image_token_id: int, tool_args: list[str]) -> dict:
     from megamm.checkpoint.checkpointer import Checkpointer
+    from megamm.parallel.params import param_specs
     from megamm.parallel.sharding import gather_master
     from megamm.parallel.state import initialize_parallel_state
     from megamm.pipeline.chunks import build_model_chunks
@@ -226,8 +227,9 @@ def _tp_job(tmp: str, vocab_size: int, image_token_id: int, tool_args: list[str]
     reference = LlavaModel(model_config, tp1)
     reference.initialize(SAVED_SEED)
     expected = dict(reference.named_parameters())
+    tp2_specs = param_specs(loaded["tp2"])
     weights_exact = all(
-        torch.equal(gather_master(p.detach(), p.param_layout, tp2.tp_group), expected[n])
+        torch.equal(gather_master(p.detach(), tp2_specs[n].layout, tp2.tp_group), expected[n])
         for n, p in loaded["tp2"].named_parameters()
     ) and all(torch.equal(p, expected[n]) for n, p in loaded["tp1"].named_parameters())
     prompts = _prompts(image_token_id, vocab_size)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from megamm import kernels
 from megamm.kernels import reference
 from megamm.models.llava import LlavaModel
-from megamm.parallel.sharding import initialize_parameters
+from megamm.parallel.params import initialize_parameters
 from megamm.parallel.state import ParallelState
 from megamm.transformer import mlp
 from megamm.transformer.attention import SelfAttention

@@ -13,9 +13,9 @@ from megamm.parallel.layers import (
     VocabParallelEmbedding,
     pad_vocab_size,
 )
+from megamm.parallel.params import initialize_parameters
 from megamm.parallel.sharding import (
     ParamLayout,
-    initialize_parameters,
     normal_init,
     parameter_seed,
     shard_master,

@@ -20,7 +20,7 @@ from megamm.data.packing import (
     packed_sequence,
 )
 from megamm.models.language import LanguageModel
-from megamm.parallel.sharding import initialize_parameters
+from megamm.parallel.params import initialize_parameters
 from megamm.parallel.state import ParallelState
 from tests.tiny import language_config
 

@@ -17,6 +17,7 @@ from megamm.config import ParallelConfig
 from megamm.config.layout import layout_problems, schedule_problems, stage_layers
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
+from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.chunks import build_model_chunks
@@ -55,7 +56,7 @@ def _train(run: RunConfig, state: ParallelState) -> dict:
         norms.append(result.grad_norm)
     eval_loss = evaluate(trainer, [data.batches_at(data.train, 100 + i) for i in range(2)])
     final = {
-        name: gather_master(p.detach(), p.param_layout, state.tp_group)
+        name: gather_master(p.detach(), param_specs(chunk)[name].layout, state.tp_group)
         for chunk in chunks for name, p in chunk.named_parameters()
     }
     return {"losses": losses, "norms": norms, "eval": eval_loss, "final": final}

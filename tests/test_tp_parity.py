@@ -18,6 +18,7 @@ import torch
 from megamm.config import LlavaConfig, ProjectorConfig
 from megamm.models.llava import LlavaModel, average_loss
 from megamm.parallel.grads import allreduce_sequence_parallel_grads
+from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from tests.distributed import run_distributed
@@ -69,7 +70,9 @@ def _run(model: LlavaModel, batch: dict[str, Any]) -> torch.Tensor:
     output = model(**batch)
     loss = average_loss(output)
     loss.backward()
-    allreduce_sequence_parallel_grads(model, model.state.tp_group)
+    specs = param_specs(model)
+    partial = [p.grad for n, p in model.named_parameters() if specs[n].sequence_partial_grad and p.grad is not None]
+    allreduce_sequence_parallel_grads(partial, model.state.tp_group)
     return loss.detach()
 
 
@@ -90,11 +93,12 @@ def _compare(name: str, sequence_parallel: bool, reference_state: ParallelState,
     loss = _run(model, batch)
 
     reference_params = dict(reference.named_parameters())
+    specs = param_specs(model)
     worst_param, worst_grad = 0.0, 0.0
     problems = []
     for param_name, param in model.named_parameters():
         expected = reference_params[param_name]
-        layout = param.param_layout
+        layout = specs[param_name].layout
         master = gather_master(param.detach(), layout, state.tp_group)
         expected_master = gather_master(expected.detach(), layout, reference_state.tp_group)
         worst_param = max(worst_param, _relative_error(master, expected_master))

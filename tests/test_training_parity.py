@@ -18,6 +18,7 @@ from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
 from megamm.models.llava import LlavaModel
+from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.training.step import build_trainer, train_step
@@ -47,7 +48,8 @@ def _train(run: RunConfig, state: ParallelState, sequence_parallel: bool = False
     state.seed(t.seed)
     model = LlavaModel(config.model, state, sequence_parallel=sequence_parallel)
     model.initialize(t.seed)
-    initial = {name: gather_master(p.detach(), p.param_layout, state.tp_group).clone()
+    specs = param_specs(model)
+    initial = {name: gather_master(p.detach(), specs[name].layout, state.tp_group).clone()
                for name, p in model.named_parameters()}
     trainer = build_trainer(config, state, [model])
     data = SyntheticMultimodalDataset(model.config, t.seq_length, t.seed, t.images_per_sample)
@@ -58,7 +60,7 @@ def _train(run: RunConfig, state: ParallelState, sequence_parallel: bool = False
         assert result.applied
         losses.append(result.loss)
         norms.append(result.grad_norm)
-    final = {name: gather_master(p.detach(), p.param_layout, state.tp_group) for name, p in model.named_parameters()}
+    final = {name: gather_master(p.detach(), specs[name].layout, state.tp_group) for name, p in model.named_parameters()}
     final = {name: _without_key_bias(name, tensor, model.config.language.transformer) for name, tensor in final.items()}
     frozen_unchanged = all(torch.equal(final[n], initial[n]) for n, p in model.named_parameters() if not p.requires_grad)
     return {"losses": losses, "norms": norms, "final": final, "frozen_unchanged": frozen_unchanged,

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megamm.parallel.sharding import initialize_parameters
+from megamm.parallel.params import initialize_parameters
 from megamm.parallel.state import ParallelState
 from megamm.transformer.attention import SelfAttention
 from megamm.transformer.layer import TransformerBlock

@@ -35,6 +35,7 @@ import torch
 from megamm.config.layout import stage_layers
 from megamm.config.resolved import ResolvedConfig
 from megamm.models.llava import LlavaModel
+from megamm.parallel.params import param_specs
 from megamm.parallel.state import ParallelState
 from megamm.train import read_config
 
@@ -66,10 +67,11 @@ def estimate(config: ResolvedConfig) -> dict:
     optimizer_share = dp if t.use_distributed_optimizer else 1
     stages = [{"weights": 0.0, "grads": 0.0, "optimizer": 0.0, "activations": 0.0, "logits": 0.0} for _ in range(pp)]
     total_parameters = 0
+    specs = param_specs(model)
     for name, param in model.named_parameters():
         numel = param.numel()
         total_parameters += numel
-        local = numel // tp if param.param_layout.partition_dim is not None else numel
+        local = numel if specs[name].tp_replicated else numel // tp
         stage = stages[_stage_of(name, layer_stage, pp)]
         stage["weights"] += local * weight_bytes
         if param.requires_grad:

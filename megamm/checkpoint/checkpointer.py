@@ -42,6 +42,7 @@ from megamm.checkpoint.blocks import (
 )
 from megamm.config.parsing import run_config_to_dict
 from megamm.optim.optimizer import DistributedOptimizer
+from megamm.parallel.params import ParamSpec, param_specs
 
 if TYPE_CHECKING:
     from megamm.training.step import Trainer
@@ -94,17 +95,20 @@ class Checkpointer:
     def _names(self) -> dict[int, str]:
         return {id(p): name for name, p in self._named_parameters()}
 
+    def _specs(self) -> dict[str, ParamSpec]:
+        return {name: spec for chunk in self.trainer.chunks for name, spec in param_specs(chunk).items()}
+
     def model_state(self) -> dict[str, BlockTensor]:
-        state = self.trainer.state
+        state, specs = self.trainer.state, self._specs()
         return {
-            f"model/{name}": parameter_blocks(p.data, p.param_layout, state.tp_rank, state.tp_size)
+            f"model/{name}": parameter_blocks(p.data, specs[name].layout, state.tp_rank, state.tp_size)
             for name, p in self._named_parameters()
         }
 
     def optimizer_state(self, create: bool) -> dict[str, BlockTensor]:
         """Master weights and moments as blocks; `create` makes zero moments first (before a load)."""
         state, optimizer = self.trainer.state, self.trainer.optimizer
-        names = self._names()
+        names, specs = self._names(), self._specs()
         out: dict[str, BlockTensor] = {}
         pieces_by_key: dict[str, list] = {}
         for piece in optimizer.pieces:
@@ -124,13 +128,12 @@ class Checkpointer:
                 for moment in ("exp_avg", "exp_avg_sq"):
                     if moment in moments:
                         tensors.setdefault(moment, []).append((moments[moment], piece.span))
-            param = pieces[0].param
+            param, layout = pieces[0].param, specs[name].layout
             for kind, items in tensors.items():
                 blocks = {}
                 for data, span in items:
-                    blocks.update(master_blocks(data, param.param_layout, tuple(param.shape), state.tp_rank,
-                                                state.tp_size, span))
-                out[f"optim/{kind}/{name}"] = BlockTensor(view_2d_shape(param.param_layout.master_shape), blocks)
+                    blocks.update(master_blocks(data, layout, tuple(param.shape), state.tp_rank, state.tp_size, span))
+                out[f"optim/{kind}/{name}"] = BlockTensor(view_2d_shape(layout.master_shape), blocks)
         out["optim/step"] = _scalar(self._adam_step())
         return out
 

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megamm.checkpoint import storage
 from megamm.checkpoint.blocks import BlockLoadPlanner, BlockTensor, parameter_blocks
+from megamm.parallel.params import param_specs
 from megamm.parallel.state import ParallelState
 
 MODEL_PREFIX = "model/"
@@ -55,8 +56,9 @@ def read_run_config_tree(load: str | Path) -> tuple[Path, dict]:
 def _requests(modules: Iterable[nn.Module], state: ParallelState) -> dict[str, BlockTensor]:
     request: dict[str, BlockTensor] = {}
     for module in modules:
+        specs = param_specs(module)
         for name, param in module.named_parameters():
-            request[MODEL_PREFIX + name] = parameter_blocks(param.data, param.param_layout, state.tp_rank, state.tp_size)
+            request[MODEL_PREFIX + name] = parameter_blocks(param.data, specs[name].layout, state.tp_rank, state.tp_size)
     return request
 
 

@@ -46,6 +46,7 @@ from megamm.convert.readers import TensorInfo, WeightFiles, read_json
 from megamm.convert.writer import LazyTensor, write_checkpoint
 from megamm.models.keymap import Entry
 from megamm.models.llava import LlavaModel
+from megamm.parallel.params import param_specs
 from megamm.parallel.state import ParallelState
 
 
@@ -115,7 +116,7 @@ class VocabExtension:
 def _master_shapes(config: LlavaConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's master shape, from a model built on the meta device (no memory)."""
     model = LlavaModel(config, ParallelState.single("meta"))
-    return {name: tuple(p.param_layout.master_shape) for name, p in model.named_parameters()}
+    return {name: tuple(spec.layout.master_shape) for name, spec in param_specs(model).items()}
 
 
 def _check_layout(config: LlavaConfig, tp: int, pp: int) -> None:

@@ -85,13 +85,6 @@ class Scene:
     def to_json(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "shapes": [asdict(s) for s in self.shapes]}
 
-    @staticmethod
-    def from_json(data: dict[str, Any]) -> Scene:
-        shapes = tuple(
-            Shape(**{**s, "center": (float(s["center"][0]), float(s["center"][1]))}) for s in data["shapes"]
-        )
-        return Scene(image_size=int(data["image_size"]), shapes=shapes)
-
 
 @dataclass(frozen=True)
 class Question:

@@ -17,6 +17,7 @@ from megamm.config.constants import IGNORE_INDEX
 from megamm.kernels.cross_entropy import vocab_parallel_cross_entropy
 from megamm.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, pad_vocab_size
 from megamm.parallel.mappings import scatter_to_sequence_parallel_region
+from megamm.parallel.params import TiedEmbedding
 from megamm.parallel.sharding import normal_init
 from megamm.parallel.state import ParallelState
 from megamm.transformer.kv_cache import KVCache
@@ -58,12 +59,13 @@ class LanguageModel(nn.Module):
             # With tied embeddings on a last stage that does not embed, this is its own copy of the
             # table for the output layer, initialized identically (same global name) and kept equal
             # by syncing its gradient with the first stage's (see megamm.training.step).
+            tied = None
+            if config.tie_word_embeddings:
+                tied = TiedEmbedding.TABLE if pre_process else TiedEmbedding.OUTPUT_COPY
             self.embedding = VocabParallelEmbedding(
                 config.vocab_size, self.padded_vocab_size, tcfg.hidden_size,
-                state=state, init=normal_init(std), dtype=dtype,
+                state=state, init=normal_init(std), dtype=dtype, tied=tied,
             )
-            self.embedding.weight.shared_embedding = config.tie_word_embeddings
-            self.embedding.weight.tied_copy = not pre_process
         self.rotary = RotaryEmbedding(tcfg.head_dim, tcfg.rotary_base)
         numbers = range(tcfg.num_layers) if layer_numbers is None else layer_numbers
         self.decoder = TransformerBlock(tcfg, state, sequence_parallel, numbers)

@@ -21,7 +21,7 @@ from megamm.config import LlavaConfig, ParallelConfig
 from megamm.models.language import LanguageModel
 from megamm.models.projectors import build_projector
 from megamm.models.vision import VisionTower
-from megamm.parallel.sharding import initialize_parameters
+from megamm.parallel.params import initialize_parameters
 from megamm.parallel.state import ParallelState
 
 
@@ -36,13 +36,14 @@ class LlavaModel(nn.Module):
         language_layers: Iterable[int] | None = None,
     ) -> None:
         super().__init__()
-        config.validate(
-            ParallelConfig(
-                tensor_model_parallel_size=state.tp_size,
-                pipeline_model_parallel_size=state.pp_size,
-                sequence_parallel=sequence_parallel,
-            )
+        parallel = ParallelConfig(
+            tensor_model_parallel_size=state.tp_size,
+            pipeline_model_parallel_size=state.pp_size,
+            sequence_parallel=sequence_parallel,
         )
+        config.validate(parallel)
+        # Sequence parallelism splits over tp ranks: with one rank there is nothing to split.
+        sequence_parallel = parallel.sequence_parallel_in_effect
         self.config = config
         self.state = state
         self.pre_process = pre_process

@@ -18,13 +18,14 @@ from megamm.parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
-from megamm.parallel.sharding import ParamLayout, constant_init, new_parameter, normal_init
+from megamm.parallel.params import ParamOwner, ParamSpec
+from megamm.parallel.sharding import ParamLayout, constant_init, normal_init
 from megamm.parallel.state import ParallelState
 from megamm.transformer.layer import TransformerBlock
 from megamm.transformer.norm import build_norm
 
 
-class VisionTower(nn.Module):
+class VisionTower(ParamOwner):
     def __init__(self, config: VisionConfig, state: ParallelState, sequence_parallel: bool) -> None:
         super().__init__()
         tcfg = config.transformer
@@ -33,17 +34,17 @@ class VisionTower(nn.Module):
         self.sequence_parallel = sequence_parallel
         h, p, dtype, std = tcfg.hidden_size, config.patch_size, tcfg.params_dtype, tcfg.init_method_std
 
-        def replicated(shape: tuple[int, ...]) -> nn.Parameter:
-            return new_parameter(ParamLayout(shape, normal_init(std)), state.tp_size, dtype, state.device)
+        def replicated(name: str, shape: tuple[int, ...]) -> nn.Parameter:
+            return self.create_parameter(name, ParamSpec(ParamLayout(shape, normal_init(std))), state, dtype)
 
-        self.patch_embedding = replicated((h, config.num_channels, p, p))
+        self.patch_embedding = replicated("patch_embedding", (h, config.num_channels, p, p))
         self.patch_bias = (
-            new_parameter(ParamLayout((h,), constant_init(0.0)), state.tp_size, dtype, state.device)
+            self.create_parameter("patch_bias", ParamSpec(ParamLayout((h,), constant_init(0.0))), state, dtype)
             if config.patch_bias
             else None
         )
-        self.class_embedding = replicated((h,)) if config.class_token else None
-        self.position_embedding = replicated((config.seq_length, h))
+        self.class_embedding = replicated("class_embedding", (h,)) if config.class_token else None
+        self.position_embedding = replicated("position_embedding", (config.seq_length, h))
         # The pre-norm runs on the full, replicated sequence, before any sequence split.
         self.pre_norm = build_norm(tcfg, state, sequence_parallel=False) if config.pre_norm else None
         self.encoder = TransformerBlock(tcfg, state, sequence_parallel, range(tcfg.num_layers))

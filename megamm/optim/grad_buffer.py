@@ -1,9 +1,10 @@
 """Contiguous fp32 gradient buffers ("main grads") synced across data parallelism in buckets.
 
-Every trainable parameter gets `param.main_grad`, an fp32 view into one flat buffer. For fp32
-parameters `param.grad` is that view, so autograd accumulates into the buffer in place; for bf16/fp16
-parameters a post-accumulate-grad hook adds each fresh `param.grad` into it and frees `param.grad`.
-Either way gradients accumulate over microbatches in fp32. Frozen parameters get no buffer space.
+Every trainable parameter has a main grad, an fp32 view into one flat buffer that the buffer owns
+(`buffer.main_grad(param)`). For fp32 parameters `param.grad` is that view, so autograd accumulates
+into the buffer in place; for bf16/fp16 parameters a post-accumulate-grad hook adds each fresh
+`param.grad` into it and frees `param.grad`. Either way gradients accumulate over microbatches in
+fp32. Frozen parameters get no buffer space.
 
 The buffer is cut into buckets of about `bucket_size` elements, in reverse parameter order (roughly
 the order backward produces them). Each bucket is padded to a multiple of dp so that it splits into
@@ -11,14 +12,19 @@ equal dp shards, which is what the distributed optimizer owns. Sync is a SUM acr
 for the plain optimizer, reduce-scatter (each rank gets its shard) for the distributed one. The
 loss is already divided by the global batch's token count, so the sum is the exact average.
 
-With `overlap`, a bucket's collective starts during the backward pass of the last microbatch as
-soon as all of its parameters have their grads; buckets are always launched in index order, so
-every rank issues the same collectives in the same order even if its autograd order differs (a
-rank whose microbatch has no image produces vision grads in another order).
+Gradient accumulation works like DDP's `no_sync()`: backward passes run inside `buffer.no_sync()`
+only accumulate; the one run outside it (the schedule runs the last microbatch there) completes
+the step's grads. With `overlap`, a bucket's collective starts during that backward as soon as all
+of its parameters have their grads; buckets are always launched in index order, so every rank
+issues the same collectives in the same order even if its autograd order differs (a rank whose
+microbatch has no image produces vision grads in another order). Without `overlap`, and for any
+bucket that has not started, `finish_grad_sync` launches the collectives.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -54,10 +60,9 @@ class GradBuffer:
         bucket_size: int = 40_000_000,
         overlap: bool = False,
         shard_for_optimizer: bool = False,
-        param_dtype: torch.dtype | None = None,
     ) -> None:
         """params: the trainable parameters, in model order. With `shard_for_optimizer`, sync by
-        reduce-scatter, and also move the parameters into one flat buffer of `param_dtype` with the
+        reduce-scatter, and also move the parameters into one flat buffer of their dtype with the
         same layout, so updated shards can be all-gathered back in place."""
         self.dp_group = dp_group
         self.dp_size = group_size(dp_group)
@@ -72,18 +77,19 @@ class GradBuffer:
         self.grad_data = torch.zeros(self.numel, dtype=torch.float32, device=device)
         self.param_data: torch.Tensor | None = None
         if shard_for_optimizer:
-            dtype = param_dtype or (self.params[0].dtype if self.params else torch.float32)
+            dtype = self.params[0].dtype if self.params else torch.float32
             self.param_data = torch.zeros(self.numel, dtype=dtype, device=device)
+        self._main_grads: dict[nn.Parameter, torch.Tensor] = {}
         for param in self.params:
             start, end = self.offsets[param]
-            param.main_grad = self.grad_data[start:end].view_as(param)
+            self._main_grads[param] = self.grad_data[start:end].view_as(param)
             if self.param_data is not None:
                 view = self.param_data[start:end].view_as(param)
                 view.copy_(param.data)
                 param.data = view
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._next_to_launch = 0
-        self.is_last_microbatch = True
+        self._syncing = True
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
     def _layout(self, bucket_size: int) -> None:
@@ -106,13 +112,35 @@ class GradBuffer:
         self.buckets.append(Bucket(len(self.buckets), start, padded_end, params))
         return padded_end
 
+    def main_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """The fp32 gradient of `param` (its shape), a view into this buffer."""
+        grad = self._main_grads.get(param)
+        if grad is None:
+            raise KeyError(f"a parameter of shape {tuple(param.shape)} has no main grad in this buffer "
+                           "(frozen, or held by another buffer)")
+        return grad
+
     # ---- backward-time accumulation and sync ---------------------------------------------------
 
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside only accumulate into the main grads: no dp collective starts.
+
+        The schedule runs every microbatch but the last inside it; the backward outside it is the
+        last of the step, during which overlapped buckets launch as their grads complete.
+        """
+        previous, self._syncing = self._syncing, False
+        try:
+            yield
+        finally:
+            self._syncing = previous
+
     def _on_grad(self, param: nn.Parameter) -> None:
-        if param.grad is not param.main_grad:
-            param.main_grad.add_(param.grad)
+        main_grad = self._main_grads[param]
+        if param.grad is not main_grad:
+            main_grad.add_(param.grad)
             param.grad = None
-        if self.overlap and self.is_last_microbatch:
+        if self.overlap and self._syncing:
             bucket = self._bucket_of[id(param)]
             bucket.pending.discard(id(param))
             self._launch_ready_buckets()
@@ -139,7 +167,7 @@ class GradBuffer:
         # buffer view, autograd adds each new gradient into it in place (no extra copy or add).
         for param in self.params:
             if param.dtype == torch.float32:
-                param.grad = param.main_grad
+                param.grad = self._main_grads[param]
         self._next_to_launch = 0
         for bucket in self.buckets:
             bucket.pending = {id(p) for p in bucket.params}
@@ -147,6 +175,8 @@ class GradBuffer:
 
     def finish_grad_sync(self) -> None:
         """Launch whatever has not been launched yet, then wait for every bucket."""
+        if not self._syncing:
+            raise RuntimeError("finish_grad_sync inside no_sync(): the step's gradients are not complete yet")
         for bucket in self.buckets[self._next_to_launch :]:
             self._launch(bucket)
         self._next_to_launch = len(self.buckets)

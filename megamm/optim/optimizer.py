@@ -16,6 +16,7 @@ The step itself: unscale (fp16), global grad norm, skip if not finite, clip, Ada
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megamm.optim.grad_buffer import GradBuffer
+from megamm.parallel.params import ParamSpec, TiedEmbedding
 from megamm.parallel.state import ParallelState
 
 
@@ -48,17 +50,17 @@ class Piece:
     counts_in_norm: bool
 
 
-def counts_in_norm(param: nn.Parameter, state: ParallelState, sharded_over_dp: bool) -> bool:
-    """Whether this rank's copy of `param` adds to the global grad norm, so each element counts once.
+def counts_in_norm(spec: ParamSpec, state: ParallelState, sharded_over_dp: bool) -> bool:
+    """Whether this rank's copy of the parameter with record `spec` adds to the global grad norm, so
+    each element counts once.
 
     Tensor-parallel shards are distinct on every tp rank; replicated parameters count on tp rank 0.
     The last stage's copy of a tied embedding table counts only when the distributed optimizer
     splits the pair's gradient into disjoint shards; otherwise the first stage's copy counts.
     """
-    if getattr(param, "tied_copy", False) and not sharded_over_dp:
+    if spec.tied is TiedEmbedding.OUTPUT_COPY and not sharded_over_dp:
         return False
-    layout = getattr(param, "param_layout", None)
-    return (layout is not None and layout.partition_dim is not None) or state.tp_rank == 0
+    return not spec.tp_replicated or state.tp_rank == 0
 
 
 class _AdamWOverPieces:
@@ -152,13 +154,16 @@ class _AdamWOverPieces:
 
 
 class MixedPrecisionOptimizer(_AdamWOverPieces):
-    def __init__(self, buffers: list[GradBuffer], specs: dict[nn.Parameter, ParamGroupSpec], state: ParallelState,
+    def __init__(self, buffers: list[GradBuffer], groups: Mapping[nn.Parameter, ParamGroupSpec],
+                 params: Mapping[nn.Parameter, ParamSpec], state: ParallelState,
                  lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        """groups: each trainable parameter's optimizer settings; params: the parameter records."""
         pieces = []
-        for param in (p for buffer in buffers for p in buffer.params):
-            master = param if param.dtype == torch.float32 else param.detach().float().clone()
-            pieces.append(Piece(master, param.main_grad, param, None, specs[param],
-                                counts_in_norm(param, state, sharded_over_dp=False)))
+        for buffer in buffers:
+            for param in buffer.params:
+                master = param if param.dtype == torch.float32 else param.detach().float().clone()
+                pieces.append(Piece(master, buffer.main_grad(param), param, None, groups[param],
+                                    counts_in_norm(params[param], state, sharded_over_dp=False)))
         # Grads are identical across dp, so the norm sums over the model-parallel ranks only.
         super().__init__(pieces, state, lr, betas, eps, norm_group=state.mp_group)
 
@@ -170,8 +175,10 @@ class MixedPrecisionOptimizer(_AdamWOverPieces):
 
 
 class DistributedOptimizer(_AdamWOverPieces):
-    def __init__(self, buffers: list[GradBuffer], specs: dict[nn.Parameter, ParamGroupSpec], state: ParallelState,
+    def __init__(self, buffers: list[GradBuffer], groups: Mapping[nn.Parameter, ParamGroupSpec],
+                 params: Mapping[nn.Parameter, ParamSpec], state: ParallelState,
                  lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        """groups: each trainable parameter's optimizer settings; params: the parameter records."""
         if not all(buffer.shard_for_optimizer for buffer in buffers):
             raise ValueError("the distributed optimizer needs GradBuffers built with shard_for_optimizer=True")
         self.buffers = buffers
@@ -186,8 +193,8 @@ class DistributedOptimizer(_AdamWOverPieces):
                         continue
                     master = param.detach().reshape(-1)[lo - start : hi - start].float().clone()
                     grad = buffer.grad_data[lo:hi]
-                    pieces.append(Piece(master, grad, param, (lo - start, hi - start), specs[param],
-                                        counts_in_norm(param, state, sharded_over_dp=True)))
+                    pieces.append(Piece(master, grad, param, (lo - start, hi - start), groups[param],
+                                        counts_in_norm(params[param], state, sharded_over_dp=True)))
         # Each dp rank holds a disjoint shard: the norm sums over every rank.
         super().__init__(pieces, state, lr, betas, eps, norm_group=state.world_group)
 

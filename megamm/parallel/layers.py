@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from megamm.parallel.mappings import (
     copy_to_tensor_parallel_region,
@@ -21,11 +20,12 @@ from megamm.parallel.mappings import (
     reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-from megamm.parallel.sharding import InitFn, ParamLayout, constant_init, new_parameter
+from megamm.parallel.params import ParamOwner, ParamSpec, TiedEmbedding
+from megamm.parallel.sharding import InitFn, ParamLayout, constant_init
 from megamm.parallel.state import ParallelState
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(ParamOwner):
     """`y = x W^T + b` with W `[out, in]` split along `out` across tp.
 
     Input: `[s, b, in]` replicated, or `[s/tp, b, in]` when `sequence_parallel` (gathered here).
@@ -75,17 +75,9 @@ class ColumnParallelLinear(nn.Module):
             fused_parts=fused_parts,
             padded_size=padded_out_features,
         )
-        self.weight = None if skip_weight else new_parameter(weight_layout, tp, dtype, state.device)
-        self.bias = (
-            new_parameter(
-                ParamLayout((out_features,), constant_init(0.0), partition_dim=0, fused_parts=fused_parts),
-                tp,
-                dtype,
-                state.device,
-            )
-            if bias
-            else None
-        )
+        self.weight = None if skip_weight else self.create_parameter("weight", ParamSpec(weight_layout), state, dtype)
+        bias_layout = ParamLayout((out_features,), constant_init(0.0), partition_dim=0, fused_parts=fused_parts)
+        self.bias = self.create_parameter("bias", ParamSpec(bias_layout), state, dtype) if bias else None
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """`weight` overrides the own weight (tied output layer reusing the embedding table)."""
@@ -101,12 +93,13 @@ class ColumnParallelLinear(nn.Module):
         return gather_from_tensor_parallel_region(y, group) if self.gather_output else y
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(ParamOwner):
     """`y = x W^T + b` with W `[out, in]` split along `in` across tp.
 
     Input: `[s, b, in/tp]` (already split, e.g. the output of a column-parallel layer).
     Output: `[s, b, out]` replicated, or `[s/tp, b, out]` when `sequence_parallel`.
-    The bias is added once, after the reduction.
+    The bias is added once, after the reduction; under sequence parallelism it is applied to this
+    rank's sequence chunk only, so its record says its grad is a partial sum over tp.
     """
 
     def __init__(
@@ -126,19 +119,13 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"input features {in_features} not divisible by tp={tp}")
         self.state = state
         self.sequence_parallel = sequence_parallel
-        self.weight = new_parameter(
-            ParamLayout((out_features, in_features), init, partition_dim=1), tp, dtype, state.device
+        self.weight = self.create_parameter(
+            "weight", ParamSpec(ParamLayout((out_features, in_features), init, partition_dim=1)), state, dtype
         )
-        self.bias = (
-            new_parameter(
-                ParamLayout((out_features,), constant_init(0.0), sequence_parallel=self.sequence_parallel),
-                tp,
-                dtype,
-                state.device,
-            )
-            if bias
-            else None
+        bias_spec = ParamSpec(
+            ParamLayout((out_features,), constant_init(0.0)), sequence_partial_grad=self.sequence_parallel
         )
+        self.bias = self.create_parameter("bias", bias_spec, state, dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x, self.weight)
@@ -155,12 +142,13 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(ParamOwner):
     """Embedding table `[V_pad, h]` split along the vocabulary across tp.
 
     Input: token ids `[b, s]`. Output: `[b, s, h]`, replicated across tp (each rank looks up the
     ids in its own vocabulary range, zeros elsewhere, then the ranks sum).
-    Rows past the real `vocab_size` are zero padding that no valid id reaches.
+    Rows past the real `vocab_size` are zero padding that no valid id reaches. `tied` is the
+    table's role when the output layer multiplies by it too (tied word embeddings).
     """
 
     def __init__(
@@ -172,6 +160,7 @@ class VocabParallelEmbedding(nn.Module):
         state: ParallelState,
         init: InitFn,
         dtype: torch.dtype = torch.float32,
+        tied: TiedEmbedding | None = None,
     ) -> None:
         super().__init__()
         tp = state.tp_size
@@ -182,12 +171,8 @@ class VocabParallelEmbedding(nn.Module):
         self.padded_vocab_size = padded_vocab_size
         self.rows_per_rank = padded_vocab_size // tp
         self.vocab_start = state.tp_rank * self.rows_per_rank
-        self.weight = new_parameter(
-            ParamLayout((vocab_size, hidden_size), init, partition_dim=0, padded_size=padded_vocab_size),
-            tp,
-            dtype,
-            state.device,
-        )
+        layout = ParamLayout((vocab_size, hidden_size), init, partition_dim=0, padded_size=padded_vocab_size)
+        self.weight = self.create_parameter("weight", ParamSpec(layout, tied=tied), state, dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.state.tp_size == 1:

@@ -1,7 +1,8 @@
-"""How each parameter relates to its full ("master") tensor, and layout-independent init.
+"""How each parameter relates to its full ("master") tensor.
 
-Every parameter megamm creates carries a `ParamLayout` (attribute `param.param_layout`). It says how to
-build the master tensor (shape and init function) and how the local tensor is cut from it:
+Every parameter megamm creates has a `ParamLayout`, part of its record in the module tree's table
+(`megamm.parallel.params.ParamSpec`). It says how to build the master tensor (shape and init
+function) and how the local tensor is cut from it:
 
 - `partition_dim=None`: replicated across tp; the local tensor is the master.
 - `partition_dim=d`: the master is split in `tp` equal chunks along `d` and rank r keeps chunk r.
@@ -12,8 +13,8 @@ build the master tensor (shape and init function) and how the local tensor is cu
 - `padded_size`: rows appended as zeros along `d` before splitting (vocabulary padding). The
   padding depends on tp, the real rows do not, so tp=1 and tp=4 still start from the same model.
 
-`initialize_parameters` fills every parameter from a generator seeded by (seed, global parameter
-name). That is what makes a tp=4 model identical to a tp=1 model, and what the parity tests lean on.
+`parameter_seed` gives each parameter its own generator seed from the run seed and its global name
+(`megamm.parallel.params.initialize_parameters` draws the masters from it).
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from megamm.parallel.mappings import Group, all_gather_dim0, group_rank, group_size
+from megamm.parallel.mappings import Group, all_gather_dim0, group_size
 
 InitFn = Callable[[torch.Tensor, torch.Generator], None]
 
@@ -59,9 +59,6 @@ class ParamLayout:
     partition_dim: int | None = None
     fused_parts: tuple[int, ...] | None = None
     padded_size: int | None = None
-    # Under sequence parallelism the grads of some replicated parameters (norms, row-parallel
-    # biases) are partial sums over the sequence chunks and must be all-reduced across tp.
-    sequence_parallel: bool = False
 
     def local_shape(self, tp_size: int) -> tuple[int, ...]:
         shape = list(self.master_shape)
@@ -71,15 +68,6 @@ class ParamLayout:
                 raise ValueError(f"size {full} along dim {self.partition_dim} not divisible by tp={tp_size}")
             shape[self.partition_dim] = full // tp_size
         return tuple(shape)
-
-
-def new_parameter(
-    layout: ParamLayout, tp_size: int, dtype: torch.dtype, device: torch.device | str
-) -> nn.Parameter:
-    """An uninitialized local parameter tagged with its layout (filled by initialize_parameters)."""
-    param = nn.Parameter(torch.empty(layout.local_shape(tp_size), dtype=dtype, device=device))
-    param.param_layout = layout
-    return param
 
 
 def shard_master(master: torch.Tensor, layout: ParamLayout, rank: int, size: int) -> torch.Tensor:
@@ -130,22 +118,3 @@ def parameter_seed(seed: int, name: str) -> int:
     """A stable 63-bit seed from the run seed and a parameter's global name."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@torch.no_grad()
-def initialize_parameters(model: nn.Module, seed: int, tp_group: Group, prefix: str = "") -> None:
-    """Fill every parameter of `model` from its master tensor, independent of the parallel layout.
-
-    The master is built on the CPU in fp32 from `torch.Generator().manual_seed(parameter_seed(...))`
-    so the values do not depend on device, tp size or dtype; the local shard is then cast and
-    copied into place. `prefix` is prepended to the names (for a submodule of a larger model).
-    """
-    rank, size = group_rank(tp_group), group_size(tp_group)
-    for name, param in model.named_parameters():
-        layout = getattr(param, "param_layout", None)
-        if layout is None:
-            raise TypeError(f"parameter {prefix}{name} has no ParamLayout; create it with new_parameter")
-        generator = torch.Generator().manual_seed(parameter_seed(seed, prefix + name))
-        master = torch.empty(layout.master_shape, dtype=torch.float32)
-        layout.init(master, generator)
-        param.copy_(shard_master(master, layout, rank, size))

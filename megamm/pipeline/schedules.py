@@ -16,11 +16,15 @@ operation needs them. The order is consistent across ranks, which is what makes 
 Loss: the last stage backpropagates `sum(per-token loss) * loss_scale / total_tokens` per
 microbatch (see megamm.training.step); the returned sum of per-token losses is only meaningful
 on the last stage.
+
+Gradient sync: a chunk's backward of every microbatch but the last runs inside its gradient
+buffer's `no_sync()`, so only the last one starts the chunk's (overlapped) dp sync.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,6 +72,15 @@ def schedule_order(pp: int, pp_rank: int, vp: int, num_microbatches: int, forwar
     return order
 
 
+def _accumulating(buffers: Sequence[GradBuffer], last_microbatch: bool) -> AbstractContextManager:
+    """Every buffer's `no_sync()`, except for the last microbatch, whose backward syncs."""
+    stack = ExitStack()
+    if not last_microbatch:
+        for buffer in buffers:
+            stack.enter_context(buffer.no_sync())
+    return stack
+
+
 def forward_backward_no_pipelining(
     chunks: list[LlavaModel],
     microbatches: list[Batch],
@@ -78,19 +91,18 @@ def forward_backward_no_pipelining(
 ) -> torch.Tensor:
     """Gradient accumulation: forward and backward each microbatch in turn on one stage.
 
-    Returns the sum of per-token losses over the microbatches (fp32, detached). An overlapped dp
-    gradient sync is armed for the last microbatch only.
+    Returns the sum of per-token losses over the microbatches (fp32, detached). Every microbatch
+    but the last runs inside the buffers' `no_sync()`, so the dp gradient sync starts in the last.
     """
     (model,) = chunks
     total = torch.zeros((), dtype=torch.float32, device=model.state.device)
     for index, microbatch in enumerate(microbatches):
-        for buffer in buffers or []:
-            buffer.is_last_microbatch = index == len(microbatches) - 1
-        with torch.no_grad() if forward_only else nullcontext():
-            output = model(**microbatch)
-            loss_sum = output["loss"].sum()
-        if not forward_only:
-            (loss_sum * (loss_scale / total_tokens)).backward()
+        with _accumulating(buffers or [], index == len(microbatches) - 1):
+            with torch.no_grad() if forward_only else nullcontext():
+                output = model(**microbatch)
+                loss_sum = output["loss"].sum()
+            if not forward_only:
+                (loss_sum * (loss_scale / total_tokens)).backward()
         total += loss_sum.detach()
     return total
 
@@ -122,9 +134,12 @@ class PipelineSchedule:
                     total += self._forward(chunks[chunk], microbatches[microbatch], chunk, microbatch,
                                            total_tokens, loss_scale, forward_only, inputs, outputs)
                 else:
-                    if buffers is not None and chunk < len(buffers):
-                        buffers[chunk].is_last_microbatch = microbatch == len(microbatches) - 1
-                    self._backward(chunks[chunk], inputs.pop((chunk, microbatch)), outputs.pop((chunk, microbatch)))
+                    # buffers[chunk] is this chunk's own; a tied-embedding buffer after the chunks'
+                    # is not overlapped and syncs in finish_grad_sync.
+                    own = [buffers[chunk]] if buffers is not None else []
+                    with _accumulating(own, microbatch == len(microbatches) - 1):
+                        self._backward(chunks[chunk], inputs.pop((chunk, microbatch)),
+                                       outputs.pop((chunk, microbatch)))
         finally:
             self.channel.wait_sends()
         return total

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from megamm.config.constants import IGNORE_INDEX
 from megamm.config.resolved import ResolvedConfig
@@ -28,6 +29,7 @@ from megamm.optim.grad_buffer import GradBuffer
 from megamm.optim.optimizer import DistributedOptimizer, MixedPrecisionOptimizer, ParamGroupSpec
 from megamm.optim.schedules import DynamicLossScaler, LRSchedule
 from megamm.parallel.grads import allreduce_sequence_parallel_grads
+from megamm.parallel.params import ParamSpec, specs_by_parameter
 from megamm.parallel.state import ParallelState
 from megamm.pipeline.schedules import PipelineSchedule, forward_backward_no_pipelining
 
@@ -46,12 +48,13 @@ class StepResult:
 
 @dataclass
 class Trainer:
-    """What a step needs: this stage's model chunks, their gradient buffers, the optimizer,
-    schedules and settings. Without pipelining there is one chunk."""
+    """What a step needs: this stage's model chunks, their parameter records, their gradient
+    buffers, the optimizer, schedules and settings. Without pipelining there is one chunk."""
 
     config: ResolvedConfig
     state: ParallelState
     chunks: list[LlavaModel]
+    param_specs: dict[nn.Parameter, ParamSpec]
     buffers: list[GradBuffer]
     optimizer: MixedPrecisionOptimizer | DistributedOptimizer
     lr_schedule: LRSchedule
@@ -85,14 +88,15 @@ def param_group_specs(
     return specs
 
 
-def _gradient_buffers(config: ResolvedConfig, state: ParallelState, chunks: list[LlavaModel]) -> list[GradBuffer]:
-    """One buffer per model chunk (the schedule arms each chunk's overlapped sync on its last
-    backward), plus, with pipelining and tied embeddings, one for the embedding table copies of the
-    first and last stage, synced over both stages' dp ranks as if they were dp replicas."""
+def _gradient_buffers(config: ResolvedConfig, state: ParallelState, chunks: list[LlavaModel],
+                      param_specs: dict[nn.Parameter, ParamSpec]) -> list[GradBuffer]:
+    """One buffer per model chunk (the schedule runs all but a chunk's last backward inside its
+    `no_sync()`), plus, with pipelining and tied embeddings, one for the embedding table copies of
+    the first and last stage, synced over both stages' dp ranks as if they were dp replicas."""
     t = config.training
     shared = [
         p for chunk in chunks for p in chunk.parameters()
-        if p.requires_grad and getattr(p, "shared_embedding", False) and state.pp_size > 1
+        if p.requires_grad and param_specs[p].tied is not None and state.pp_size > 1
     ]
     settings = {"bucket_size": t.ddp_bucket_size, "shard_for_optimizer": t.use_distributed_optimizer}
     buffers = []
@@ -106,11 +110,13 @@ def _gradient_buffers(config: ResolvedConfig, state: ParallelState, chunks: list
 
 def build_trainer(config: ResolvedConfig, state: ParallelState, chunks: list[LlavaModel]) -> Trainer:
     t = config.training
-    buffers = _gradient_buffers(config, state, chunks)
+    param_specs = specs_by_parameter(chunks)
+    buffers = _gradient_buffers(config, state, chunks, param_specs)
     optimizer_cls = DistributedOptimizer if t.use_distributed_optimizer else MixedPrecisionOptimizer
     optimizer = optimizer_cls(
         buffers,
         param_group_specs(chunks, t.weight_decay, t.lr, t.projector_lr, t.vision_lr),
+        param_specs,
         state,
         lr=t.lr,
         betas=(t.adam_beta1, t.adam_beta2),
@@ -131,7 +137,7 @@ def build_trainer(config: ResolvedConfig, state: ParallelState, chunks: list[Lla
                                             config.params_dtype)
     else:
         forward_backward = forward_backward_no_pipelining
-    return Trainer(config, state, chunks, buffers, optimizer, schedule, scaler, forward_backward)
+    return Trainer(config, state, chunks, param_specs, buffers, optimizer, schedule, scaler, forward_backward)
 
 
 def count_loss_tokens(microbatches: list[Batch]) -> int:
@@ -166,6 +172,12 @@ def _set_mode(trainer: Trainer, training: bool) -> None:
         chunk.train(training)
 
 
+def _sequence_partial_grads(trainer: Trainer) -> list[torch.Tensor]:
+    """The main grads that are partial sums over the sequence chunks of the tp ranks."""
+    return [buffer.main_grad(p) for buffer in trainer.buffers for p in buffer.params
+            if trainer.param_specs[p].sequence_partial_grad]
+
+
 def train_step(trainer: Trainer, microbatches: list[Batch], iteration: int) -> StepResult:
     state, t = trainer.state, trainer.config.training
     # Counted before the copy to the device, so counting costs no device synchronization.
@@ -183,8 +195,7 @@ def train_step(trainer: Trainer, microbatches: list[Batch], iteration: int) -> S
     )
     for buffer in trainer.buffers:
         buffer.finish_grad_sync()
-    for chunk in trainer.chunks:
-        allreduce_sequence_parallel_grads(chunk, state.tp_group, attribute="main_grad")
+    allreduce_sequence_parallel_grads(_sequence_partial_grads(trainer), state.tp_group)
     applied, grad_norm = trainer.optimizer.step(t.clip_grad, grad_scale=scale)
     if trainer.scaler is not None:
         trainer.scaler.update(overflow=not applied)

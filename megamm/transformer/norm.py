@@ -3,8 +3,8 @@
 Both normalize in fp32 and cast back, which matches Hugging Face's LLaMA RMSNorm and keeps bf16
 training stable (the math is `megamm.kernels.reference`; on GPU a fused kernel may run instead, see
 `megamm.kernels`). Under sequence parallelism each tp rank normalizes its own sequence chunk, so
-the weight's gradient is a partial sum: the layout says so and the grads are all-reduced across tp
-(`megamm.parallel.grads.allreduce_sequence_parallel_grads`).
+the weight's gradient is a partial sum: its record (`ParamSpec.sequence_partial_grad`) says so and
+the grads are all-reduced across tp (`megamm.parallel.grads.allreduce_sequence_parallel_grads`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from torch import nn
 
 from megamm import kernels
 from megamm.config import TransformerConfig
-from megamm.parallel.sharding import ParamLayout, constant_init, new_parameter
+from megamm.parallel.params import ParamOwner, ParamSpec
+from megamm.parallel.sharding import ParamLayout, constant_init
 from megamm.parallel.state import ParallelState
 
 
-class Norm(nn.Module):
+class Norm(ParamOwner):
     """`[..., h] -> [..., h]`: layernorm (weight and bias) or rmsnorm (weight only)."""
 
     def __init__(
@@ -37,12 +38,12 @@ class Norm(nn.Module):
         self.eps = eps
         partial_grads = sequence_parallel
 
-        def param(value: float) -> nn.Parameter:
-            layout = ParamLayout((hidden_size,), constant_init(value), sequence_parallel=partial_grads)
-            return new_parameter(layout, state.tp_size, dtype, state.device)
+        def param(name: str, value: float) -> nn.Parameter:
+            spec = ParamSpec(ParamLayout((hidden_size,), constant_init(value)), sequence_partial_grad=partial_grads)
+            return self.create_parameter(name, spec, state, dtype)
 
-        self.weight = param(1.0)
-        self.bias = param(0.0) if kind == "layernorm" else None
+        self.weight = param("weight", 1.0)
+        self.bias = param("bias", 0.0) if kind == "layernorm" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
