@@ -221,8 +221,8 @@ def _train(config: RunConfig, state: ParallelState) -> dict[str, float]:
     saved_at = start
     started = time.perf_counter()
     for iteration in range(start, t.train_iters):
-        RECORD.begin(f"iteration {iteration + 1}", iteration + 1, "data loading")
         busy = RECORD.busy_seconds()
+        RECORD.begin(f"iteration {iteration + 1}", iteration + 1, "data loading")
         microbatches = data.microbatches(iteration)
         tick = time.perf_counter()
         result = train_step(trainer, microbatches, iteration)

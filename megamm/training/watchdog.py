@@ -10,8 +10,9 @@ It costs the training thread nothing: the thread sleeps until the deadline of th
 saw and, if the phase changed meanwhile, sleeps until the new phase's deadline. Phase changes do
 not notify it.
 
-A rank that does not stall itself (its peer stalled, or died and torchrun tears the job down) is
-ended by torchrun with SIGTERM; faulthandler is registered for SIGTERM too, so that rank's stacks
+A rank that raises (gloo reports a peer that died as a connection error inside the collective)
+also gets one line naming the phase it failed in, and its file keeps that line and the traceback. A rank that is still blocked when torchrun tears
+the job down is ended with SIGTERM; faulthandler is registered for SIGTERM too, so that rank's stacks
 land in the same file (stderr without a dump directory) before it terminates.
 """
 
@@ -22,7 +23,9 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
+from types import TracebackType
 from typing import IO
 
 from megamm.parallel.phase import Phase, PhaseRecord
@@ -72,7 +75,9 @@ class Watchdog:
         faulthandler.register(signal.SIGTERM, file=self._file or sys.stderr, all_threads=True, chain=True)
         self._thread.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self, error_type: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         with self._lock:
             firing = self._firing
             self._stop.set()
@@ -80,12 +85,22 @@ class Watchdog:
             # The training thread got here (a collective's own timeout raised, say) while the
             # watchdog is reporting: let it finish; it ends the process.
             threading.Event().wait()
+        if error is not None:
+            self._report_error(error)
         self._thread.join()
         faulthandler.unregister(signal.SIGTERM)
         if self._file is not None:
             self._file.close()
             if self.dump_path.stat().st_size == 0:
                 self.dump_path.unlink()
+
+    def _report_error(self, error: BaseException) -> None:
+        """The traceback Python prints says what failed; this line says where in the step (a peer
+        that died shows up as a connection error inside a collective). The dump file keeps both."""
+        text = f"megamm: rank {self.rank} failed in: {self.record.current.describe()}"
+        print(text, file=sys.stderr, flush=True)
+        if self._file is not None:
+            self._file.write(text + "\n" + "".join(traceback.format_exception(error)))
 
     def _watch(self) -> None:
         while True:
