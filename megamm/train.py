@@ -30,12 +30,16 @@ from megamm.checkpoint.model_weights import read_run_config_tree
 from megamm.config import ConfigError
 from megamm.config.parsing import parse_run_config
 from megamm.config.resolved import ResolvedConfig, resolve
+from megamm.parallel.phase import RECORD
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.chunks import build_model_chunks
 from megamm.pipeline.schedules import bubble_fraction
 from megamm.training.data import FileData, SyntheticData, build_training_data, rows_in
+from megamm.training.faults import install_from_environment
 from megamm.training.metrics import peak_memory_gib, peak_tflops, step_flops
 from megamm.training.step import Batch, Trainer, build_trainer, evaluate, train_step
+from megamm.training.stragglers import gather_step_times, spread_text
+from megamm.training.watchdog import Watchdog
 
 
 def _single_process_env() -> None:
@@ -72,6 +76,7 @@ class IntervalStats:
     loss_sum: float = 0.0
     loss_steps: int = 0
     seconds: float = 0.0
+    busy_seconds: float = 0.0  # data loading and steps, less the time blocked on other ranks
     images: int = 0
     rows: int = 0
     grad_norms: list[float] = field(default_factory=list)
@@ -139,6 +144,9 @@ def _log(reporter: Reporter, trainer: Trainer, iteration: int, stats: IntervalSt
     config, state = trainer.config, trainer.state
     t = config.training
     world = state.world_size
+    RECORD.enter("log-line reductions and step-time gather", waiting=True)
+    busy = gather_step_times(stats.busy_seconds / max(stats.steps, 1), state)
+    spread = spread_text(busy, t.straggler_threshold)
     images = _sum_dp(stats.images, state)
     # Rows, not samples: packed rows hold several samples each.
     rows = _sum_dp(stats.rows, state) / max(stats.steps, 1)
@@ -155,7 +163,7 @@ def _log(reporter: Reporter, trainer: Trainer, iteration: int, stats: IntervalSt
         f"elapsed time per iteration (ms): {1000 * seconds:.1f} | learning rate: {lr:.3E} | "
         f"lm loss: {loss:.6E} | grad norm: {norm:.3f} | skipped iterations: {skipped} | "
         f"tokens/s: {tokens_per_second:.0f} | TFLOP/s/device: {tflops:.3f} | MFU: {mfu} | "
-        f"peak memory (GiB): {peak_memory_gib(state.device):.2f}"
+        f"peak memory (GiB): {peak_memory_gib(state.device):.2f}" + (f" | {spread}" if spread else "")
     )
     reporter.scalars(iteration, {"lm-loss": loss, "learning-rate": lr, "grad-norm": norm,
                                  "tokens-per-second": tokens_per_second, "tflops-per-device": tflops})
@@ -167,12 +175,25 @@ def run(config: ResolvedConfig) -> dict[str, float]:
     state = initialize_parallel_state(
         p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.distributed_timeout_minutes
     )
+    rank = dist.get_rank()
+    install_from_environment(RECORD, rank)
+    limit = f"--distributed-timeout-minutes {p.distributed_timeout_minutes:g}"
+    dump_dir = t.stack_dump_dir or t.save
+    with Watchdog(RECORD, 60.0 * p.distributed_timeout_minutes, rank, dump_dir, limit):
+        return _train(config, state)
+
+
+def _train(config: ResolvedConfig, state: ParallelState) -> dict[str, float]:
+    """The run itself, on an initialized state, with the watchdog armed."""
+    t = config.training
+    RECORD.begin("setup", None, "building the model and optimizer")
     state.seed(t.seed)
     chunks = build_model_chunks(config, state)
     trainer = build_trainer(config, state, chunks)
     reporter = Reporter(config, state)
 
     def run_eval(iteration: int) -> float:
+        RECORD.begin(f"evaluation after iteration {iteration}", iteration, "evaluation")
         loss = evaluate(trainer, data.eval_batches())
         reporter.line(f" validation at iteration {iteration} | lm loss: {loss:.6E}")
         reporter.scalars(iteration, {"validation-lm-loss": loss})
@@ -195,6 +216,7 @@ def run(config: ResolvedConfig) -> dict[str, float]:
         checkpointer = Checkpointer(trainer, t.save, t.keep_last_checkpoints, t.async_save, reporter.line)
     start = 0
     if t.load:
+        RECORD.enter(f"loading checkpoint {t.load}")
         progress = checkpointer.load(
             t.load,
             load_optim=t.load_optim and not t.finetune,
@@ -203,6 +225,7 @@ def run(config: ResolvedConfig) -> dict[str, float]:
         )
         start = progress.iteration if progress is not None else 0
     # Built after loading: a resumed run's loader starts at the checkpoint's iteration.
+    RECORD.enter("building the data loader")
     data = build_training_data(
         config, state, start, microbatch_multiple=state.pp_size if len(chunks) > 1 else 1,
         log=print if state.tp_rank == 0 and state.is_first_stage else _quiet,
@@ -213,12 +236,16 @@ def run(config: ResolvedConfig) -> dict[str, float]:
     saved_at = start
     started = time.perf_counter()
     for iteration in range(start, t.train_iters):
+        busy = RECORD.busy_seconds()
+        RECORD.begin(f"iteration {iteration + 1}", iteration + 1, "data loading")
         microbatches = data.microbatches(iteration)
         tick = time.perf_counter()
         result = train_step(trainer, microbatches, iteration)
         if state.device.type == "cuda":
+            RECORD.enter("device synchronization at the end of the step")
             torch.cuda.synchronize(state.device)
         stats.seconds += time.perf_counter() - tick
+        stats.busy_seconds += RECORD.busy_seconds() - busy
         stats.steps += 1
         stats.images += _images(microbatches)
         stats.rows += rows_in(microbatches)
@@ -249,17 +276,21 @@ def run(config: ResolvedConfig) -> dict[str, float]:
         if t.eval_iters and t.eval_interval and done % t.eval_interval == 0:
             eval_loss = run_eval(done)
         if t.save and t.save_interval and done % t.save_interval == 0:
+            RECORD.begin(f"after iteration {done}", done, "checkpoint save")
             checkpointer.save(done, done * t.global_batch_size)
             saved_at = done
     if t.eval_iters and (not t.eval_interval or t.train_iters % t.eval_interval):
         eval_loss = run_eval(t.train_iters)
     if t.save and saved_at != t.train_iters:
+        RECORD.begin(f"after iteration {t.train_iters}", t.train_iters, "final checkpoint save")
         checkpointer.save(t.train_iters, t.train_iters * t.global_batch_size)
     if checkpointer is not None:
+        RECORD.begin("end of training", t.train_iters, "waiting for the checkpoint writes")
         checkpointer.wait()
     elapsed = time.perf_counter() - started
     state_bytes = trainer.optimizer.state_bytes()
     validation = f"validation lm loss: {eval_loss:.6E} | " if t.eval_iters else ""
+    RECORD.begin("end of training", t.train_iters, "summary-line reductions")
     data_line, data_counts = _data_counts(data, state)
     reporter.line(
         f" done: {t.train_iters} iterations in {elapsed:.1f} s | final lm loss: {last_loss:.6E} | "

@@ -179,6 +179,7 @@ def test_log_line_mfu_and_throughput_by_hand(monkeypatch: pytest.MonkeyPatch) ->
     1e-4 TFLOP/s the MFU is 33.4%. Tokens/s: 4 rows x 48 tokens / 1.5 s = 128.
     """
     monkeypatch.setattr(train_module, "_sum_dp", lambda value, state: 2 * value)  # 2 identical dp ranks
+    monkeypatch.setattr(train_module, "gather_step_times", lambda seconds, state: [seconds, seconds])
     config = RunConfig(model=llava_config(), training=TrainingConfig(seq_length=SEQ, peak_tflops=1e-4,
                                                                      global_batch_size=8, train_iters=10))
     state = SimpleNamespace(world_size=2, device=torch.device("cpu"))

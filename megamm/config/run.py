@@ -110,6 +110,14 @@ class TrainingConfig:
     log_interval: int = _opt(10, "print a log line every this many steps")
     tensorboard_dir: str | None = _opt(None, "write TensorBoard scalars here")
     peak_tflops: float | None = _opt(None, "device peak TFLOP/s for MFU", default_help="known GPUs, none on CPU")
+    straggler_threshold: float = _opt(
+        1.2, "show the spread of step times across ranks in the log line when slowest / fastest exceeds this"
+    )
+    # Reliability.
+    stack_dump_dir: str | None = _opt(
+        None, "write each rank's Python stacks to stacks-rank<R>.txt here when it stalls or is terminated "
+        "(default: --save; without either, stderr only)"
+    )
 
     @property
     def lr_decay_length(self) -> int:
@@ -192,6 +200,11 @@ class RunConfig:
             found.append("--finetune needs --load")
         if t.clip_grad < 0:
             found.append("--clip-grad must be >= 0")
+        timeout, threshold = p.distributed_timeout_minutes, t.straggler_threshold
+        if not timeout > 0:
+            found.append(f"--distributed-timeout-minutes must be > 0 (fractions allowed), got {timeout}")
+        if not threshold >= 1:
+            found.append(f"--straggler-threshold is a ratio of step times, must be >= 1, got {threshold}")
         found += data_problems(t)
         if model.freeze_language and model.freeze_vision and model.freeze_projector:
             found.append("the language model, vision tower and projector are all frozen: nothing to train")

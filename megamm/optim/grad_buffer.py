@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megamm.parallel.mappings import Group, group_rank, group_size
+from megamm.parallel.phase import enter_phase, waiting_on_peers
 
 
 @dataclass
@@ -182,6 +183,7 @@ class GradBuffer:
         self._next_to_launch = len(self.buckets)
         for bucket in self.buckets:
             if bucket.handle is not None:
+                enter_phase(f"data-parallel gradient all-reduce (bucket {bucket.index})", waiting=True)
                 bucket.handle.wait()
                 bucket.handle = None
 
@@ -202,8 +204,9 @@ class GradBuffer:
             data = self.param_data[bucket.start : bucket.end]
             shard = data.chunk(self.dp_size)[self.dp_rank]
             handles.append(_all_gather_async(data, shard, self.dp_group))
-        for handle in handles:
-            handle.wait()
+        with waiting_on_peers("distributed-optimizer parameter all-gather over data parallel"):
+            for handle in handles:
+                handle.wait()
 
 
 class _Done:

@@ -73,8 +73,8 @@ class ParallelState:
     # Pipeline gradients travel on their own group (see megamm.pipeline.p2p).
     pp_grad_group: dist.ProcessGroup | None = None
     embedding_dp_group: dist.ProcessGroup | None = None
-    # Every rank of this layout (None: the default world group); a reduction over all ranks, such
-    # as the grad norm of the distributed optimizer, uses it.
+    # Every rank of this layout (None: the default world group); reductions over all ranks, such
+    # as the grad norm of the distributed optimizer and the step-time gather of the log line, use it.
     world_group: dist.ProcessGroup | None = None
     pp_ranks: list[int] = field(default_factory=lambda: [0])
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -105,20 +105,25 @@ class ParallelState:
         return cls(device=torch.device(device))
 
     @classmethod
-    def from_groups(cls, tp: int, pp: int, device: torch.device) -> ParallelState:
+    def from_groups(
+        cls, tp: int, pp: int, device: torch.device, timeout: timedelta | None = None
+    ) -> ParallelState:
         """Build the groups for the given sizes over the already initialized world.
 
         Must be called by every rank (creating a group is collective). Several states may coexist
         in one process, for example a tp=2 state and a tp=1 reference state in a parity test.
+        `timeout` is each group's collective timeout; None leaves the backend's default (a new
+        group does not inherit the default group's timeout).
         """
         world_size = dist.get_world_size()
         rank = dist.get_rank()
         layout = rank_layout(world_size, tp, pp)
         layout["pp_grad"] = layout["pp"]
+        layout["world"] = [list(range(world_size))]
         mine: dict[str, tuple[dist.ProcessGroup, list[int]]] = {}
         for kind, groups in layout.items():
             for ranks in groups:
-                group = dist.new_group(ranks)
+                group = dist.new_group(ranks, timeout=timeout)
                 if rank in ranks:
                     mine[kind] = (group, ranks)
         dp = world_size // (tp * pp)
@@ -135,6 +140,7 @@ class ParallelState:
             mp_group=mine["mp"][0],
             pp_grad_group=mine["pp_grad"][0],
             embedding_dp_group=mine["embedding_dp"][0] if "embedding_dp" in mine else None,
+            world_group=mine["world"][0],
             pp_ranks=mine["pp"][1],
             device=device,
         )
@@ -143,6 +149,15 @@ class ParallelState:
 def default_backend(device: torch.device) -> str:
     """nccl for CUDA devices, gloo otherwise."""
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+def collective_timeout(timeout_minutes: float) -> timedelta:
+    """The process groups' timeout for `--distributed-timeout-minutes`: 10 % more, and at least 5 s
+    more, so the stall watchdog (megamm.training.watchdog), armed with the configured timeout at
+    the start of the phase and able to say what the rank was doing, reports first. The backend's
+    timeout remains the backstop where Python cannot run."""
+    seconds = 60.0 * timeout_minutes
+    return timedelta(seconds=seconds + max(0.1 * seconds, 5.0))
 
 
 def initialize_parallel_state(
@@ -155,8 +170,16 @@ def initialize_parallel_state(
 
     Reads RANK, WORLD_SIZE and LOCAL_RANK (and MASTER_ADDR / MASTER_PORT through the env://
     rendezvous). Uses NCCL and `cuda:LOCAL_RANK` when CUDA is available (or `use_cuda` says so),
-    gloo and the CPU otherwise. The collective timeout bounds how long a rank waits on a peer
-    that died, so a crashed job ends instead of hanging.
+    gloo and the CPU otherwise. The collective timeout (`collective_timeout`, on the default group
+    and every group built here) bounds how long a rank waits on a peer that died, so a crashed job
+    ends instead of hanging.
+
+    With NCCL, collectives are asynchronous to the host: a timed-out one is detected by
+    ProcessGroupNCCL's watchdog thread, which tears the process down only when
+    TORCH_NCCL_ASYNC_ERROR_HANDLING is nonzero. It is set to 3 (tear down without aborting the
+    communicator, torch's own default since 2.2, and safe when an abort would itself hang) unless
+    the environment already sets it. TORCH_NCCL_BLOCKING_WAIT is left off: it would make `wait()`
+    block the host and end the overlap of gradient sync with backward.
     """
     if use_cuda is None:
         use_cuda = torch.cuda.is_available()
@@ -164,6 +187,8 @@ def initialize_parallel_state(
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    timeout = collective_timeout(timeout_minutes)
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise RuntimeError(
@@ -174,8 +199,8 @@ def initialize_parallel_state(
             backend=default_backend(device),
             rank=int(os.environ["RANK"]),
             world_size=int(os.environ["WORLD_SIZE"]),
-            timeout=timedelta(minutes=timeout_minutes),
+            timeout=timeout,
         )
     return ParallelState.from_groups(
-        tensor_model_parallel_size, pipeline_model_parallel_size, device
+        tensor_model_parallel_size, pipeline_model_parallel_size, device, timeout
     )

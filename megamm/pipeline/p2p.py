@@ -15,10 +15,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megamm.parallel.phase import waiting_on_peers
 from megamm.parallel.state import ParallelState
 
 ACTIVATION_TAG = 1
 GRADIENT_TAG = 2
+_KINDS = {ACTIVATION_TAG: "activation", GRADIENT_TAG: "gradient"}
 
 
 class PipelineChannel:
@@ -35,7 +37,8 @@ class PipelineChannel:
 
     def _recv(self, src: int, tag: int, group: dist.ProcessGroup) -> torch.Tensor:
         tensor = torch.empty(self.shape, dtype=self.dtype, device=self.state.device)
-        dist.recv(tensor, src=src, group=group, tag=tag)
+        with waiting_on_peers(f"pipeline p2p receive from global rank {src} ({_KINDS[tag]})"):
+            dist.recv(tensor, src=src, group=group, tag=tag)
         return tensor
 
     def _send(self, tensor: torch.Tensor, dst: int, tag: int, group: dist.ProcessGroup) -> None:
@@ -62,6 +65,7 @@ class PipelineChannel:
         self._send(tensor, self.prev_rank, GRADIENT_TAG, self.state.pp_grad_group)
 
     def wait_sends(self) -> None:
-        for work, _ in self._pending:
-            work.wait()
+        with waiting_on_peers("pipeline p2p sends completing"):
+            for work, _ in self._pending:
+                work.wait()
         self._pending.clear()

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from megamm.parallel.phase import enter_phase
 from megamm.parallel.state import ParallelState
 from megamm.pipeline.p2p import PipelineChannel
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 Batch = dict[str, torch.Tensor | None]
 Operation = tuple[str, int, int]  # ("F" or "B", model chunk, microbatch)
+_PASS = {"F": "forward", "B": "backward"}
 
 
 def bubble_fraction(pp: int, vp: int, num_microbatches: int) -> float:
@@ -97,6 +99,7 @@ def forward_backward_no_pipelining(
     (model,) = chunks
     total = torch.zeros((), dtype=torch.float32, device=model.state.device)
     for index, microbatch in enumerate(microbatches):
+        enter_phase(f"{'forward' if forward_only else 'forward/backward'} of microbatch {index}")
         with _accumulating(buffers or [], index == len(microbatches) - 1):
             with torch.no_grad() if forward_only else nullcontext():
                 output = model(**microbatch)
@@ -130,6 +133,7 @@ class PipelineSchedule:
         total = torch.zeros((), dtype=torch.float32, device=state.device)
         try:
             for kind, chunk, microbatch in order:
+                enter_phase(f"{_PASS[kind]} of microbatch {microbatch}, chunk {chunk}, pipeline stage {state.pp_rank}")
                 if kind == "F":
                     total += self._forward(chunks[chunk], microbatches[microbatch], chunk, microbatch,
                                            total_tokens, loss_scale, forward_only, inputs, outputs)

@@ -30,6 +30,7 @@ from megamm.optim.optimizer import DistributedOptimizer, MixedPrecisionOptimizer
 from megamm.optim.schedules import DynamicLossScaler, LRSchedule
 from megamm.parallel.grads import allreduce_sequence_parallel_grads
 from megamm.parallel.params import ParamSpec, specs_by_parameter
+from megamm.parallel.phase import enter_phase
 from megamm.parallel.state import ParallelState
 from megamm.pipeline.schedules import PipelineSchedule, forward_backward_no_pipelining
 
@@ -188,17 +189,22 @@ def train_step(trainer: Trainer, microbatches: list[Batch], iteration: int) -> S
         buffer.start_step()
     lr = trainer.lr_schedule(iteration)
     trainer.optimizer.set_lr(lr)
+    enter_phase("loss-token count all-reduce over data parallel", waiting=True)
     total_tokens = _sum_over(local_tokens, state.dp_group, state.device)
     scale = trainer.scaler.scale if trainer.scaler is not None else 1.0
     loss_sum = trainer.forward_backward(
         trainer.chunks, microbatches, max(total_tokens, 1.0), trainer.buffers, loss_scale=scale
     )
+    enter_phase("data-parallel gradient sync")
     for buffer in trainer.buffers:
         buffer.finish_grad_sync()
+    enter_phase("sequence-parallel gradient all-reduce over tensor parallel", waiting=True)
     allreduce_sequence_parallel_grads(_sequence_partial_grads(trainer), state.tp_group)
+    enter_phase("optimizer step (gradient norm, AdamW)")
     applied, grad_norm = trainer.optimizer.step(t.clip_grad, grad_scale=scale)
     if trainer.scaler is not None:
         trainer.scaler.update(overflow=not applied)
+    enter_phase("loss all-reduce over data parallel", waiting=True)
     loss_sum_global = _sum_over(loss_sum.item(), state.dp_group, state.device)
     loss_sum_global, total_tokens = _from_last_stage([loss_sum_global, total_tokens], state)
     return StepResult(loss_sum_global / max(total_tokens, 1.0), grad_norm, applied, int(total_tokens), lr)
@@ -214,6 +220,7 @@ def evaluate(trainer: Trainer, global_batches: list[list[Batch]]) -> float:
         microbatches = [_to_device(mb, state.device) for mb in microbatches]
         loss_sum += trainer.forward_backward(trainer.chunks, microbatches, 1.0, None, forward_only=True).item()
     _set_mode(trainer, True)
+    enter_phase("evaluation loss all-reduce over data parallel", waiting=True)
     loss_sum = _sum_over(loss_sum, state.dp_group, state.device)
     tokens = _sum_over(tokens, state.dp_group, state.device)
     loss_sum, tokens = _from_last_stage([loss_sum, tokens], state)
