@@ -10,6 +10,9 @@
   `datasets.Dataset.save_to_disk` (a `state.json` beside Arrow files): LLaVA or caption rows with
   the images inside (megamm.data.arrow_tables).
 
+* a directory prepared by `energon prepare` (it holds `.nv-meta/`): a Megatron-Energon dataset, its
+  train split (megamm.data.energon).
+
 A directory is told by what it holds; one holding both `.tar` and `.parquet` files is refused, as is a
 glob matching both.
 
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megamm.data.arrow_tables import ArrowTableSource, saved_dataset_files
+from megamm.data.energon import EnergonSource, is_energon_dataset
 from megamm.data.sources import BlendedSource, CaptionSource, LlavaJsonSource, RecordSource, SourceError
 from megamm.data.tar_shards import TarShardSource
 
@@ -130,6 +134,8 @@ def _looks_like_captions(path: str) -> bool:
 
 def open_source(path: str, image_folder: str | None) -> RecordSource:
     """One path -> its record source; FileNotFoundError / SourceError naming the path."""
+    if os.path.isdir(path) and is_energon_dataset(path):  # before the tar check: it holds .tar shards
+        return EnergonSource(path)
     found = _file_set(path)
     if found is not None and found[0] == "tar":
         return TarShardSource(found[1])
