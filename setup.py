@@ -88,6 +88,12 @@ def cuda_extensions() -> tuple[list, dict]:
 
 
 CUDA_EXTENSIONS, CMDCLASS = cuda_extensions()
+# Optional data formats (docs/data.md): Parquet / Arrow tables, and Megatron-Energon datasets. Energon
+# 7.x needs torch but accepts the installed one (no second torch is pulled).
+PARQUET = ["pyarrow>=14"]
+ENERGON = ["megatron-energon>=7,<8"]
+# Video files for the native-resolution family (frame lists need nothing extra).
+VIDEO = ["av>=12"]
 
 setup(
     name="megamm",
@@ -103,8 +109,13 @@ setup(
     # The kernel sources ship with the package for the just-in-time build (megamm.kernels.build).
     package_data={"megamm": ["csrc/*.cu", "csrc/*.h", "csrc/kernels_*.cpp"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46,<6", "ruff>=0.6", "tensorboard>=2.14", "import-linter>=2.1", "av>=12"],
+        "test": [
+            "pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46,<6", "ruff>=0.6", "tensorboard>=2.14",
+            "import-linter>=2.1", *PARQUET, "datasets>=2.19", *ENERGON, *VIDEO,
+        ],
         "tensorboard": ["tensorboard>=2.14"],
-        "video": ["av>=12"],
+        "parquet": PARQUET,
+        "energon": ENERGON,
+        "video": VIDEO,
     },
 )

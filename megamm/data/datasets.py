@@ -5,7 +5,16 @@
 
 * a `.json` / `.jsonl` file: LLaVA conversation rows, or image-caption rows (`{"image", "caption"}`),
   told apart by the first rows;
-* a `.tar` file, a directory of `.tar` shards, or a glob (`shards/part-*.tar`): webdataset-style shards.
+* a `.tar` file, a directory of `.tar` shards, or a glob (`shards/part-*.tar`): webdataset-style shards;
+* a `.parquet` file, a directory of them, or a glob (`data/train-*.parquet`), or a directory written by
+  `datasets.Dataset.save_to_disk` (a `state.json` beside Arrow files): LLaVA or caption rows with
+  the images inside (megamm.data.arrow_tables).
+
+* a directory prepared by `energon prepare` (it holds `.nv-meta/`): a Megatron-Energon dataset, its
+  train split (megamm.data.energon).
+
+A directory is told by what it holds; one holding both `.tar` and `.parquet` files is refused, as is a
+glob matching both.
 
 Several sources are mixed by `BlendedSource` (deterministic, proportional in every prefix).
 """
@@ -18,6 +27,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from megamm.data.arrow_tables import ArrowTableSource, saved_dataset_files
+from megamm.data.energon import EnergonSource, is_energon_dataset
 from megamm.data.sources import BlendedSource, CaptionSource, LlavaJsonSource, RecordSource, SourceError
 from megamm.data.tar_shards import TarShardSource
 
@@ -56,20 +67,40 @@ def parse_data_path(items: Sequence[str]) -> list[tuple[float, str]]:
     return pairs
 
 
-def _tar_shards(path: str) -> list[str] | None:
-    """The shard files `path` names (a tar, a directory of tars, a glob), or None if it is not shards."""
+# File name endings of the formats a glob or a directory of files may hold.
+_FILE_FORMATS = {".tar": "tar", ".parquet": "parquet"}
+
+
+def _format_of_files(path: str, files: list[str]) -> str:
+    """'tar' or 'parquet' for a list of files of one format; ValueError naming the path otherwise."""
+    formats = {_FILE_FORMATS.get(os.path.splitext(f)[1]) for f in files}
+    if None in formats or len(formats) != 1:
+        raise ValueError(
+            f"--data-path {path}: expected only .tar or only .parquet files, got "
+            + ", ".join(sorted({os.path.basename(f) for f in files})[:5])
+        )
+    return formats.pop()
+
+
+def _file_set(path: str) -> tuple[str, list[str]] | None:
+    """(format, files) for shard-like paths (a file, a directory, a glob), or None for a JSON file.
+
+    Formats: "tar" (webdataset shards), "parquet", "saved" (a save_to_disk directory).
+    """
     if any(ch in path for ch in "*?["):
         found = sorted(glob.glob(path))
         if not found:
             raise FileNotFoundError(f"--data-path {path}: the pattern matches no file")
-        return found
+        return _format_of_files(path, found), found
     if os.path.isdir(path):
-        found = sorted(str(p) for p in Path(path).glob("*.tar"))
+        if os.path.exists(os.path.join(path, "state.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
+            return "saved", saved_dataset_files(path)
+        found = sorted(str(p) for p in Path(path).iterdir() if p.suffix in _FILE_FORMATS)
         if not found:
-            raise FileNotFoundError(f"--data-path {path}: directory holds no .tar shards")
-        return found
-    if path.endswith(".tar"):
-        return [path]
+            raise FileNotFoundError(f"--data-path {path}: directory holds no .tar shards or .parquet files")
+        return _format_of_files(path, found), found
+    if path.endswith(tuple(_FILE_FORMATS)):
+        return _FILE_FORMATS[os.path.splitext(path)[1]], [path]
     return None
 
 
@@ -103,13 +134,17 @@ def _looks_like_captions(path: str) -> bool:
 
 def open_source(path: str, image_folder: str | None) -> RecordSource:
     """One path -> its record source; FileNotFoundError / SourceError naming the path."""
-    shards = _tar_shards(path)
-    if shards is not None:
-        return TarShardSource(shards)
-    if not os.path.isfile(path):
+    if os.path.isdir(path) and is_energon_dataset(path):  # before the tar check: it holds .tar shards
+        return EnergonSource(path)
+    found = _file_set(path)
+    if found is not None and found[0] == "tar":
+        return TarShardSource(found[1])
+    if found is None and not os.path.isfile(path):
         raise FileNotFoundError(f"--data-path {path}: no such file")
     if image_folder is not None and not os.path.isdir(image_folder):
         raise FileNotFoundError(f"--image-folder {image_folder}: no such directory")
+    if found is not None:
+        return ArrowTableSource(found[1], image_folder)
     cls = CaptionSource if _looks_like_captions(path) else LlavaJsonSource
     return cls(path, image_folder)
 

@@ -12,7 +12,7 @@ import json
 import os
 import posixpath
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,33 +64,63 @@ def _split_member_name(name: str) -> tuple[str, str] | None:
     return posixpath.join(directory, stem) if directory else stem, suffix
 
 
-def _image_order(sample: _TarSample) -> list[_Member]:
-    """The sample's image members, in order.
+def image_parts(parts: Mapping[str, str]) -> list[str]:
+    """The image parts of a sample, in order: suffix ("jpg", "0.png") -> member name in, suffixes out.
 
     Convention: a single image is `<key>.<ext>`; several are `<key>.<n>.<ext>` with n = 0, 1, ..., in
     increasing n (numerically, so 10 comes after 9). Mixing both forms, a gap in n, or two members for
     one n is refused. `ext` is jpg, jpeg, png or webp (any case); other members (.txt, .cls) are ignored.
+    Energon crude samples (megamm.data.energon) follow the same convention.
     """
-    single: list[_Member] = []
-    numbered: dict[int, _Member] = {}
-    for suffix, member in sample.members.items():
+    single: list[str] = []
+    numbered: dict[int, str] = {}
+    for suffix in parts:
         head, _, ext = suffix.rpartition(".")
         if ext.lower() not in TAR_IMAGE_EXTENSIONS:
             continue
         if not head:
-            single.append(member)
+            single.append(suffix)
         elif head.isdigit():
             n = int(head)
             if n in numbered:
-                raise _Invalid("member", f"two members for image {n}: {numbered[n].name}, {member.name}")
-            numbered[n] = member
+                raise _Invalid("member", f"two members for image {n}: {parts[numbered[n]]}, {parts[suffix]}")
+            numbered[n] = suffix
     if single and numbered:
         raise _Invalid("member", "mixes <key>.<ext> and <key>.<n>.<ext> image members")
     if len(single) > 1:
-        raise _Invalid("member", f"several unnumbered images: {sorted(m.name for m in single)}")
+        raise _Invalid("member", f"several unnumbered images: {sorted(parts[s] for s in single)}")
     if numbered and sorted(numbered) != list(range(len(numbered))):
         raise _Invalid("member", f"image numbers must be 0..n-1, got {sorted(numbered)}")
     return single or [numbered[n] for n in sorted(numbered)]
+
+
+def sample_record(
+    row: Any, meta_name: str, images: list[str], image_bytes: list[bytes], source: str, index: int, key: str
+) -> Record:
+    """The record of a `<key>.json` row and its image members (names, bytes); _Invalid if unusable.
+
+    A row with "conversations" is a LLaVA row, any other a caption row (one image); an "image" field in
+    the row is ignored, since the images are the members.
+    """
+    if not isinstance(row, dict):
+        raise _Invalid("schema", f"{meta_name} holds a {type(row).__name__}, not an object")
+    if "conversations" in row:
+        conversations = _check_conversations(row["conversations"], len(images))
+        kind: RecordKind = "conversation" if images else "text"
+    else:
+        if len(images) != 1:
+            raise _Invalid("schema", f"a caption sample needs exactly one image, got {len(images)}")
+        conversations = _caption_conversations(row)
+        kind = "caption"
+    return Record(
+        source=source,
+        index=index,
+        sample_id=_sample_id(row, key),
+        conversations=conversations,
+        images=images,
+        image_bytes=image_bytes,
+        kind=kind,
+    )
 
 
 class TarShardSource:
@@ -98,8 +128,9 @@ class TarShardSource:
 
     Members are grouped by key (see `_split_member_name`); a sample is `<key>.json`, holding a LLaVA row
     (with "conversations") or a caption row (with "caption" / "text"), plus its image members in the
-    order given by `_image_order`. Any "image" field inside the JSON is ignored: the images are the
-    members. Records carry the member names in `images` and their bytes in `image_bytes`.
+    order given by `image_parts`. Any "image" field inside the JSON is ignored: the images are the
+    members. Records carry the member names in `images` and their bytes in `image_bytes`
+    (`sample_record`).
 
     The index is built once, at construction, from the tar headers (tarfile); samples are in order of
     first appearance, shard by shard. Reading seeks to the recorded data offsets, so access is random and
@@ -198,7 +229,8 @@ class TarShardSource:
         meta = sample.members.get("json")
         if meta is None:
             raise _Invalid("member", f"no {sample.key}.json member")
-        images = _image_order(sample)
+        names = {suffix: member.name for suffix, member in sample.members.items()}
+        images = [sample.members[suffix] for suffix in image_parts(names)]
         try:
             with open(path, "rb") as f:
                 raw = [self._read_member(f, m) for m in [meta, *images]]
@@ -208,25 +240,7 @@ class TarShardSource:
             row = json.loads(raw[0])
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _Invalid("json", f"malformed {meta.name}: {e}") from e
-        if not isinstance(row, dict):
-            raise _Invalid("schema", f"{meta.name} holds a {type(row).__name__}, not an object")
-        if "conversations" in row:
-            conversations = _check_conversations(row["conversations"], len(images))
-            kind: RecordKind = "conversation" if images else "text"
-        else:
-            if len(images) != 1:
-                raise _Invalid("schema", f"a caption sample needs exactly one image, got {len(images)}")
-            conversations = _caption_conversations(row)
-            kind = "caption"
-        return Record(
-            source=path,
-            index=index,
-            sample_id=_sample_id(row, sample.key),
-            conversations=conversations,
-            images=[m.name for m in images],
-            image_bytes=raw[1:],
-            kind=kind,
-        )
+        return sample_record(row, meta.name, [m.name for m in images], raw[1:], path, index, sample.key)
 
     @staticmethod
     def _read_member(f: Any, member: _Member) -> bytes:
