@@ -177,7 +177,9 @@ def run(config: RunConfig) -> dict[str, float]:
     )
     checkpointer = None
     if t.save or t.load:
-        checkpointer = Checkpointer(trainer, t.save, t.keep_last_checkpoints, t.async_save, reporter.line)
+        checkpointer = Checkpointer(state, config, trainer.chunks, trainer.optimizer, trainer.scaler,
+                                    save_dir=t.save, keep_last=t.keep_last_checkpoints, async_save=t.async_save,
+                                    log=reporter.line)
     start = 0
     if t.load:
         progress = checkpointer.load(

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from megamm.checkpoint import format
 from megamm.config import ConfigError, LlavaConfig
 from megamm.config.parsing import run_config_from_dict
 from megamm.convert import ConversionError
@@ -91,17 +92,17 @@ def _part_rows(entry: Entry, config: LlavaConfig, rows: int) -> list[int]:
 def _load_config(reader: CheckpointReader) -> LlavaConfig:
     tree = reader.description.get("config")
     if not isinstance(tree, dict) or "model" not in tree:
-        raise ConversionError(f"{reader.path}/megamm.json holds no run config, so the model is unknown")
+        raise ConversionError(f"{reader.path / format.DESCRIPTION} holds no run config, so the model is unknown")
     try:
         return run_config_from_dict(tree).model
     except ConfigError as error:
-        raise ConversionError(f"{reader.path}/megamm.json: the run config does not build: {error}") from error
+        raise ConversionError(f"{reader.path / format.DESCRIPTION}: the run config does not build: {error}") from error
 
 
 def _plan(reader: CheckpointReader, config: LlavaConfig) -> list[Entry]:
     entries = model_entries(config)
     names = {e.megamm for e in entries}
-    saved = {k[len("model/"):] for k in reader.tensors if k.startswith("model/")}
+    saved = {k[len(format.MODEL):] for k in reader.tensors if k.startswith(format.MODEL)}
     missing = sorted(names - saved)
     problems = []
     if missing and all(name.startswith("projector.") for name in missing):
@@ -144,7 +145,7 @@ def export_hf(load: str | Path, out: str | Path, tokenizer: str | Path | None = 
     if pad_token_id is not None:
         extras.pad_token_id = pad_token_id
     hf_config = hf_config_from_llava(config, extras)
-    extra_names = sorted(k[len("hf_extra/"):] for k in reader.tensors if k.startswith("hf_extra/"))
+    extra_names = sorted(k[len(format.HF_EXTRA):] for k in reader.tensors if k.startswith(format.HF_EXTRA))
     if any(name.startswith("vision.head.") for name in extra_names):
         hf_config["vision_config"]["vision_use_head"] = True  # a SigLIP pooling head came with the import
     if key_style not in KEY_STYLES:
@@ -158,14 +159,14 @@ def export_hf(load: str | Path, out: str | Path, tokenizer: str | Path | None = 
 
     entries = _plan(reader, config)
     # Work items: ("model/<name>", its entry) and the tensors kept aside by an import ("hf_extra/<name>", None).
-    work: list[tuple[str, Entry | None]] = [(f"model/{e.megamm}", e) for e in entries]
-    work += [(f"hf_extra/{name}", None) for name in extra_names]
+    work: list[tuple[str, Entry | None]] = [(format.model_key(e.megamm), e) for e in entries]
+    work += [(format.HF_EXTRA + name, None) for name in extra_names]
     fill = [name for name in POST_NORM if name not in extra_names]
 
     def out_dtype(key: str) -> torch.dtype:
         return reader.dtype(key) if dtype is None else DTYPES[dtype]
 
-    model_dtype = out_dtype("model/language.embedding.weight")
+    model_dtype = out_dtype(format.model_key("language.embedding.weight"))
     sizes = [(key, math.prod(reader.shape(key)) * out_dtype(key).itemsize) for key, _ in work]
     groups = _shard_groups(sizes, max_shard_bytes)
     entry_of = dict(work)
@@ -183,7 +184,7 @@ def export_hf(load: str | Path, out: str | Path, tokenizer: str | Path | None = 
             entry = entry_of[key]
             value = value.to(out_dtype(key))
             if entry is None:
-                pieces = {key[len("hf_extra/"):]: value}
+                pieces = {key[len(format.HF_EXTRA):]: value}
             else:
                 pieces = dict(zip(entry.parts, value.split(_part_rows(entry, config, value.shape[0]), dim=0)))
             for name, piece in pieces.items():
