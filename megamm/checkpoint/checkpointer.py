@@ -61,6 +61,10 @@ def _scalar(value: float) -> BlockTensor:
     return BlockTensor.whole(format.scalar(value))
 
 
+def _vector(tensor: torch.Tensor) -> BlockTensor:
+    return BlockTensor.whole(tensor.reshape(-1))
+
+
 def _read_scalar(loaded: Mapping[str, BlockTensor], key: str) -> float:
     return loaded[key].block((0,)).item()
 
@@ -74,6 +78,16 @@ class _PendingSave:
 
 
 class Checkpointer:
+    """One run's checkpoints.
+
+    state: this process's parallel state (ranks, groups, device, generator tracker). config: the run
+    config, recorded in every description. chunks: this pipeline stage's model chunks. optimizer:
+    its master weights and Adam moments are saved and loaded (None: model and progress only).
+    scaler: the fp16 loss scaler (None without fp16). save_dir: where `save` / `save_model` write
+    (`iter_N/` and `latest`); keep_last: how many complete checkpoints to keep; async_save: write in
+    a background thread from a CPU snapshot; log: where the rank's messages go.
+    """
+
     def __init__(self, state: ParallelState, config: RunConfig, chunks: Sequence[nn.Module],
                  optimizer: Optimizer | None = None, scaler: DynamicLossScaler | None = None, *,
                  save_dir: str | Path | None = None, keep_last: int | None = None, async_save: bool = False,
@@ -165,6 +179,7 @@ class Checkpointer:
     def save(self, iteration: int, consumed_samples: int, extra: Mapping[str, object] | None = None) -> None:
         """Write a checkpoint of the whole state (in the background with async saves). `extra`:
         fields added to the description."""
+        self._need_save_dir()
         tensors = self.model_state()
         if self.optimizer is not None:
             # create=True: before the first step Adam has no moments yet; saving zeros (what Adam
@@ -177,13 +192,12 @@ class Checkpointer:
     def save_model(self, iteration: int, consumed_samples: int,
                    extra: Mapping[str, object] | None = None) -> None:
         """Write a model-only checkpoint: the weights and progress, no optimizer or generator states."""
+        self._need_save_dir()
         tensors = {**self.model_state(), **self.progress_state(iteration, consumed_samples)}
         self._save(tensors, iteration, "none", extra)
 
     def _save(self, tensors: dict[str, BlockTensor], iteration: int, optimizer: str,
               extra: Mapping[str, object] | None) -> None:
-        if self.save_dir is None:
-            raise ValueError("no --save directory")
         self.wait()
         description = format.describe(iteration, self.layout, optimizer, run_config_to_dict(self.config),
                                       **(extra or {}))
@@ -208,6 +222,10 @@ class Checkpointer:
         thread = threading.Thread(target=write, name=f"megamm-save-{iteration}", daemon=True)
         thread.start()
         self._pending = _PendingSave(thread, iteration, description, errors)
+
+    def _need_save_dir(self) -> None:
+        if self.save_dir is None:
+            raise ValueError("this Checkpointer has no save directory (--save)")
 
     def _write(self, tensors: dict[str, BlockTensor], directory: Path) -> None:
         started = time.perf_counter()
@@ -304,7 +322,3 @@ class Checkpointer:
             if "cuda" in rng:
                 torch.cuda.set_rng_state(rng.pop("cuda").to(torch.uint8), self.state.device)
             self.state.rng.set_states({name: value.to(torch.uint8) for name, value in rng.items()})
-
-
-def _vector(tensor: torch.Tensor) -> BlockTensor:
-    return BlockTensor.whole(tensor.reshape(-1))
