@@ -148,7 +148,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, root: str) -> None:
 
 
 def run(rank: int, args: argparse.Namespace, root: Path) -> None:
-    from megamm.checkpoint import storage
+    from megamm.checkpoint import format
     from megamm.checkpoint.checkpointer import Checkpointer
     from megamm.training.data import SyntheticData
     from megamm.training.step import train_step
@@ -161,29 +161,33 @@ def run(rank: int, args: argparse.Namespace, root: Path) -> None:
     step = train_step(trainer, SyntheticData(config, state).microbatches(0), 0)
 
     sync_dir, async_dir = root / "sync", root / "async"
-    checkpointer = Checkpointer(trainer, str(sync_dir), log=quiet)
+    def checkpointer_for(trainer, save_dir: Path | None, async_save: bool = False) -> Checkpointer:
+        return Checkpointer(trainer.state, trainer.config, trainer.chunks, trainer.optimizer, trainer.scaler,
+                            save_dir=save_dir, async_save=async_save, log=quiet)
+
+    checkpointer = checkpointer_for(trainer, sync_dir)
     parameters = sum(math.prod(value.shape) for value in checkpointer.model_state().values())
     for i in range(1, args.repeats + 1):
-        _remove(rank, storage.iteration_dir(sync_dir, i - 1))  # untimed: only the newest is kept
+        _remove(rank, format.iteration_dir(sync_dir, i - 1))  # untimed: only the newest is kept
         seconds = timed(checkpointer.save, i, i)
-        rows.append(("save, sync", "tp=2", _rank_file(storage.iteration_dir(sync_dir, i), rank), seconds,
+        rows.append(("save, sync", "tp=2", _rank_file(format.iteration_dir(sync_dir, i), rank), seconds,
                      checkpointer.last_write_seconds))
-    own_file = storage.iteration_dir(sync_dir, args.repeats) / f"__{rank}_0.distcp"
+    own_file = format.iteration_dir(sync_dir, args.repeats) / f"__{rank}_0.distcp"
     for _ in range(args.repeats):
         rows.append(("file write", "-", *raw_write(root / f"raw_{rank}.bin", own_file.stat().st_size), None))
         rows.append(("file read", "-", *raw_read(own_file), None))
-    async_checkpointer = Checkpointer(trainer, str(async_dir), async_save=True, log=quiet)
+    async_checkpointer = checkpointer_for(trainer, async_dir, async_save=True)
     for i in range(1, args.repeats + 1):
-        _remove(rank, storage.iteration_dir(async_dir, i - 1))
+        _remove(rank, format.iteration_dir(async_dir, i - 1))
         dist.barrier()
         started = time.perf_counter()
         async_checkpointer.save(i, i)
         blocking = time.perf_counter() - started
         async_checkpointer.wait()
         published = time.perf_counter() - started
-        rows.append(("save, async", "tp=2", _rank_file(storage.iteration_dir(async_dir, i), rank), published,
+        rows.append(("save, async", "tp=2", _rank_file(format.iteration_dir(async_dir, i), rank), published,
                      blocking))
-    checkpoint = storage.iteration_dir(sync_dir, args.repeats)
+    checkpoint = format.iteration_dir(sync_dir, args.repeats)
     nbytes = requested_bytes(checkpointer)
     for _ in range(args.repeats):
         rows.append(("load", "tp=2", nbytes, timed(checkpointer.load, str(checkpoint)), None))
@@ -192,7 +196,7 @@ def run(rank: int, args: argparse.Namespace, root: Path) -> None:
     gc.collect()
 
     _, _, trainer = build(args, tp=1)
-    checkpointer = Checkpointer(trainer, None, log=quiet)
+    checkpointer = checkpointer_for(trainer, None)
     nbytes = requested_bytes(checkpointer)
     for _ in range(args.repeats):
         rows.append(("load", "tp=1 x dp=2", nbytes, timed(checkpointer.load, str(checkpoint)), None))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megamm.checkpoint import storage
+from megamm.checkpoint import format
 from megamm.checkpoint.checkpointer import Checkpointer
 from megamm.checkpoint.model_weights import read_run_config_tree
 from megamm.config import ConfigError
@@ -57,7 +57,7 @@ def _single_process_env() -> None:
 def saved_run_config(load: str) -> dict | None:
     """The run config tree checkpoint `load` saved; None while `load` holds no checkpoint yet (a run
     that saves there starts from its initialization)."""
-    if storage.resolve(load) is None:
+    if format.resolve(load) is None:
         return None
     return read_run_config_tree(load)[1]
 
@@ -213,7 +213,9 @@ def _train(config: ResolvedConfig, state: ParallelState) -> dict[str, float]:
     )
     checkpointer = None
     if t.save or t.load:
-        checkpointer = Checkpointer(trainer, t.save, t.keep_last_checkpoints, t.async_save, reporter.line)
+        checkpointer = Checkpointer(state, config, trainer.chunks, trainer.optimizer, trainer.scaler,
+                                    save_dir=t.save, keep_last=t.keep_last_checkpoints, async_save=t.async_save,
+                                    log=reporter.line)
     start = 0
     if t.load:
         RECORD.enter(f"loading checkpoint {t.load}")

@@ -91,6 +91,6 @@ def solo_state(device: torch.device | None = None):
     mine = groups[rank]
     return ParallelState(
         tp_group=mine, dp_group=mine, pp_group=mine, mp_group=mine, pp_grad_group=mine, world_group=mine,
-        pp_ranks=[rank],
+        checkpoint_group=mine, pp_ranks=[rank],
         device=device or torch.device("cpu"),
     )

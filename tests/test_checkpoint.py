@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megamm.checkpoint.checkpointer import Checkpointer, CheckpointMismatchError
+from megamm.checkpoint.checkpointer import Checkpointer
+from megamm.checkpoint.format import CheckpointMismatchError
 from megamm.config import ParallelConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
@@ -61,7 +62,8 @@ class Session:
             for chunk in self.chunks:
                 chunk.initialize(init_seed)
         self.trainer = build_trainer(config, state, self.chunks)
-        self.checkpointer = Checkpointer(self.trainer, str(save) if save else None, async_save=async_save,
+        self.checkpointer = Checkpointer(state, config, self.chunks, self.trainer.optimizer,
+                                         self.trainer.scaler, save_dir=save, async_save=async_save,
                                          log=lambda _: None)
         self.data = SyntheticData(config, state)
 
@@ -182,10 +184,9 @@ def test_resume_is_bit_exact(tmp_path: Path, async_save: bool) -> None:
 
 
 def _partial_job(directory: str) -> dict:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
-    from megamm.checkpoint import storage
+    from megamm.checkpoint import dcp_io, format
     from megamm.checkpoint.blocks import BlockSavePlanner
 
     initialize_parallel_state()
@@ -195,16 +196,15 @@ def _partial_job(directory: str) -> dict:
     # A checkpoint of the two towers only, as a stage-1 start from separately converted towers has.
     model_only = {k: v for k, v in towers.checkpointer.model_state().items() if "projector." not in k}
     model_only.update(towers.checkpointer.progress_state(0, 0))
-    partial = storage.partial_dir(directory, 0)
-    if state.tp_rank == 0 and torch.distributed.get_rank() == 0:
-        partial.mkdir(parents=True)
-    torch.distributed.barrier()
-    dcp.save(model_only, storage_writer=FileSystemWriter(partial), planner=BlockSavePlanner())
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
-        storage.write_description(partial, {"iteration": 0, "layout": {}})
-        storage.publish(directory, 0, None)
-    torch.distributed.barrier()
+    group = state.checkpoint_group
+    if state.rank == 0:
+        format.open_partial(directory, 0)
+    torch.distributed.barrier(group=group)
+    dcp_io.save(model_only, FileSystemWriter(format.partial_dir(directory, 0)), BlockSavePlanner(), group)
+    torch.distributed.barrier(group=group)
+    if state.rank == 0:
+        format.publish(directory, 0, format.describe(0, {}, "none", {}))
+    torch.distributed.barrier(group=group)
     results = {}
 
     fresh = Session(config, state, init_seed=999)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import LlavaForConditionalGeneration
 
-from megamm.checkpoint import storage
+from megamm.checkpoint import format
 from megamm.checkpoint.checkpointer import Checkpointer
 from megamm.config.parsing import run_config_from_dict
 from megamm.config.resolved import resolve
@@ -52,14 +52,15 @@ def _microbatches(batch: dict) -> list[dict]:
 
 
 def _session(load: str, tp: int, pp: int, save: str | None = None):
-    description = storage.read_description(storage.resolve(load))
+    description = format.read_description(format.resolve(load))
     world = dist.get_world_size()
     config = resolve(_run_config(description, tp, pp, world), world)
     state = ParallelState.from_groups(tp=tp, pp=pp, device=torch.device("cpu"))
     state.seed(config.training.seed)
     chunks = build_model_chunks(config, state)
     trainer = build_trainer(config, state, chunks)
-    checkpointer = Checkpointer(trainer, save, log=lambda _: None)
+    checkpointer = Checkpointer(state, config, chunks, trainer.optimizer, trainer.scaler, save_dir=save,
+                                log=lambda _: None)
     progress = checkpointer.load(load, load_optim=False)
     return state, chunks, trainer, checkpointer, progress
 

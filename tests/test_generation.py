@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from megamm.checkpoint.model_weights import ModelWeightsError, load_model_weights
+from megamm.checkpoint.format import CheckpointMismatchError
+from megamm.checkpoint.model_weights import load_model_weights
 from megamm.config import ParallelConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
@@ -216,7 +217,9 @@ def _tp_job(tmp: str, vocab_size: int, image_token_id: int, tool_args: list[str]
     tp2.seed(SAVED_SEED)
     resolved = resolve(config, tp2.world_size)
     chunks = build_model_chunks(resolved, tp2)
-    Checkpointer(build_trainer(resolved, tp2, chunks), f"{tmp}/ckpt", log=lambda _: None).save(1, 2)
+    trainer = build_trainer(resolved, tp2, chunks)
+    Checkpointer(tp2, resolved, chunks, trainer.optimizer, trainer.scaler, save_dir=f"{tmp}/ckpt",
+                 log=lambda _: None).save(1, 2)
     model_config = config.model.for_runtime(torch.float32)
     loaded = {}
     for name, state in (("tp2", tp2), ("tp1", tp1)):
@@ -323,10 +326,11 @@ def test_data_parallel_answers_equal_one_process(tp_run: dict) -> None:
 def test_model_weights_mismatch_lists_every_problem(tp_run: dict) -> None:
     tokenizer = tp_run["tokenizer"]
     deeper = LlavaModel(_model_config(tokenizer.vocab_size, tokenizer.image_token_id, layers=3), ParallelState.single())
-    with pytest.raises(ModelWeightsError, match="missing in the checkpoint: model/language.decoder.layers.2"):
+    with pytest.raises(CheckpointMismatchError, match="missing in the checkpoint: model/language.decoder.layers.2"):
         load_model_weights(deeper, tp_run["tmp"] / "ckpt", ParallelState.single())
     wider = LlavaModel(_model_config(tokenizer.vocab_size + 8, tokenizer.image_token_id), ParallelState.single())
-    with pytest.raises(ModelWeightsError, match=r"model/language.embedding.weight: checkpoint has shape \[\d+, 64\]"):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"model/language.embedding.weight: checkpoint has shape \[\d+, 64\]"):
         load_model_weights(wider, tp_run["tmp"] / "ckpt", ParallelState.single())
     with pytest.raises(FileNotFoundError, match="no megamm checkpoint"):
         load_model_weights(deeper, tp_run["tmp"] / "images", ParallelState.single())

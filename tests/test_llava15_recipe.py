@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from megamm.checkpoint import storage
+from megamm.checkpoint import format
 from megamm.config import ProjectorConfig
 from megamm.config.parsing import parse_run_config, run_config_to_dict
 from megamm.config.resolved import resolve
@@ -68,7 +68,7 @@ def configs(data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> 
     root = tmp_path_factory.mktemp("llava15_run")
     checkpoint = root / stage1.training.save
     checkpoint.mkdir(parents=True)
-    storage.write_description(checkpoint, {"config": run_config_to_dict(stage1)})
+    format.write_description(checkpoint, format.describe(0, {}, "none", run_config_to_dict(stage1)))
     cwd = Path.cwd()
     os.chdir(root)
     try:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megamm.checkpoint import storage
+from megamm.checkpoint import format
 from megamm.config import ConfigError, LanguageConfig
 from megamm.config.parsing import parse_run_config, run_config_from_dict, run_config_to_dict
 from megamm.config.precision import DTYPES, dtype_named, precision_name
@@ -99,8 +99,8 @@ def checkpoint(tmp_path: Path) -> Path:
     """A stand-in for a checkpoint of the example run: its megamm.json, as a save writes it."""
     directory = tmp_path / "ckpt" / "iter_0000005"
     directory.mkdir(parents=True)
-    storage.write_description(directory, {"config": run_config_to_dict(parse_run_config(_argv(), 1))})
-    (tmp_path / "ckpt" / storage.LATEST).write_text(directory.name + "\n")
+    format.write_description(directory, format.describe(5, {}, "none", run_config_to_dict(parse_run_config(_argv(), 1))))
+    (tmp_path / "ckpt" / format.LATEST).write_text(directory.name + "\n")
     return tmp_path / "ckpt"
 
 

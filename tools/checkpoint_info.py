@@ -3,7 +3,7 @@
     python tools/checkpoint_info.py <checkpoint dir | save dir with latest> [--tensors] [--json]
 
 It reads only the checkpoint's description (`megamm.json`) and DCP's metadata (`.metadata`, through
-`megamm.checkpoint.storage.SafeFileSystemReader`, which never unpickles anything but DCP's own
+`megamm.checkpoint.dcp_io.SafeFileSystemReader`, which never unpickles anything but DCP's own
 metadata classes), so it runs on any machine, without torch.distributed and without reading the
 shard files. Use it to check what a `--load` would resume (iteration, layout, optimizer state
 present or not), how big the state is, and which shapes a model must have to load it.
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from megamm.checkpoint import storage
+from megamm.checkpoint import dcp_io, format
 from megamm.config.precision import precision_name
 
 
@@ -35,7 +35,8 @@ class CheckpointInfoError(Exception):
     """The directory is not a readable megamm checkpoint (reported with exit status 2)."""
 
 
-GROUP_ORDER = ("model/", "optim/master/", "optim/exp_avg/", "optim/exp_avg_sq/", "optim/", "train/", "rng/")
+GROUP_ORDER = (format.MODEL, *(format.optimizer_key(kind, "") for kind in format.OPTIMIZER_TENSORS), format.OPTIMIZER,
+               format.TRAIN, format.RNG)
 
 
 def group_of(key: str) -> str:
@@ -65,13 +66,13 @@ def _locate(directory: str | Path) -> Path:
     if not path.is_dir():
         raise CheckpointInfoError(f"{path} is not a directory")
     try:
-        found = storage.resolve(path)
+        found = format.resolve(path)
     except (FileNotFoundError, ValueError) as error:
         raise CheckpointInfoError(str(error)) from error
     if found is None:
         raise CheckpointInfoError(
-            f"{path} holds no checkpoint: expected a checkpoint directory (with {storage.DESCRIPTION} and "
-            f".metadata) or a save directory with a '{storage.LATEST}' file"
+            f"{path} holds no checkpoint: expected a checkpoint directory (with {format.DESCRIPTION} and "
+            f".metadata) or a save directory with a '{format.LATEST}' file"
         )
     return found
 
@@ -139,11 +140,11 @@ def describe(directory: str | Path) -> dict:
     """Everything this tool reports about the checkpoint `directory` names, as a JSON-ready dict."""
     path = _locate(directory)
     try:
-        description = storage.read_description(path)
-    except (FileNotFoundError, json.JSONDecodeError) as error:
-        raise CheckpointInfoError(f"{path}: cannot read {storage.DESCRIPTION}: {error}") from error
+        description = format.read_description(path)
+    except (FileNotFoundError, format.CheckpointFormatError) as error:
+        raise CheckpointInfoError(f"cannot read the description: {error}") from error
     try:
-        metadata = storage.SafeFileSystemReader(path).read_metadata()
+        metadata = dcp_io.SafeFileSystemReader(path).read_metadata()
     except (FileNotFoundError, TypeError, pickle.UnpicklingError, EOFError) as error:
         raise CheckpointInfoError(f"{path}: cannot read the DCP metadata: {error}") from error
     groups: dict[str, dict] = {}
@@ -154,7 +155,7 @@ def describe(directory: str | Path) -> dict:
         group["tensors"].append(row)
     ordered = [{"group": name, **groups[name]} for name in sorted(groups, key=_group_rank)]
     files = _shard_files(metadata, path)
-    has_optimizer = any(g["group"].startswith("optim/") for g in ordered)
+    has_optimizer = any(g["group"].startswith(format.OPTIMIZER) for g in ordered)
     return {
         "path": str(path),
         "format": description.get("format"),
@@ -235,7 +236,7 @@ def report(info: dict, all_tensors: bool) -> str:
     if info.get("resharded_from"):
         lines.append(f"resharded   from {info['resharded_from']}")
     lines += ["config", *_config_lines(info["config"]), ""]
-    rows = [g for g in info["groups"] if all_tensors or g["group"] == "model/"]
+    rows = [g for g in info["groups"] if all_tensors or g["group"] == format.MODEL]
     if rows:
         name_width = max(len(t["name"]) for g in rows for t in g["tensors"])
         name_width = max(name_width, len("name"))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megamm.checkpoint.model_weights import ModelWeightsError
+from megamm.checkpoint.format import CheckpointMismatchError
 from megamm.inference import cli
 from megamm.inference.vqa import evaluate_vqa, format_score, load_questions, prediction_records
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             session, items, cli.generation_config(args, session), image_root=args.image_root or str(path.parent),
             batch_size=args.batch_size, blank_image=args.blank_image,
         )
-    except (OSError, ValueError, ModelWeightsError, NotImplementedError) as error:
+    except (OSError, ValueError, CheckpointMismatchError, NotImplementedError) as error:
         # A bad checkpoint, tokenizer, question or setting: the message says which; no traceback.
         print(f"{TOOL}: {error}", file=sys.stderr)
         return 2

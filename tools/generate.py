@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megamm.checkpoint.model_weights import ModelWeightsError
+from megamm.checkpoint.format import CheckpointMismatchError
 from megamm.inference import cli
 
 NO_IMAGE = "none"
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         session = cli.open_session(args, state)
         answers = session.answer(pairs, cli.generation_config(args, session), batch_size=args.batch_size,
                                  image_root=image_root, blank_image=args.blank_image)
-    except (OSError, ValueError, ModelWeightsError, NotImplementedError) as error:
+    except (OSError, ValueError, CheckpointMismatchError, NotImplementedError) as error:
         # A bad checkpoint, tokenizer, image or setting: the message says which; no traceback.
         print(f"generate.py: {error}", file=sys.stderr)
         return 2

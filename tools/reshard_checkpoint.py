@@ -22,9 +22,10 @@ the run config of SRC's `megamm.json` with the parallel section replaced by the 
 model chunks and trainer of that layout, and a `Checkpointer`; they load SRC (without generator
 states, which only fit the layout that saved them: the target ranks' generators are seeded from the
 run's --seed, as a resume at a new layout would) and save it at the same iteration and consumed
-samples into DST, which gets `DST/iter_NNNNNNN` and `DST/latest`. The description records the source
-(`resharded_from`) and, with `--no-optim`, `"optimizer": "none"`. The whole model and optimizer
-state passes through the W processes' memory, as in training at the target layout.
+samples into DST, which gets `DST/iter_NNNNNNN` and `DST/latest`: `Checkpointer.save`, or with
+`--no-optim` `Checkpointer.save_model` (the description then says `"optimizer": "none"`). The
+description records the source (`resharded_from`). The whole model and optimizer state passes
+through the W processes' memory, as in training at the target layout.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import argparse
 import dataclasses
 import os
 import pickle
-import shutil
 import socket
 import sys
 import time
@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megamm.checkpoint import storage
+from megamm.checkpoint import dcp_io, format
 from megamm.config import ConfigError
 from megamm.config.parsing import run_config_from_dict
 from megamm.config.resolved import ResolvedConfig, resolve
@@ -73,7 +73,7 @@ def target_config(description: dict, target: Target) -> ResolvedConfig:
     kind as asked); everything else as SRC ran it. Raises ReshardError listing every problem."""
     tree = description.get("config")
     if not isinstance(tree, dict):
-        raise ReshardError(f"the checkpoint's {storage.DESCRIPTION} holds no run config")
+        raise ReshardError(f"the checkpoint's {format.DESCRIPTION} holds no run config")
     tree = {**tree, "parallel": dict(tree.get("parallel") or {}), "training": dict(tree.get("training") or {})}
     source_parallel = tree["parallel"]
     # Not given: as SRC ran (in effect only where the target has tp > 1, see ResolvedConfig).
@@ -126,9 +126,8 @@ def _worker(rank: int, world_size: int, port: int, source: str, save: str, descr
         if rank == 0:
             results.put(("ok", rank, summary))
     except BaseException as error:  # noqa: BLE001 - every failure must reach the parent with its reason
-        from megamm.checkpoint.checkpointer import CheckpointMismatchError
-
-        known = isinstance(error, (ReshardError, CheckpointMismatchError, ConfigError))
+        known = isinstance(error, (ReshardError, format.CheckpointMismatchError, format.CheckpointFormatError,
+                                   ConfigError))
         results.put(("error", rank, str(error) if known else traceback.format_exc()))
         raise SystemExit(1) from None
     finally:
@@ -137,24 +136,10 @@ def _worker(rank: int, world_size: int, port: int, source: str, save: str, descr
 
 
 def _reshard(rank: int, source: str, save: str, description: dict, target: Target) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemWriter
-
-    from megamm.checkpoint.blocks import BlockSavePlanner
     from megamm.checkpoint.checkpointer import Checkpointer
     from megamm.parallel.state import initialize_parallel_state
     from megamm.pipeline.chunks import build_model_chunks
     from megamm.training.step import build_trainer
-
-    class ReshardCheckpointer(Checkpointer):
-        """Records where the checkpoint came from, and a model-only save's missing optimizer state."""
-
-        def description(self, iteration: int) -> dict:
-            out = super().description(iteration)
-            out["resharded_from"] = source
-            if target.no_optim:
-                out["optimizer"] = "none"
-            return out
 
     config = target_config(description, target)
     p, t = config.parallel, config.training
@@ -164,42 +149,22 @@ def _reshard(rank: int, source: str, save: str, description: dict, target: Targe
     chunks = build_model_chunks(config, state)
     trainer = build_trainer(config, state, chunks)
     log_lines: list[str] = []
-    checkpointer = ReshardCheckpointer(trainer, save, log=log_lines.append if rank == 0 else lambda _: None)
+    optimizer = None if target.no_optim else trainer.optimizer
+    checkpointer = Checkpointer(state, config, chunks, optimizer, trainer.scaler, save_dir=save,
+                                log=log_lines.append if rank == 0 else lambda _: None)
 
     started = time.perf_counter()
     progress = checkpointer.load(source, load_optim=not target.no_optim, load_rng=False)
     if progress is None:
         raise ReshardError(f"no checkpoint in {source}")
     loaded = time.perf_counter()
-    if not target.no_optim:
-        checkpointer.save(progress.iteration, progress.consumed_samples)
-    else:
-        # Checkpointer.save always writes the optimizer's master weights (and moments once it has
-        # them), so a model-only checkpoint is written here: model weights and progress, no rng.
-        tensors = {**checkpointer.model_state(),
-                   **checkpointer.progress_state(progress.iteration, progress.consumed_samples)}
-        directory = storage.partial_dir(save, progress.iteration)
-        if rank == 0:
-            Path(save).mkdir(parents=True, exist_ok=True)
-            if directory.exists():
-                shutil.rmtree(directory)
-            directory.mkdir()
-        dist.barrier(group=checkpointer.group)
-        dcp.save(tensors, storage_writer=FileSystemWriter(directory), planner=BlockSavePlanner(),
-                 process_group=checkpointer.group)
-        dist.barrier(group=checkpointer.group)
-        if rank == 0:
-            storage.write_description(directory, checkpointer.description(progress.iteration))
-            log_lines.append(f" saved checkpoint {storage.publish(save, progress.iteration, None)}")
-        dist.barrier(group=checkpointer.group)
-    saved = time.perf_counter()
+    write = checkpointer.save_model if target.no_optim else checkpointer.save
+    write(progress.iteration, progress.consumed_samples, extra={"resharded_from": source})
     return {
         "iteration": progress.iteration,
         "consumed_samples": progress.consumed_samples,
-        "layout": checkpointer.layout_signature(),
-        "optimizer": checkpointer.description(progress.iteration)["optimizer"],
         "load_seconds": loaded - started,
-        "save_seconds": saved - loaded,
+        "save_seconds": time.perf_counter() - loaded,
         "log": log_lines,
     }
 
@@ -219,16 +184,14 @@ def _check_request(source: Path, save: Path, description: dict, target: Target) 
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        keys = storage.SafeFileSystemReader(source).read_metadata().state_dict_metadata
+        keys = dcp_io.saved_tensors(source)
     except (FileNotFoundError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         raise ReshardError(f"cannot read the checkpoint metadata of {source}: {error}") from error
-    has_moments = any(k.startswith("optim/exp_avg/") and isinstance(v, TensorStorageMetadata) for k, v in keys.items())
+    moments = format.optimizer_key("exp_avg", "")
+    has_moments = any(k.startswith(moments) and isinstance(v, TensorStorageMetadata) for k, v in keys.items())
     if not target.no_optim and not has_moments:
         raise ReshardError(f"{source} holds no optimizer state (a model-only checkpoint): pass --no-optim")
-    iteration = description.get("iteration")
-    if not isinstance(iteration, int):
-        raise ReshardError(f"{source}/{storage.DESCRIPTION} names no iteration")
-    destination = storage.iteration_dir(save, iteration)
+    destination = format.iteration_dir(save, description["iteration"])
     if destination.resolve() == source.resolve():
         raise ReshardError(f"--save {save} would overwrite the source checkpoint {source}: choose another directory")
     if destination.exists():
@@ -276,13 +239,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ReshardError("--tensor-model-parallel-size, --pipeline-model-parallel-size and --world-size "
                                "must be >= 1")
         try:
-            source = storage.resolve(args.load)
+            source = format.resolve(args.load)
         except (FileNotFoundError, ValueError) as error:
             raise ReshardError(str(error)) from error
         if source is None:
             raise ReshardError(f"no checkpoint in {args.load}: expected a checkpoint directory or a save "
-                               f"directory with '{storage.LATEST}'")
-        description = storage.read_description(source)
+                               f"directory with '{format.LATEST}'")
+        description = format.read_description(source)
         target_config(description, target)  # fail here, before any process starts
         _check_request(source, Path(args.save), description, target)
     except (ReshardError, OSError, ValueError) as error:
@@ -317,22 +280,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_summary(source: Path, description: dict, summary: dict, save: Path, seconds: float) -> None:
-    final = storage.iteration_dir(save, summary["iteration"])
+    final = format.iteration_dir(save, summary["iteration"])
+    written = format.read_description(final)
     shards = sorted(final.glob("__*_*.distcp"))
     total = sum(path.stat().st_size for path in final.iterdir() if path.is_file())
     source_total = sum(path.stat().st_size for path in source.iterdir() if path.is_file())
-    if summary["optimizer"] == "none":
+    if written["optimizer"] == "none":
         state = "no optimizer state: model weights and progress only"
     else:
-        state = f"{summary['optimizer']} optimizer, with optimizer state"
+        state = f"{written['optimizer']} optimizer, with optimizer state"
     print(f"resharded {source}")
     print(f"  from  {_layout_text(description.get('layout'))}, {description.get('optimizer')} optimizer, "
           f"{source_total / 2**20:.2f} MiB on disk")
-    print(f"  to    {_layout_text(summary['layout'])}, {state}, "
+    print(f"  to    {_layout_text(written['layout'])}, {state}, "
           f"{total / 2**20:.2f} MiB on disk")
     print(f"  iteration {summary['iteration']}, consumed samples {summary['consumed_samples']}")
     print(f"  wrote {final} ({len(shards)} shard files: "
-          + ", ".join(f"{p.name} {p.stat().st_size / 2**20:.2f} MiB" for p in shards) + f"); {save / storage.LATEST} "
+          + ", ".join(f"{p.name} {p.stat().st_size / 2**20:.2f} MiB" for p in shards) + f"); {save / format.LATEST} "
           f"names it")
     print(f"  load {summary['load_seconds']:.1f} s, save {summary['save_seconds']:.1f} s, {seconds:.1f} s in all")
     for line in summary["log"]:

@@ -11,19 +11,28 @@ or the distributed optimizer.
 `BlockTensor` plugs into DCP's planner through its `__create_write_items__` /
 `__create_chunk_list__` hooks (the ones DTensor uses); `BlockSavePlanner` / `BlockLoadPlanner`
 resolve a block by its offset.
+
+This is the only module of the checkpoint layer that reads parameter layouts (the modules'
+ParamSpec records): `model_blocks` and `optimizer_blocks` turn parameters and their optimizer
+tensors into blocks.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
+from megamm.checkpoint.format import model_key
+from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import ParamLayout
+from megamm.parallel.state import ParallelState
 
 
 class BlockTensor:
@@ -55,6 +64,15 @@ class BlockTensor:
 
     def block(self, offsets: torch.Size) -> torch.Tensor:
         return self.blocks[tuple(offsets)]
+
+    @classmethod
+    def whole(cls, tensor: torch.Tensor) -> BlockTensor:
+        """A tensor every rank holds entirely (a scalar, a generator state), as one block."""
+        return cls(tuple(tensor.shape), {(0,) * tensor.dim(): tensor})
+
+    def cpu_copy(self) -> BlockTensor:
+        """The same blocks copied to the CPU (the snapshot an asynchronous save writes)."""
+        return BlockTensor(tuple(self.shape), {o: b.detach().to("cpu", copy=True) for o, b in self.blocks.items()})
 
 
 class BlockSavePlanner(DefaultSavePlanner):
@@ -174,3 +192,27 @@ def parameter_blocks(tensor: torch.Tensor, layout: ParamLayout, tp_rank: int, tp
     if len(master_shape) != 1:
         raise ValueError(f"partitioned parameters must be 1-D or 2-D, got master shape {master_shape}")
     return BlockTensor(master_shape, {(row,): block.reshape(-1) for (row, _), block in blocks.items()})
+
+
+def model_blocks(modules: Iterable[nn.Module], state: ParallelState) -> dict[str, BlockTensor]:
+    """`model/<name>` -> this rank's blocks of every parameter of `modules` (views of the data)."""
+    blocks = {}
+    for module in modules:
+        specs = param_specs(module)
+        for name, p in module.named_parameters():
+            blocks[model_key(name)] = parameter_blocks(p.data, specs[name].layout, state.tp_rank, state.tp_size)
+    return blocks
+
+
+def optimizer_blocks(param: nn.Parameter, layout: ParamLayout,
+                     pieces: list[tuple[torch.Tensor, tuple[int, int] | None]], state: ParallelState) -> BlockTensor:
+    """One optimizer tensor (master or moment) of `param` (whose layout is `layout`) in the
+    parameter's 2-D master view.
+
+    pieces: (data, span) for each piece of the parameter this rank holds: the whole local tensor
+    with span None (plain optimizer), or the flat elements `[span[0], span[1])` of it (distributed).
+    """
+    blocks = {}
+    for data, span in pieces:
+        blocks.update(master_blocks(data, layout, tuple(param.shape), state.tp_rank, state.tp_size, span))
+    return BlockTensor(view_2d_shape(tuple(layout.master_shape)), blocks)

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from megamm.checkpoint import format
 from megamm.config import ConfigError, LlavaConfig
 from megamm.config.parsing import run_config_from_dict
 from megamm.config.precision import dtype_named
@@ -67,7 +68,7 @@ class ExportSummary:
 def _load_config(reader: CheckpointReader) -> LlavaConfig:
     tree = reader.description.get("config")
     if not isinstance(tree, dict) or "model" not in tree:
-        raise ConversionError(f"{reader.path}/megamm.json holds no run config, so the model is unknown")
+        raise ConversionError(f"{reader.path / format.DESCRIPTION} holds no run config, so the model is unknown")
     language = tree["model"].get("language")
     if isinstance(language, dict) and "family" not in language:
         # Written before language families: the import recorded the Hugging Face text model type.
@@ -76,13 +77,13 @@ def _load_config(reader: CheckpointReader) -> LlavaConfig:
     try:
         return run_config_from_dict(tree).model
     except ConfigError as error:
-        raise ConversionError(f"{reader.path}/megamm.json: the run config does not build: {error}") from error
+        raise ConversionError(f"{reader.path / format.DESCRIPTION}: the run config does not build: {error}") from error
 
 
 def _plan(reader: CheckpointReader, config: LlavaConfig) -> list[Entry]:
     entries = model_entries(config)
     names = {e.megamm for e in entries}
-    saved = {k[len("model/"):] for k in reader.tensors if k.startswith("model/")}
+    saved = {k[len(format.MODEL):] for k in reader.tensors if k.startswith(format.MODEL)}
     missing = sorted(names - saved)
     problems = []
     if missing and all(name.startswith("projector.") for name in missing):
@@ -128,7 +129,7 @@ def export_hf(load: str | Path, out: str | Path, tokenizer: str | Path | None = 
     adapter = HF_ARCHITECTURES.get(architecture)
     if not isinstance(adapter, ExportAdapter):
         raise ConversionError(f"{architecture}: megamm reads this layout but does not write it")
-    extra_names = sorted(k[len("hf_extra/"):] for k in reader.tensors if k.startswith("hf_extra/"))
+    extra_names = sorted(k[len(format.HF_EXTRA):] for k in reader.tensors if k.startswith(format.HF_EXTRA))
     hf_config = adapter.config_to_hf(config, extras, extra_names)
     if key_style not in KEY_STYLES:
         raise ConversionError(f"key style {key_style!r}: expected one of {', '.join(KEY_STYLES)}")
@@ -141,13 +142,13 @@ def export_hf(load: str | Path, out: str | Path, tokenizer: str | Path | None = 
 
     entries = _plan(reader, config)
     # Work items: ("model/<name>", its entry) and the tensors kept aside by an import ("hf_extra/<name>", None).
-    work: list[tuple[str, Entry | None]] = [(f"model/{e.megamm}", e) for e in entries]
-    work += [(f"hf_extra/{name}", None) for name in extra_names]
+    work: list[tuple[str, Entry | None]] = [(format.model_key(e.megamm), e) for e in entries]
+    work += [(format.HF_EXTRA + name, None) for name in extra_names]
 
     def out_dtype(key: str) -> torch.dtype:
         return reader.dtype(key) if dtype is None else dtype_named(dtype, "--dtype")
 
-    model_dtype = out_dtype("model/language.embedding.weight")
+    model_dtype = out_dtype(format.model_key("language.embedding.weight"))
     fill = {name: t for name, t in adapter.export_fill(config, model_dtype).items() if name not in extra_names}
     sizes = [(key, math.prod(reader.shape(key)) * out_dtype(key).itemsize) for key, _ in work]
     groups = _shard_groups(sizes, max_shard_bytes)
@@ -166,7 +167,7 @@ def export_hf(load: str | Path, out: str | Path, tokenizer: str | Path | None = 
             entry = entry_of[key]
             value = value.to(out_dtype(key))
             if entry is None:
-                pieces = {key[len("hf_extra/"):]: value}
+                pieces = {key[len(format.HF_EXTRA):]: value}
             else:
                 pieces = dict(zip(entry.parts, value.split(entry.split_rows(value.shape[0]), dim=0)))
             for name, piece in pieces.items():

@@ -29,6 +29,7 @@ from typing import Protocol
 
 import torch
 
+from megamm.checkpoint import format
 from megamm.config import ConfigError, LanguageConfig, LlavaConfig, ParallelConfig, ProjectorConfig
 from megamm.config.layout import layout_problems
 from megamm.config.parsing import run_config_to_dict
@@ -177,7 +178,7 @@ def build_tensors(config: LlavaConfig, source: CanonicalTensors, with_projector:
     for name in leftover:
         if kept_aside(config, name):
             info = source.info(name)
-            out[f"hf_extra/{name}"] = LazyTensor(info.shape, info.dtype, lambda n=name: source.get(n))
+            out[format.HF_EXTRA + name] = LazyTensor(info.shape, info.dtype, lambda n=name: source.get(n))
             summary.kept_aside.append(name)
         elif derived(config, name):
             summary.skipped.append(name)
@@ -189,7 +190,7 @@ def build_tensors(config: LlavaConfig, source: CanonicalTensors, with_projector:
         raise ConversionError("the source weights do not fit the model their config describes:\n  - "
                               + "\n  - ".join(problems))
     summary.tensors = len(out)
-    summary.parameters = sum(t.shape.numel() for k, t in out.items() if not k.startswith("hf_extra/"))
+    summary.parameters = sum(t.shape.numel() for k, t in out.items() if not k.startswith(format.HF_EXTRA))
     summary.skipped = source.skipped + summary.skipped
     return out
 
@@ -197,13 +198,9 @@ def build_tensors(config: LlavaConfig, source: CanonicalTensors, with_projector:
 def _save(config: LlavaConfig, extras: HfExtras, tensors: dict[str, LazyTensor], save: str | Path, tp: int, pp: int,
           sources: dict[str, str], summary: Summary) -> Summary:
     run = RunConfig(model=config, parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
-    description = {
-        "layout": {"world_size": tp * pp, "tp": tp, "pp": pp, "dp": 1, "virtual_stages": 1, "sequence_parallel": False},
-        "config": run_config_to_dict(run),
-        "converted_from": sources,
-        "hf": extras.to_dict(),
-    }
-    summary.path = write_checkpoint(save, tensors, description)
+    layout = format.layout_signature(tp, pp, dp=1, virtual_stages=1, sequence_parallel=False)
+    summary.path = write_checkpoint(save, tensors, layout, run_config_to_dict(run), converted_from=sources,
+                                    hf=extras.to_dict())
     return summary
 
 

@@ -7,23 +7,19 @@ a conversion holds about one tensor (one fused QKV or MLP weight) in memory, nev
 One file per tensor (`single_file_per_rank=False`): torch's writer keeps a reference to every tensor
 of a file until the file is closed, so a single file per rank would hold the whole model by the end.
 
-The result is an ordinary megamm checkpoint: `model/<name>` in the master layout, the training
-progress at iteration 0 (so `--load DIR --no-load-optim` starts a run at step 0 with fresh
-optimizer state), no optimizer or generator states, written into `iter_0000000.partial` and
-published with the same atomic rename and `latest` update as a training save.
+The result is an ordinary megamm checkpoint (megamm.checkpoint.format): `model/<name>` in the
+master layout, the training progress at iteration 0 (so `--load DIR --no-load-optim` starts a run
+at step 0 with fresh optimizer state), no optimizer or generator states, written into
+`iter_0000000.partial` and published by `format.publish`, as a training save is. Reads and writes
+stay in this process (`dcp_io` without a group), also when `torch.distributed` is initialized.
 """
 
 from __future__ import annotations
 
-import shutil
-import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
@@ -34,17 +30,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-import megamm
-from megamm.checkpoint import storage
+from megamm.checkpoint import dcp_io, format
 from megamm.convert import ConversionError
-
-
-@contextmanager
-def _single_process() -> Iterator[None]:
-    """DCP warns that it assumes a single process when no process group exists: that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 class LazyTensor:
@@ -81,47 +68,36 @@ class _LazySavePlanner(DefaultSavePlanner):
         return value.materialize(index.fqn) if isinstance(value, LazyTensor) else super().lookup_object(index)
 
 
-def _progress() -> dict[str, torch.Tensor]:
-    # Same keys, shapes and dtypes as megamm.checkpoint.checkpointer's progress state.
-    return {"train/iteration": torch.zeros(1, dtype=torch.float64),
-            "train/consumed_samples": torch.zeros(1, dtype=torch.float64)}
-
-
-def write_checkpoint(save: str | Path, tensors: dict[str, LazyTensor], description: dict) -> Path:
-    """Write `tensors` (keys without the `model/` prefix, or `hf_extra/...`) as iteration 0 of
-    `save`; returns the published directory. `description` is completed with the format fields."""
-    save = Path(save)
-    save.mkdir(parents=True, exist_ok=True)
-    final = storage.iteration_dir(save, 0)
+def write_checkpoint(save: str | Path, tensors: dict[str, LazyTensor], layout: dict, config: dict,
+                     **extra: object) -> Path:
+    """Write `tensors` (keys are parameter names, or `hf_extra/...` keys) as iteration 0 of `save`,
+    described with `layout`, the run config tree `config` and the `extra` fields; returns the
+    published directory."""
+    final = format.iteration_dir(save, 0)
     if final.exists():
         raise ConversionError(f"{final} already exists: choose an empty --save directory")
-    directory = storage.partial_dir(save, 0)
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir()
-    state = {**{(k if k.startswith("hf_extra/") else f"model/{k}"): v for k, v in tensors.items()}, **_progress()}
-    with _single_process():
-        dcp.save(state, storage_writer=FileSystemWriter(directory, single_file_per_rank=False, thread_count=1), planner=_LazySavePlanner(),
-                 no_dist=True)
-    storage.write_description(directory, {
-        "format": "megamm-dcp-1", "megamm_version": megamm.__version__, "torch_version": torch.__version__,
-        "iteration": 0, "optimizer": "none", "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **description,
-    })
-    return storage.publish(save, 0, None)
+    directory = format.open_partial(save, 0)
+    state: dict[str, LazyTensor | torch.Tensor] = {
+        (k if k.startswith(format.HF_EXTRA) else format.model_key(k)): v for k, v in tensors.items()
+    }
+    state.update({format.ITERATION: format.scalar(0), format.CONSUMED_SAMPLES: format.scalar(0)})
+    writer = FileSystemWriter(directory, single_file_per_rank=False, thread_count=1)
+    dcp_io.save(state, writer, _LazySavePlanner(), group=None)
+    return format.publish(save, 0, format.describe(0, layout, "none", config, **extra))
 
 
 class CheckpointReader:
     """The tensors of a megamm checkpoint, read from one process in groups (not all at once)."""
 
     def __init__(self, load: str | Path) -> None:
-        path = storage.resolve(load)
+        path = format.resolve(load)
         if path is None:
             raise ConversionError(f"{load}: no megamm checkpoint (expected a checkpoint directory or a save "
-                                  f"directory with '{storage.LATEST}')")
+                                  f"directory with '{format.LATEST}')")
         self.path = path
-        self.description = storage.read_description(path)
-        metadata = storage.SafeFileSystemReader(path).read_metadata().state_dict_metadata
-        self.tensors = {k: v for k, v in metadata.items() if isinstance(v, TensorStorageMetadata)}
+        self.description = format.read_description(path)
+        saved = dcp_io.saved_tensors(path)
+        self.tensors = {k: v for k, v in saved.items() if isinstance(v, TensorStorageMetadata)}
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].size)
@@ -133,7 +109,5 @@ class CheckpointReader:
         """Read the given keys (full tensors, dtype as saved)."""
         state = {k: torch.empty(self.shape(k), dtype=self.dtype(k)) for k in keys}
         if state:
-            with _single_process():
-                dcp.load(state, storage_reader=storage.SafeFileSystemReader(self.path), planner=DefaultLoadPlanner(),
-                         no_dist=True)
+            dcp_io.load(state, self.path, DefaultLoadPlanner(), group=None)
         return state

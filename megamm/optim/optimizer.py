@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megamm.optim.grad_buffer import GradBuffer
+from megamm.parallel.mappings import group_size
 from megamm.parallel.params import ParamSpec, TiedEmbedding
 from megamm.parallel.state import ParallelState
 
@@ -68,7 +69,8 @@ class _AdamWOverPieces:
 
     def __init__(self, pieces: list[Piece], state: ParallelState, lr: float, betas, eps: float,
                  norm_group: dist.ProcessGroup | None) -> None:
-        """norm_group: the ranks whose squared norms add up to the global one (None: the world)."""
+        """norm_group: the ranks whose squared norms add up to the global one, a group of `state`
+        (None: this process alone)."""
         self.pieces = pieces
         self.state = state
         self.norm_group = norm_group
@@ -93,7 +95,7 @@ class _AdamWOverPieces:
         norms = [torch.linalg.vector_norm(piece.grad, dtype=torch.float32) for piece in self.pieces
                  if piece.counts_in_norm]
         squares = torch.stack(norms).pow(2).sum() if norms else torch.zeros((), device=self.state.device)
-        if dist.is_initialized():
+        if group_size(self.norm_group) > 1:
             dist.all_reduce(squares, group=self.norm_group)
         return math.sqrt(squares.item()) if math.isfinite(squares.item()) else float("nan")
 

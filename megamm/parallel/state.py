@@ -6,7 +6,9 @@ Ranks are laid out tensor-parallel fastest, then data-parallel, then pipeline-pa
 
 so the tp peers of a rank are consecutive global ranks and, with torchrun's contiguous placement,
 share a node (tensor parallelism talks the most). Every module that communicates takes its group
-from a `ParallelState`; nothing reaches for the world group on its own.
+from a `ParallelState`; nothing reaches for the default (world) group on its own, so a state whose
+groups span a subset of the processes (a one-process reference inside a parity test) only ever
+talks to that subset.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class ParallelState:
     """Sizes, ranks and process groups of one process.
 
     A group is `None` only in a single-process run without `torch.distributed`; the collectives in
-    `megamm.parallel.mappings` treat `None` and size-1 groups as identity.
+    `megamm.parallel.mappings` treat `None` and size-1 groups as identity, and the checkpoint layer
+    reads and writes within this process.
     """
 
     tp_size: int = 1
@@ -73,9 +76,14 @@ class ParallelState:
     # Pipeline gradients travel on their own group (see megamm.pipeline.p2p).
     pp_grad_group: dist.ProcessGroup | None = None
     embedding_dp_group: dist.ProcessGroup | None = None
-    # Every rank of this layout (None: the default world group); reductions over all ranks, such
-    # as the grad norm of the distributed optimizer and the step-time gather of the log line, use it.
+    # Every rank of this layout, on the main backend: reductions over all ranks, such as the grad
+    # norm of the distributed optimizer and the step-time gather of the log line.
     world_group: dist.ProcessGroup | None = None
+    # Every rank of this layout again, always gloo: the checkpoint layer's coordination (DCP plans,
+    # barriers, publication). DCP's object collectives want CPU tensors, and an asynchronous save
+    # runs them from a background thread, which must not share a group with the training step's
+    # collectives (one Checkpointer uses it at a time: it finishes its pending save first).
+    checkpoint_group: dist.ProcessGroup | None = None
     pp_ranks: list[int] = field(default_factory=lambda: [0])
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rng: RNGStatesTracker = field(default_factory=RNGStatesTracker)
@@ -90,6 +98,12 @@ class ParallelState:
     @property
     def world_size(self) -> int:
         return self.tp_size * self.dp_size * self.pp_size
+
+    @property
+    def rank(self) -> int:
+        """This process's rank among the layout's ranks (`rank_layout`'s numbering; the global rank
+        for a state built by `from_groups`)."""
+        return self.pp_rank * self.dp_size * self.tp_size + self.dp_rank * self.tp_size + self.tp_rank
 
     @property
     def is_first_stage(self) -> bool:
@@ -126,6 +140,7 @@ class ParallelState:
                 group = dist.new_group(ranks, timeout=timeout)
                 if rank in ranks:
                     mine[kind] = (group, ranks)
+        checkpoint_group = dist.new_group(list(range(world_size)), backend="gloo", timeout=timeout)
         dp = world_size // (tp * pp)
         return cls(
             tp_size=tp,
@@ -141,6 +156,7 @@ class ParallelState:
             pp_grad_group=mine["pp_grad"][0],
             embedding_dp_group=mine["embedding_dp"][0] if "embedding_dp" in mine else None,
             world_group=mine["world"][0],
+            checkpoint_group=checkpoint_group,
             pp_ranks=mine["pp"][1],
             device=device,
         )

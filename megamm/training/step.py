@@ -29,6 +29,7 @@ from megamm.optim.grad_buffer import GradBuffer
 from megamm.optim.optimizer import DistributedOptimizer, MixedPrecisionOptimizer, ParamGroupSpec
 from megamm.optim.schedules import DynamicLossScaler, LRSchedule
 from megamm.parallel.grads import allreduce_sequence_parallel_grads
+from megamm.parallel.mappings import group_size
 from megamm.parallel.params import ParamSpec, specs_by_parameter
 from megamm.parallel.phase import enter_phase
 from megamm.parallel.state import ParallelState
@@ -150,7 +151,7 @@ def count_loss_tokens(microbatches: list[Batch]) -> int:
 
 def _sum_over(value: float, group, device: torch.device) -> float:
     tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
-    if dist.is_initialized():
+    if group_size(group) > 1:
         dist.all_reduce(tensor, group=group)
     return tensor.item()
 
