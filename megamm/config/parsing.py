@@ -442,7 +442,9 @@ def read_run_config(
         # --set model.* lands on the checkpoint's model (and is then checked against it like YAML).
         tree["model"] = _merge(checkpoint[1], tree.get("model") or {})
     if "model" not in tree:
-        problems.append("model: missing; give a --config file with a model section (or --load a checkpoint)")
+        load = (tree.get("training") or {}).get("load")
+        source = f"--load {load} holds no checkpoint to take it from" if isinstance(load, str) else "or --load a checkpoint"
+        problems.append(f"model: missing; give a --config file with a model section ({source})")
         return None, problems
     config = _build(RunConfig, tree, "config", problems)
     if config is None:

@@ -70,9 +70,10 @@ def _tokenizer_problems(run: RunConfig) -> list[str]:
     return []
 
 
-def _checkpoint_iteration(path: Path) -> int:
-    """The iteration checkpoint directory `path` was saved at (from its description)."""
-    return int(storage.read_description(path)["iteration"])
+def _checkpoint_iteration(path: Path) -> int | None:
+    """The iteration checkpoint directory `path` was saved at (its description's), None when it names none."""
+    iteration = storage.read_description(path).get("iteration")
+    return iteration if isinstance(iteration, int) else None
 
 
 def _checkpoint_problems(t: TrainingConfig) -> list[str]:
@@ -91,6 +92,8 @@ def _checkpoint_problems(t: TrainingConfig) -> list[str]:
     if t.finetune:
         return []
     iteration = _checkpoint_iteration(path)
+    if iteration is None:
+        return [f"--load {t.load}: {path / storage.DESCRIPTION} names no iteration to resume from"]
     if iteration >= t.train_iters:
         return [(f"nothing to train: checkpoint {path} is at iteration {iteration}, --train-iters {t.train_iters} "
                 "(--train-iters counts from the start of training; raise it, or pass --finetune to start at 0)")]
