@@ -28,7 +28,7 @@ from megamm.checkpoint import format
 from megamm.checkpoint.checkpointer import Checkpointer
 from megamm.checkpoint.model_weights import read_run_config_tree
 from megamm.config import ConfigError
-from megamm.config.parsing import parse_run_config
+from megamm.config.parsing import read_run_config
 from megamm.config.resolved import ResolvedConfig, resolve
 from megamm.parallel.phase import RECORD
 from megamm.parallel.state import ParallelState, initialize_parallel_state
@@ -37,6 +37,7 @@ from megamm.pipeline.schedules import bubble_fraction
 from megamm.training.data import FileData, SyntheticData, build_training_data, rows_in
 from megamm.training.faults import install_from_environment
 from megamm.training.metrics import peak_memory_gib, peak_tflops, step_flops
+from megamm.training.preflight import file_problems
 from megamm.training.step import Batch, Trainer, build_trainer, evaluate, train_step
 from megamm.training.stragglers import gather_step_times, spread_text
 from megamm.training.watchdog import Watchdog
@@ -64,8 +65,14 @@ def saved_run_config(load: str) -> dict | None:
 
 def read_config(argv: list[str] | None, world_size: int) -> ResolvedConfig:
     """Flags + YAML (+ the model of the checkpoint --load names) -> the resolved run, or ConfigError
-    listing every problem. Reads files only: no process group exists yet."""
-    return resolve(parse_run_config(argv, world_size, saved_config=saved_run_config), world_size)
+    listing every problem: the config's and those of the files it names (megamm.training.preflight:
+    data, tokenizer, checkpoint). Reads files only: no process group exists yet."""
+    run, problems = read_run_config(argv, world_size, saved_config=saved_run_config)
+    if run is not None:
+        problems += file_problems(run)
+    if problems:
+        raise ConfigError(problems)
+    return resolve(run, world_size)
 
 
 @dataclass

@@ -144,12 +144,16 @@ def test_set_on_a_checkpoint_model_is_checked_too(tmp_path: Path, checkpoint: Pa
     assert read_config([*argv, "--set", "model.language.vocab_size=256"], 1).model.language.vocab_size == 256
 
 
-def test_an_empty_load_directory_supplies_no_model(tmp_path: Path) -> None:
-    """A first run that saves where it loads: nothing saved yet, so the YAML must name the model."""
+def test_an_explicit_load_directory_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    """Nothing saved there: no model comes from it, and the run does not start from the initialization."""
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="model: missing"):
+    with pytest.raises(ConfigError) as raised:
         read_config(["--config", str(_training_only(tmp_path)), "--load", str(tmp_path / "empty")], 1)
-    assert read_config(_argv("--load", str(tmp_path / "empty")), 1).run.model.language.vocab_size == 256
+    assert raised.value.problems == [(f"model: missing; give a --config file with a model section (--load "
+                                     f"{tmp_path / 'empty'} holds no checkpoint to take it from)")]
+    with pytest.raises(ConfigError, match="holds no megamm checkpoint"):
+        read_config(_argv("--load", str(tmp_path / "empty")), 1)
+    assert not dist.is_initialized()
 
 
 def test_the_entry_point_reports_the_differences_before_starting(tmp_path: Path, checkpoint: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from megamm.config.registry import LANGUAGE_MODELS, PROJECTORS, VISION_TOWERS
+from megamm.config.unparsed import gather
 
 Normalization = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "swiglu"]
@@ -189,7 +190,10 @@ class VisionConfig:
         return self.num_patches + int(keep_class)
 
     def problems(self, parallel: ParallelConfig) -> list[str]:
-        found = self.transformer.problems(parallel, "vision")
+        return gather(lambda: self.transformer.problems(parallel, "vision"), self._own_problems)
+
+    def _own_problems(self) -> list[str]:
+        found = []
         if self.family not in VISION_TOWERS:
             found.append(VISION_TOWERS.unknown(self.family, "vision.family"))
         if self.image_size % self.patch_size:
@@ -244,7 +248,10 @@ class LanguageConfig:
     image_token_id: int = 32000 - 1
 
     def problems(self, parallel: ParallelConfig) -> list[str]:
-        found = self.transformer.problems(parallel, "language")
+        return gather(lambda: self.transformer.problems(parallel, "language"), self._own_problems)
+
+    def _own_problems(self) -> list[str]:
+        found = []
         if self.family not in LANGUAGE_MODELS:
             found.append(LANGUAGE_MODELS.unknown(self.family, "language.family"))
         if self.vocab_size < 1:
@@ -276,7 +283,14 @@ class LlavaConfig:
         return self.projector.output_tokens(self.vision.output_tokens)
 
     def problems(self, parallel: ParallelConfig, seq_length: int | None = None) -> list[str]:
-        found = self.vision.problems(parallel) + self.language.problems(parallel) + self.projector.problems()
+        """Every violation; a part that uses a field whose value did not parse is skipped (megamm.config.unparsed)."""
+        return gather(
+            lambda: self.vision.problems(parallel), lambda: self.language.problems(parallel), self.projector.problems,
+            lambda: self._shape_problems(parallel, seq_length),
+        )
+
+    def _shape_problems(self, parallel: ParallelConfig, seq_length: int | None) -> list[str]:
+        found = []
         tp = parallel.tensor_model_parallel_size
         if tp < 1 or parallel.pipeline_model_parallel_size < 1:
             found.append("parallel sizes must be >= 1")

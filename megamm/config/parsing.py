@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import re
+import sys
 import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import yaml
 
 from megamm.config.model import ConfigError, LlavaConfig, ParallelConfig
 from megamm.config.run import RunConfig, TrainingConfig
+from megamm.config.unparsed import UNPARSED, UnparsedFieldError, gather
 
 # The run config tree a checkpoint saved (None when `--load` holds no checkpoint yet).
 SavedConfig = Callable[[str], dict | None]
@@ -99,11 +103,16 @@ def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
     except TypeError as error:
         problems.append(f"{where}: {error}")
         return None
+    except UnparsedFieldError:  # __post_init__ derives a value from a field reported as wrong
+        return None
 
 
 def _coerce(hint: Any, value: Any, where: str, problems: list[str]) -> Any:
     """Check `value` against a field's type; YAML reads `3e-3` as a string, so numeric strings
-    are accepted for float fields. A wrong value is reported (and returned unchanged)."""
+    are accepted for float fields. A wrong value is reported and becomes UNPARSED (the checks that
+    use it are skipped, the others run); an UNPARSED flag value, already reported, stays so."""
+    if value is UNPARSED:
+        return value
     options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
         typing.Union, types.UnionType) else [hint]
     if value is None and len(options) < len(typing.get_args(hint) or [hint]):
@@ -136,14 +145,16 @@ def _coerce(hint: Any, value: Any, where: str, problems: list[str]) -> Any:
                 return [str(v) for v in value]
         else:
             return value
-    expected = " or ".join(
-        "one of " + ", ".join(map(repr, typing.get_args(o))) if typing.get_origin(o) is Literal
-        else getattr(o, "__name__", str(o)) for o in options
-    )
+    expected = " or ".join(_expected(o) for o in options)
     problems.append(f"{where}: expected {expected}, got {value!r}")
-    return value
+    return UNPARSED
 
 
+def _expected(hint: Any) -> str:
+    """How a problem names the values a type takes: "int", "one of 'a', 'b'"."""
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    return getattr(hint, "__name__", str(hint))
 
 
 def _set_path(tree: dict, dotted: str, raw: str, problems: list[str]) -> None:
@@ -179,10 +190,49 @@ def _default_text(spec: dataclasses.Field) -> str:
     return "" if shown is None else f" (default: {shown})"
 
 
+class _FlagError(Exception):
+    """An argv problem argparse cannot step over (a flag without its value)."""
+
+
+class _FlagParser(argparse.ArgumentParser):
+    """Raises instead of printing the usage and exiting: under torchrun every rank parses, and the
+    problem is listed with all the others (megamm.train prints them once)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _FlagError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Invalid:
+    """A flag value that did not convert; `_parse_flags` reports it and the field becomes UNPARSED."""
+
+    text: str
+    expected: str
+
+
+class _Converter:
+    """argparse `type=`: the value, or `_Invalid` (argparse would stop at the first wrong value)."""
+
+    def __init__(self, hint: Any) -> None:
+        self.hint = hint
+        self.__name__ = getattr(hint, "__name__", "value")
+
+    def __call__(self, text: str) -> Any:
+        if typing.get_origin(self.hint) is Literal:
+            return text if text in typing.get_args(self.hint) else _Invalid(text, _expected(self.hint))
+        try:
+            return self.hint(text)
+        except ValueError:
+            return _Invalid(text, _expected(self.hint))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # No abbreviations (as Megatron): `--lr-warmup` must not silently mean --lr-warmup-iters, and an
+    # unknown flag is reported as one.
+    parser = _FlagParser(
         prog="python -m megamm.train",
         description="Train a LlavaModel with tensor, sequence and data parallelism (launch with torchrun).",
+        allow_abbrev=False, exit_on_error=False,
     )
     parser.add_argument(
         "--config", type=Path, action="append", default=[], metavar="YAML",
@@ -214,14 +264,85 @@ def build_parser() -> argparse.ArgumentParser:
             if hint is bool or hint == bool | None:
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif typing.get_origin(base_hint := _without_none(hint)) is Literal:
-                kwargs["choices"] = typing.get_args(base_hint)
+                # Checked by the converter (argparse's choices= would stop at the first wrong value).
+                kwargs["type"] = _Converter(base_hint)
+                kwargs["metavar"] = "{" + ",".join(typing.get_args(base_hint)) + "}"
             elif list[str] in typing.get_args(hint):
                 kwargs["nargs"] = "+"
             else:
                 base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-                kwargs["type"] = base[0]
+                kwargs["type"] = _Converter(base[0])
             group.add_argument(_flag_name(spec), **kwargs)
     return parser
+
+
+_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse's test: "-1" is a value, not a flag
+
+
+def _takes_no_value(tokens: list[str], index: int) -> bool:
+    """True when the flag at `index` has no value after it (the end, or another flag follows)."""
+    following = tokens[index + 1] if index + 1 < len(tokens) else None
+    return following is None or (following.startswith("-") and not _NUMBER.match(following))
+
+
+def _offending(tokens: list[str], error: argparse.ArgumentError) -> int | None:
+    """The index of the token argparse stopped at: the first occurrence of the flag that lacks its
+    value, or that carries `=value` it does not take."""
+    names = (error.argument_name or "").split("/")
+    for index, token in enumerate(tokens):
+        name, equals, _ = token.partition("=")
+        if name in names and (equals or _takes_no_value(tokens, index)):
+            return index
+    return None
+
+
+def _unknown(argv: list[str], extras: list[str], flags: list[str]) -> list[str]:
+    """Problems for the tokens argparse left over: unknown flags (with the closest known one) and
+    stray values; the values that follow an unknown flag are its own."""
+    problems, position, after_unknown = [], 0, False
+    for token in argv:
+        if position < len(extras) and token == extras[position]:
+            position += 1
+            if token.startswith("-") and not _NUMBER.match(token):
+                name = token.partition("=")[0]
+                close = difflib.get_close_matches(name, flags, n=1)
+                problems.append(f"{name}: unknown flag" + (f" (did you mean {close[0]}?)" if close else ""))
+                after_unknown = True
+            elif not after_unknown:
+                problems.append(f"{token!r}: unexpected argument (every setting is a --flag)")
+        else:
+            after_unknown = False
+    return problems
+
+
+def _parse_flags(argv: list[str]) -> tuple[dict[str, Any], list[str], bool]:
+    """(the flags given, by field name; their problems; whether every token was read).
+
+    Every problem at once: unknown flags, each wrong value (its field becomes UNPARSED), a flag
+    missing its value (the token is dropped and the rest read again)."""
+    parser = build_parser()
+    flags = [name for action in parser._actions for name in action.option_strings]
+    tokens, problems = list(argv), []
+    while True:
+        try:
+            namespace, extras = parser.parse_known_args(tokens)
+            break
+        except argparse.ArgumentError as error:
+            problems.append(f"{error.argument_name}: {error.message}")
+            index = _offending(tokens, error)
+            if index is None:
+                return {}, problems, False
+            del tokens[index]
+        except _FlagError as error:
+            return {}, [*problems, str(error)], False
+    problems += _unknown(tokens, extras, flags)
+    args = vars(namespace)
+    for name, value in args.items():
+        if isinstance(value, _Invalid):
+            flag = next(a.option_strings[0] for a in parser._actions if a.dest == name)
+            problems.append(f"{flag}: expected {value.expected}, got {value.text!r}")
+            args[name] = UNPARSED
+    return args, problems, True
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -274,30 +395,44 @@ def _checkpoint_model(tree: dict, saved_config: SavedConfig | None, problems: li
     return load, model
 
 
-def _disagreements(config: RunConfig, load: str, saved_model: dict, problems: list[str]) -> None:
-    """One problem per model field where the run's model differs from the checkpoint's."""
+def _disagreements(config: RunConfig, load: str, saved_model: dict) -> list[str]:
+    """One problem per model field where the run's model differs from the checkpoint's (or the
+    problems of the saved model section)."""
+    problems: list[str] = []
     saved = _build(LlavaConfig, saved_model, f"--load {load}: model", problems)
     if saved is None:
-        return
-    for path, ours, theirs in _differences(_without_set_by(config.model), _without_set_by(saved), "model"):
-        problems.append(f"{path}: the config says {ours!r}, checkpoint {load} has {theirs!r} "
-                        "(leave the model section out to use the checkpoint's)")
+        return problems
+    return problems + [
+        f"{path}: the config says {ours!r}, checkpoint {load} has {theirs!r} "
+        "(leave the model section out to use the checkpoint's)"
+        for path, ours, theirs in _differences(_without_set_by(config.model), _without_set_by(saved), "model")
+    ]
 
 
-def parse_run_config(argv: list[str] | None, world_size: int, saved_config: SavedConfig | None = None) -> RunConfig:
-    """Parse flags (and the YAML files they name) into a validated RunConfig, or raise ConfigError
-    listing every problem. `saved_config(load)` reads the run config a checkpoint saved (see the
-    module docstring); without it, --load does not supply or check the model section."""
-    args = vars(build_parser().parse_args(argv))
-    problems: list[str] = []
-    tree = read_yaml_tree(args.pop("config"))
+def read_run_config(
+    argv: list[str] | None, world_size: int, saved_config: SavedConfig | None = None
+) -> tuple[RunConfig | None, list[str]]:
+    """Flags (and the YAML files they name) -> (the RunConfig, every problem found).
+
+    The config is None when it could not be built (no model, a section that is not a mapping, an
+    unreadable file, argv that could not be read); otherwise it is built even with problems, a wrong
+    value standing as UNPARSED, so that callers can add their own checks of the fields that did
+    parse. `saved_config(load)` reads the run config a checkpoint saved (see the module docstring);
+    without it, --load does not supply or check the model section."""
+    args, problems, complete = _parse_flags(list(sys.argv[1:] if argv is None else argv))
+    try:
+        tree = read_yaml_tree(args.pop("config", []))
+    except ConfigError as error:
+        return None, problems + error.problems
     yaml_model = "model" in tree
-    for item in args.pop("set"):
+    for item in args.pop("set", []):
         if "=" not in item:
             problems.append(f"--set {item}: expected PATH=VALUE")
             continue
         path, raw = item.split("=", 1)
         _set_path(tree, path, raw, problems)
+    if not complete:
+        return None, problems
     parallel_fields = {f.name for f in dataclasses.fields(ParallelConfig)}
     for name, value in args.items():
         section = "parallel" if name in parallel_fields else "training"
@@ -307,13 +442,23 @@ def parse_run_config(argv: list[str] | None, world_size: int, saved_config: Save
         # --set model.* lands on the checkpoint's model (and is then checked against it like YAML).
         tree["model"] = _merge(checkpoint[1], tree.get("model") or {})
     if "model" not in tree:
-        problems.append("model: missing; give a --config file with a model section (or --load a checkpoint)")
-    config = _build(RunConfig, tree, "config", problems) if not problems else None
-    # Comparisons and semantic checks only make sense once every value has the right type.
-    if config is not None and not problems:
-        if checkpoint is not None:
-            _disagreements(config, *checkpoint, problems)
-        problems.extend(config.problems(world_size))
+        load = (tree.get("training") or {}).get("load")
+        source = f"--load {load} holds no checkpoint to take it from" if isinstance(load, str) else "or --load a checkpoint"
+        problems.append(f"model: missing; give a --config file with a model section ({source})")
+        return None, problems
+    config = _build(RunConfig, tree, "config", problems)
+    if config is None:
+        return None, problems
+    problems += gather(
+        lambda: _disagreements(config, *checkpoint) if checkpoint is not None else [],
+        lambda: config.problems(world_size),
+    )
+    return config, problems
+
+
+def parse_run_config(argv: list[str] | None, world_size: int, saved_config: SavedConfig | None = None) -> RunConfig:
+    """`read_run_config`'s config, or ConfigError listing every problem."""
+    config, problems = read_run_config(argv, world_size, saved_config)
     if problems:
         raise ConfigError(problems)
     return config

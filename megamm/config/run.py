@@ -21,6 +21,7 @@ from megamm.config.layout import layout_problems, schedule_problems, virtual_sta
 from megamm.config.model import LlavaConfig, ParallelConfig
 from megamm.config.precision import DTYPES, precision_name
 from megamm.config.registry import CHAT_TEMPLATES, VISION_TOWERS
+from megamm.config.unparsed import gather
 
 
 def _opt(default: Any, help: str, flag: str | None = None, default_help: str | None = None) -> Any:
@@ -145,110 +146,114 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def problems(self, world_size: int) -> list[str]:
-        t, p = self.training, self.parallel
-        model = training_model_config(self)
-        found = model.problems(p, seq_length=t.seq_length)
-        mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-        if mp < 1 or world_size % mp:
-            found.append(
-                f"world size {world_size} not divisible by tensor ({p.tensor_model_parallel_size}) x "
-                f"pipeline ({p.pipeline_model_parallel_size}) model-parallel sizes"
-            )
-        elif t.micro_batch_size < 1:
-            found.append("--micro-batch-size must be >= 1")
-        else:
-            dp = p.data_parallel_size(world_size)
-            unit = t.micro_batch_size * dp
-            if t.global_batch_size < unit or t.global_batch_size % unit:
-                found.append(
-                    f"--global-batch-size {t.global_batch_size} must be a positive multiple of "
-                    f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp} = {unit}"
-                )
-        found += layout_problems(
-            self.model.language.transformer.num_layers,
-            p.pipeline_model_parallel_size,
-            p.num_layers_per_virtual_pipeline_stage,
-            p.decoder_first_pipeline_num_layers,
-            p.decoder_last_pipeline_num_layers,
+        """Every violation, in groups; a group that uses a field whose value did not parse (see
+        megamm.config.unparsed) is skipped, so that field's own problem stands alone."""
+        t = self.training
+        return gather(
+            lambda: training_model_config(self).problems(self.parallel, seq_length=t.seq_length),
+            lambda: _batch_problems(self, world_size),
+            lambda: layout_problems(
+                self.model.language.transformer.num_layers, self.parallel.pipeline_model_parallel_size,
+                self.parallel.num_layers_per_virtual_pipeline_stage,
+                self.parallel.decoder_first_pipeline_num_layers, self.parallel.decoder_last_pipeline_num_layers,
+            ),
+            lambda: _schedule_problems(self, world_size),
+            *(lambda name=name: _at_least(t, name, 1) for name in (
+                "train_iters", "seq_length", "log_interval", "ddp_bucket_size", "max_skipped_iters_in_a_row")),
+            *(lambda name=name: _at_least(t, name, 0) for name in (
+                "eval_interval", "eval_iters", "lr_warmup_iters", "images_per_sample")),
+            lambda: ["--bf16 and --fp16 are mutually exclusive"] if t.bf16 and t.fp16 else [],
+            lambda: [f"need 0 <= --min-lr ({t.min_lr}) <= --lr ({t.lr})"]
+            if t.lr < 0 or t.min_lr < 0 or t.min_lr > t.lr else [],
+            lambda: [f"--lr-warmup-iters {t.lr_warmup_iters} exceeds the decay length {t.lr_decay_length}"]
+            if t.lr_warmup_iters > t.lr_decay_length else [],
+            *(lambda flag=flag, value=value: [f"{flag} is a multiple of the --lr schedule and needs --lr > 0"]
+              if value is not None and t.lr <= 0 else []
+              for flag, value in (("--vision-lr", t.vision_lr), ("--projector-lr", t.projector_lr))),
+            lambda: ["--clip-grad must be >= 0"] if t.clip_grad < 0 else [],
+            lambda: ["--save-interval needs --save and a value >= 1"]
+            if t.save_interval is not None and (t.save_interval < 1 or not t.save) else [],
+            lambda: ["--async-save needs --save"] if t.async_save and not t.save else [],
+            lambda: ["--keep-last-checkpoints must be >= 1"]
+            if t.keep_last_checkpoints is not None and t.keep_last_checkpoints < 1 else [],
+            lambda: ["--finetune needs --load"] if t.finetune and not t.load else [],
+            lambda: [f"--distributed-timeout-minutes must be > 0 (fractions allowed), got {timeout}"]
+            if not (timeout := self.parallel.distributed_timeout_minutes) > 0 else [],
+            lambda: [f"--straggler-threshold is a ratio of step times, must be >= 1, got {threshold}"]
+            if not (threshold := t.straggler_threshold) >= 1 else [],
+            lambda: data_problems(t),
+            lambda: _trainable_problems(self),
+            lambda: ["--tensorboard-dir needs the tensorboard package (pip install tensorboard)"]
+            if t.tensorboard_dir and importlib.util.find_spec("tensorboard") is None else [],
         )
-        if world_size % max(mp, 1) == 0 and t.micro_batch_size >= 1 and not found_batch_problem(found):
-            chunks = virtual_stages(
-                self.model.language.transformer.num_layers, p.pipeline_model_parallel_size,
-                p.num_layers_per_virtual_pipeline_stage,
-            )
-            microbatches = t.microbatches_per_step(p.data_parallel_size(world_size))
-            found += schedule_problems(p.pipeline_model_parallel_size, chunks, microbatches)
-        for name in ("train_iters", "seq_length", "log_interval", "ddp_bucket_size", "max_skipped_iters_in_a_row"):
-            if getattr(t, name) < 1:
-                found.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(t, name)}")
-        for name in ("eval_interval", "eval_iters", "lr_warmup_iters", "images_per_sample"):
-            if getattr(t, name) < 0:
-                found.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(t, name)}")
-        if t.bf16 and t.fp16:
-            found.append("--bf16 and --fp16 are mutually exclusive")
-        if t.lr < 0 or t.min_lr < 0 or t.min_lr > t.lr:
-            found.append(f"need 0 <= --min-lr ({t.min_lr}) <= --lr ({t.lr})")
-        if t.lr_warmup_iters > t.lr_decay_length:
-            found.append(f"--lr-warmup-iters {t.lr_warmup_iters} exceeds the decay length {t.lr_decay_length}")
-        if t.save_interval is not None and (t.save_interval < 1 or not t.save):
-            found.append("--save-interval needs --save and a value >= 1")
-        if t.async_save and not t.save:
-            found.append("--async-save needs --save")
-        if t.keep_last_checkpoints is not None and t.keep_last_checkpoints < 1:
-            found.append("--keep-last-checkpoints must be >= 1")
-        if t.finetune and not t.load:
-            found.append("--finetune needs --load")
-        if t.clip_grad < 0:
-            found.append("--clip-grad must be >= 0")
-        timeout, threshold = p.distributed_timeout_minutes, t.straggler_threshold
-        if not timeout > 0:
-            found.append(f"--distributed-timeout-minutes must be > 0 (fractions allowed), got {timeout}")
-        if not threshold >= 1:
-            found.append(f"--straggler-threshold is a ratio of step times, must be >= 1, got {threshold}")
-        found += data_problems(t)
-        if model.freeze_language and model.freeze_vision and model.freeze_projector:
-            found.append("the language model, vision tower and projector are all frozen: nothing to train")
-        if t.vision_lr is not None and t.lr <= 0:
-            found.append("--vision-lr is a multiple of the --lr schedule and needs --lr > 0")
-        if t.projector_lr is not None and t.lr <= 0:
-            found.append("--projector-lr is a multiple of the --lr schedule and needs --lr > 0")
-        if t.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
-            found.append("--tensorboard-dir needs the tensorboard package (pip install tensorboard)")
-        return found
+
+
+def _batch_problems(run: RunConfig, world_size: int) -> list[str]:
+    """The world must split into model replicas, and the global batch into their microbatches."""
+    t, p = run.training, run.parallel
+    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if mp < 1 or world_size % mp:
+        return [(f"world size {world_size} not divisible by tensor ({p.tensor_model_parallel_size}) x "
+                f"pipeline ({p.pipeline_model_parallel_size}) model-parallel sizes")]
+    if t.micro_batch_size < 1:
+        return ["--micro-batch-size must be >= 1"]
+    dp = p.data_parallel_size(world_size)
+    unit = t.micro_batch_size * dp
+    if t.global_batch_size < unit or t.global_batch_size % unit:
+        return [(f"--global-batch-size {t.global_batch_size} must be a positive multiple of "
+                f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp} = {unit}")]
+    return []
+
+
+def _schedule_problems(run: RunConfig, world_size: int) -> list[str]:
+    """The pipeline schedule's microbatch rule, once the batch arithmetic holds."""
+    t, p = run.training, run.parallel
+    if _batch_problems(run, world_size):
+        return []
+    chunks = virtual_stages(
+        run.model.language.transformer.num_layers, p.pipeline_model_parallel_size,
+        p.num_layers_per_virtual_pipeline_stage,
+    )
+    return schedule_problems(p.pipeline_model_parallel_size, chunks, t.microbatches_per_step(p.data_parallel_size(world_size)))
+
+
+def _at_least(t: TrainingConfig, name: str, least: int) -> list[str]:
+    value = getattr(t, name)
+    return [f"--{name.replace('_', '-')} must be >= {least}, got {value}"] if value < least else []
+
+
+def _trainable_problems(run: RunConfig) -> list[str]:
+    model = training_model_config(run)
+    if model.freeze_language and model.freeze_vision and model.freeze_projector:
+        return ["the language model, vision tower and projector are all frozen: nothing to train"]
+    return []
 
 
 def data_problems(t: TrainingConfig) -> list[str]:
-    """Violations among the data flags (files are checked to exist, not opened)."""
-    found = []
-    if not t.mock_data and not t.data_path:
-        found.append("no training data: pass --data-path (dataset files) or --mock-data (synthetic data)")
-    if t.mock_data and t.data_path:
-        found.append("--mock-data and --data-path are mutually exclusive")
-    if t.data_path and not t.tokenizer_model:
-        found.append("--data-path needs --tokenizer-model")
-    if t.tokenizer_model and not Path(t.tokenizer_model).exists():
-        found.append(f"--tokenizer-model {t.tokenizer_model}: no such file or directory")
-    if t.image_folder and not Path(t.image_folder).is_dir():
-        found.append(f"--image-folder {t.image_folder}: no such directory")
-    if t.chat_template not in CHAT_TEMPLATES:
-        found.append(CHAT_TEMPLATES.unknown(t.chat_template, "--chat-template"))
-    if t.image_normalization is not None and t.image_normalization not in VISION_TOWERS:
-        found.append(VISION_TOWERS.unknown(t.image_normalization, "--image-normalization"))
-    if t.data_path and t.eval_iters and not t.valid_data_path:
-        found.append("--eval-iters with --data-path needs --valid-data-path")
-    if t.pack_sequences and not t.data_path:
-        found.append("--pack-sequences needs --data-path")
-    if t.max_image_tiles < 1:
-        found.append(f"--max-image-tiles must be >= 1, got {t.max_image_tiles}")
-    if t.num_workers < 0:
-        found.append(f"--num-workers must be >= 0, got {t.num_workers}")
-    if not 0.0 <= t.max_bad_sample_fraction <= 1.0:
-        found.append(f"--max-bad-sample-fraction must be in [0, 1], got {t.max_bad_sample_fraction}")
-    return found
-
-
-def found_batch_problem(found: list[str]) -> bool:
-    return any("--global-batch-size" in problem for problem in found)
+    """Violations among the data flags (files are checked to exist, not opened: the training layer
+    probes what they hold), each check on its own so that a field that did not parse skips only its
+    checks."""
+    return gather(
+        lambda: ["no training data: pass --data-path (dataset files) or --mock-data (synthetic data)"]
+        if not t.mock_data and not t.data_path else [],
+        lambda: ["--mock-data and --data-path are mutually exclusive"] if t.mock_data and t.data_path else [],
+        lambda: ["--data-path needs --tokenizer-model"] if t.data_path and not t.tokenizer_model else [],
+        lambda: [f"--tokenizer-model {t.tokenizer_model}: no such file or directory"]
+        if t.tokenizer_model and not Path(t.tokenizer_model).exists() else [],
+        lambda: [f"--image-folder {t.image_folder}: no such directory"]
+        if t.image_folder and not Path(t.image_folder).is_dir() else [],
+        lambda: [CHAT_TEMPLATES.unknown(t.chat_template, "--chat-template")]
+        if t.chat_template not in CHAT_TEMPLATES else [],
+        lambda: [VISION_TOWERS.unknown(t.image_normalization, "--image-normalization")]
+        if t.image_normalization is not None and t.image_normalization not in VISION_TOWERS else [],
+        lambda: ["--eval-iters with --data-path needs --valid-data-path"]
+        if t.data_path and t.eval_iters and not t.valid_data_path else [],
+        lambda: ["--pack-sequences needs --data-path"] if t.pack_sequences and not t.data_path else [],
+        lambda: _at_least(t, "max_image_tiles", 1),
+        lambda: _at_least(t, "num_workers", 0),
+        lambda: [f"--max-bad-sample-fraction must be in [0, 1], got {t.max_bad_sample_fraction}"]
+        if not 0.0 <= t.max_bad_sample_fraction <= 1.0 else [],
+    )
 
 
 def training_model_config(config: RunConfig) -> LlavaConfig:

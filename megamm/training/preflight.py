@@ -1,0 +1,103 @@
+"""What a run needs from the files it names, checked before anything starts.
+
+The config layer checks the values (and that named paths exist); it imports no implementation, so
+what the files hold is checked here, with the data and checkpoint layers' readers, and
+`megamm.train.read_config` lists these problems with the config's in one message, before any
+process group or model exists:
+
+- `--data-path` / `--valid-data-path`: every path exists and holds a format megamm reads, probed at
+  its first record (a .jpg given as a dataset would otherwise fail at the first batch as a run of
+  bad records);
+- `--tokenizer-model`: it opens, and its vocabulary and image token id fit the model;
+- `--load`: it holds a checkpoint (Megatron starts from random weights when it does not; here a
+  run given `--load` trains from what it names or not at all), and a resumed run has iterations
+  left to train.
+
+Each check is skipped when a field it reads did not parse (megamm.config.unparsed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from megamm.checkpoint import format
+from megamm.config.run import RunConfig, TrainingConfig
+from megamm.config.unparsed import gather
+from megamm.data.datasets import parse_data_path, probe_source
+from megamm.data.tokenizer import check_tokenizer, load_tokenizer
+
+
+def file_problems(run: RunConfig) -> list[str]:
+    """Every problem of the files `run` names (see the module docstring)."""
+    t = run.training
+    return gather(
+        lambda: _data_problems("--data-path", t.data_path),
+        lambda: _data_problems("--valid-data-path", t.valid_data_path),
+        lambda: _tokenizer_problems(run),
+        lambda: _checkpoint_problems(t),
+    )
+
+
+def _data_problems(flag: str, items: list[str] | None) -> list[str]:
+    if not items:
+        return []
+    try:
+        pairs = parse_data_path(items, flag)
+    except ValueError as error:
+        return [str(error)]
+    found = []
+    for _, path in pairs:
+        try:
+            probe_source(path, flag)
+        except (OSError, ValueError) as error:  # SourceError is a ValueError
+            found.append(str(error))
+    return found
+
+
+def _tokenizer_problems(run: RunConfig) -> list[str]:
+    """The tokenizer a --data-path run tokenizes with must open and fit the model (a missing path is
+    the config's problem already)."""
+    t = run.training
+    if not t.data_path or not t.tokenizer_model or not Path(t.tokenizer_model).exists():
+        return []
+    source = f"--tokenizer-model {t.tokenizer_model}"
+    try:
+        tokenizer = load_tokenizer(t.tokenizer_model)
+        check_tokenizer(tokenizer, run.model.language, source)
+    except (OSError, ValueError) as error:
+        return [str(error) if str(error).startswith(source) else f"{source}: {error}"]
+    return []
+
+
+def _checkpoint_iteration(path: Path) -> int | None:
+    """The iteration checkpoint directory `path` was saved at (its description's), None when it names none."""
+    iteration = format.read_description(path).get("iteration")
+    return iteration if isinstance(iteration, int) else None
+
+
+def _checkpoint_problems(t: TrainingConfig) -> list[str]:
+    """An explicit --load must name a checkpoint, and resuming from it must leave steps to train."""
+    if not t.load:
+        return []
+    try:
+        path = format.resolve(t.load)
+    except (OSError, ValueError):
+        return []  # reported by the config's read of the checkpoint's model (megamm.train.saved_run_config)
+    if path is None:
+        what = "no such directory" if not os.path.exists(t.load) else (
+            f"holds no megamm checkpoint (neither {format.DESCRIPTION} nor {format.LATEST})")
+        return [(f"--load {t.load}: {what}; megamm does not start from the initialization when --load is "
+                "given (Megatron does): leave --load out to train from scratch")]
+    if t.finetune:
+        return []
+    try:
+        iteration = _checkpoint_iteration(path)
+    except (format.CheckpointFormatError, OSError) as error:
+        return [f"--load {t.load}: {error}"]
+    if iteration is None:
+        return [f"--load {t.load}: {path / format.DESCRIPTION} names no iteration to resume from"]
+    if iteration >= t.train_iters:
+        return [(f"nothing to train: checkpoint {path} is at iteration {iteration}, --train-iters {t.train_iters} "
+                "(--train-iters counts from the start of training; raise it, or pass --finetune to start at 0)")]
+    return []
