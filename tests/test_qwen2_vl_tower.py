@@ -27,6 +27,7 @@ from megamm.parallel.grads import allreduce_sequence_parallel_grads
 from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import gather_master, shard_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
+from megamm.transformer.segments import Segments
 from tests.distributed import run_distributed
 from tests.tiny import language_config
 
@@ -201,3 +202,15 @@ def test_tensor_parallel_tower_matches_single_process(tp: int, cases: list[tuple
             assert result["output_error"] < TOLERANCE, f"{key} rank {rank}: output differs by {result['output_error']}"
             worst = max(result["grad_errors"].items(), key=lambda item: item[1])
             assert worst[1] < TOLERANCE, f"{key} rank {rank}: gradient of {worst[0]} differs by {worst[1]}"
+
+
+def test_segments_mask_and_boundaries() -> None:
+    segments = Segments((2, 1, 3))
+    assert segments.cumulative(torch.device("cpu")).tolist() == [0, 2, 3, 6]
+    expected = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
+                             [0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(segments.mask(torch.device("cpu")), expected[None, None])
+    # fp32 on the CPU always takes the mask (the variable-length kernel is CUDA, half precision).
+    assert not segments.uses_varlen(torch.zeros(1, 2, 6, 8), dropout=0.0)
+    with pytest.raises(ValueError, match="segment lengths must be >= 1"):
+        Segments((2, 0))

@@ -5,8 +5,9 @@ patches `[p, C*T*P*P]` + grids `[images, 3]` -> linear patch embedding -> [windo
 -> patch merger (norm, then an MLP over each `m x m` block of patches) -> [inverse reorder] ->
 `[p / m^2, out_hidden_size]`, one token per merge block in the image processor's order.
 
-Every image of the microbatch is in one sequence (batch 1) and a block-diagonal mask keeps the
-attention inside each segment. The layers are the shared TransformerLayer (heads split over tp:
+Every image of the microbatch is in one sequence (batch 1) and the attention stays inside each
+segment (megamm.transformer.segments: the variable-length flash kernel on CUDA in half
+precision, a block-diagonal mask with SDPA elsewhere). The layers are the shared TransformerLayer (heads split over tp:
 column-parallel QKV and fc1, row-parallel proj and fc2), so tensor and sequence parallelism are
 those of every other tower; under sequence parallelism the sequence is padded to a multiple of tp
 and the padding is a segment of its own, so no real patch attends to it and no row of the mask is
@@ -28,7 +29,6 @@ from torch import nn
 from megamm import kernels
 from megamm.config.model import NativeResolutionConfig, VisionConfig
 from megamm.models.patch_grids import (
-    block_diagonal_mask,
     expand_to_patches,
     frame_lengths,
     grid_list,
@@ -46,6 +46,7 @@ from megamm.parallel.state import ParallelState
 from megamm.transformer.layer import TransformerBlock
 from megamm.transformer.norm import Norm
 from megamm.transformer.rope import AxialRotaryEmbedding
+from megamm.transformer.segments import Segments
 
 
 class PatchMerger(nn.Module):
@@ -134,10 +135,10 @@ class NativeResolutionTower(ParamOwner):
             positions = F.pad(positions, (0, 0, 0, padding))
             frames = [*frames, padding]
             windows = None if windows is None else [*windows, padding]
-        full_mask = block_diagonal_mask(frames, x.device)
-        window_mask = None if windows is None else block_diagonal_mask(windows, x.device)
+        full = Segments(tuple(frames))
+        windowed = None if windows is None else Segments(tuple(windows))
         full_layers = set(self.native.fullatt_block_indexes)
-        masks = {i: full_mask if window_mask is None or i in full_layers else window_mask
+        masks = {i: full if windowed is None or i in full_layers else windowed
                  for i in range(self.config.transformer.num_layers)}
         rotary = self.rotary(positions)
         x = x.unsqueeze(1)  # [s, 1, h]: the whole microbatch is one sequence

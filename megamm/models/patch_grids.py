@@ -64,13 +64,3 @@ def expand_to_patches(order: torch.Tensor, unit: int) -> torch.Tensor:
     """A permutation of merged tokens -> the same permutation of their `unit` patches each."""
     return (order[:, None] * unit + torch.arange(unit)).flatten()
 
-
-def block_diagonal_mask(lengths: list[int], device: torch.device) -> torch.Tensor:
-    """`[1, 1, s, s]` bool, True where query and key are in the same segment (s = sum(lengths)).
-
-    The dense mask costs s^2 bools; it is what SDPA takes on every backend (a variable-length
-    kernel would take the cumulative lengths instead).
-    """
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                      torch.tensor(lengths, device=device))
-    return (segment[:, None] == segment[None, :])[None, None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from megamm.transformer.kv_cache import KVCache, LayerKVCache
 from megamm.transformer.mlp import MLP
 from megamm.transformer.norm import build_norm
 from megamm.transformer.recompute import recompute
+
+if TYPE_CHECKING:
+    from megamm.transformer.segments import Segments
 
 
 class TransformerLayer(nn.Module):
@@ -44,7 +48,7 @@ class TransformerLayer(nn.Module):
         self,
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | Segments | None = None,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         x = x + self._dropout(self.self_attention(self.input_norm(x), rotary, attention_mask, kv_cache))
@@ -76,10 +80,10 @@ class TransformerBlock(nn.Module):
         self,
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | Segments | None = None,
         num_layers: int | None = None,
         kv_cache: KVCache | None = None,
-        layer_masks: Mapping[int, torch.Tensor] | None = None,
+        layer_masks: Mapping[int, torch.Tensor | Segments] | None = None,
     ) -> torch.Tensor:
         """Run the first `num_layers` held layers (all by default) in order; with `kv_cache`
         (generation) each layer appends to its own entry, keyed by its global number.
