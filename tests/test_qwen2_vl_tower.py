@@ -8,6 +8,7 @@ all change the result.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -18,7 +19,9 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionCon
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
-from megamm.config import LlavaConfig, ParallelConfig
+from megamm.config import ConfigError, LlavaConfig, ParallelConfig
+from megamm.config.parsing import run_config_from_dict, run_config_to_dict
+from megamm.config.run import RunConfig
 from megamm.models.native_vision import NativeResolutionTower
 from megamm.models.patch_grids import frame_lengths, grid_list, patch_positions, window_order
 from megamm.models.towers import family_for_hf_type, tower_family
@@ -214,3 +217,15 @@ def test_segments_mask_and_boundaries() -> None:
     assert not segments.uses_varlen(torch.zeros(1, 2, 6, 8), dropout=0.0)
     with pytest.raises(ValueError, match="segment lengths must be >= 1"):
         Segments((2, 0))
+
+
+def test_native_vision_config_round_trips_through_a_saved_config() -> None:
+    """megamm.json holds the section as JSON (tuples as lists); reading it back gives the same config."""
+    vision = tower_family("qwen2_5_vl").config_from_hf(_hf_tower("qwen2_5_vl").config)
+    run = RunConfig(model=LlavaConfig(vision=vision, language=language_config()))
+    tree = json.loads(json.dumps(run_config_to_dict(run)))
+    assert tree["model"]["vision"]["native_resolution"]["fullatt_block_indexes"] == [1, 3]
+    assert run_config_from_dict(tree).model.vision == vision
+    tree["model"]["vision"]["native_resolution"]["fullatt_block_indexes"] = ["1"]
+    with pytest.raises(ConfigError, match=r"config.model.vision.native_resolution.fullatt_block_indexes: expected"):
+        run_config_from_dict(tree)
