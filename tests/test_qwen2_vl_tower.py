@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
@@ -229,3 +229,13 @@ def test_native_vision_config_round_trips_through_a_saved_config() -> None:
     tree["model"]["vision"]["native_resolution"]["fullatt_block_indexes"] = ["1"]
     with pytest.raises(ConfigError, match=r"config.model.vision.native_resolution.fullatt_block_indexes: expected"):
         run_config_from_dict(tree)
+
+
+def test_config_from_hf_reads_the_full_model_and_refuses_the_other_family() -> None:
+    hf = _hf_tower("qwen2_5_vl")
+    full = Qwen2_5_VLConfig(vision_config=hf.config.to_dict())
+    family = tower_family("qwen2_5_vl")
+    assert family.config_from_hf(full) == family.config_from_hf(hf.config)
+    with pytest.raises(ValueError, match="a qwen2_vl tower reads a 'qwen2_vl_vision' .* got model_type "
+                                         "'qwen2_5_vl_vision'"):
+        tower_family("qwen2_vl").config_from_hf(hf.config)

@@ -53,7 +53,13 @@ class NativeTowerFamily:
         return "swiglu" if self.windowed else "quick_gelu"
 
     def config_from_hf(self, cfg: Any) -> VisionConfig:
-        """A transformers Qwen2VLVisionConfig / Qwen2_5_VLVisionConfig -> VisionConfig."""
+        """A transformers vision config of this family (Qwen2VLVisionConfig / Qwen2_5_VLVisionConfig),
+        or the full model's config whose `vision_config` it reads -> VisionConfig."""
+        if getattr(cfg, "model_type", None) == self.hf_full_model_type:
+            cfg = cfg.vision_config
+        if getattr(cfg, "model_type", None) != self.hf_model_type:
+            raise ValueError(f"a {self.name} tower reads a {self.hf_model_type!r} (or {self.hf_full_model_type!r}) "
+                             f"config, got model_type {getattr(cfg, 'model_type', None)!r}")
         if self.windowed:
             hidden, ffn, out = cfg.hidden_size, cfg.intermediate_size, cfg.out_hidden_size
         else:  # Qwen2-VL names the tower width embed_dim and the merger's output hidden_size.
@@ -114,10 +120,6 @@ class NativeTowerFamily:
             out += [Entry(f"vision.merger.fc1.{kind}", (f"vision.merger.mlp.0.{kind}",)),
                     Entry(f"vision.merger.fc2.{kind}", (f"vision.merger.mlp.2.{kind}",))]
         return out
-
-    def kept_aside(self, name: str) -> bool:
-        """Every tensor of the Hugging Face tower is read (the merger is the tower's last part)."""
-        return False
 
 
 def canonical_name(key: str) -> str | None:
