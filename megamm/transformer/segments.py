@@ -65,6 +65,7 @@ class Segments:
 
         cu = self.cumulative(q.device)
         q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [s, heads, d]
-        out = varlen_attn(q, k, v, cu, cu, self.max_length, self.max_length,
-                          enable_gqa=k.shape[1] != q.shape[1])
+        # enable_gqa only where needed: the first torch releases with varlen_attn lack the keyword.
+        gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+        out = varlen_attn(q, k, v, cu, cu, self.max_length, self.max_length, **gqa)
         return out.transpose(0, 1).unsqueeze(0)
