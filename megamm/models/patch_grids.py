@@ -62,5 +62,4 @@ def window_order(grids: list[tuple[int, int, int]], merge: int, window: int) -> 
 
 def expand_to_patches(order: torch.Tensor, unit: int) -> torch.Tensor:
     """A permutation of merged tokens -> the same permutation of their `unit` patches each."""
-    return (order[:, None] * unit + torch.arange(unit)).flatten()
-
+    return (order[:, None] * unit + torch.arange(unit, device=order.device)).flatten()
