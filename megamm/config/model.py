@@ -138,6 +138,55 @@ class TransformerConfig:
 
 
 @dataclass
+class NativeResolutionConfig:
+    """What a native-resolution tower (the Qwen2-VL family) adds to a ViT: no fixed image size.
+
+    Images arrive as flattened patches of `temporal_patch_size` frames x patch x patch pixels with
+    a `(t, h, w)` grid each (megamm.data.native_resolution); positions are 2D rotary angles over
+    (h, w); each `spatial_merge_size` x `spatial_merge_size` block of patches is merged into one
+    output token of width `out_hidden_size`. `window_size` (pixels, None: no windows, Qwen2-VL)
+    makes every layer outside `fullatt_block_indexes` attend within windows of that many pixels.
+    `merger_norm_epsilon` is the merger's own norm epsilon (1e-6 in both Hugging Face towers).
+    """
+
+    out_hidden_size: int
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int | None = None
+    fullatt_block_indexes: tuple[int, ...] = ()
+    merger_norm_epsilon: float = 1e-6
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches merged into one output token."""
+        return self.spatial_merge_size**2
+
+    def window_merged_size(self, patch_size: int) -> int | None:
+        """A window's side in merged tokens, floored as Hugging Face does (None: no window attention)."""
+        if self.window_size is None:
+            return None
+        return self.window_size // self.spatial_merge_size // patch_size
+
+    def problems(self, patch_size: int, num_layers: int) -> list[str]:
+        where = "vision.native_resolution"
+        found = []
+        for attr in ("out_hidden_size", "temporal_patch_size", "spatial_merge_size"):
+            if getattr(self, attr) < 1:
+                found.append(f"{where}.{attr} must be >= 1, got {getattr(self, attr)}")
+        if found:
+            return found
+        if self.window_size is not None and self.window_merged_size(patch_size) < 1:
+            found.append(f"{where}.window_size {self.window_size} must cover at least one merged token "
+                         f"(patch_size x spatial_merge_size = {patch_size * self.spatial_merge_size} pixels)")
+        outside = [i for i in self.fullatt_block_indexes if not 0 <= i < num_layers]
+        if outside:
+            found.append(f"{where}.fullatt_block_indexes {outside} out of range for {num_layers} layers")
+        if self.fullatt_block_indexes and self.window_size is None:
+            found.append(f"{where}.fullatt_block_indexes needs window_size (without windows every layer is full)")
+        return found
+
+
+@dataclass
 class VisionConfig:
     """A ViT: CLIP-style (class token, pre-norm) or SigLIP-style (neither, patch bias on).
 
@@ -161,6 +210,9 @@ class VisionConfig:
     # 0 is the embeddings, i is the output of layer i, -1 the last layer, -2 (LLaVA) the one before.
     select_layer: int = -2
     drop_class_token: bool = True
+    # Set for the native-resolution (Qwen2-VL) family, whose tower is megamm.models.native_vision;
+    # then image_size, class_token, pre_norm, patch_bias, select_layer and drop_class_token are unused.
+    native_resolution: NativeResolutionConfig | None = None
 
     def __post_init__(self) -> None:
         if self.family is None:
@@ -196,6 +248,8 @@ class VisionConfig:
         found = []
         if self.family not in VISION_TOWERS:
             found.append(VISION_TOWERS.unknown(self.family, "vision.family"))
+        if self.native_resolution is not None:
+            return found + self._native_problems(self.native_resolution)
         if self.image_size % self.patch_size:
             found.append(f"vision.image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         n = self.transformer.num_layers
@@ -209,6 +263,18 @@ class VisionConfig:
         if self.seq_length > self.transformer.max_position_embeddings:
             found.append(f"vision: {self.seq_length} positions (patches + class token) exceed "
                          f"vision.transformer.max_position_embeddings {self.transformer.max_position_embeddings}")
+        return found
+
+    def _native_problems(self, native: NativeResolutionConfig) -> list[str]:
+        found = native.problems(self.patch_size, self.transformer.num_layers)
+        if self.transformer.causal:
+            found.append("vision.transformer.causal must be False: a vision tower attends bidirectionally")
+        if self.transformer.position_embedding != "rope":
+            found.append(f"vision.transformer.position_embedding must be 'rope' for a native-resolution tower "
+                         f"(2D rotary over the patch grid), got {self.transformer.position_embedding!r}")
+        elif self.transformer.head_dim % 4:
+            found.append(f"vision: the 2D rotary splits each head into height and width halves of rotated "
+                         f"pairs, so head_dim must be a multiple of 4, got {self.transformer.head_dim}")
         return found
 
 
@@ -291,6 +357,9 @@ class LlavaConfig:
 
     def _shape_problems(self, parallel: ParallelConfig, seq_length: int | None) -> list[str]:
         found = []
+        if self.vision.native_resolution is not None:
+            found.append(f"vision.native_resolution: the {self.vision.family} tower is not wired into LlavaModel "
+                         f"yet (it takes patches and grids, megamm.models.native_vision)")
         tp = parallel.tensor_model_parallel_size
         if tp < 1 or parallel.pipeline_model_parallel_size < 1:
             found.append("parallel sizes must be >= 1")

@@ -94,6 +94,9 @@ def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
         value = data[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{where}.{name}", problems)
+        elif value is not None and dataclasses.is_dataclass(_without_none(hint)):
+            # An optional section (vision.native_resolution): absent or null is None.
+            kwargs[name] = _build(_without_none(hint), value, f"{where}.{name}", problems)
         else:
             kwargs[name] = _coerce(hint, value, f"{where}.{name}", problems)
     if any(v is None and dataclasses.is_dataclass(hints[k]) for k, v in kwargs.items()):
@@ -138,6 +141,12 @@ def _coerce(hint: Any, value: Any, where: str, problems: list[str]) -> Any:
         elif option is str:
             if isinstance(value, str):
                 return value
+        elif typing.get_origin(option) is tuple and typing.get_args(option)[1:] == (Ellipsis,):
+            # JSON and YAML hold tuples as lists.
+            item = typing.get_args(option)[0]
+            if isinstance(value, (list, tuple)) and all(isinstance(v, item) and not isinstance(v, bool)
+                                                         for v in value):
+                return tuple(value)
         elif typing.get_origin(option) is list:
             if isinstance(value, str):
                 return value.split()

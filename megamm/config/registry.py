@@ -57,12 +57,15 @@ CHAT_TEMPLATES = Registry(
 )
 
 # Vision tower families (megamm.models.towers): the ViT conventions a VisionConfig's `family` names
-# (image statistics, Hugging Face model types, key map, defaults).
+# (image statistics, Hugging Face model types, key map, defaults). qwen2_vl and qwen2_5_vl are
+# native-resolution towers (VisionConfig.native_resolution, megamm.models.native_vision).
 VISION_TOWERS = Registry(
     "vision tower family",
     {
         "clip": "megamm.models.towers.clip:CLIP",
         "siglip": "megamm.models.towers.siglip:SIGLIP",
+        "qwen2_vl": "megamm.models.towers.qwen2_vl:QWEN2_VL",
+        "qwen2_5_vl": "megamm.models.towers.qwen2_vl:QWEN2_5_VL",
     },
 )
 

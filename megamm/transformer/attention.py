@@ -21,6 +21,7 @@ from megamm.parallel.state import ParallelState
 from megamm.transformer.kv_cache import LayerKVCache
 from megamm.transformer.recompute import recompute
 from megamm.transformer.rope import apply_rotary
+from megamm.transformer.segments import Segments
 
 
 class SelfAttention(nn.Module):
@@ -60,11 +61,12 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | Segments | None = None,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         """rotary: (cos, sin) `[s, b, 1, d]`; attention_mask: bool, broadcastable to
-        `[b, heads, s, s_k]`, True where a query may attend a key (combined with causality).
+        `[b, heads, s, s_k]`, True where a query may attend a key (combined with causality), or
+        Segments (b = 1, no cache: attention within each segment, megamm.transformer.segments).
 
         kv_cache (generation): the s new positions' keys and values are appended to it at its
         offset and the queries attend to every cached key, s_k = offset + s; the queries are the
@@ -95,17 +97,24 @@ class SelfAttention(nn.Module):
         return self.proj(context.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * d))
 
     def _core(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | Segments | None
     ) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) v on `[b, heads, s, d]`: sdpa (flash/efficient kernels on GPU) or,
-        with attention_backend="unfused", `megamm.kernels.attention.unfused_attention`."""
+        with attention_backend="unfused", `megamm.kernels.attention.unfused_attention`; Segments
+        run on the variable-length kernel where it applies (bidirectional, sdpa backend), else
+        as their block-diagonal mask."""
         causal = self.config.causal
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if isinstance(attention_mask, Segments):
+            if (not causal and self.config.attention_backend == "sdpa"
+                    and attention_mask.uses_varlen(q, dropout)):
+                return attention_mask.varlen_attention(q, k, v)
+            attention_mask = attention_mask.mask(q.device)
         if attention_mask is not None and causal:
             s_q, s_k = q.shape[2], k.shape[2]
             lower = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
             attention_mask = attention_mask & lower
             causal = False
-        dropout = self.config.attention_dropout if self.training else 0.0
         if self.config.attention_backend == "unfused":
             return unfused_attention(q, k, v, attention_mask, causal, dropout, self.state.rng)
         if self.config.attention_backend != "sdpa":

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from megamm.transformer.kv_cache import KVCache, LayerKVCache
 from megamm.transformer.mlp import MLP
 from megamm.transformer.norm import build_norm
 from megamm.transformer.recompute import recompute
+
+if TYPE_CHECKING:
+    from megamm.transformer.segments import Segments
 
 
 class TransformerLayer(nn.Module):
@@ -44,7 +48,7 @@ class TransformerLayer(nn.Module):
         self,
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | Segments | None = None,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         x = x + self._dropout(self.self_attention(self.input_norm(x), rotary, attention_mask, kv_cache))
@@ -76,16 +80,22 @@ class TransformerBlock(nn.Module):
         self,
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | Segments | None = None,
         num_layers: int | None = None,
         kv_cache: KVCache | None = None,
+        layer_masks: Mapping[int, torch.Tensor | Segments] | None = None,
     ) -> torch.Tensor:
         """Run the first `num_layers` held layers (all by default) in order; with `kv_cache`
-        (generation) each layer appends to its own entry, keyed by its global number."""
+        (generation) each layer appends to its own entry, keyed by its global number.
+
+        layer_masks: a mask per global layer number, used instead of `attention_mask` (window
+        attention, where most layers attend within windows and a few across the whole image)."""
         layers = list(self.layers.items())[:num_layers]
         full = self.config.recompute == "full"
         limit = self.config.recompute_num_layers
         for position, (number, layer) in enumerate(layers):
+            if layer_masks is not None:
+                attention_mask = layer_masks[int(number)]
             if kv_cache is not None:
                 x = layer(x, rotary, attention_mask, kv_cache.layer(int(number)))
             elif full and (limit is None or position < limit) and torch.is_grad_enabled():

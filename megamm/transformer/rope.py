@@ -28,6 +28,29 @@ class RotaryEmbedding(nn.Module):
         return angles.cos(), angles.sin()
 
 
+class AxialRotaryEmbedding(nn.Module):
+    """Rotary angles over several position axes (the 2D vision rotary: height, width).
+
+    Each axis gets the frequencies of a `head_dim / axes`-wide rotary; the per-axis angles are
+    concatenated and then duplicated for the rotate-half pairing, so with two axes the channels
+    `[0, d/4)` rotate by height, `[d/4, d/2)` by width, and `[d/2, d)` repeat them (the layout of
+    Hugging Face's Qwen2-VL vision rotary, so its q/k weights need no permutation).
+    """
+
+    def __init__(self, head_dim: int, axes: int, base: float) -> None:
+        super().__init__()
+        if head_dim % (2 * axes):
+            raise ValueError(f"axial rotary: head_dim {head_dim} not divisible by 2 x {axes} axes")
+        self.axial = RotaryEmbedding(head_dim // axes, base)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: `[s, axes]` integer positions -> (cos, sin), each `[s, 1, 1, head_dim]` in fp32."""
+        inv_freq = self.axial.inv_freq
+        angles = (positions.to(inv_freq.device).float().unsqueeze(-1) * inv_freq).flatten(1)  # [s, d/2]
+        angles = torch.cat([angles, angles], dim=-1)[:, None, None, :]
+        return angles.cos(), angles.sin()
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: `[s, b, heads, d]`; cos, sin: `[s, b, 1, d]`. Computed in fp32, returned in x's dtype
     (`megamm.kernels.reference.apply_rotary`, or the fused kernel where enabled)."""
