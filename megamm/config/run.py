@@ -104,6 +104,8 @@ class TrainingConfig:
     load_optim: bool = _opt(True, "load the optimizer state (--no-load-optim: the model only)")
     load_rng: bool = _opt(True, "load the generator states (--no-load-rng: reseed from --seed)")
     finetune: bool = _opt(False, "load only the model weights and start at iteration 0")
+    verify_checkpoint: bool = _opt(True, "check the files a load reads against the checkpoint's checksums "
+                                         "(--no-verify-checkpoint: skip, e.g. for a checkpoint without them)")
     # Evaluation and logging.
     eval_interval: int = _opt(0, "evaluate every this many steps (0: only at the end if --eval-iters)")
     eval_iters: int = _opt(0, "global batches per evaluation (0 disables evaluation)")
@@ -198,6 +200,8 @@ class RunConfig:
             found.append("--keep-last-checkpoints must be >= 1")
         if t.finetune and not t.load:
             found.append("--finetune needs --load")
+        if not t.verify_checkpoint and not t.load:
+            found.append("--no-verify-checkpoint needs --load")
         if t.clip_grad < 0:
             found.append("--clip-grad must be >= 0")
         timeout, threshold = p.distributed_timeout_minutes, t.straggler_threshold
