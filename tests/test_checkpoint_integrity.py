@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,21 @@ def test_the_metadata_reader_turns_every_failure_into_an_error_naming_the_file(c
         dcp_io.saved_tensors(checkpoint, verify=False)
     with pytest.raises(format.CheckpointFormatError, match=str(metadata)):
         _checkpointer(_trainer()).load(checkpoint, verify=False)
+
+
+def test_the_metadata_reader_allocates_no_more_than_the_file_holds(checkpoint: Path) -> None:
+    """A corrupt length field of 256 MiB in a 20-byte file: the opcodes are checked against the bytes
+    there before unpickling, so nothing near that size is allocated (the unpickler alone would)."""
+    metadata = checkpoint / ".metadata"
+    metadata.write_bytes(b"\x80\x04\x8e" + (256 << 20).to_bytes(8, "little") + b"abc")
+    tracemalloc.start()
+    try:
+        with pytest.raises(format.CheckpointFormatError, match=f"{metadata} is corrupt"):
+            dcp_io.saved_tensors(checkpoint, verify=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
 
 
 def test_a_truncated_shard_is_an_error_naming_the_file(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
