@@ -288,13 +288,14 @@ class Checkpointer:
                 request.update(self.rng_state())
             else:
                 self.log(" checkpoint layout differs from this run: generator states start from --seed")
-        fit = format.check_fit(path, self._everyone(request), dcp_io.saved_tensors(path, verify),
+        source = dcp_io.reader(path, verify)
+        fit = format.check_fit(path, self._everyone(request), source.read_metadata().state_dict_metadata,
                                optional=(format.RNG,), fresh_allowed=(FRESH_PROJECTOR,),
                                missing_hints={format.OPTIMIZER: "pass --no-load-optim to load the model only"})
         if FRESH_PROJECTOR in fit.fresh:
             self.log(f" {path} has no projector: the projector keeps its initialization from --seed")
         request = {key: value for key, value in request.items() if key in fit.keys}
-        dcp_io.load(request, path, BlockLoadPlanner(), self.group, verify)
+        dcp_io.load(request, source, BlockLoadPlanner(), self.group)
         self._apply(request, load_optim)
         iteration = 0 if reset_progress else int(_read_scalar(request, format.ITERATION))
         consumed = 0 if reset_progress else int(_read_scalar(request, format.CONSUMED_SAMPLES))

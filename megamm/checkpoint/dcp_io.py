@@ -74,7 +74,9 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 class SafeFileSystemReader(FileSystemReader):
     """DCP's file reader with the safe metadata unpickler and, given `files` (the description's
-    checksums, megamm.checkpoint.format.described_files), verification of the files it reads."""
+    checksums, megamm.checkpoint.format.described_files), verification of the files it reads. A
+    file is hashed once per reader: reuse one reader for several loads of the same checkpoint (the
+    converter's reader reads a shard file in many groups)."""
 
     def __init__(self, path: str | Path, files: dict[str, dict] | None = None) -> None:
         super().__init__(path)
@@ -106,7 +108,8 @@ class SafeFileSystemReader(FileSystemReader):
         if not isinstance(metadata, Metadata):
             raise format.CheckpointFormatError(f"{path} does not hold torch.distributed.checkpoint metadata")
         if self.files is not None:
-            uncovered = sorted({str(info.relative_path) for info in metadata.storage_data.values()} - set(self.files))
+            stored = metadata.storage_data or {}
+            uncovered = sorted({str(info.relative_path) for info in stored.values()} - set(self.files))
             if uncovered:
                 raise format.CheckpointFormatError(
                     f"{Path(self.path) / format.DESCRIPTION} has no checksum of {', '.join(uncovered)}, which "
@@ -168,15 +171,15 @@ def save(state: dict, writer: FileSystemWriter, planner: SavePlanner,
         dcp.save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=group is None)
 
 
-def load(state: dict, path: Path, planner: LoadPlanner, group: dist.ProcessGroup | None,
-         verify: bool = True) -> None:
-    """Fill `state` from checkpoint `path` (collective over `group`; this process alone when None).
-    With `verify`, each process checks the files it reads first (see the module docstring). DCP
+def load(state: dict, source: SafeFileSystemReader, planner: LoadPlanner, group: dist.ProcessGroup | None) -> None:
+    """Fill `state` from the checkpoint `source` reads (`reader(path, verify)`; collective over
+    `group`; this process alone when None). A verifying reader checks the files each process reads
+    first (see the module docstring). DCP
     gathers the ranks' failures into a CheckpointException; when the failures are about the files
     (CheckpointFormatError), they become one CheckpointFormatError naming each rank's file."""
     with _local_if(group is None):
         try:
-            dcp.load(state, storage_reader=reader(path, verify), planner=planner, process_group=group,
+            dcp.load(state, storage_reader=source, planner=planner, process_group=group,
                      no_dist=group is None)
         except CheckpointException as error:
             named = {rank: failure[0] if isinstance(failure, tuple) else failure

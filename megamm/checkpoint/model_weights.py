@@ -61,9 +61,10 @@ def load_model_weights(modules: nn.Module | Iterable[nn.Module], load: str | Pat
     modules = [modules] if isinstance(modules, nn.Module) else list(modules)
     request = model_blocks(modules, state)
     wanted = {key: tuple(value.shape) for key, value in request.items()}
-    format.check_fit(path, wanted, dcp_io.saved_tensors(path, verify))
+    source = dcp_io.reader(path, verify)
+    format.check_fit(path, wanted, source.read_metadata().state_dict_metadata)
     for module in modules:
         for param in module.parameters():
             param.zero_()
-    dcp_io.load(request, path, BlockLoadPlanner(), state.checkpoint_group, verify)
+    dcp_io.load(request, source, BlockLoadPlanner(), state.checkpoint_group)
     return path

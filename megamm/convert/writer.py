@@ -97,8 +97,8 @@ class CheckpointReader:
                                   f"directory with '{format.LATEST}')")
         self.path = path
         self.description = format.read_description(path)
-        self.verify = verify
-        saved = dcp_io.saved_tensors(path, verify)
+        self.source = dcp_io.reader(path, verify)
+        saved = self.source.read_metadata().state_dict_metadata
         self.tensors = {k: v for k, v in saved.items() if isinstance(v, TensorStorageMetadata)}
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -111,5 +111,5 @@ class CheckpointReader:
         """Read the given keys (full tensors, dtype as saved)."""
         state = {k: torch.empty(self.shape(k), dtype=self.dtype(k)) for k in keys}
         if state:
-            dcp_io.load(state, self.path, DefaultLoadPlanner(), group=None, verify=self.verify)
+            dcp_io.load(state, self.source, DefaultLoadPlanner(), group=None)
         return state
