@@ -338,3 +338,11 @@ def test_a_malformed_fault_specification_is_an_error_naming_the_variable(monkeyp
     monkeypatch.setenv(faults.VARIABLE, "during:iteration:2")
     with pytest.raises(ValueError, match="unknown point 'during'"):
         faults.crash_point("rename", 2)
+
+
+def test_no_verify_checkpoint_needs_load() -> None:
+    training = TrainingConfig(mock_data=True, micro_batch_size=1, global_batch_size=1, verify_checkpoint=False)
+    run = RunConfig(model=llava_config(), parallel=ParallelConfig(), training=training)
+    assert "--no-verify-checkpoint needs --load" in run.problems(world_size=1)
+    run.training.load = "/runs/a"
+    assert "--no-verify-checkpoint needs --load" not in run.problems(world_size=1)
