@@ -18,6 +18,12 @@ and are saved too (about 4 x 4 bytes per parameter in all).
 - load, tp=2: `load()` of that checkpoint into a model at the same layout.
 - load, tp=1 x dp=2: `load()` of the same checkpoint into a model at another layout (resharding):
   each rank now needs the whole model and optimizer state, read from both ranks' files.
+- checksums: what publication spends hashing every file of the directory (rank 0, as in
+  `format.publish`: megamm.checkpoint.integrity.checksum_directory on the checkpoint just written, so
+  from the page cache), timed on its own after each sync save; a save without checksums takes the
+  save's time minus this.
+- load, no verify: the loads again with `verify=False` (`--no-verify-checkpoint`): each rank no
+  longer hashes the files it reads. The last table puts both side by side.
 
 Bytes per rank: for saves, the size of the rank's own `__<rank>_0.distcp` file; for loads, the
 logical size of the blocks the rank asks for (model, optimizer and progress tensors at its layout).
@@ -136,6 +142,11 @@ def _rank_file(directory: Path, rank: int) -> int:
     return sum(path.stat().st_size for path in directory.glob(f"__{rank}_*.distcp"))
 
 
+def _unverified(checkpointer):
+    """`checkpointer.load` without checksum verification (--no-verify-checkpoint)."""
+    return lambda path: checkpointer.load(path, verify=False)
+
+
 def worker(rank: int, port: int, args: argparse.Namespace, root: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -148,7 +159,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, root: str) -> None:
 
 
 def run(rank: int, args: argparse.Namespace, root: Path) -> None:
-    from megamm.checkpoint import format
+    from megamm.checkpoint import format, integrity
     from megamm.checkpoint.checkpointer import Checkpointer
     from megamm.training.data import SyntheticData
     from megamm.training.step import train_step
@@ -172,6 +183,13 @@ def run(rank: int, args: argparse.Namespace, root: Path) -> None:
         seconds = timed(checkpointer.save, i, i)
         rows.append(("save, sync", "tp=2", _rank_file(format.iteration_dir(sync_dir, i), rank), seconds,
                      checkpointer.last_write_seconds))
+        if rank == 0:
+            directory = format.iteration_dir(sync_dir, i)
+            started = time.perf_counter()
+            files = integrity.checksum_directory(directory, skip=format.DESCRIPTION)
+            rows.append(("checksums", "all files", sum(f["bytes"] for f in files.values()),
+                         time.perf_counter() - started, None))
+        dist.barrier()
     own_file = format.iteration_dir(sync_dir, args.repeats) / f"__{rank}_0.distcp"
     for _ in range(args.repeats):
         rows.append(("file write", "-", *raw_write(root / f"raw_{rank}.bin", own_file.stat().st_size), None))
@@ -191,6 +209,7 @@ def run(rank: int, args: argparse.Namespace, root: Path) -> None:
     nbytes = requested_bytes(checkpointer)
     for _ in range(args.repeats):
         rows.append(("load", "tp=2", nbytes, timed(checkpointer.load, str(checkpoint)), None))
+        rows.append(("load, no verify", "tp=2", nbytes, timed(_unverified(checkpointer), str(checkpoint)), None))
     size_on_disk = sum(p.stat().st_size for p in checkpoint.iterdir() if p.is_file())
     del checkpointer, async_checkpointer, trainer, state
     gc.collect()
@@ -200,6 +219,8 @@ def run(rank: int, args: argparse.Namespace, root: Path) -> None:
     nbytes = requested_bytes(checkpointer)
     for _ in range(args.repeats):
         rows.append(("load", "tp=1 x dp=2", nbytes, timed(checkpointer.load, str(checkpoint)), None))
+        rows.append(("load, no verify", "tp=1 x dp=2", nbytes, timed(_unverified(checkpointer), str(checkpoint)),
+                     None))
 
     everyone: list = [None, None]
     dist.all_gather_object(everyone, rows)
@@ -219,7 +240,7 @@ def report(args: argparse.Namespace, everyone: list, parameters: int, size_on_di
           f"parameters (fp32, plain AdamW; step-0 loss {loss:.4f})")
     print(f"checkpoint on disk: {size_on_disk / GB:.3f} GB (model, fp32 master weights, both Adam moments); "
           f"median of {args.repeats} repeats per figure\n")
-    header = (f"{'operation':<12} {'layout':<12} {'rank':>4} {'GB per rank':>12} {'seconds':>8} {'min-max s':>11} "
+    header = (f"{'operation':<15} {'layout':<12} {'rank':>4} {'GB per rank':>12} {'seconds':>8} {'min-max s':>11} "
               f"{'GB/s':>7}  note")
     print(header)
     print("-" * len(header))
@@ -227,6 +248,8 @@ def report(args: argparse.Namespace, everyone: list, parameters: int, size_on_di
     for op, layout in keys:
         for rank, rows in enumerate(everyone):
             mine = [r for r in rows if (r[0], r[1]) == (op, layout)]
+            if not mine:  # checksums: rank 0 only, as in publication
+                continue
             nbytes = statistics.median(r[2] for r in mine)
             seconds = statistics.median(r[3] for r in mine)
             rates = [r[2] / r[3] / GB for r in mine]
@@ -239,10 +262,25 @@ def report(args: argparse.Namespace, everyone: list, parameters: int, size_on_di
             if op.startswith("file"):
                 note = "baseline: plain file I/O of the same bytes" + (", with fsync" if op == "file write" else "")
             spread = f"{min(r[3] for r in mine):.2f}-{max(r[3] for r in mine):.2f}"
-            print(f"{op:<12} {layout:<12} {rank:>4} {nbytes / GB:>12.3f} {seconds:>8.2f} {spread:>11} "
+            print(f"{op:<15} {layout:<12} {rank:>4} {nbytes / GB:>12.3f} {seconds:>8.2f} {spread:>11} "
                   f"{statistics.median(rates):>7.3f}  {note}")
     print("\nGB/s: each rank's bytes / its seconds (median over repeats); for async saves, over the time until "
           "published")
+    print(side_by_side(everyone))
+
+
+def side_by_side(everyone: list) -> str:
+    """Rank 0's median seconds with and without checksums, and their ratio (with / without)."""
+    def median(op: str, layout: str) -> float:
+        return statistics.median(r[3] for r in everyone[0] if (r[0], r[1]) == (op, layout))
+
+    hashing = median("checksums", "all files")
+    pairs = [("save, sync, tp=2", median("save, sync", "tp=2"), median("save, sync", "tp=2") - hashing)]
+    pairs += [(f"load, {layout}", median("load", layout), median("load, no verify", layout))
+              for layout in ("tp=2", "tp=1 x dp=2")]
+    lines = ["\nchecksums, rank 0 (median s): with / without = ratio"]
+    lines += [f"  {name:<22} {with_:6.2f} / {without:6.2f} = {with_ / without:.2f}" for name, with_, without in pairs]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

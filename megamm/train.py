@@ -231,6 +231,7 @@ def _train(config: ResolvedConfig, state: ParallelState) -> dict[str, float]:
             load_optim=t.load_optim and not t.finetune,
             load_rng=t.load_rng and not t.finetune,
             reset_progress=t.finetune,
+            verify=t.verify_checkpoint,
         )
         start = progress.iteration if progress is not None else 0
     # Built after loading: a resumed run's loader starts at the checkpoint's iteration.

@@ -1,6 +1,6 @@
 """Describe a megamm checkpoint without loading it: what run wrote it, at which layout, and what it holds.
 
-    python tools/checkpoint_info.py <checkpoint dir | save dir with latest> [--tensors] [--json]
+    python tools/checkpoint_info.py <checkpoint dir | save dir with latest> [--tensors] [--json] [--verify]
 
 It reads only the checkpoint's description (`megamm.json`) and DCP's metadata (`.metadata`, through
 `megamm.checkpoint.dcp_io.SafeFileSystemReader`, which never unpickles anything but DCP's own
@@ -13,13 +13,16 @@ Tensors are grouped by key prefix (`model/`, `optim/master/`, `optim/exp_avg/`, 
 on-disk size of the directory is printed beside them. By default the model tensors are listed and
 the other groups summarized; `--tensors` lists every tensor, `--json` prints everything (every
 tensor included) as one JSON object. Exit status 2 when the directory is not a readable checkpoint.
+
+`--verify` checks the checkpoint instead (megamm.checkpoint.audit): the size and checksum of every
+file against the description, the metadata, every tensor's chunks and the shard bytes they need.
+It reads every file once; it prints `ok` and exits 0, or prints each problem and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from megamm.checkpoint import dcp_io, format
+from megamm.checkpoint.audit import audit
 from megamm.config.precision import precision_name
 
 
@@ -145,7 +149,7 @@ def describe(directory: str | Path) -> dict:
         raise CheckpointInfoError(f"cannot read the description: {error}") from error
     try:
         metadata = dcp_io.SafeFileSystemReader(path).read_metadata()
-    except (FileNotFoundError, TypeError, pickle.UnpicklingError, EOFError) as error:
+    except (FileNotFoundError, format.CheckpointFormatError) as error:
         raise CheckpointInfoError(f"{path}: cannot read the DCP metadata: {error}") from error
     groups: dict[str, dict] = {}
     for row in _tensor_rows(metadata):
@@ -259,6 +263,23 @@ def report(info: dict, all_tensors: bool) -> str:
     return "\n".join(lines)
 
 
+def verify(directory: str) -> int:
+    """`--verify`: 0 and `ok` for a sound checkpoint, 1 and each problem otherwise, 2 for no checkpoint."""
+    try:
+        path = _locate(directory)
+    except CheckpointInfoError as error:
+        print(f"checkpoint_info: {error}", file=sys.stderr)
+        return 2
+    problems = audit(path)
+    if problems:
+        print(f"checkpoint_info: {path} failed verification:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print(f"{path}: ok (every file matches {format.DESCRIPTION}'s checksums, every tensor's chunks are stored)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="checkpoint_info.py",
@@ -267,7 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", help="a checkpoint directory (iter_NNNNNNN) or a --save directory with 'latest'")
     parser.add_argument("--tensors", action="store_true", help="list every tensor (default: model tensors only)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (every tensor included)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every file against the description's checksums and the metadata; exit 1 "
+                             "naming each problem")
     args = parser.parse_args(argv)
+    if args.verify:
+        return verify(args.directory)
     try:
         info = describe(args.directory)
     except CheckpointInfoError as error:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import pickle
 import socket
 import sys
 import time
@@ -185,7 +184,7 @@ def _check_request(source: Path, save: Path, description: dict, target: Target) 
 
     try:
         keys = dcp_io.saved_tensors(source)
-    except (FileNotFoundError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+    except (FileNotFoundError, format.CheckpointFormatError) as error:
         raise ReshardError(f"cannot read the checkpoint metadata of {source}: {error}") from error
     moments = format.optimizer_key("exp_avg", "")
     has_moments = any(k.startswith(moments) and isinstance(v, TensorStorageMetadata) for k, v in keys.items())

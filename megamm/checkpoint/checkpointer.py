@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
 
-from megamm.checkpoint import dcp_io, format
+from megamm.checkpoint import dcp_io, faults, format
 from megamm.checkpoint.blocks import (
     BlockLoadPlanner,
     BlockSavePlanner,
@@ -208,7 +208,7 @@ class Checkpointer:
         self._barrier()
         directory = format.partial_dir(self.save_dir, iteration)
         if not self.async_save:
-            self._write(tensors, directory)
+            self._write(tensors, directory, iteration)
             self._publish(iteration, description)
             return
         # Snapshot on the CPU now, so training can change the live tensors while the copy is written.
@@ -217,7 +217,7 @@ class Checkpointer:
 
         def write() -> None:
             try:
-                self._write(snapshot, directory)
+                self._write(snapshot, directory, iteration)
             except BaseException as error:  # noqa: BLE001 - re-raised on the main thread by wait()
                 errors.append(error)
 
@@ -229,10 +229,11 @@ class Checkpointer:
         if self.save_dir is None:
             raise ValueError("this Checkpointer has no save directory (--save)")
 
-    def _write(self, tensors: dict[str, BlockTensor], directory: Path) -> None:
+    def _write(self, tensors: dict[str, BlockTensor], directory: Path, iteration: int) -> None:
         started = time.perf_counter()
         dcp_io.save(tensors, FileSystemWriter(directory), BlockSavePlanner(), self.group)
         self.last_write_seconds = time.perf_counter() - started
+        faults.crash_point("write", iteration)
 
     def wait(self) -> None:
         """Finish an asynchronous save (every rank calls it at the same point)."""
@@ -259,8 +260,12 @@ class Checkpointer:
     # ---- load ------------------------------------------------------------------------------------
 
     def load(self, load_dir: str | Path, load_optim: bool = True, load_rng: bool = True,
-             reset_progress: bool = False) -> Progress | None:
+             reset_progress: bool = False, verify: bool = True) -> Progress | None:
         """Load `load_dir` (a checkpoint, or a save directory with `latest`) into the live state.
+
+        With `verify` (`--no-verify-checkpoint` turns it off), every file read is first checked
+        against the checksums of the checkpoint's description, each rank checking the files it reads
+        (megamm.checkpoint.dcp_io); a mismatch is a CheckpointFormatError naming the file.
 
         Returns None when the directory holds no checkpoint yet. Raises CheckpointMismatchError
         listing every missing, unexpected or differently shaped tensor before anything is read.
@@ -283,13 +288,14 @@ class Checkpointer:
                 request.update(self.rng_state())
             else:
                 self.log(" checkpoint layout differs from this run: generator states start from --seed")
-        fit = format.check_fit(path, self._everyone(request), dcp_io.saved_tensors(path),
+        source = dcp_io.reader(path, verify)
+        fit = format.check_fit(path, self._everyone(request), source.read_metadata().state_dict_metadata,
                                optional=(format.RNG,), fresh_allowed=(FRESH_PROJECTOR,),
                                missing_hints={format.OPTIMIZER: "pass --no-load-optim to load the model only"})
         if FRESH_PROJECTOR in fit.fresh:
             self.log(f" {path} has no projector: the projector keeps its initialization from --seed")
         request = {key: value for key, value in request.items() if key in fit.keys}
-        dcp_io.load(request, path, BlockLoadPlanner(), self.group)
+        dcp_io.load(request, source, BlockLoadPlanner(), self.group)
         self._apply(request, load_optim)
         iteration = 0 if reset_progress else int(_read_scalar(request, format.ITERATION))
         consumed = 0 if reset_progress else int(_read_scalar(request, format.CONSUMED_SAMPLES))

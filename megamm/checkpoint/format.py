@@ -24,11 +24,13 @@ Keys (all global, whatever the parallel layout):
 
 Scalars are float64 tensors of shape [1].
 
-Publication: a save writes into `iter_N.partial/`, its description (`megamm.json`) last; only then
+Publication: a save writes into `iter_N.partial/`, its description (`megamm.json`) last, with the
+size and checksum of every other file of the directory (megamm.checkpoint.integrity); only then
 is the directory renamed to `iter_N/`, and only after that is `latest` replaced (through a
 temporary file and an atomic rename). A crash at any point leaves the previous checkpoint complete
 and `latest` naming it; the loaders trust only a directory with a description, reached by name or
-through `latest`, and refuse a `.partial` one.
+through `latest`, and refuse a `.partial` one. A load verifies the files it reads against the
+description's checksums and refuses a directory whose description has none (megamm.checkpoint.dcp_io).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 import megamm
+from megamm.checkpoint import faults, integrity
 
 # ---- keys ----------------------------------------------------------------------------------------
 
@@ -165,6 +168,44 @@ def read_description(directory: str | Path) -> dict:
     return description
 
 
+FILES = "files"
+
+
+def described_files(directory: str | Path, description: dict) -> dict[str, dict]:
+    """{file name: {"bytes": N, "xxh3_64": hex}} of every file `description` (of checkpoint
+    `directory`) lists. CheckpointFormatError naming the file when it lists none (a directory that
+    `publish` did not finish: a half-written save renamed by hand, or one from before checksums)
+    or an entry is malformed."""
+    path = Path(directory) / DESCRIPTION
+    files = description.get(FILES)
+    if not isinstance(files, dict) or not files:
+        raise CheckpointFormatError(
+            f"{path} lists no file checksums: {directory} was not published by megamm's save "
+            f"(a half-written save renamed by hand?); loading without verification skips this check")
+    for name, entry in files.items():
+        valid = (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                 and isinstance(entry.get(integrity.HASH), str))
+        if not valid:
+            raise CheckpointFormatError(f"{path}: the entry of {name!r} in {FILES!r} is not "
+                                        f"{{\"bytes\": N, \"{integrity.HASH}\": \"...\"}}: {entry!r}")
+    return files
+
+
+def verify_files(directory: str | Path, files: Mapping[str, dict], names: Sequence[str] | None = None) -> list[str]:
+    """What is wrong with the files `names` of checkpoint `directory` (default: every file `files`
+    lists) against their checksums: one line per missing, resized or corrupt file, [] when none."""
+    directory = Path(directory)
+    problems = []
+    for name in files if names is None else names:
+        if name not in files:
+            problems.append(f"{directory / name} has no checksum in {directory / DESCRIPTION}")
+            continue
+        found = integrity.problem(directory / name, files[name])
+        if found:
+            problems.append(found)
+    return problems
+
+
 # ---- directories and publication -----------------------------------------------------------------
 
 LATEST = "latest"
@@ -192,19 +233,27 @@ def open_partial(save: str | Path, iteration: int) -> Path:
 
 
 def publish(save: str | Path, iteration: int, description: dict, keep_last: int | None = None) -> Path:
-    """The coordinator, after every writer finished: write the description into the partial
-    directory, rename it to `iter_N`, then point `latest` at it; with `keep_last`, remove all but
-    the newest `keep_last` complete checkpoints and any stale partial ones. Returns `iter_N`."""
+    """The coordinator, after every writer finished: hash every file of the partial directory,
+    write the description (with the checksums under "files") into it, rename it to `iter_N`, then
+    point `latest` at it; with `keep_last`, remove all but the newest `keep_last` complete
+    checkpoints and any stale partial ones. Returns `iter_N`.
+
+    The files are hashed here, once, for every writer (the Checkpointer, the converter, the reshard
+    tool), right after they were written and fsynced, so they are re-read from the page cache. The
+    crash points `rename` and `latest` of megamm.checkpoint.faults are here."""
     save = Path(save)
     partial = partial_dir(save, iteration)
     if not partial.is_dir():
         raise FileNotFoundError(f"{partial} does not exist: open_partial() starts a save")
-    write_description(partial, description)
+    files = integrity.checksum_directory(partial, skip=DESCRIPTION)
+    write_description(partial, {**description, FILES: files})
+    faults.crash_point("rename", iteration)
     final = iteration_dir(save, iteration)
     if final.exists():  # the same iteration saved again: the new save replaces it
         shutil.rmtree(final)
     os.replace(partial, final)
     _fsync_dir(save)
+    faults.crash_point("latest", iteration)
     tmp = save / f".{LATEST}.tmp"
     tmp.write_text(final.name + "\n")
     os.replace(tmp, save / LATEST)

@@ -45,7 +45,8 @@ def read_run_config_tree(load: str | Path) -> tuple[Path, dict]:
 
 
 @torch.no_grad()
-def load_model_weights(modules: nn.Module | Iterable[nn.Module], load: str | Path, state: ParallelState) -> Path:
+def load_model_weights(modules: nn.Module | Iterable[nn.Module], load: str | Path, state: ParallelState,
+                       verify: bool = True) -> Path:
     """Fill every parameter of `modules` (model chunks held by this process) from checkpoint `load`.
 
     `load` is a checkpoint directory or a save directory with `latest`. Padding rows of the
@@ -53,15 +54,17 @@ def load_model_weights(modules: nn.Module | Iterable[nn.Module], load: str | Pat
     of the checkpoint, no more, no fewer). Raises CheckpointMismatchError listing every missing,
     unexpected or differently shaped tensor before anything is read (every process finds the same
     problems, as all hold the same parameter names). Collective over `state.checkpoint_group` (see
-    the module docstring). Returns the checkpoint directory.
+    the module docstring). With `verify`, the files read are checked against the checksums of
+    the checkpoint's description first (megamm.checkpoint.dcp_io). Returns the checkpoint directory.
     """
     path = resolve_checkpoint(load)
     modules = [modules] if isinstance(modules, nn.Module) else list(modules)
     request = model_blocks(modules, state)
     wanted = {key: tuple(value.shape) for key, value in request.items()}
-    format.check_fit(path, wanted, dcp_io.saved_tensors(path))
+    source = dcp_io.reader(path, verify)
+    format.check_fit(path, wanted, source.read_metadata().state_dict_metadata)
     for module in modules:
         for param in module.parameters():
             param.zero_()
-    dcp_io.load(request, path, BlockLoadPlanner(), state.checkpoint_group)
+    dcp_io.load(request, source, BlockLoadPlanner(), state.checkpoint_group)
     return path

@@ -105,6 +105,8 @@ class TrainingConfig:
     load_optim: bool = _opt(True, "load the optimizer state (--no-load-optim: the model only)")
     load_rng: bool = _opt(True, "load the generator states (--no-load-rng: reseed from --seed)")
     finetune: bool = _opt(False, "load only the model weights and start at iteration 0")
+    verify_checkpoint: bool = _opt(True, "check the files a load reads against the checkpoint's checksums "
+                                         "(--no-verify-checkpoint: skip, e.g. for a checkpoint without them)")
     # Evaluation and logging.
     eval_interval: int = _opt(0, "evaluate every this many steps (0: only at the end if --eval-iters)")
     eval_iters: int = _opt(0, "global batches per evaluation (0 disables evaluation)")
@@ -177,6 +179,7 @@ class RunConfig:
             lambda: ["--keep-last-checkpoints must be >= 1"]
             if t.keep_last_checkpoints is not None and t.keep_last_checkpoints < 1 else [],
             lambda: ["--finetune needs --load"] if t.finetune and not t.load else [],
+            lambda: ["--no-verify-checkpoint needs --load"] if not t.verify_checkpoint and not t.load else [],
             lambda: [f"--distributed-timeout-minutes must be > 0 (fractions allowed), got {timeout}"]
             if not (timeout := self.parallel.distributed_timeout_minutes) > 0 else [],
             lambda: [f"--straggler-threshold is a ratio of step times, must be >= 1, got {threshold}"]

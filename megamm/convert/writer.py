@@ -87,16 +87,18 @@ def write_checkpoint(save: str | Path, tensors: dict[str, LazyTensor], layout: d
 
 
 class CheckpointReader:
-    """The tensors of a megamm checkpoint, read from one process in groups (not all at once)."""
+    """The tensors of a megamm checkpoint, read from one process in groups (not all at once);
+    with `verify`, each file is checked against the description's checksums before it is read."""
 
-    def __init__(self, load: str | Path) -> None:
+    def __init__(self, load: str | Path, verify: bool = True) -> None:
         path = format.resolve(load)
         if path is None:
             raise ConversionError(f"{load}: no megamm checkpoint (expected a checkpoint directory or a save "
                                   f"directory with '{format.LATEST}')")
         self.path = path
         self.description = format.read_description(path)
-        saved = dcp_io.saved_tensors(path)
+        self.source = dcp_io.reader(path, verify)
+        saved = self.source.read_metadata().state_dict_metadata
         self.tensors = {k: v for k, v in saved.items() if isinstance(v, TensorStorageMetadata)}
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -109,5 +111,5 @@ class CheckpointReader:
         """Read the given keys (full tensors, dtype as saved)."""
         state = {k: torch.empty(self.shape(k), dtype=self.dtype(k)) for k in keys}
         if state:
-            dcp_io.load(state, self.path, DefaultLoadPlanner(), group=None)
+            dcp_io.load(state, self.source, DefaultLoadPlanner(), group=None)
         return state
