@@ -1,6 +1,6 @@
 """One process trains a tiny model, saves iteration 1, then saves iteration 2 and trains on.
 
-    MEGAMM_CHECKPOINT_FAULT=POINT:iteration:2 python tests/crash_during_save.py SAVE_DIR [--async-save]
+    MEGAMM_CHECKPOINT_FAULT=POINT:iteration:2 python -m tests.crash_during_save SAVE_DIR [--async-save]
 
 Run by tests/test_checkpoint_integrity.py with a crash point of megamm.checkpoint.faults: the
 process exits with status 1 inside the second save (in the background thread with --async-save,

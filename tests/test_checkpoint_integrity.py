@@ -299,7 +299,7 @@ CRASHES = {
 def test_a_crash_during_a_save_leaves_latest_on_the_previous_checkpoint(tmp_path: Path, point: str,
                                                                         async_save: bool) -> None:
     save = tmp_path / "ckpt"
-    command = [sys.executable, str(ROOT / "tests" / "crash_during_save.py"), str(save)]
+    command = [sys.executable, "-m", "tests.crash_during_save", str(save)]  # -m: the repository root on sys.path
     command += ["--async-save"] if async_save else []
     env = {**os.environ, faults.VARIABLE: f"{point}:iteration:2"}
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
