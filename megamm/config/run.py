@@ -104,6 +104,11 @@ class TrainingConfig:
     load_optim: bool = _opt(True, "load the optimizer state (--no-load-optim: the model only)")
     load_rng: bool = _opt(True, "load the generator states (--no-load-rng: reseed from --seed)")
     finetune: bool = _opt(False, "load only the model weights and start at iteration 0")
+    # Stopping early (a checkpoint is saved, the exit status is 4: rerun the same command to continue).
+    exit_interval: int | None = _opt(None, "stop after an iteration that is a multiple of this")
+    exit_duration_in_mins: float | None = _opt(
+        None, "stop after the step during which the run's wall time passed this many minutes"
+    )
     # Evaluation and logging.
     eval_interval: int = _opt(0, "evaluate every this many steps (0: only at the end if --eval-iters)")
     eval_iters: int = _opt(0, "global batches per evaluation (0 disables evaluation)")
@@ -198,6 +203,10 @@ class RunConfig:
             found.append("--keep-last-checkpoints must be >= 1")
         if t.finetune and not t.load:
             found.append("--finetune needs --load")
+        if t.exit_interval is not None and (t.exit_interval < 1 or not t.save):
+            found.append("--exit-interval needs --save (the checkpoint to continue from) and a value >= 1")
+        if t.exit_duration_in_mins is not None and (not t.exit_duration_in_mins > 0 or not t.save):
+            found.append("--exit-duration-in-mins needs --save (the checkpoint to continue from) and a value > 0")
         if t.clip_grad < 0:
             found.append("--clip-grad must be >= 0")
         timeout, threshold = p.distributed_timeout_minutes, t.straggler_threshold
