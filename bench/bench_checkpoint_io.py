@@ -161,6 +161,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, root: str) -> None:
 def run(rank: int, args: argparse.Namespace, root: Path) -> None:
     from megamm.checkpoint import format, integrity
     from megamm.checkpoint.checkpointer import Checkpointer
+    from megamm.data.loader import ResumePoint
     from megamm.training.data import SyntheticData
     from megamm.training.step import train_step
 
@@ -169,7 +170,7 @@ def run(rank: int, args: argparse.Namespace, root: Path) -> None:
 
     rows: list[tuple[str, str, float, float, float | None]] = []  # op, layout, bytes, seconds, extra seconds
     config, state, trainer = build(args, tp=2)
-    step = train_step(trainer, SyntheticData(config, state).microbatches(0), 0)
+    step = train_step(trainer, SyntheticData(config, state, ResumePoint()).microbatches(0), 0)
 
     sync_dir, async_dir = root / "sync", root / "async"
     def checkpointer_for(trainer, save_dir: Path | None, async_save: bool = False) -> Checkpointer:

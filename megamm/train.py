@@ -30,6 +30,8 @@ from megamm.checkpoint.model_weights import read_run_config_tree
 from megamm.config import ConfigError
 from megamm.config.parsing import read_run_config
 from megamm.config.resolved import ResolvedConfig, resolve
+from megamm.config.run import TrainingConfig
+from megamm.data.loader import ResumePoint
 from megamm.parallel.phase import RECORD
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.chunks import build_model_chunks
@@ -37,6 +39,7 @@ from megamm.pipeline.schedules import bubble_fraction
 from megamm.training.data import FileData, SyntheticData, build_training_data, rows_in
 from megamm.training.faults import install_from_environment
 from megamm.training.metrics import peak_memory_gib, peak_tflops, step_flops
+from megamm.training.preemption import EXIT_STOPPED, StopCheck, StopSignals
 from megamm.training.preflight import file_problems
 from megamm.training.step import Batch, Trainer, build_trainer, evaluate, train_step
 from megamm.training.stragglers import gather_step_times, spread_text
@@ -61,6 +64,16 @@ def saved_run_config(load: str) -> dict | None:
     if format.resolve(load) is None:
         return None
     return read_run_config_tree(load)[1]
+
+
+def resume_dir(t: TrainingConfig) -> str | None:
+    """Where the run resumes from: --load, else --save when it holds a checkpoint (so a requeued or
+    restarted job resumes with its first command), else nothing (start from the initialization)."""
+    if t.load:
+        return t.load
+    if t.save and format.resolve(t.save) is not None:
+        return t.save
+    return None
 
 
 def read_config(argv: list[str] | None, world_size: int) -> ResolvedConfig:
@@ -147,7 +160,8 @@ def _sum_dp(value: float, state: ParallelState) -> float:
     return tensor.item()
 
 
-def _log(reporter: Reporter, trainer: Trainer, iteration: int, stats: IntervalStats, skipped: int, lr: float) -> None:
+def _log(reporter: Reporter, trainer: Trainer, iteration: int, consumed: int, stats: IntervalStats, skipped: int,
+         lr: float) -> None:
     config, state = trainer.config, trainer.state
     t = config.training
     world = state.world_size
@@ -166,7 +180,7 @@ def _log(reporter: Reporter, trainer: Trainer, iteration: int, stats: IntervalSt
     loss = stats.loss_sum / stats.loss_steps if stats.loss_steps else float("nan")
     norm = stats.grad_norms[-1] if stats.grad_norms else float("nan")
     reporter.line(
-        f" iteration {iteration:8d}/{t.train_iters} | consumed samples: {iteration * t.global_batch_size:10d} | "
+        f" iteration {iteration:8d}/{t.train_iters} | consumed samples: {consumed:10d} | "
         f"elapsed time per iteration (ms): {1000 * seconds:.1f} | learning rate: {lr:.3E} | "
         f"lm loss: {loss:.6E} | grad norm: {norm:.3f} | skipped iterations: {skipped} | "
         f"tokens/s: {tokens_per_second:.0f} | TFLOP/s/device: {tflops:.3f} | MFU: {mfu} | "
@@ -177,7 +191,9 @@ def _log(reporter: Reporter, trainer: Trainer, iteration: int, stats: IntervalSt
 
 
 def run(config: ResolvedConfig) -> dict[str, float]:
-    """Train as configured on the already launched processes; returns the final figures."""
+    """Train as configured on the already launched processes; returns the final figures (`stopped`:
+    why the run stopped before --train-iters, None when it finished)."""
+    started = time.monotonic()
     t, p = config.training, config.parallel
     state = initialize_parallel_state(
         p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.distributed_timeout_minutes
@@ -186,12 +202,17 @@ def run(config: ResolvedConfig) -> dict[str, float]:
     install_from_environment(RECORD, rank)
     limit = f"--distributed-timeout-minutes {p.distributed_timeout_minutes:g}"
     dump_dir = t.stack_dump_dir or t.save
-    with Watchdog(RECORD, 60.0 * p.distributed_timeout_minutes, rank, dump_dir, limit):
-        return _train(config, state)
+    signals = StopSignals(rank)
+    duration = 60.0 * t.exit_duration_in_mins if t.exit_duration_in_mins is not None else None
+    stop = StopCheck(signals, duration, t.exit_interval, started)
+    # The signal handlers first: the watchdog's SIGTERM stack dump chains to them.
+    with signals, Watchdog(RECORD, 60.0 * p.distributed_timeout_minutes, rank, dump_dir, limit):
+        return _train(config, state, stop)
 
 
-def _train(config: ResolvedConfig, state: ParallelState) -> dict[str, float]:
-    """The run itself, on an initialized state, with the watchdog armed."""
+def _train(config: ResolvedConfig, state: ParallelState, stop: StopCheck) -> dict[str, float]:
+    """The run itself, on an initialized state, with the watchdog armed; `stop` decides after each
+    step whether to stop early."""
     t = config.training
     RECORD.begin("setup", None, "building the model and optimizer")
     state.seed(t.seed)
@@ -219,31 +240,34 @@ def _train(config: ResolvedConfig, state: ParallelState) -> dict[str, float]:
         f"{trainable:,} trainable parameters on this rank"
     )
     checkpointer = None
-    if t.save or t.load:
+    load = resume_dir(t)
+    if t.save or load:
         checkpointer = Checkpointer(state, config, trainer.chunks, trainer.optimizer, trainer.scaler,
                                     save_dir=t.save, keep_last=t.keep_last_checkpoints, async_save=t.async_save,
                                     log=reporter.line)
-    start = 0
-    if t.load:
-        RECORD.enter(f"loading checkpoint {t.load}")
+    resume = ResumePoint()
+    if load:
+        RECORD.enter(f"loading checkpoint {load}")
         progress = checkpointer.load(
-            t.load,
+            load,
             load_optim=t.load_optim and not t.finetune,
             load_rng=t.load_rng and not t.finetune,
             reset_progress=t.finetune,
             verify=t.verify_checkpoint,
         )
-        start = progress.iteration if progress is not None else 0
-    # Built after loading: a resumed run's loader starts at the checkpoint's iteration.
+        if progress is not None:
+            resume = ResumePoint(progress.iteration, progress.consumed_samples)
+    start = resume.iteration
+    # Built after loading: a resumed run's loader continues from the checkpoint's consumed samples.
     RECORD.enter("building the data loader")
     data = build_training_data(
-        config, state, start, microbatch_multiple=state.pp_size if len(chunks) > 1 else 1,
+        config, state, resume, microbatch_multiple=state.pp_size if len(chunks) > 1 else 1,
         log=print if state.tp_rank == 0 and state.is_first_stage else _quiet,
     )
     reporter.line(f" data: {data.describe()}")
     stats, skipped, skipped_in_a_row = IntervalStats(), 0, 0
     first_loss, last_loss, eval_loss = float("nan"), float("nan"), float("nan")
-    saved_at = start
+    saved_at, done, stopped = start, start, None
     started = time.perf_counter()
     for iteration in range(start, t.train_iters):
         busy = RECORD.busy_seconds()
@@ -251,6 +275,9 @@ def _train(config: ResolvedConfig, state: ParallelState) -> dict[str, float]:
         microbatches = data.microbatches(iteration)
         tick = time.perf_counter()
         result = train_step(trainer, microbatches, iteration)
+        # Enqueued before the synchronization below, so reading it after costs no extra host sync.
+        RECORD.enter("stop-flag all-reduce over the world", waiting=True)
+        stop_flags = stop.share(state)
         if state.device.type == "cuda":
             RECORD.enter("device synchronization at the end of the step")
             torch.cuda.synchronize(state.device)
@@ -279,38 +306,46 @@ def _train(config: ResolvedConfig, state: ParallelState) -> dict[str, float]:
                     "lower --lr (or --initial-loss-scale with --fp16), check the data, or use --bf16 instead of --fp16"
                 )
         done = iteration + 1
+        consumed = resume.first_position(done, t.global_batch_size)
+        stopped = stop.reason(stop_flags, done) if done < t.train_iters else None
         reporter.progress(done, t.train_iters, result.loss)
-        if done % t.log_interval == 0 or done == t.train_iters:
-            _log(reporter, trainer, done, stats, skipped, result.lr)
+        if done % t.log_interval == 0 or done == t.train_iters or stopped:
+            _log(reporter, trainer, done, consumed, stats, skipped, result.lr)
             stats = IntervalStats()
         if t.eval_iters and t.eval_interval and done % t.eval_interval == 0:
             eval_loss = run_eval(done)
         if t.save and t.save_interval and done % t.save_interval == 0:
             RECORD.begin(f"after iteration {done}", done, "checkpoint save")
-            checkpointer.save(done, done * t.global_batch_size)
+            checkpointer.save(done, consumed)
             saved_at = done
-    if t.eval_iters and (not t.eval_interval or t.train_iters % t.eval_interval):
+        if stopped:
+            break
+    if not stopped and t.eval_iters and (not t.eval_interval or t.train_iters % t.eval_interval):
         eval_loss = run_eval(t.train_iters)
-    if t.save and saved_at != t.train_iters:
-        RECORD.begin(f"after iteration {t.train_iters}", t.train_iters, "final checkpoint save")
-        checkpointer.save(t.train_iters, t.train_iters * t.global_batch_size)
+    if t.save and saved_at != done:
+        RECORD.begin(f"after iteration {done}", done, "final checkpoint save")
+        checkpointer.save(done, resume.first_position(done, t.global_batch_size))
     if checkpointer is not None:
-        RECORD.begin("end of training", t.train_iters, "waiting for the checkpoint writes")
+        RECORD.begin("end of training", done, "waiting for the checkpoint writes")
         checkpointer.wait()
+    if stopped:
+        saved = f"checkpoint of iteration {done} in {t.save}" if t.save else "no checkpoint (no --save)"
+        reporter.line(f" stopping after iteration {done} of {t.train_iters}: {stopped}; {saved}; "
+                      f"exiting with status {EXIT_STOPPED} (run the same command again to continue)")
     elapsed = time.perf_counter() - started
     state_bytes = trainer.optimizer.state_bytes()
     validation = f"validation lm loss: {eval_loss:.6E} | " if t.eval_iters else ""
-    RECORD.begin("end of training", t.train_iters, "summary-line reductions")
+    RECORD.begin("end of training", done, "summary-line reductions")
     data_line, data_counts = _data_counts(data, state)
     reporter.line(
-        f" done: {t.train_iters} iterations in {elapsed:.1f} s | final lm loss: {last_loss:.6E} | "
+        f" done: {done} iterations in {elapsed:.1f} s | final lm loss: {last_loss:.6E} | "
         f"{validation}skipped iterations: {skipped} | {data_line}"
         f"optimizer state per rank: {state_bytes:,} bytes ({state_bytes / max(trainable, 1):.2f} per "
         f"trainable parameter) | peak memory (GiB): {peak_memory_gib(state.device):.2f}"
     )
     reporter.close()
     return {"first_loss": first_loss, "final_loss": last_loss, "eval_loss": eval_loss, "skipped": skipped,
-            "optimizer_state_bytes": trainer.optimizer.state_bytes(), "data": data_counts}
+            "optimizer_state_bytes": trainer.optimizer.state_bytes(), "data": data_counts, "stopped": stopped}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,11 +357,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megamm.train: {error}", file=sys.stderr)
         return 2
     try:
-        run(config)
+        figures = run(config)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    return EXIT_STOPPED if figures["stopped"] else 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from megamm.checkpoint.checkpointer import Checkpointer
 from megamm.config import ParallelConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
+from megamm.data.loader import ResumePoint
 from megamm.parallel.state import ParallelState
 from megamm.pipeline.chunks import build_model_chunks
 from megamm.training.data import SyntheticData
@@ -31,7 +32,7 @@ def main(save: Path, async_save: bool) -> int:
     config = resolve(run, state.world_size)
     state.seed(config.training.seed)
     trainer = build_trainer(config, state, build_model_chunks(config, state))
-    data = SyntheticData(config, state)
+    data = SyntheticData(config, state, ResumePoint())
     checkpointer = Checkpointer(state, config, trainer.chunks, trainer.optimizer, trainer.scaler, save_dir=save,
                                 async_save=async_save, log=lambda _: None)
     for iteration in (1, 2):

@@ -18,6 +18,7 @@ from megamm.checkpoint.format import CheckpointMismatchError
 from megamm.config import ParallelConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
+from megamm.data.loader import ResumePoint
 from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
@@ -65,14 +66,14 @@ class Session:
         self.checkpointer = Checkpointer(state, config, self.chunks, self.trainer.optimizer,
                                          self.trainer.scaler, save_dir=save, async_save=async_save,
                                          log=lambda _: None)
-        self.data = SyntheticData(config, state)
+        self.data = SyntheticData(config, state, ResumePoint())
 
     def step(self, iteration: int) -> tuple[float, float]:
         result = train_step(self.trainer, self.data.microbatches(iteration), iteration)
         return result.loss, result.grad_norm
 
     def eval_loss(self) -> float:
-        return evaluate(self.trainer, [self.data.batches_at(self.data.train, EVAL_BATCH)])
+        return evaluate(self.trainer, [self.data.batches_at(self.data.train, EVAL_BATCH * self.config.training.global_batch_size)])
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: gather_master(p.detach(), param_specs(chunk)[name].layout, self.state.tp_group).clone()

@@ -32,6 +32,7 @@ from megamm.config import ParallelConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.convert.writer import CheckpointReader
+from megamm.data.loader import ResumePoint
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
 from megamm.pipeline.chunks import build_model_chunks
@@ -205,7 +206,7 @@ def _checkpointer(trainer: Trainer, save: Path | None = None, optimizer: bool = 
 
 def _trained(config: RunConfig, state: ParallelState) -> Trainer:
     trainer = _trainer(config, state)
-    train_step(trainer, SyntheticData(trainer.config, state).microbatches(0), 0)
+    train_step(trainer, SyntheticData(trainer.config, state, ResumePoint()).microbatches(0), 0)
     return trainer
 
 
@@ -325,7 +326,7 @@ def _own_state_job(directory: str) -> dict:
         saver.wait()
     resumed = _trainer(config, state, init_seed=5)
     progress = _checkpointer(resumed).load(Path(directory) / "async-True")
-    train_step(resumed, SyntheticData(resumed.config, state).microbatches(1), 1)
+    train_step(resumed, SyntheticData(resumed.config, state, ResumePoint()).microbatches(1), 1)
     model = _fresh_model(trainer, state)
     load_model_weights(model, Path(directory) / "async-False", state)
     expected = _weights(trainer.chunks)

@@ -33,6 +33,7 @@ from megamm.config import ParallelConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.convert.writer import CheckpointReader, LazyTensor, write_checkpoint
+from megamm.data.loader import ResumePoint
 from megamm.parallel.state import ParallelState
 from megamm.pipeline.chunks import build_model_chunks
 from megamm.training.data import SyntheticData
@@ -70,7 +71,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, t
     """A full training checkpoint (model, optimizer, progress, generators) and the weights it holds."""
     save = tmp_path_factory.mktemp("trained") / "ckpt"
     trainer = _trainer()
-    train_step(trainer, SyntheticData(trainer.config, trainer.state).microbatches(0), 0)
+    train_step(trainer, SyntheticData(trainer.config, trainer.state, ResumePoint()).microbatches(0), 0)
     _checkpointer(trainer, save).save(1, 1)
     return format.iteration_dir(save, 1), _weights(trainer)
 

@@ -189,8 +189,9 @@ def test_log_line_mfu_and_throughput_by_hand(monkeypatch: pytest.MonkeyPatch) ->
     lines: list[str] = []
     scalars: dict[str, float] = {}
     reporter = SimpleNamespace(line=lines.append, scalars=lambda _iteration, values: scalars.update(values))
-    train_module._log(reporter, trainer, 2, stats, 0, 1e-3)
+    train_module._log(reporter, trainer, 2, 16, stats, 0, 1e-3)
     (line,) = lines
+    assert "consumed samples:         16 |" in line, line
     assert "tokens/s: 128 |" in line and "MFU: 33.4% |" in line, line
     assert "lm loss: 4.500000E+00" in line and "elapsed time per iteration (ms): 1500.0" in line, line
     assert scalars["tokens-per-second"] == pytest.approx(128.0, rel=1e-12)

@@ -21,6 +21,7 @@ from torch import nn
 from megamm.config import ParallelConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
+from megamm.data.loader import ResumePoint
 from megamm.models.llava import LlavaModel
 from megamm.optim.grad_buffer import GradBuffer
 from megamm.parallel.state import ParallelState, initialize_parallel_state
@@ -150,7 +151,7 @@ def _pipeline_job() -> list[list[bool]]:
     config = resolve(run, state.world_size)
     chunks = build_model_chunks(config, state)
     trainer = build_trainer(config, state, chunks)
-    microbatches = SyntheticData(config, state).microbatches(0)
+    microbatches = SyntheticData(config, state, ResumePoint()).microbatches(0)
     recorders = [RecordingBuffer(_decoder_parameter(chunk)) for chunk in chunks]
     # Any positive token count: only which backward runs inside no_sync() matters here.
     trainer.forward_backward(chunks, microbatches, 1.0, recorders)

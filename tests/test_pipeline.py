@@ -17,6 +17,7 @@ from megamm.config import ParallelConfig
 from megamm.config.layout import layout_problems, schedule_problems, stage_layers
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
+from megamm.data.loader import ResumePoint
 from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
@@ -48,13 +49,13 @@ def _train(run: RunConfig, state: ParallelState) -> dict:
     state.seed(t.seed)
     chunks = build_model_chunks(config, state)
     trainer = build_trainer(config, state, chunks)
-    data = SyntheticData(config, state)
+    data = SyntheticData(config, state, ResumePoint())
     losses, norms = [], []
     for iteration in range(t.train_iters):
         result = train_step(trainer, data.microbatches(iteration), iteration)
         losses.append(result.loss)
         norms.append(result.grad_norm)
-    eval_loss = evaluate(trainer, [data.batches_at(data.train, 100 + i) for i in range(2)])
+    eval_loss = evaluate(trainer, [data.batches_at(data.train, (100 + i) * config.training.global_batch_size) for i in range(2)])
     final = {
         name: gather_master(p.detach(), param_specs(chunk)[name].layout, state.tp_group)
         for chunk in chunks for name, p in chunk.named_parameters()

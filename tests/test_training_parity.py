@@ -55,7 +55,8 @@ def _train(run: RunConfig, state: ParallelState, sequence_parallel: bool = False
     data = SyntheticMultimodalDataset(model.config, t.seq_length, t.seed, t.images_per_sample)
     losses, norms = [], []
     for iteration in range(t.train_iters):
-        indices = microbatch_indices(iteration, t.global_batch_size, t.micro_batch_size, state.dp_rank, state.dp_size)
+        indices = microbatch_indices(iteration * t.global_batch_size, t.global_batch_size, t.micro_batch_size,
+                                     state.dp_rank, state.dp_size)
         result = train_step(trainer, [collate([data[i] for i in chunk]) for chunk in indices], iteration)
         assert result.applied
         losses.append(result.loss)

@@ -107,6 +107,11 @@ class TrainingConfig:
     finetune: bool = _opt(False, "load only the model weights and start at iteration 0")
     verify_checkpoint: bool = _opt(True, "check the files a load reads against the checkpoint's checksums "
                                          "(--no-verify-checkpoint: skip, e.g. for a checkpoint without them)")
+    # Stopping early (a checkpoint is saved, the exit status is 4: rerun the same command to continue).
+    exit_interval: int | None = _opt(None, "stop after an iteration that is a multiple of this")
+    exit_duration_in_mins: float | None = _opt(
+        None, "stop after the step during which the run's wall time passed this many minutes"
+    )
     # Evaluation and logging.
     eval_interval: int = _opt(0, "evaluate every this many steps (0: only at the end if --eval-iters)")
     eval_iters: int = _opt(0, "global batches per evaluation (0 disables evaluation)")
@@ -180,6 +185,10 @@ class RunConfig:
             if t.keep_last_checkpoints is not None and t.keep_last_checkpoints < 1 else [],
             lambda: ["--finetune needs --load"] if t.finetune and not t.load else [],
             lambda: ["--no-verify-checkpoint needs --load"] if not t.verify_checkpoint and not t.load else [],
+            lambda: ["--exit-interval needs --save (the checkpoint to continue from) and a value >= 1"]
+            if t.exit_interval is not None and (t.exit_interval < 1 or not t.save) else [],
+            lambda: ["--exit-duration-in-mins needs --save (the checkpoint to continue from) and a value > 0"]
+            if t.exit_duration_in_mins is not None and (not t.exit_duration_in_mins > 0 or not t.save) else [],
             lambda: [f"--distributed-timeout-minutes must be > 0 (fractions allowed), got {timeout}"]
             if not (timeout := self.parallel.distributed_timeout_minutes) > 0 else [],
             lambda: [f"--straggler-threshold is a ratio of step times, must be >= 1, got {threshold}"]

@@ -1,12 +1,14 @@
 """The training data loader: deterministic, sharded over data-parallel ranks, resumable, with workers.
 
 Positions, not iterators. Global sample position p (0, 1, 2, ...) is read from record
-`order(p)`: epoch e = p // N uses a permutation of the N records seeded by (seed, e). Iteration k
-trains on positions [k * G, (k + 1) * G) (G = global batch size) and data-parallel rank r of D takes
-the contiguous slice [k * G + r * G / D, k * G + (r + 1) * G / D). So what any rank reads at any step
-is a pure function of (seed, iteration, rank), nothing is carried from step to step, and a run resumed
-from a checkpoint at iteration k (`train/consumed_samples` = k * G) reads exactly what the
-uninterrupted run would have. Within an epoch no record is read twice across all ranks.
+`order(p)`: epoch e = p // N uses a permutation of the N records seeded by (seed, e). A global batch
+trains on the next G positions (G = global batch size) after the samples consumed so far, [c, c + G),
+and data-parallel rank r of D takes the contiguous slice [c + r * G / D, c + (r + 1) * G / D). A run
+that started at iteration 0 has consumed c = k * G before iteration k; a run resumed from a
+checkpoint continues from its `train/consumed_samples` (`ResumePoint`), so it reads exactly what
+the uninterrupted run would have, also when it resumes with another global batch size. So what any
+rank reads at any step is a pure function of (seed, consumed samples, rank), nothing is carried
+from step to step. Within an epoch no record is read twice across all ranks.
 
 Bad samples. A position whose record is bad (`BadSample`) is filled by a replacement drawn from a
 generator seeded by (seed, position, attempt), again a pure function of the position, so every pipeline
@@ -101,27 +103,45 @@ class PositionDataset(Dataset):
         )
 
 
-class _Positions(Sampler[int]):
-    """This rank's positions for iterations [start, stop), in order."""
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run starts: its first iteration and the samples consumed before it (the checkpoint's
+    `train/iteration` and `train/consumed_samples`; both 0 for a fresh run)."""
 
-    def __init__(self, start: int, stop: int, global_batch: int, dp_rank: int, dp_size: int) -> None:
-        self.start, self.stop = start, stop
+    iteration: int = 0
+    consumed_samples: int = 0
+
+    def first_position(self, iteration: int, global_batch: int) -> int:
+        """The global position of the first sample of `iteration` (>= self.iteration): every
+        iteration since the resume consumed `global_batch` samples."""
+        return self.consumed_samples + (iteration - self.iteration) * global_batch
+
+
+class _Positions(Sampler[int]):
+    """This rank's positions for iterations [resume.iteration, stop), in order."""
+
+    def __init__(self, resume: ResumePoint, stop: int, global_batch: int, dp_rank: int, dp_size: int) -> None:
+        self.resume, self.stop = resume, stop
         self.global_batch = global_batch
         self.per_rank = global_batch // dp_size
         self.offset = dp_rank * self.per_rank
 
     def __iter__(self) -> Iterator[int]:
-        for iteration in range(self.start, self.stop):
-            base = iteration * self.global_batch + self.offset
+        for iteration in range(self.resume.iteration, self.stop):
+            base = self.resume.first_position(iteration, self.global_batch) + self.offset
             yield from range(base, base + self.per_rank)
 
     def __len__(self) -> int:
-        return (self.stop - self.start) * self.per_rank
+        return (self.stop - self.resume.iteration) * self.per_rank
 
 
-def rank_positions(iteration: int, global_batch: int, dp_rank: int, dp_size: int) -> list[int]:
-    """The global positions data-parallel rank `dp_rank` trains on at `iteration`."""
-    return list(_Positions(iteration, iteration + 1, global_batch, dp_rank, dp_size))
+def rank_positions(iteration: int, global_batch: int, dp_rank: int, dp_size: int,
+                   resume: ResumePoint | None = None) -> list[int]:
+    """The global positions data-parallel rank `dp_rank` trains on at `iteration` of a run that
+    started at `resume` (default: a fresh run)."""
+    resume = resume or ResumePoint()
+    here = ResumePoint(iteration, resume.first_position(iteration, global_batch))
+    return list(_Positions(here, iteration + 1, global_batch, dp_rank, dp_size))
 
 
 @dataclass
@@ -151,7 +171,8 @@ class LoaderStats:
 
 
 class RankLoader:
-    """Iterates this rank's samples, one list of G / D samples per iteration, from `start_iteration`.
+    """Iterates this rank's samples, one list of G / D samples per iteration, from `start`
+    (an iteration: a run that started at 0 with this G; or a `ResumePoint`) to `stop_iteration`.
 
     `num_workers` > 0 reads ahead in worker processes (about two iterations' worth).
     """
@@ -162,7 +183,7 @@ class RankLoader:
         global_batch: int,
         dp_rank: int,
         dp_size: int,
-        start_iteration: int,
+        start: int | ResumePoint,
         stop_iteration: int,
         num_workers: int = 0,
         max_bad_fraction: float = 0.5,
@@ -176,8 +197,9 @@ class RankLoader:
         self.min_records_for_check = min_records_for_check
         self.log = log if log is not None else _LOGGER.warning
         self.stats = LoaderStats()
-        self.iteration = start_iteration
-        sampler = _Positions(start_iteration, stop_iteration, global_batch, dp_rank, dp_size)
+        resume = start if isinstance(start, ResumePoint) else ResumePoint(start, start * global_batch)
+        self.iteration = resume.iteration
+        sampler = _Positions(resume, stop_iteration, global_batch, dp_rank, dp_size)
         extra = {}
         if num_workers > 0:
             extra = {

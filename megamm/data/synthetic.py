@@ -84,14 +84,15 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | 
 
 
 def microbatch_indices(
-    iteration: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
+    first_position: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
 ) -> list[list[int]]:
-    """Sample indices of this dp rank's microbatches for one iteration.
+    """Sample indices of this dp rank's microbatches for the global batch that starts at sample
+    `first_position` (the samples consumed before it, `megamm.data.loader.ResumePoint`).
 
-    Iteration k consumes samples `[k * G, (k + 1) * G)` whatever dp and accumulation are, and each
-    dp rank takes a contiguous 1/dp of them, so a run can resume from its iteration alone and
+    A global batch consumes samples `[first, first + G)` whatever dp and accumulation are, and each
+    dp rank takes a contiguous 1/dp of them, so a run can resume from its consumed samples alone and
     changing dp or accumulation does not change what one step trains on.
     """
     per_rank = global_batch // dp_size
-    start = iteration * global_batch + dp_rank * per_rank
+    start = first_position + dp_rank * per_rank
     return [list(range(start + m, start + m + micro_batch)) for m in range(0, per_rank, micro_batch)]

@@ -211,10 +211,15 @@ def initialize_parallel_state(
                 "RANK and WORLD_SIZE are not set: launch with torchrun (for one process: "
                 "`torchrun --nproc-per-node 1 ...`)"
             )
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun --max-restarts gives a restarted group the store of the first attempt, whose keys
+        # (each rank's gloo address) are stale: every attempt gets a namespace of its own.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend=default_backend(device),
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
+            store=dist.PrefixStore(f"megamm-attempt-{attempt}/", store),
+            rank=rank,
+            world_size=world_size,
             timeout=timeout,
         )
     return ParallelState.from_groups(

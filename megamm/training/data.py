@@ -19,7 +19,7 @@ from megamm.config.resolved import ResolvedConfig
 from megamm.data.batching import Batch, packed_microbatches, padded_microbatches
 from megamm.data.datasets import build_source
 from megamm.data.images import image_normalization
-from megamm.data.loader import BAD_KINDS, PositionDataset, RankLoader
+from megamm.data.loader import BAD_KINDS, PositionDataset, RankLoader, ResumePoint
 from megamm.data.samples import ImageSettings, Sample, SampleBuilder
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
 from megamm.data.tokenizer import check_tokenizer, load_tokenizer
@@ -42,28 +42,32 @@ def _select(batches: list[Batch], keys: tuple[str, ...]) -> list[Batch]:
 
 
 class SyntheticData:
-    """--mock-data: sample i of the synthetic set is global position i."""
+    """--mock-data: sample i of the synthetic set is global position i; a run resumed at `resume`
+    continues from its consumed samples."""
 
-    def __init__(self, config: ResolvedConfig, state: ParallelState) -> None:
+    def __init__(self, config: ResolvedConfig, state: ParallelState, resume: ResumePoint) -> None:
         t, model_config = config.training, config.model
-        self.config, self.state = config, state
+        self.config, self.state, self.resume = config, state, resume
         self.train = SyntheticMultimodalDataset(model_config, t.seq_length, t.seed, t.images_per_sample)
         self.eval = SyntheticMultimodalDataset(model_config, t.seq_length, t.seed + EVAL_SEED_OFFSET, t.images_per_sample)
         self.keys = stage_keys(state, packed=False)
 
-    def batches_at(self, dataset: SyntheticMultimodalDataset, iteration: int) -> list[Batch]:
-        """This rank's microbatches of global batch `iteration` of `dataset` (the train or eval set)."""
+    def batches_at(self, dataset: SyntheticMultimodalDataset, first_position: int) -> list[Batch]:
+        """This rank's microbatches of the global batch of `dataset` (the train or eval set) that
+        starts at sample `first_position`."""
         t, state = self.config.training, self.state
-        indices = microbatch_indices(iteration, t.global_batch_size, t.micro_batch_size, state.dp_rank, state.dp_size)
+        indices = microbatch_indices(first_position, t.global_batch_size, t.micro_batch_size,
+                                     state.dp_rank, state.dp_size)
         if not self.keys:
             return [{} for _ in indices]
         return _select([collate([dataset[i] for i in chunk]) for chunk in indices], self.keys)
 
     def microbatches(self, iteration: int) -> list[Batch]:
-        return self.batches_at(self.train, iteration)
+        return self.batches_at(self.train, self.resume.first_position(iteration, self.config.training.global_batch_size))
 
     def eval_batches(self) -> list[list[Batch]]:
-        return [self.batches_at(self.eval, i) for i in range(self.config.training.eval_iters)]
+        t = self.config.training
+        return [self.batches_at(self.eval, i * t.global_batch_size) for i in range(t.eval_iters)]
 
     def counts(self) -> dict[str, int]:
         return {}
@@ -90,13 +94,13 @@ def build_sample_builder(config: ResolvedConfig) -> SampleBuilder:
 
 
 class FileData:
-    """--data-path: dataset files, read by worker processes from the resume iteration on."""
+    """--data-path: dataset files, read by worker processes from the resume point on."""
 
     def __init__(
         self,
         config: ResolvedConfig,
         state: ParallelState,
-        start_iteration: int,
+        resume: ResumePoint,
         microbatch_multiple: int = 1,
         log: Callable[[str], None] = print,
     ) -> None:
@@ -110,13 +114,13 @@ class FileData:
         total = t.train_iters * t.global_batch_size
         source, self.parts = build_source(t.data_path, t.image_folder, t.seed, total)
         self.train = PositionDataset(source, self.builder, t.seed)
-        self.loader = self._loader(self.train, start_iteration, t.train_iters) if self.keys else None
+        self.loader = self._loader(self.train, resume, t.train_iters) if self.keys else None
         self.valid = None
         if t.valid_data_path:
             valid_source, _ = build_source(t.valid_data_path, t.image_folder, t.seed, t.eval_iters * t.global_batch_size)
             self.valid = PositionDataset(valid_source, self.builder, t.seed)
 
-    def _loader(self, dataset: PositionDataset, start: int, stop: int) -> RankLoader:
+    def _loader(self, dataset: PositionDataset, start: ResumePoint, stop: int) -> RankLoader:
         t, state = self.config.training, self.state
         return RankLoader(
             dataset, t.global_batch_size, state.dp_rank, state.dp_size, start, stop, t.num_workers,
@@ -148,7 +152,7 @@ class FileData:
         iters = self.config.training.eval_iters
         if self.valid is None or not self.keys:
             return [self._empty() for _ in range(iters)]
-        loader = self._loader(self.valid, 0, iters)
+        loader = self._loader(self.valid, ResumePoint(), iters)
         return [self._to_microbatches(samples) for samples in loader]
 
     def counts(self) -> dict[str, int]:
@@ -165,12 +169,13 @@ class FileData:
 
 
 def build_training_data(
-    config: ResolvedConfig, state: ParallelState, start_iteration: int,
+    config: ResolvedConfig, state: ParallelState, resume: ResumePoint,
     microbatch_multiple: int = 1, log: Callable[[str], None] = print,
 ) -> SyntheticData | FileData:
+    """The training data of a run that starts at `resume` (its iteration and consumed samples)."""
     if config.training.mock_data:
-        return SyntheticData(config, state)
-    return FileData(config, state, start_iteration, microbatch_multiple, log)
+        return SyntheticData(config, state, resume)
+    return FileData(config, state, resume, microbatch_multiple, log)
 
 
 def rows_in(microbatches: list[Batch]) -> int:

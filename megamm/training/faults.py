@@ -7,7 +7,12 @@ KIND is one of
 - `stall`: global rank R sleeps forever when it enters a phase whose label contains TEXT (a peer
   that hangs inside a step);
 - `slow`: rank R sleeps S seconds each time it enters a matching phase (a straggler);
-- `exit`: rank R exits at once with status 1 when it enters a matching phase (a peer that dies).
+- `exit`: rank R exits at once with status 1 when it enters a matching phase (a peer that dies);
+- `kill`: rank R sends itself SIGKILL when it enters a matching phase (a process the kernel or
+  the scheduler ends: no Python cleanup, no exit status of its own).
+
+A fault strikes only on torchrun's first attempt (TORCHELASTIC_RESTART_COUNT unset or 0), so a group
+that `torchrun --max-restarts` restarts runs clean and can show that it resumes.
 
 `iteration` restricts the fault to that step (1-based, as in the log lines; default every step);
 `phase` defaults to "data loading", the first phase of every step. Phase labels are listed by
@@ -21,13 +26,15 @@ no hook is registered.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 
 from megamm.parallel.phase import Phase, PhaseRecord
 
 VARIABLE = "MEGAMM_FAULT_INJECT"
-KINDS = ("stall", "slow", "exit")
+KINDS = ("stall", "slow", "exit", "kill")
+RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class Fault:
                 time.sleep(3600)
         elif self.kind == "slow":
             time.sleep(self.seconds)
+        elif self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         else:
             os._exit(1)
 
@@ -86,12 +95,13 @@ def parse_fault(text: str) -> Fault:
 
 
 def install_from_environment(record: PhaseRecord, rank: int) -> Fault | None:
-    """Register the fault MEGAMM_FAULT_INJECT describes on `record` if it targets `rank`."""
+    """Register the fault MEGAMM_FAULT_INJECT describes on `record` if it targets `rank` and this is
+    torchrun's first attempt."""
     text = os.environ.get(VARIABLE)
     if not text:
         return None
     fault = parse_fault(text)
-    if fault.rank != rank:
+    if fault.rank != rank or int(os.environ.get(RESTART_COUNT, "0")) > 0:
         return fault
 
     def hook(phase: Phase) -> None:

@@ -13,7 +13,9 @@ not notify it.
 A rank that raises (gloo reports a peer that died as a connection error inside the collective)
 also gets one line naming the phase it failed in, and its file keeps that line and the traceback. A rank that is still blocked when torchrun tears
 the job down is ended with SIGTERM; faulthandler is registered for SIGTERM too, so that rank's stacks
-land in the same file (stderr without a dump directory) before it terminates.
+land in the same file (stderr without a dump directory) before it terminates. It chains to the
+handler installed before it: in megamm.train that is the preemption stop request
+(megamm.training.preemption), so a first SIGTERM dumps the stacks and asks for a graceful stop.
 """
 
 from __future__ import annotations
