@@ -2,7 +2,7 @@
 
     MEGAMM_CHECKPOINT_FAULT=POINT:iteration:2 python -m tests.crash_during_save SAVE_DIR [--async-save]
 
-Run by tests/test_checkpoint_integrity.py with a crash point of megamm.checkpoint.faults: the
+Run by tests/checkpoint/test_integrity.py with a crash point of megamm.checkpoint.faults: the
 process exits with status 1 inside the second save (in the background thread with --async-save,
 while the main thread trains), and iteration 1 must stay complete and named by `latest`.
 """

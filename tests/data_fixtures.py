@@ -12,7 +12,7 @@ from PIL import Image
 
 from megamm.config import LlavaConfig
 from megamm.data.tokenizer import load_tokenizer
-from tests.test_tokenizer import train_tokenizer
+from tests.data.test_tokenizer import train_tokenizer
 from tests.tiny import llava_config
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}

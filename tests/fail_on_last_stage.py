@@ -1,6 +1,6 @@
 """`megamm.train` with a fault injected on the last pipeline stage's third backward.
 
-Run under torchrun by tests/test_pipeline_failure.py to show that a rank that raises ends the
+Run under torchrun by tests/pipeline/test_p2p.py to show that a rank that raises ends the
 whole job with its error, instead of leaving its peers blocked until the collective timeout.
 """
 

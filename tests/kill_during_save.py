@@ -1,6 +1,6 @@
 """`megamm.train` whose rank 1 is SIGKILLed while it writes its shard of the second checkpoint.
 
-Run under torchrun by tests/test_checkpoint_fault.py: the first checkpoint must stay complete,
+Run under torchrun by tests/checkpoint/test_crash_during_save.py: the first checkpoint must stay complete,
 loadable and named by `latest`.
 """
 

@@ -1,6 +1,6 @@
 """Attention with the scores materialized (the `attention_backend="unfused"` path): q k^T, the
 scaled masked softmax op, dropout, then v. It computes what F.scaled_dot_product_attention computes
-(tests/test_kernels_reference.py checks the two against each other) and exists to use and debug the
+(tests/kernels/test_reference.py checks the two against each other) and exists to use and debug the
 softmax kernel and to compare against the flash path."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 and what runs wherever a kernel is not used (CPU, unsupported dtypes or shapes, kernels not enabled).
 
 These are the model's original formulas, unchanged, so routing the model through `megamm.kernels`
-changes nothing on the CPU (tests/test_kernels_reference.py compares them bit for bit with the
+changes nothing on the CPU (tests/kernels/test_reference.py compares them bit for bit with the
 previous code). Where the reference rounds an intermediate to the input dtype (RMSNorm's normalized
 row, SwiGLU's silu, quick-GELU's sigmoid) the kernels round at the same place.
 """
