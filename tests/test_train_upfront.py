@@ -8,13 +8,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from megamm.checkpoint import format
 from megamm.config.parsing import parse_run_config, run_config_to_dict
+from megamm.config.run import TrainingConfig
 from megamm.data.tokenizer import load_tokenizer
+from megamm.training.preflight import _checkpoint_problems
 from tests.data_fixtures import DatasetFiles, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +143,21 @@ def test_resuming_with_nothing_left_to_train_is_a_problem_not_nan(tmp_path: Path
     # --finetune starts at iteration 0: the same checkpoint and --train-iters are fine then.
     finetune = _train(*flags, "--finetune", "--set", "training.lr=abc")
     assert _problems(finetune) == ["config.training.lr: expected float, got 'abc'"]
+
+
+def test_a_blended_dataset_resumes_only_at_its_global_batch_size(tmp_path: Path) -> None:
+    """A blend's sample order depends on --global-batch-size: another one on resume is refused, the
+    same one (or a single dataset, which follows consumed samples) is accepted."""
+    directory = _checkpoint_at(tmp_path / "ckpt", 4)
+    saved = format.read_description(directory)["config"]["training"]["global_batch_size"]
+    blend = ["0.5", "a.json", "0.5", "b.json"]
+    run = TrainingConfig(load=str(tmp_path / "ckpt"), train_iters=10, data_path=blend, global_batch_size=2 * saved)
+    assert _checkpoint_problems(run) == [
+        (f"--global-batch-size {2 * saved}: checkpoint {directory} trained with {saved}, and a blended --data-path "
+         f"is sized --train-iters x --global-batch-size, so another batch size would change its sample order; "
+         f"resume with --global-batch-size {saved} (a single dataset or --mock-data can change it)")]
+    assert _checkpoint_problems(replace(run, global_batch_size=saved)) == []
+    assert _checkpoint_problems(replace(run, data_path=["a.json"])) == []
 
 
 def test_other_ranks_print_nothing_and_exit_2() -> None:

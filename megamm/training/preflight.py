@@ -76,6 +76,21 @@ def _checkpoint_iteration(path: Path) -> int | None:
     return iteration if isinstance(iteration, int) else None
 
 
+def _blend_problems(t: TrainingConfig, path: Path) -> list[str]:
+    """A blended --data-path (several parts) is sized --train-iters x --global-batch-size, and its
+    per-epoch order depends on that size, so a resume with another global batch size would read
+    other samples: refused. (A single dataset or --mock-data continues from the consumed samples.)"""
+    if not t.data_path or len(parse_data_path(t.data_path)) < 2:
+        return []
+    saved = (format.read_description(path).get("config") or {}).get("training", {}).get("global_batch_size")
+    if saved is None or saved == t.global_batch_size:
+        return []
+    return [(f"--global-batch-size {t.global_batch_size}: checkpoint {path} trained with {saved}, and a blended "
+             f"--data-path is sized --train-iters x --global-batch-size, so another batch size would change "
+             f"its sample order; resume with --global-batch-size {saved} (a single dataset or --mock-data can "
+             f"change it)")]
+
+
 def _checkpoint_problems(t: TrainingConfig) -> list[str]:
     """An explicit --load must name a checkpoint, and resuming from it must leave steps to train."""
     if not t.load:
@@ -100,4 +115,7 @@ def _checkpoint_problems(t: TrainingConfig) -> list[str]:
     if iteration >= t.train_iters:
         return [(f"nothing to train: checkpoint {path} is at iteration {iteration}, --train-iters {t.train_iters} "
                 "(--train-iters counts from the start of training; raise it, or pass --finetune to start at 0)")]
-    return []
+    try:
+        return _blend_problems(t, path)
+    except ValueError:
+        return []  # a malformed --data-path is reported by the data check
