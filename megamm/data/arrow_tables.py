@@ -36,11 +36,9 @@ from megamm.data.images import ImageError, resolve_image_path
 from megamm.data.sources import (
     BadSample,
     Record,
-    RecordKind,
     SourceError,
-    _caption_conversations,
-    _check_conversations,
     _Invalid,
+    _row_conversations,
     _sample_id,
 )
 
@@ -254,14 +252,9 @@ class ArrowTableSource:
 
     def _parse(self, values: dict[str, Any], path: str, row: int) -> Record:
         names, data = self._images(values.get(self.image_column) if self.image_column else None)
-        if self.schema == "conversations":
-            conversations = _check_conversations(self._turns(values["conversations"]), len(names))
-            kind: RecordKind = "conversation" if names else "text"
-        else:
-            if len(names) != 1:
-                raise _Invalid("schema", f"a caption row needs exactly one image, got {len(names)}")
-            conversations = _caption_conversations(values)
-            kind = "caption"
+        llava = self.schema == "conversations"
+        turns = self._turns(values["conversations"]) if llava else None
+        conversations, kind = _row_conversations(values, turns, len(names), llava)
         return Record(
             source=path,
             index=row,

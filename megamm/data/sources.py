@@ -149,6 +149,18 @@ def _caption_conversations(row: dict[str, Any]) -> list[dict[str, str]]:
     return [{"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": caption}]
 
 
+def _row_conversations(
+    row: dict[str, Any], conversations: Any, num_images: int, llava: bool
+) -> tuple[list[dict[str, str]], RecordKind]:
+    """A row's turns and kind: its checked LLaVA `conversations` when `llava`, else the caption row's two
+    turns (a caption row takes exactly one image). Shared by the formats whose rows may be either."""
+    if llava:
+        return _check_conversations(conversations, num_images), "conversation" if num_images else "text"
+    if num_images != 1:
+        raise _Invalid("schema", f"a caption row needs exactly one image, got {num_images}")
+    return _caption_conversations(row), "caption"
+
+
 def _sample_id(row: dict[str, Any], default: str) -> str:
     value = row.get("id")
     if value is None:

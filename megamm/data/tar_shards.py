@@ -19,11 +19,9 @@ from typing import Any
 from megamm.data.sources import (
     BadSample,
     Record,
-    RecordKind,
     SourceError,
-    _caption_conversations,
-    _check_conversations,
     _Invalid,
+    _row_conversations,
     _sample_id,
 )
 
@@ -104,14 +102,7 @@ def sample_record(
     """
     if not isinstance(row, dict):
         raise _Invalid("schema", f"{meta_name} holds a {type(row).__name__}, not an object")
-    if "conversations" in row:
-        conversations = _check_conversations(row["conversations"], len(images))
-        kind: RecordKind = "conversation" if images else "text"
-    else:
-        if len(images) != 1:
-            raise _Invalid("schema", f"a caption sample needs exactly one image, got {len(images)}")
-        conversations = _caption_conversations(row)
-        kind = "caption"
+    conversations, kind = _row_conversations(row, row.get("conversations"), len(images), "conversations" in row)
     return Record(
         source=source,
         index=index,
