@@ -185,7 +185,7 @@ def _tensors(save: Path) -> dict[str, torch.Tensor]:
     meta = dcp_io.saved_tensors(path)
     state = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in meta.items()
              if isinstance(m, TensorStorageMetadata)}
-    dcp_io.load(state, path, DefaultLoadPlanner(), None)
+    dcp_io.load(state, dcp_io.reader(path), DefaultLoadPlanner(), None)
     return state
 
 
