@@ -93,3 +93,30 @@ def model_for(tokenizer_path: Path, **overrides) -> LlavaConfig:
     config = llava_config(**overrides)
     language = replace(config.language, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id)
     return replace(config, language=language)
+
+
+# Qwen2-VL's special tokens, in its tokenizer's order (the vision markers and pads the qwen2_vl
+# template writes).
+QWEN_SPECIALS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def write_qwen_tokenizer(path: Path, corpus: list[str], specials: tuple[str, ...] = QWEN_SPECIALS) -> Path:
+    """A byte-level BPE `tokenizer.json` (Qwen's kind) trained on `corpus`, with `specials` as special
+    tokens; returns its path."""
+    import tokenizers
+
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=list(specials),
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus * 20, trainer)
+    backend.save(str(path))
+    return path

@@ -40,7 +40,7 @@ _LOGGER = logging.getLogger(__name__)
 MAX_REPLACEMENT_ATTEMPTS = 64
 # Every BadSample kind the readers and the sample builder raise; counts are kept for each (ranks add
 # them up in a fixed order).
-BAD_KINDS = ("json", "schema", "placeholders", "member", "image", "all_masked", "too_long")
+BAD_KINDS = ("json", "schema", "placeholders", "member", "image", "video", "all_masked", "too_long")
 # Stream ids that keep the epoch permutations and the replacement draws independent.
 _ORDER_STREAM, _REPLACEMENT_STREAM = 0, 1
 

@@ -11,6 +11,9 @@ the loader can skip and count it: an image that is missing, escapes the image fo
 corrupt or a decompression bomb ("image"); a conversation whose placeholders, roles or values are
 wrong ("schema"); a sample in which nothing would be trained ("all_masked", the silent loss-0 bug);
 a sample too long even without its text ("too_long").
+
+The native-resolution (Qwen2-VL) family builds its samples in `megamm.data.native_samples`, into the
+same `Sample` with its patches, grids and M-RoPE positions in `Sample.native`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from megamm.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -56,13 +60,49 @@ class ImageSettings:
 
 
 @dataclass
+class NativeVision:
+    """What a native-resolution (Qwen2-VL family) sample adds: grids, videos and M-RoPE positions.
+
+    image_grid_thw: `[n_images, 3]` int64 (t, h, w) patch grid of each image, in token order (the
+    image patches are `Sample.pixel_values`). pixel_values_videos: `[video patches, C * T * P * P]`
+    float32, the videos' patches concatenated in token order; video_grid_thw `[n_videos, 3]` int64;
+    second_per_grid: seconds one temporal patch of each video spans. video_spans: [start, end) of each
+    video's tokens. position_ids: `[3, len]` int64 M-RoPE positions of the sample alone (temporal,
+    height, width; `megamm.data.mrope`), computed once here in the loader's workers.
+    """
+
+    image_grid_thw: torch.Tensor
+    pixel_values_videos: torch.Tensor
+    video_grid_thw: torch.Tensor
+    second_per_grid: list[float]
+    video_spans: list[tuple[int, int]]
+    position_ids: torch.Tensor
+
+    @property
+    def num_videos(self) -> int:
+        return int(self.video_grid_thw.shape[0])
+
+    @property
+    def image_patches(self) -> list[int]:
+        """Patches (t * h * w) of each image."""
+        return [int(t * h * w) for t, h, w in self.image_grid_thw.tolist()]
+
+    @property
+    def video_patches(self) -> list[int]:
+        """Patches (t * h * w) of each video."""
+        return [int(t * h * w) for t, h, w in self.video_grid_thw.tolist()]
+
+
+@dataclass
 class Sample:
     """A tokenized sample with its images.
 
     input_ids / labels: equal-length lists (labels aligned with the ids, -100 where not trained; the
     model shifts them). pixel_values: `[n, 3, size, size]` float32, n = sum(tiles_per_image), in the
-    order the image tokens appear. grids: (cols, rows) of each image's tiles ((1, 1) untiled).
-    image_spans: [start, end) of each image's tokens, as the template placed them.
+    order the image tokens appear; for the native-resolution family the images' patches
+    `[patches, C * T * P * P]` (one tower input per image, `native` holds the grids). grids: (cols,
+    rows) of each image's tiles ((1, 1) untiled and for the native family). image_spans: [start, end)
+    of each image's tokens, as the template placed them.
     """
 
     source: str
@@ -76,14 +116,28 @@ class Sample:
     image_spans: list[tuple[int, int]]
     text: str
     truncated_from: int | None = None
+    native: NativeVision | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     @property
     def num_images(self) -> int:
-        """Vision-tower inputs (tiles included)."""
-        return int(self.pixel_values.shape[0])
+        """Vision-tower inputs from images (tiles included; videos not)."""
+        return sum(self.tiles_per_image)
+
+    @property
+    def num_videos(self) -> int:
+        return 0 if self.native is None else self.native.num_videos
+
+
+def load_record_image(record: Record, number: int, max_pixels: int | None) -> Image.Image:
+    """Image `number` of `record`, decoded from its bytes (tar, Parquet, Energon) or its resolved file;
+    ImageError naming it when it cannot be used."""
+    name = record.images[number]
+    if record.image_bytes is not None:
+        return load_image_bytes(record.image_bytes[number], f"{record.source}:{name}", max_pixels)
+    return load_image(name, os.path.dirname(name) or ".", max_pixels)
 
 
 class SampleBuilder:
@@ -113,11 +167,8 @@ class SampleBuilder:
     def _pixels(self, record: Record) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
         settings = self.images
         pixels, grids = [], []
-        for number, name in enumerate(record.images):
-            if record.image_bytes is not None:
-                img = load_image_bytes(record.image_bytes[number], f"{record.source}:{name}", settings.max_pixels)
-            else:
-                img = load_image(name, os.path.dirname(name) or ".", settings.max_pixels)
+        for number in range(len(record.images)):
+            img = load_record_image(record, number, settings.max_pixels)
             if settings.max_tiles == 1:
                 pixels.append(preprocess(img, settings.size, settings.mode, settings.normalization)[None])
                 grids.append((1, 1))
@@ -132,6 +183,10 @@ class SampleBuilder:
     def build(self, record: Record) -> Sample:
         """The sample for `record`, or BadSample naming it and what is wrong."""
         where = f"sample {record.index} (id {record.sample_id!r})"
+        if record.videos:
+            raise BadSample(record.source, where, "schema",
+                            f"it holds {len(record.videos)} video(s); only a native-resolution vision tower "
+                            "(the Qwen2-VL family) takes videos")
         try:
             pixels, grids = self._pixels(record)
         except ImageError as error:

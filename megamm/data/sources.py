@@ -10,7 +10,8 @@ Sources (all random access: `len(source)`, `source[i]`):
 
 * `LlavaJsonSource` - LLaVA's JSON list file, or JSONL with one row per line. Rows are
   `{"id", "image": str | [str] | "images": [str], "conversations": [{"from", "value"}, ...]}`; rows
-  without images are text-only.
+  without images are text-only. A row may also hold videos (`"video"` / `"videos"`, see
+  `_row_videos`), which the native-resolution (Qwen2-VL) family reads.
 * `CaptionSource` - image-caption pairs, `{"image": str, "caption" | "text": str}` per row, turned into a
   two-turn conversation (human "<image>", gpt caption).
 * `TarShardSource` (megamm.data.tar_shards) - webdataset-style uncompressed tar shards, `<key>.json`
@@ -21,7 +22,10 @@ Sources (all random access: `len(source)`, `source[i]`):
 Image placeholders. The number of "<image>" strings in a row's turns must equal its number of images,
 so every image has a place in the token sequence. LLaVA's own loader tolerates one exception, which we
 keep: a row with exactly one image and no placeholder gets "<image>\\n" prepended to its first human
-turn (LLaVA's pretraining captions and some instruction data are written that way).
+turn (LLaVA's pretraining captions and some instruction data are written that way). Videos likewise:
+the number of "<video>" strings must equal the number of videos, one video and no "<video>" gets one
+before the first human turn, and a row with one video, no image and one "<image>" but no "<video>"
+(LLaVA-Video's rows) reads that placeholder as the video.
 """
 
 from __future__ import annotations
@@ -38,9 +42,13 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from megamm.data.images import ImageError, resolve_image_path
+from megamm.data.qwen_template import VIDEO_PLACEHOLDER
 
 RecordKind = Literal["conversation", "caption", "text"]
 IMAGE_PLACEHOLDER = "<image>"
+# The rate a video given as frame files was extracted at when its row does not say (qwen-vl-utils'
+# assumption for frame lists).
+DEFAULT_FRAME_RATE = 2.0
 # Image member extensions a tar shard sample may use (lower-cased before matching).
 _LOGGER = logging.getLogger(__name__)
 
@@ -70,6 +78,8 @@ class Record:
 
     `images` holds resolved absolute paths for file sources and tar member names for shards; in the
     latter case `image_bytes` holds the encoded image files in the same order (None otherwise).
+    `videos` (JSON rows only) holds one entry per "<video>" in order: a resolved video file path, or
+    the resolved paths of its frame files, extracted at `frame_rate` frames per second.
     """
 
     source: str
@@ -79,6 +89,8 @@ class Record:
     images: list[str]
     image_bytes: list[bytes] | None = None
     kind: RecordKind = "conversation"
+    videos: list[str | list[str]] = field(default_factory=list)
+    frame_rate: float = DEFAULT_FRAME_RATE
 
 
 class RecordSource(Protocol):
@@ -114,8 +126,34 @@ def _row_image_names(row: dict[str, Any]) -> list[str]:
     return names
 
 
-def _check_conversations(conversations: Any, num_images: int) -> list[dict[str, str]]:
-    """Validate LLaVA turns and the placeholder count; return a copy (with the implicit placeholder)."""
+def _row_videos(row: dict[str, Any]) -> tuple[list[str | list[str]], float]:
+    """The video references of a row and the rate its frame lists were extracted at.
+
+    "video" is one video, "videos" a list of them (both at once is refused); a video is a video file
+    path (a string) or its frames (a non-empty list of image paths, in order). "frame_rate" (frames per
+    second of the frame lists, default DEFAULT_FRAME_RATE) must be positive.
+    """
+    if "video" in row and "videos" in row:
+        raise _Invalid("schema", "row has both 'video' and 'videos'")
+    if "video" in row:
+        videos = [row["video"]]
+    else:
+        videos = row.get("videos", [])
+        if not isinstance(videos, list):
+            raise _Invalid("schema", f"'videos' must be a list of videos, got {videos!r}")
+    for number, video in enumerate(videos):
+        frames = isinstance(video, list) and video and all(isinstance(f, str) and f for f in video)
+        if not (isinstance(video, str) and video) and not frames:
+            raise _Invalid("schema", f"video {number} must be a video file path or a non-empty list of frame "
+                                     f"paths, got {video!r}")
+    rate = row.get("frame_rate", DEFAULT_FRAME_RATE)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+        raise _Invalid("schema", f"'frame_rate' must be a positive number of frames per second, got {rate!r}")
+    return videos, float(rate)
+
+
+def _check_conversations(conversations: Any, num_images: int, num_videos: int = 0) -> list[dict[str, str]]:
+    """Validate LLaVA turns and the placeholder counts; return a copy (with the implicit placeholders)."""
     if not isinstance(conversations, list) or not conversations:
         raise _Invalid("schema", "'conversations' must be a non-empty list")
     turns: list[dict[str, str]] = []
@@ -133,9 +171,25 @@ def _check_conversations(conversations: Any, num_images: int) -> list[dict[str, 
             raise _Invalid("placeholders", "one image and no '<image>' placeholder, and no human turn")
         human["value"] = f"{IMAGE_PLACEHOLDER}\n{human['value']}"
         placeholders = 1
+    videos = sum(turn["value"].count(VIDEO_PLACEHOLDER) for turn in turns)
+    if num_videos == 1 and videos == 0 and num_images == 0 and placeholders == 1:
+        # LLaVA-Video's rows mark their one video with "<image>".
+        for turn in turns:
+            turn["value"] = turn["value"].replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
+        placeholders, videos = 0, 1
+    elif num_videos == 1 and videos == 0:
+        human = next((turn for turn in turns if turn["from"] == "human"), None)
+        if human is None:
+            raise _Invalid("placeholders", "one video and no '<video>' placeholder, and no human turn")
+        human["value"] = f"{VIDEO_PLACEHOLDER}\n{human['value']}"
+        videos = 1
     if placeholders != num_images:
         raise _Invalid(
             "placeholders", f"{placeholders} '<image>' placeholder(s) in the turns but {num_images} image(s)"
+        )
+    if videos != num_videos:
+        raise _Invalid(
+            "placeholders", f"{videos} '<video>' placeholder(s) in the turns but {num_videos} video(s)"
         )
     return turns
 
@@ -153,7 +207,10 @@ def _row_conversations(
     row: dict[str, Any], conversations: Any, num_images: int, llava: bool
 ) -> tuple[list[dict[str, str]], RecordKind]:
     """A row's turns and kind: its checked LLaVA `conversations` when `llava`, else the caption row's two
-    turns (a caption row takes exactly one image). Shared by the formats whose rows may be either."""
+    turns (a caption row takes exactly one image). Shared by the formats whose rows may be either,
+    none of which carries videos (those are JSON rows' files)."""
+    if "video" in row or "videos" in row:
+        raise _Invalid("schema", "videos are read from JSON / JSONL rows only (files under --image-folder)")
     if llava:
         return _check_conversations(conversations, num_images), "conversation" if num_images else "text"
     if num_images != 1:
@@ -242,16 +299,23 @@ class _JsonRowsFile:
             raise self._bad(index, "schema", f"row is a {type(row).__name__}, not an object")
         return row
 
-    def _resolve(self, names: list[str]) -> list[str]:
+    def _resolve(self, names: list[str], what: str = "images") -> list[str]:
         if not names:
             return []
         root = self.image_root
         if root is None:
-            raise _Invalid("image", "row has images but the source has no image_root")
+            raise _Invalid("image", f"row has {what} but the source has no image_root")
         try:
             return [os.fspath(resolve_image_path(name, root)) for name in names]
         except ImageError as e:
             raise _Invalid("image", str(e)) from e
+
+    def _resolve_videos(self, videos: list[str | list[str]]) -> list[str | list[str]]:
+        """Video files and frame files resolved under the image root, as images are."""
+        return [
+            self._resolve([video], "videos")[0] if isinstance(video, str) else self._resolve(video, "videos")
+            for video in videos
+        ]
 
     def _parse(self, row: dict[str, Any], index: int) -> Record:
         raise NotImplementedError
@@ -274,14 +338,17 @@ class LlavaJsonSource(_JsonRowsFile):
 
     def _parse(self, row: dict[str, Any], index: int) -> Record:
         names = _row_image_names(row)
-        conversations = _check_conversations(row.get("conversations"), len(names))
+        videos, frame_rate = _row_videos(row)
+        conversations = _check_conversations(row.get("conversations"), len(names), len(videos))
         return Record(
             source=self.name,
             index=index,
             sample_id=_sample_id(row, f"{self.path.name}:{index}"),
             conversations=conversations,
             images=self._resolve(names),
-            kind="conversation" if names else "text",
+            kind="conversation" if names or videos else "text",
+            videos=self._resolve_videos(videos),
+            frame_rate=frame_rate,
         )
 
 

@@ -15,7 +15,7 @@ frames, `sampled_rate`) is what Qwen2.5-VL's M-RoPE uses to space the temporal p
 Frames are resized as `native_resolution` resizes images (Pillow bicubic, one size for the whole
 video from the first frame's). transformers' video processor resizes with torchvision instead, which
 can differ by a few 8-bit levels per pixel; the grid and the patch layout are the same.
-These are building blocks for the Qwen2-VL family; the training data path does not call them yet.
+`megamm.data.native_samples` calls them for the videos of a training sample.
 """
 
 from __future__ import annotations
@@ -149,12 +149,17 @@ def _decode_video(path: Path) -> tuple[list[Image.Image], float]:
         ) from error
     if not path.is_file():
         raise FileNotFoundError(f"video file not found: {path}")
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        if stream.average_rate is None:
-            raise ValueError(f"video {path}: the stream has no frame rate")
-        frame_rate = float(stream.average_rate)
-        frames = [frame.to_image().convert("RGB") for frame in container.decode(stream)]
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"video {path}: the file has no video stream")
+            stream = container.streams.video[0]
+            if stream.average_rate is None:
+                raise ValueError(f"video {path}: the stream has no frame rate")
+            frame_rate = float(stream.average_rate)
+            frames = [frame.to_image().convert("RGB") for frame in container.decode(stream)]
+    except av.error.FFmpegError as error:  # a corrupt or truncated file: a bad sample, not a crash
+        raise ValueError(f"video {path} cannot be decoded: {error}") from error
     return frames, frame_rate
 
 

@@ -18,6 +18,7 @@ from megamm.config.constants import IGNORE_INDEX
 from megamm.data.qwen_template import QwenTokenized, render_qwen2_vl
 from megamm.data.templates import AllLabelsMaskedError, render, render_prompt
 from megamm.data.tokenizer import Tokenizer, load_tokenizer
+from tests.data_fixtures import write_qwen_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
@@ -41,15 +42,6 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
 CORPUS = [
     "You are a helpful assistant.",
     "Describe both pictures. Which one is larger? The first one, clearly.",
@@ -71,19 +63,7 @@ WITH_SYSTEM = [
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIALS,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(CORPUS * 20, trainer)
-    path = tmp_path_factory.mktemp("qwen_tokenizer") / "tokenizer.json"
-    backend.save(str(path))
-    return path
+    return write_qwen_tokenizer(tmp_path_factory.mktemp("qwen_tokenizer") / "tokenizer.json", CORPUS)
 
 
 @pytest.fixture(scope="module")

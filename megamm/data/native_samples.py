@@ -1,0 +1,216 @@
+"""One raw `Record` -> one `Sample` for the native-resolution (Qwen2-VL) family: patches, grids, M-RoPE.
+
+Each image is resized and cut into patches at its own resolution (`megamm.data.native_resolution`), each
+video sampled and patched (`megamm.data.video`: frame files, or a video file through PyAV); their token
+counts (`t * h * w / merge**2`, one per image or video) go to the `qwen2_vl` template, which renders the
+conversation with each placeholder expanded to exactly that many pad tokens between
+`<|vision_start|>` and `<|vision_end|>` (`megamm.data.qwen_template`). The M-RoPE positions of the
+sample alone (`megamm.data.mrope`) are computed here, in the loader's workers, once per sample: the
+batching places them (padded rows continue them over the padding, packed rows restart them per sample).
+
+Truncation differs from the fixed-size families: a sample longer than the sequence length is cut in
+its text only. A cut that would fall inside a vision span (its start marker through its end marker)
+makes the sample `too_long` (skipped and counted): the model needs every token of an image it gets,
+and moving the cut before the image would train on a different sample than the one written. Images
+and videos wholly after the cut are dropped with their patches.
+
+Bad input is `BadSample` as in `megamm.data.samples`: "image" (an image or a frame file),
+"video" (a video that cannot be decoded, has too few frames, frames of different sizes, an aspect
+ratio above 200), "schema", "all_masked", "too_long". A video file without PyAV installed is not a bad
+sample but an ImportError naming the file and the package, since every video of the run would fail.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from megamm.data.images import DEFAULT_MAX_PIXELS, ImageError
+from megamm.data.mrope import mrope_position_ids
+from megamm.data.native_resolution import VIDEO_RESOLUTION, NativeResolution, VisionInput, preprocess_image
+from megamm.data.qwen_template import VIDEO_PAD, Qwen2VLTemplate, QwenTokenized, render_qwen2_vl
+from megamm.data.samples import NativeVision, Sample, load_record_image
+from megamm.data.sources import BadSample, Record
+from megamm.data.templates import AllLabelsMaskedError, ChatTemplate, get_template
+from megamm.data.tokenizer import Tokenizer
+from megamm.data.video import MAX_FRAMES, VideoInput, load_frame_list, load_video_file
+
+# Qwen2-VL's video processor samples 2 frames per second.
+DEFAULT_VIDEO_FPS = 2.0
+
+
+@dataclass(frozen=True)
+class NativeSettings:
+    """How a native-resolution sample's images and videos become patches, and their M-RoPE positions.
+
+    image / video: the patch, merge and temporal sizes of the tower with the pixel range each is
+    resized into (Qwen2-VL's processors allow videos fewer pixels per frame). fps / max_frames: the
+    video sampling rate and frame limit. tokens_per_second: Qwen2.5-VL's temporal scaling of video
+    positions (None: Qwen2-VL, one position per temporal patch). max_decoded_pixels: images (and
+    frames) with more pixels are refused before decoding, as for the other families.
+    """
+
+    image: NativeResolution = field(default_factory=NativeResolution)
+    video: NativeResolution = VIDEO_RESOLUTION
+    fps: float = DEFAULT_VIDEO_FPS
+    max_frames: int = MAX_FRAMES
+    tokens_per_second: float | None = None
+    max_decoded_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        sizes = ("patch_size", "merge_size", "temporal_patch_size")
+        if any(getattr(self.image, name) != getattr(self.video, name) for name in sizes):
+            raise ValueError(f"images and videos go through one tower: their {', '.join(sizes)} must agree")
+        if not self.fps > 0 or self.max_frames < self.image.temporal_patch_size:
+            raise ValueError(f"need fps > 0 and max_frames >= temporal_patch_size, got {self.fps}, {self.max_frames}")
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per patch: 3 channels x temporal_patch_size frames x patch_size^2 pixels."""
+        return 3 * self.image.temporal_patch_size * self.image.patch_size**2
+
+
+def vision_spans(tokenized: QwenTokenized) -> list[tuple[int, int]]:
+    """[start, end) of every image and video with its `<|vision_start|>` and `<|vision_end|>` markers."""
+    return sorted((start - 1, end + 1) for start, end in tokenized.image_spans + tokenized.video_spans)
+
+
+class NativeSampleBuilder:
+    """Turns records into samples for a native-resolution model: tokenizer, `qwen2_vl` template,
+    patch settings and sequence length (the interface of `megamm.data.samples.SampleBuilder`)."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, template: str | ChatTemplate, settings: NativeSettings, seq_length: int
+    ) -> None:
+        template = get_template(template) if isinstance(template, str) else template
+        if not isinstance(template, Qwen2VLTemplate):
+            raise TypeError(f"a native-resolution vision tower needs the qwen2_vl chat template (its vision "
+                             f"markers delimit each image for the M-RoPE positions), got {template.name!r}")
+        if seq_length < 1:
+            raise ValueError(f"need seq_length >= 1, got {seq_length}")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.settings = settings
+        self.seq_length = seq_length
+        self.video_token_id = tokenizer.token_id(VIDEO_PAD)
+
+    def _images(self, record: Record) -> list[VisionInput]:
+        limit = self.settings.max_decoded_pixels
+        inputs = []
+        for number in range(len(record.images)):
+            image = load_record_image(record, number, limit)
+            try:
+                inputs.append(preprocess_image(image, self.settings.image))
+            except ValueError as error:  # an aspect ratio smart_resize refuses
+                raise ImageError(f"image {record.images[number]!r}: {error}") from None
+        return inputs
+
+    def _video(self, video: str | list[str], frame_rate: float) -> VideoInput:
+        settings = self.settings
+        if isinstance(video, str):
+            return load_video_file(video, settings.fps, settings.video, settings.max_frames)
+        root = os.path.commonpath([os.path.dirname(frame) for frame in video])
+        return load_frame_list(video, root, frame_rate, settings.fps, settings.video, settings.max_frames)
+
+    def _videos(self, record: Record) -> list[VideoInput]:
+        inputs = []
+        for number, video in enumerate(record.videos):
+            try:
+                inputs.append(self._video(video, record.frame_rate))
+            except (ValueError, OSError) as error:  # ImageError (a frame file) is a ValueError
+                name = video if isinstance(video, str) else f"of {len(video)} frames from {video[0]!r}"
+                raise ValueError(f"video {number} {name}: {error}") from None
+        return inputs
+
+    def _truncate(self, tokenized: QwenTokenized, where: str, source: str) -> QwenTokenized:
+        """At most seq_length tokens, cut in text only (see the module docstring)."""
+        length = len(tokenized.input_ids)
+        cut = self.seq_length
+        if length <= cut:
+            return tokenized
+        for start, end in vision_spans(tokenized):
+            if start < cut < end:
+                raise BadSample(source, where, "too_long",
+                                f"--seq-length {cut} cuts through the vision span [{start}, {end}) of its "
+                                f"{length} tokens (a vision span is never cut)")
+        kept = replace(
+            tokenized,
+            input_ids=tokenized.input_ids[:cut],
+            labels=tokenized.labels[:cut],
+            image_spans=[span for span in tokenized.image_spans if span[1] < cut],
+            video_spans=[span for span in tokenized.video_spans if span[1] < cut],
+            truncated_from=length,
+        )
+        if kept.num_trained == 0:
+            raise BadSample(source, where, "all_masked",
+                            f"all labels are masked after truncating {length} tokens to {cut}")
+        return kept
+
+    def build(self, record: Record) -> Sample:
+        """The sample for `record`, or BadSample naming it and what is wrong."""
+        where = f"sample {record.index} (id {record.sample_id!r})"
+        try:
+            images = self._images(record)
+        except ImageError as error:
+            raise BadSample(record.source, where, "image", str(error)) from None
+        try:
+            videos = self._videos(record)
+        except ValueError as error:
+            raise BadSample(record.source, where, "video", str(error)) from None
+        try:
+            tokenized = render_qwen2_vl(
+                record.conversations, self.tokenizer,
+                [item.num_tokens for item in images], [item.num_tokens for item in videos], self.template,
+            )
+        except AllLabelsMaskedError as error:
+            raise BadSample(record.source, where, "all_masked", str(error)) from None
+        except (ValueError, TypeError) as error:
+            raise BadSample(record.source, where, "schema", str(error)) from None
+        kept = self._truncate(tokenized, where, record.source)
+        images, videos = images[: len(kept.image_spans)], videos[: len(kept.video_spans)]
+        return self._sample(record, kept, images, videos)
+
+    def _sample(
+        self, record: Record, kept: QwenTokenized, images: list[VisionInput], videos: list[VideoInput]
+    ) -> Sample:
+        settings = self.settings
+        image_grids = torch.tensor([item.grid_thw for item in images], dtype=torch.long).reshape(-1, 3)
+        video_grids = torch.tensor([item.grid_thw for item in videos], dtype=torch.long).reshape(-1, 3)
+        seconds = [item.second_per_grid for item in videos]
+        positions = mrope_position_ids(
+            kept.input_ids,
+            image_token_id=self.tokenizer.image_token_id,
+            video_token_id=self.video_token_id,
+            spatial_merge_size=settings.image.merge_size,
+            image_grid_thw=image_grids,
+            video_grid_thw=video_grids,
+            second_per_grid_ts=seconds if settings.tokens_per_second is not None else None,
+            tokens_per_second=settings.tokens_per_second,
+        )
+        empty = torch.zeros(0, settings.patch_dim)
+        return Sample(
+            source=record.source,
+            index=record.index,
+            sample_id=record.sample_id,
+            input_ids=kept.input_ids,
+            labels=kept.labels,
+            pixel_values=torch.cat([item.pixel_values for item in images]) if images else empty,
+            tiles_per_image=[1] * len(images),
+            grids=[(1, 1)] * len(images),
+            image_spans=list(kept.image_spans),
+            text=kept.text,
+            truncated_from=kept.truncated_from,
+            native=NativeVision(
+                image_grid_thw=image_grids,
+                pixel_values_videos=torch.cat([item.pixel_values for item in videos]) if videos else empty,
+                video_grid_thw=video_grids,
+                second_per_grid=seconds,
+                video_spans=list(kept.video_spans),
+                position_ids=positions,
+            ),
+        )
+
+
+__all__ = ["DEFAULT_VIDEO_FPS", "NativeSampleBuilder", "NativeSettings", "vision_spans"]

@@ -1,0 +1,197 @@
+"""Native-resolution (Qwen2-VL family) samples from JSON rows: images, frame-list videos, placeholders,
+truncation and M-RoPE positions, against transformers.
+
+The references are independent of megamm: transformers' `Qwen2VLImageProcessorPil` gives the image
+patches and grids, the official chat template applied by transformers (`reference_ids` of
+test_qwen_template) the ids once every pad is expanded to the processor's `grid.prod() // merge**2`,
+and `get_rope_index` the positions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megamm.config.constants import IGNORE_INDEX
+from megamm.data.native_resolution import NativeResolution
+from megamm.data.native_samples import NativeSampleBuilder, NativeSettings
+from megamm.data.samples import ImageSettings, SampleBuilder
+from megamm.data.sources import BadSample, LlavaJsonSource
+from megamm.data.tokenizer import Tokenizer, load_tokenizer
+from megamm.data.video import load_frame_list
+from tests.data.test_mrope import QWEN2, QWEN25, Host
+from tests.data.test_qwen_template import CORPUS, reference_ids
+from tests.data_fixtures import write_qwen_tokenizer
+
+qwen2_vl_pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+
+IMAGE_RES = NativeResolution(min_pixels=28 * 28 * 2, max_pixels=28 * 28 * 12)
+VIDEO_RES = NativeResolution(min_pixels=28 * 28 * 2, max_pixels=28 * 28 * 4)
+SETTINGS = NativeSettings(IMAGE_RES, VIDEO_RES, fps=2.0)
+MERGE = 2
+CONVERSATION = [
+    {"from": "human", "value": "<image>Describe both pictures.\n<image>Which one is larger?"},
+    {"from": "gpt", "value": "The first one, clearly."},
+    {"from": "human", "value": "What happens in the video?<video>"},
+    {"from": "gpt", "value": "A cat jumps onto the table."},
+]
+IMAGE_SIZES = [(40, 90), (100, 31)]  # (height, width): a wide and a tall image of different sizes
+
+
+def _image(height: int, width: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two images, twelve frame files (a 3-second video at 4 frames per second), a Qwen tokenizer."""
+    root = tmp_path_factory.mktemp("native")
+    for seed, (height, width) in enumerate(IMAGE_SIZES):
+        _image(height, width, seed).save(root / f"image{seed}.png")
+    (root / "clip").mkdir()
+    for index in range(12):
+        _image(48, 64, 10 + index).save(root / "clip" / f"{index:02d}.png")
+    write_qwen_tokenizer(root / "tokenizer.json", CORPUS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer(root: Path) -> Tokenizer:
+    return load_tokenizer(root / "tokenizer.json", image_token="<|image_pad|>", pad_token="<|endoftext|>")
+
+
+FRAMES = [f"clip/{index:02d}.png" for index in range(12)]
+
+
+def _rows(root: Path, rows: list[dict]) -> LlavaJsonSource:
+    path = root / f"rows{abs(hash(json.dumps(rows)))}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return LlavaJsonSource(path, root)
+
+
+def _row(**fields) -> dict:
+    return {"id": "s", "images": ["image0.png", "image1.png"], "videos": [FRAMES], "frame_rate": 4,
+            "conversations": CONVERSATION, **fields}
+
+
+def _hf_positions(host: Host, ids: list[int], tokenizer: Tokenizer, images, videos, **kwargs) -> torch.Tensor:
+    input_ids = torch.tensor([ids])
+    video_id = tokenizer.token_id("<|video_pad|>")
+    types = (input_ids == tokenizer.image_token_id).int() + 2 * (input_ids == video_id).int()
+    positions, _ = host.get_rope_index(
+        input_ids, mm_token_type_ids=types, image_grid_thw=images if len(images) else None,
+        video_grid_thw=videos if len(videos) else None, **kwargs,
+    )
+    return positions[:, 0]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_sample_equals_transformers(root: Path, tokenizer: Tokenizer, family: str) -> None:
+    """Two images of different sizes and a video interleaved with text: patches, grids, ids, labels and
+    M-RoPE positions as transformers gives them (Qwen2.5-VL: video positions scaled by time)."""
+    tokens_per_second = 2.0 if family == "qwen2_5_vl" else None
+    settings = NativeSettings(IMAGE_RES, VIDEO_RES, fps=2.0, tokens_per_second=tokens_per_second)
+    sample = NativeSampleBuilder(tokenizer, "qwen2_vl", settings, 512).build(_rows(root, [_row()])[0])
+    images = [Image.open(root / f"image{seed}.png").convert("RGB") for seed in range(2)]
+    processor = qwen2_vl_pil.Qwen2VLImageProcessorPil(
+        min_pixels=IMAGE_RES.min_pixels, max_pixels=IMAGE_RES.max_pixels, patch_size=14, merge_size=MERGE,
+        temporal_patch_size=2,
+    )
+    expected = processor(images, return_tensors="pt")
+    native = sample.native
+    assert torch.equal(sample.pixel_values, expected["pixel_values"])
+    assert torch.equal(native.image_grid_thw, expected["image_grid_thw"])
+    assert native.image_grid_thw.tolist() != [native.image_grid_thw[0].tolist()] * 2  # the sizes differ
+    video = load_frame_list(FRAMES, root, frame_rate=4.0, fps=2.0, resolution=VIDEO_RES)
+    assert torch.equal(native.pixel_values_videos, video.pixel_values)
+    assert native.video_grid_thw.tolist() == [list(video.grid_thw)] and native.second_per_grid == [1.0]
+    image_counts = [int(grid.prod()) // MERGE**2 for grid in expected["image_grid_thw"]]
+    video_counts = [video.grid_thw[0] * video.grid_thw[1] * video.grid_thw[2] // MERGE**2]
+    assert sample.input_ids == reference_ids(root / "tokenizer.json", CONVERSATION, image_counts, video_counts)
+    spans = sample.image_spans + native.video_spans
+    assert [end - start for start, end in spans] == image_counts + video_counts
+    assert all(sample.labels[i] == IGNORE_INDEX for start, end in spans for i in range(start, end))
+    host, kwargs = (QWEN2, {}) if family == "qwen2_vl" else (QWEN25, {"second_per_grid_ts": torch.tensor([1.0])})
+    reference = _hf_positions(host, sample.input_ids, tokenizer, expected["image_grid_thw"],
+                              native.video_grid_thw, **kwargs)
+    assert torch.equal(native.position_ids, reference)
+    assert sample.num_images == 2 and sample.num_videos == 1
+
+
+def test_truncation_never_cuts_a_vision_span(root: Path, tokenizer: Tokenizer) -> None:
+    """A cut inside an image (markers included) drops the sample as too_long; a cut in the text after
+    the images keeps them and drops the video that lies wholly after the cut."""
+    record = _rows(root, [_row()])[0]
+    full = NativeSampleBuilder(tokenizer, "qwen2_vl", SETTINGS, 512).build(record)
+    (first_start, first_end), (second_start, second_end) = full.image_spans
+    video_start = full.native.video_spans[0][0]
+    for cut in (first_start, first_end, second_start, second_end):  # past a vision start, not its end
+        with pytest.raises(BadSample) as raised:
+            NativeSampleBuilder(tokenizer, "qwen2_vl", SETTINGS, cut).build(record)
+        assert raised.value.kind == "too_long" and "cuts through the vision span" in str(raised.value)
+    kept = NativeSampleBuilder(tokenizer, "qwen2_vl", SETTINGS, video_start - 2).build(record)
+    assert len(kept) == video_start - 2 and kept.truncated_from == len(full)
+    assert kept.num_images == 2 and kept.num_videos == 0
+    assert kept.native.pixel_values_videos.shape == (0, full.native.pixel_values_videos.shape[1])
+    assert torch.equal(kept.pixel_values, full.pixel_values)
+    assert torch.equal(kept.native.position_ids, full.native.position_ids[:, : len(kept)])
+    # Cut right before the second image's <|vision_start|>: nothing trained is left.
+    with pytest.raises(BadSample) as raised:
+        NativeSampleBuilder(tokenizer, "qwen2_vl", SETTINGS, second_start - 1).build(record)
+    assert raised.value.kind == "all_masked"
+
+
+def test_video_records(root: Path) -> None:
+    """The record forms of a video: a frame list, a video file path, LLaVA-Video's "<image>" for its
+    one video, the implicit placeholder; and the errors, naming the row."""
+    (root / "movie.mp4").write_bytes(b"not a video")
+    source = _rows(root, [
+        {"video": "movie.mp4", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                 {"from": "gpt", "value": "A cat."}]},
+        {"video": FRAMES, "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "A."}]},
+        {"videos": [FRAMES], "images": ["image0.png", "image1.png"], "conversations": CONVERSATION[2:]},
+        {"video": "movie.mp4", "videos": [], "conversations": CONVERSATION},
+        {"video": [], "conversations": CONVERSATION},
+        {"video": FRAMES, "frame_rate": 0, "conversations": CONVERSATION},
+        {"videos": [FRAMES, FRAMES], "conversations": CONVERSATION[2:]},
+        {"video": "../outside.mp4", "conversations": CONVERSATION[2:]},
+    ])
+    assert source[0].videos == [str((root / "movie.mp4").resolve())]
+    assert source[0].conversations[0]["value"] == "<video>\nWhat?" and source[0].images == []
+    assert source[1].videos == [[str((root / f).resolve()) for f in FRAMES]] and source[1].frame_rate == 2.0
+    assert source[1].conversations[0]["value"] == "<video>\nWhat?" and source[1].kind == "conversation"
+    errors = {
+        2: ("placeholders", "0 '<image>' placeholder(s) in the turns but 2 image(s)"),
+        3: ("schema", "row has both 'video' and 'videos'"),
+        4: ("schema", "video 0 must be a video file path or a non-empty list of frame paths"),
+        5: ("schema", "'frame_rate' must be a positive number"),
+        6: ("placeholders", "1 '<video>' placeholder(s) in the turns but 2 video(s)"),
+        7: ("image", "outside image root"),
+    }
+    for row, (kind, message) in errors.items():
+        with pytest.raises(BadSample) as raised:
+            source[row]
+        assert raised.value.kind == kind and f"row {row}" in str(raised.value) and message in str(raised.value)
+
+
+def test_bad_videos_and_templates(root: Path, tokenizer: Tokenizer) -> None:
+    """An undecodable video file is a 'video' bad sample naming it; the fixed-size builder refuses
+    videos; the native builder needs the qwen2_vl template."""
+    pytest.importorskip("av")
+    (root / "broken.mp4").write_bytes(b"not a video")
+    source = _rows(root, [{"video": "broken.mp4", "conversations": CONVERSATION[2:]}])
+    with pytest.raises(BadSample) as raised:
+        NativeSampleBuilder(tokenizer, "qwen2_vl", SETTINGS, 512).build(source[0])
+    assert raised.value.kind == "video" and "broken.mp4 cannot be decoded" in str(raised.value)
+    with pytest.raises(TypeError, match="needs the qwen2_vl chat template .* got 'chatml'"):
+        NativeSampleBuilder(tokenizer, "chatml", SETTINGS, 512)
+    fixed = SampleBuilder(tokenizer, "qwen2_vl", ImageSettings(28), 4, 512)
+    with pytest.raises(BadSample) as raised:
+        fixed.build(source[0])
+    assert raised.value.kind == "schema" and "only a native-resolution vision tower" in str(raised.value)
