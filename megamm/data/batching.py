@@ -2,7 +2,8 @@
 
 Padded (default): each sample is one row of `seq_length` tokens (pad id, label -100 after it);
 microbatches of `micro_batch_size` rows. Keys: input_ids, labels `[b, s]`, pixel_values `[n, 3, H, W]`
-or None, images_per_sample `[b]` (vision-tower inputs per row, tiles counted).
+or None, images_per_sample `[b]` (vision-tower inputs per row, tiles counted; images for the
+native-resolution family).
 
 Packed (`--pack-sequences`): the same samples are bin-packed (first-fit decreasing, C++ when built)
 into as few rows as possible, so a step trains on exactly the samples the padded step would (same
@@ -14,6 +15,15 @@ microbatches (the interleaved pipeline schedule needs a multiple of the pipeline
 
 Images stay in token order within a row: a packed row's images are its samples' images in the order
 the samples are placed in the row.
+
+Native-resolution towers (the Qwen2-VL family; `image_shape` is then `(C * T * P * P,)`, one patch):
+pixel_values are the images' patches `[total image patches, C*T*P*P]`, with image_grid_thw
+`[n_images, 3]`; pixel_values_videos / video_grid_thw the same for videos (each None when the
+microbatch has none), videos_per_sample `[b]`; and position_ids are the `[3, b, s]` M-RoPE positions
+in padded rows too, since text positions after an image are not the token index. They are each
+sample's own (`NativeVision.position_ids`): a packed row restarts them at every sample (padding 0, as
+the 1-D packed positions), a padded row continues the text positions over its padding, which is
+what transformers' `get_rope_index` gives the padded row without an attention mask.
 """
 
 from __future__ import annotations
@@ -25,9 +35,50 @@ from megamm.data.packing import block_causal_mask, pack_first_fit_decreasing, pa
 from megamm.data.samples import Sample
 
 Batch = dict[str, torch.Tensor | None]
+# The keys a native-resolution microbatch adds (position_ids is also a packed row's key).
+NATIVE_KEYS = ("image_grid_thw", "pixel_values_videos", "video_grid_thw", "videos_per_sample", "position_ids")
 
 
-def _images(rows: list[list[Sample]], image_shape: tuple[int, int, int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+def is_native(image_shape: tuple[int, ...]) -> bool:
+    """Whether `image_shape`, one vision-tower input, is a native-resolution tower's patch `(C*T*P*P,)`
+    rather than an image `(C, H, W)`."""
+    return len(image_shape) == 1
+
+
+def _cat_or_none(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    parts = [part for part in parts if part.shape[0]]
+    return torch.cat(parts) if parts else None
+
+
+def _native_inputs(rows: list[list[Sample]], seq_length: int, packed: bool, patch_dim: int) -> Batch:
+    """The native-resolution keys but pixel_values (see the module docstring): grids, videos, positions."""
+    for row in rows:
+        for sample in row:
+            if sample.native is None:
+                raise ValueError(f"sample {sample.sample_id!r} has no native-resolution inputs (grids, positions); "
+                                 "it was built for a fixed-size vision tower")
+    samples = [sample for row in rows for sample in row]
+    positions = torch.zeros(3, len(rows), seq_length, dtype=torch.long)
+    for number, row in enumerate(rows):
+        start = 0
+        for sample in row:
+            positions[:, number, start : start + len(sample)] = sample.native.position_ids
+            start += len(sample)
+        if not packed and start:
+            positions[:, number, start:] = positions[0, number, start - 1] + 1 + torch.arange(seq_length - start)
+    videos = _cat_or_none([s.native.pixel_values_videos for s in samples])
+    if videos is not None and videos.shape[1] != patch_dim:
+        raise ValueError(f"video patches of {videos.shape[1]} values, the vision tower takes {patch_dim}")
+    return {
+        "image_grid_thw": _cat_or_none([s.native.image_grid_thw for s in samples]),
+        "pixel_values_videos": videos,
+        "video_grid_thw": _cat_or_none([s.native.video_grid_thw for s in samples]),
+        "videos_per_sample": torch.tensor([sum(s.num_videos for s in row) for row in rows], dtype=torch.long),
+        "position_ids": positions,
+    }
+
+
+def _images(rows: list[list[Sample]], image_shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor]:
     per_row = torch.tensor([sum(s.num_images for s in row) for row in rows], dtype=torch.long)
     pixels = [s.pixel_values for row in rows for s in row if s.num_images]
     if not pixels:
@@ -38,7 +89,7 @@ def _images(rows: list[list[Sample]], image_shape: tuple[int, int, int]) -> tupl
     return stacked, per_row
 
 
-def padded_batch(samples: list[Sample], seq_length: int, pad_id: int, image_shape: tuple[int, int, int]) -> Batch:
+def padded_batch(samples: list[Sample], seq_length: int, pad_id: int, image_shape: tuple[int, ...]) -> Batch:
     """One microbatch, a row per sample, padded to `seq_length`."""
     input_ids = torch.full((len(samples), seq_length), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), seq_length), IGNORE_INDEX, dtype=torch.long)
@@ -48,11 +99,14 @@ def padded_batch(samples: list[Sample], seq_length: int, pad_id: int, image_shap
         input_ids[row, : len(sample)] = torch.tensor(sample.input_ids)
         labels[row, : len(sample)] = torch.tensor(sample.labels)
     pixel_values, per_row = _images([[s] for s in samples], image_shape)
-    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "images_per_sample": per_row}
+    batch = {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "images_per_sample": per_row}
+    if is_native(image_shape):
+        batch.update(_native_inputs([[s] for s in samples], seq_length, False, image_shape[0]))
+    return batch
 
 
 def padded_microbatches(
-    samples: list[Sample], micro_batch_size: int, seq_length: int, pad_id: int, image_shape: tuple[int, int, int]
+    samples: list[Sample], micro_batch_size: int, seq_length: int, pad_id: int, image_shape: tuple[int, ...]
 ) -> list[Batch]:
     return [
         padded_batch(samples[i : i + micro_batch_size], seq_length, pad_id, image_shape)
@@ -65,7 +119,7 @@ def packed_microbatches(
     micro_batch_size: int,
     seq_length: int,
     pad_id: int,
-    image_shape: tuple[int, int, int],
+    image_shape: tuple[int, ...],
     microbatch_multiple: int = 1,
 ) -> list[Batch]:
     """The samples packed into rows of `seq_length`, grouped into microbatches (see the module docstring)."""
@@ -81,12 +135,15 @@ def packed_microbatches(
             for row in group
         ]
         pixel_values, per_row = _images(group, image_shape)
-        batches.append({
+        batch = {
             "input_ids": torch.stack([p["input_ids"] for p in packed]),
             "labels": torch.stack([p["labels"] for p in packed]),
             "position_ids": torch.stack([p["position_ids"] for p in packed]),
             "attention_mask": torch.stack([block_causal_mask(p["cu_seqlens"], seq_length) for p in packed])[:, None],
             "pixel_values": pixel_values,
             "images_per_sample": per_row,
-        })
+        }
+        if is_native(image_shape):
+            batch.update(_native_inputs(group, seq_length, True, image_shape[0]))
+        batches.append(batch)
     return batches

@@ -48,10 +48,8 @@ def _image(height: int, width: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_native_files(root: Path) -> Path:
     """Two images, twelve frame files (a 3-second video at 4 frames per second), a Qwen tokenizer."""
-    root = tmp_path_factory.mktemp("native")
     for seed, (height, width) in enumerate(IMAGE_SIZES):
         _image(height, width, seed).save(root / f"image{seed}.png")
     (root / "clip").mkdir()
@@ -62,25 +60,34 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(root: Path) -> Tokenizer:
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_native_files(tmp_path_factory.mktemp("native"))
+
+
+def qwen_tokenizer(root: Path) -> Tokenizer:
     return load_tokenizer(root / "tokenizer.json", image_token="<|image_pad|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(root: Path) -> Tokenizer:
+    return qwen_tokenizer(root)
 
 
 FRAMES = [f"clip/{index:02d}.png" for index in range(12)]
 
 
-def _rows(root: Path, rows: list[dict]) -> LlavaJsonSource:
+def json_rows(root: Path, rows: list[dict]) -> LlavaJsonSource:
     path = root / f"rows{abs(hash(json.dumps(rows)))}.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return LlavaJsonSource(path, root)
 
 
-def _row(**fields) -> dict:
+def full_row(**fields) -> dict:
     return {"id": "s", "images": ["image0.png", "image1.png"], "videos": [FRAMES], "frame_rate": 4,
             "conversations": CONVERSATION, **fields}
 
 
-def _hf_positions(host: Host, ids: list[int], tokenizer: Tokenizer, images, videos, **kwargs) -> torch.Tensor:
+def hf_positions(host: Host, ids: list[int], tokenizer: Tokenizer, images, videos, **kwargs) -> torch.Tensor:
     input_ids = torch.tensor([ids])
     video_id = tokenizer.token_id("<|video_pad|>")
     types = (input_ids == tokenizer.image_token_id).int() + 2 * (input_ids == video_id).int()
@@ -97,7 +104,7 @@ def test_sample_equals_transformers(root: Path, tokenizer: Tokenizer, family: st
     M-RoPE positions as transformers gives them (Qwen2.5-VL: video positions scaled by time)."""
     tokens_per_second = 2.0 if family == "qwen2_5_vl" else None
     settings = NativeSettings(IMAGE_RES, VIDEO_RES, fps=2.0, tokens_per_second=tokens_per_second)
-    sample = NativeSampleBuilder(tokenizer, "qwen2_vl", settings, 512).build(_rows(root, [_row()])[0])
+    sample = NativeSampleBuilder(tokenizer, "qwen2_vl", settings, 512).build(json_rows(root, [full_row()])[0])
     images = [Image.open(root / f"image{seed}.png").convert("RGB") for seed in range(2)]
     processor = qwen2_vl_pil.Qwen2VLImageProcessorPil(
         min_pixels=IMAGE_RES.min_pixels, max_pixels=IMAGE_RES.max_pixels, patch_size=14, merge_size=MERGE,
@@ -118,7 +125,7 @@ def test_sample_equals_transformers(root: Path, tokenizer: Tokenizer, family: st
     assert [end - start for start, end in spans] == image_counts + video_counts
     assert all(sample.labels[i] == IGNORE_INDEX for start, end in spans for i in range(start, end))
     host, kwargs = (QWEN2, {}) if family == "qwen2_vl" else (QWEN25, {"second_per_grid_ts": torch.tensor([1.0])})
-    reference = _hf_positions(host, sample.input_ids, tokenizer, expected["image_grid_thw"],
+    reference = hf_positions(host, sample.input_ids, tokenizer, expected["image_grid_thw"],
                               native.video_grid_thw, **kwargs)
     assert torch.equal(native.position_ids, reference)
     assert sample.num_images == 2 and sample.num_videos == 1
@@ -127,7 +134,7 @@ def test_sample_equals_transformers(root: Path, tokenizer: Tokenizer, family: st
 def test_truncation_never_cuts_a_vision_span(root: Path, tokenizer: Tokenizer) -> None:
     """A cut inside an image (markers included) drops the sample as too_long; a cut in the text after
     the images keeps them and drops the video that lies wholly after the cut."""
-    record = _rows(root, [_row()])[0]
+    record = json_rows(root, [full_row()])[0]
     full = NativeSampleBuilder(tokenizer, "qwen2_vl", SETTINGS, 512).build(record)
     (first_start, first_end), (second_start, second_end) = full.image_spans
     video_start = full.native.video_spans[0][0]
@@ -151,7 +158,7 @@ def test_video_records(root: Path) -> None:
     """The record forms of a video: a frame list, a video file path, LLaVA-Video's "<image>" for its
     one video, the implicit placeholder; and the errors, naming the row."""
     (root / "movie.mp4").write_bytes(b"not a video")
-    source = _rows(root, [
+    source = json_rows(root, [
         {"video": "movie.mp4", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
                                                  {"from": "gpt", "value": "A cat."}]},
         {"video": FRAMES, "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "A."}]},
@@ -185,7 +192,7 @@ def test_bad_videos_and_templates(root: Path, tokenizer: Tokenizer) -> None:
     videos; the native builder needs the qwen2_vl template."""
     pytest.importorskip("av")
     (root / "broken.mp4").write_bytes(b"not a video")
-    source = _rows(root, [{"video": "broken.mp4", "conversations": CONVERSATION[2:]}])
+    source = json_rows(root, [{"video": "broken.mp4", "conversations": CONVERSATION[2:]}])
     with pytest.raises(BadSample) as raised:
         NativeSampleBuilder(tokenizer, "qwen2_vl", SETTINGS, 512).build(source[0])
     assert raised.value.kind == "video" and "broken.mp4 cannot be decoded" in str(raised.value)
