@@ -36,12 +36,12 @@ from megamm.parallel.phase import RECORD
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.chunks import build_model_chunks
 from megamm.pipeline.schedules import bubble_fraction
-from megamm.training.data import FileData, SyntheticData, build_training_data, rows_in
+from megamm.training.data import FileData, SyntheticData, build_training_data, rows_in, vision_inputs
 from megamm.training.faults import install_from_environment
 from megamm.training.metrics import peak_memory_gib, peak_tflops, step_flops
 from megamm.training.preemption import EXIT_STOPPED, StopCheck, StopSignals
 from megamm.training.preflight import file_problems
-from megamm.training.step import Batch, Trainer, build_trainer, evaluate, train_step
+from megamm.training.step import Trainer, build_trainer, evaluate, train_step
 from megamm.training.stragglers import gather_step_times, spread_text
 from megamm.training.watchdog import Watchdog
 
@@ -97,7 +97,7 @@ class IntervalStats:
     loss_steps: int = 0
     seconds: float = 0.0
     busy_seconds: float = 0.0  # data loading and steps, less the time blocked on other ranks
-    images: int = 0
+    flops: float = 0.0  # model FLOPs of this rank's share of the steps (its rows, images and videos)
     rows: int = 0
     grad_norms: list[float] = field(default_factory=list)
 
@@ -150,10 +150,6 @@ def _data_counts(data: FileData | SyntheticData, state: ParallelState) -> tuple[
     return f"data: {summed['records']} records read, {summed['bad']} bad skipped ({reasons or 'none'}) | ", summed
 
 
-def _images(microbatches: list[Batch]) -> int:
-    return sum(int(mb["images_per_sample"].sum()) for mb in microbatches if "images_per_sample" in mb)
-
-
 def _sum_dp(value: float, state: ParallelState) -> float:
     tensor = torch.tensor(value, dtype=torch.float64, device=state.device)
     dist.all_reduce(tensor, group=state.dp_group)
@@ -168,12 +164,11 @@ def _log(reporter: Reporter, trainer: Trainer, iteration: int, consumed: int, st
     RECORD.enter("log-line reductions and step-time gather", waiting=True)
     busy = gather_step_times(stats.busy_seconds / max(stats.steps, 1), state)
     spread = spread_text(busy, t.straggler_threshold)
-    images = _sum_dp(stats.images, state)
     # Rows, not samples: packed rows hold several samples each.
     rows = _sum_dp(stats.rows, state) / max(stats.steps, 1)
     seconds = stats.seconds / max(stats.steps, 1)
     tokens_per_second = rows * t.seq_length / seconds
-    flops = step_flops(trainer.model.config, t.seq_length, rows, images / max(stats.steps, 1))
+    flops = _sum_dp(stats.flops, state) / max(stats.steps, 1)
     tflops = flops / seconds / world / 1e12
     peak = peak_tflops(state.device, t.peak_tflops, half_precision=t.bf16 or t.fp16)
     mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
@@ -284,7 +279,8 @@ def _train(config: ResolvedConfig, state: ParallelState, stop: StopCheck) -> dic
         stats.seconds += time.perf_counter() - tick
         stats.busy_seconds += RECORD.busy_seconds() - busy
         stats.steps += 1
-        stats.images += _images(microbatches)
+        stats.flops += step_flops(trainer.model.config, t.seq_length, rows_in(microbatches),
+                                  vision_inputs(microbatches, config.model))
         stats.rows += rows_in(microbatches)
         stats.grad_norms.append(result.grad_norm)
         if result.applied:

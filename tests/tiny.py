@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 
 from megamm.config import LanguageConfig, LlavaConfig, ProjectorConfig, TransformerConfig, VisionConfig
+from megamm.config.model import NativeResolutionConfig
 
 IMAGE_TOKEN_ID = 99
 
@@ -26,6 +27,31 @@ def vision_config(**transformer_overrides) -> VisionConfig:
         causal=False,
     )
     return VisionConfig(replace(transformer, **transformer_overrides), image_size=16, patch_size=4)
+
+
+def native_vision_config(windows: bool = False) -> VisionConfig:
+    """Qwen2-VL-like (qwen2_vl): 4-pixel patches of 2 frames, 2x2 merge, 2 layers of 4 heads of 8
+    channels, merged to 64 wide. `windows`: Qwen2.5-VL-like (qwen2_5_vl), windows of 16 pixels (2x2
+    merged tokens) in layer 0, layer 1 full, video positions at 2 tokens per second."""
+    transformer = TransformerConfig(
+        hidden_size=32,
+        num_layers=2,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        normalization="layernorm",
+        activation="quick_gelu",
+        add_bias_linear=True,
+        position_embedding="rope",
+        causal=False,
+    )
+    native = NativeResolutionConfig(
+        out_hidden_size=64,
+        window_size=16 if windows else None,
+        fullatt_block_indexes=(1,) if windows else (),
+        tokens_per_second=2.0 if windows else None,
+    )
+    family = "qwen2_5_vl" if windows else "qwen2_vl"
+    return VisionConfig(transformer, family=family, patch_size=4, native_resolution=native)
 
 
 def language_config(**transformer_overrides) -> LanguageConfig:

@@ -147,6 +147,8 @@ class NativeResolutionConfig:
     output token of width `out_hidden_size`. `window_size` (pixels, None: no windows, Qwen2-VL)
     makes every layer outside `fullatt_block_indexes` attend within windows of that many pixels.
     `merger_norm_epsilon` is the merger's own norm epsilon (1e-6 in both Hugging Face towers).
+    `tokens_per_second` (Qwen2.5-VL; None for Qwen2-VL) spaces a video's temporal M-RoPE positions by
+    time: `tokens_per_second x seconds per temporal patch` per patch (megamm.data.mrope).
     """
 
     out_hidden_size: int
@@ -155,6 +157,7 @@ class NativeResolutionConfig:
     window_size: int | None = None
     fullatt_block_indexes: tuple[int, ...] = ()
     merger_norm_epsilon: float = 1e-6
+    tokens_per_second: float | None = None
 
     @property
     def merge_unit(self) -> int:
@@ -181,6 +184,8 @@ class NativeResolutionConfig:
         outside = [i for i in self.fullatt_block_indexes if not 0 <= i < num_layers]
         if outside:
             found.append(f"{where}.fullatt_block_indexes {outside} out of range for {num_layers} layers")
+        if self.tokens_per_second is not None and not self.tokens_per_second > 0:
+            found.append(f"{where}.tokens_per_second must be positive (or null), got {self.tokens_per_second}")
         if self.fullatt_block_indexes and self.window_size is None:
             found.append(f"{where}.fullatt_block_indexes needs window_size (without windows every layer is full)")
         return found

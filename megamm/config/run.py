@@ -17,6 +17,14 @@ from typing import Any, Literal
 
 import torch
 
+from megamm.config.constants import (
+    IMAGE_MAX_PIXELS,
+    IMAGE_MIN_PIXELS,
+    VIDEO_FPS,
+    VIDEO_MAX_FRAMES,
+    VIDEO_MAX_PIXELS,
+    VIDEO_MIN_PIXELS,
+)
 from megamm.config.layout import layout_problems, schedule_problems, virtual_stages
 from megamm.config.model import LlavaConfig, ParallelConfig
 from megamm.config.precision import DTYPES, precision_name
@@ -93,6 +101,20 @@ class TrainingConfig:
         default_help="the model's vision.family"
     )
     max_image_tiles: int = _opt(1, "dynamic tiling: most tiles per image, plus a thumbnail (1: no tiling)")
+    # Native-resolution towers (vision.native_resolution, the Qwen2-VL family) resize each image into a
+    # pixel range instead of to image_size; None: Qwen2-VL's processors' value.
+    min_pixels: int | None = _opt(None, "native-resolution tower: fewest pixels an image is resized to",
+                                  default_help=str(IMAGE_MIN_PIXELS))
+    max_pixels: int | None = _opt(None, "native-resolution tower: most pixels an image is resized to",
+                                  default_help=str(IMAGE_MAX_PIXELS))
+    video_min_pixels: int | None = _opt(None, "native-resolution tower: fewest pixels per video frame",
+                                        default_help=str(VIDEO_MIN_PIXELS))
+    video_max_pixels: int | None = _opt(None, "native-resolution tower: most pixels per video frame",
+                                        default_help=str(VIDEO_MAX_PIXELS))
+    video_fps: float | None = _opt(None, "native-resolution tower: video frames sampled per second",
+                                   default_help=str(VIDEO_FPS))
+    video_max_frames: int | None = _opt(None, "native-resolution tower: most frames sampled from a video",
+                                        default_help=str(VIDEO_MAX_FRAMES))
     pack_sequences: bool = _opt(False, "pack several samples per row with per-sample attention and positions")
     num_workers: int = _opt(2, "data loader worker processes per rank (0: read in the training process)")
     max_bad_sample_fraction: float = _opt(0.5, "stop when more than this fraction of the samples read are bad")
@@ -140,6 +162,24 @@ class TrainingConfig:
     @property
     def params_dtype(self) -> torch.dtype:
         return DTYPES[self.precision]
+
+    @property
+    def image_pixel_range(self) -> tuple[int, int]:
+        """(min, max) pixels a native-resolution tower's images are resized into."""
+        return (IMAGE_MIN_PIXELS if self.min_pixels is None else self.min_pixels,
+                IMAGE_MAX_PIXELS if self.max_pixels is None else self.max_pixels)
+
+    @property
+    def video_pixel_range(self) -> tuple[int, int]:
+        """(min, max) pixels per frame a native-resolution tower's videos are resized into."""
+        return (VIDEO_MIN_PIXELS if self.video_min_pixels is None else self.video_min_pixels,
+                VIDEO_MAX_PIXELS if self.video_max_pixels is None else self.video_max_pixels)
+
+    @property
+    def video_sampling(self) -> tuple[float, int]:
+        """(frames per second, most frames) a native-resolution tower's videos are sampled at."""
+        return (VIDEO_FPS if self.video_fps is None else self.video_fps,
+                VIDEO_MAX_FRAMES if self.video_max_frames is None else self.video_max_frames)
 
     def microbatches_per_step(self, data_parallel_size: int) -> int:
         """Microbatches each data-parallel rank runs per optimizer step (gradient accumulation)."""
@@ -194,6 +234,7 @@ class RunConfig:
             lambda: [f"--straggler-threshold is a ratio of step times, must be >= 1, got {threshold}"]
             if not (threshold := t.straggler_threshold) >= 1 else [],
             lambda: data_problems(t),
+            lambda: native_data_problems(self),
             lambda: _trainable_problems(self),
             lambda: ["--tensorboard-dir needs the tensorboard package (pip install tensorboard)"]
             if t.tensorboard_dir and importlib.util.find_spec("tensorboard") is None else [],
@@ -266,6 +307,49 @@ def data_problems(t: TrainingConfig) -> list[str]:
         lambda: [f"--max-bad-sample-fraction must be in [0, 1], got {t.max_bad_sample_fraction}"]
         if not 0.0 <= t.max_bad_sample_fraction <= 1.0 else [],
     )
+
+
+NATIVE_FLAGS = ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels", "video_fps", "video_max_frames")
+NATIVE_TEMPLATE = "qwen2_vl"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def native_data_problems(run: RunConfig) -> list[str]:
+    """The data flags and the vision tower must agree: the native-resolution flags need a native tower,
+    which in turn needs the qwen2_vl chat template (its vision markers delimit every image and video for
+    the M-RoPE positions) and takes neither tiles nor another family's statistics."""
+    t, vision = run.training, run.model.vision
+    native = vision.native_resolution
+    given = [_flag(name) for name in NATIVE_FLAGS if getattr(t, name) is not None]
+    if native is None:
+        return [(f"{', '.join(given)}: for a native-resolution vision tower (vision.native_resolution); the "
+                 f"{vision.family} tower takes images of vision.image_size {vision.image_size}")] if given else []
+    found = []
+    for name in NATIVE_FLAGS:
+        value = getattr(t, name)
+        if value is not None and not value > 0:
+            found.append(f"{_flag(name)} must be positive, got {value}")
+    if found:
+        return found
+    for what, (low, high) in (("", t.image_pixel_range), ("video-", t.video_pixel_range)):
+        if low > high:
+            found.append(f"--{what}min-pixels {low} is larger than --{what}max-pixels {high}")
+    if t.video_sampling[1] < native.temporal_patch_size:
+        found.append(f"--video-max-frames {t.video_sampling[1]} is below one temporal patch "
+                     f"(vision.native_resolution.temporal_patch_size {native.temporal_patch_size})")
+    if t.data_path and t.chat_template != NATIVE_TEMPLATE:
+        found.append(f"--chat-template {t.chat_template}: a native-resolution vision tower ({vision.family}) needs "
+                     f"{NATIVE_TEMPLATE} (its vision start / end markers delimit each image and video)")
+    if t.max_image_tiles != 1:
+        found.append(f"--max-image-tiles {t.max_image_tiles}: a native-resolution vision tower takes each image "
+                     "whole at its own resolution, not tiled")
+    if t.image_normalization is not None:
+        found.append(f"--image-normalization {t.image_normalization}: a native-resolution vision tower "
+                     "normalizes with its own (CLIP) statistics")
+    return found
 
 
 def training_model_config(config: RunConfig) -> LlavaConfig:

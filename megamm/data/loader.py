@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from megamm.data.native_samples import NativeSampleBuilder
 from megamm.data.samples import Sample, SampleBuilder
 from megamm.data.sources import BadSample, RecordSource
 
@@ -80,7 +81,7 @@ class Fetched:
 class PositionDataset(Dataset):
     """`dataset[position]` -> Fetched, replacing bad records deterministically (see the module docstring)."""
 
-    def __init__(self, source: RecordSource, builder: SampleBuilder, seed: int) -> None:
+    def __init__(self, source: RecordSource, builder: SampleBuilder | NativeSampleBuilder, seed: int) -> None:
         self.source = source
         self.builder = builder
         self.order = SampleOrder(len(source), seed)

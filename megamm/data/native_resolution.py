@@ -18,8 +18,7 @@ the windows are in raster order. Within a patch the values are ordered (channel,
 This module reproduces transformers' `Qwen2VLImageProcessorPil` (the processor that needs no
 torchvision) exactly, value for value: Pillow's bicubic resize of the 8-bit RGB image, rescaling
 by 1/255 in float64 then rounding to float32, normalization with the OpenAI CLIP mean/std in float32,
-and the same patch order. These are building blocks for the Qwen2-VL family; the training data path
-does not call them yet.
+and the same patch order. `megamm.data.native_samples` calls it for every image of a training sample.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megamm.config.constants import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 from megamm.models.towers.clip import CLIP
 
 # transformers' smart_resize refuses images whose long side is more than this many times the short side.
@@ -50,8 +50,8 @@ class NativeResolution:
     patch_size: int = 14
     merge_size: int = 2
     temporal_patch_size: int = 2
-    min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 1280
+    min_pixels: int = IMAGE_MIN_PIXELS
+    max_pixels: int = IMAGE_MAX_PIXELS
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels"):
@@ -70,7 +70,7 @@ class NativeResolution:
 
 
 # Qwen2-VL's video processor allows fewer pixels per frame than its image processor (a video has many).
-VIDEO_RESOLUTION = NativeResolution(min_pixels=128 * 28 * 28, max_pixels=28 * 28 * 768)
+VIDEO_RESOLUTION = NativeResolution(min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from megamm.config.constants import VIDEO_FPS
 from megamm.data.images import DEFAULT_MAX_PIXELS, ImageError
 from megamm.data.mrope import mrope_position_ids
 from megamm.data.native_resolution import VIDEO_RESOLUTION, NativeResolution, VisionInput, preprocess_image
@@ -36,9 +37,6 @@ from megamm.data.sources import BadSample, Record
 from megamm.data.templates import AllLabelsMaskedError, ChatTemplate, get_template
 from megamm.data.tokenizer import Tokenizer
 from megamm.data.video import MAX_FRAMES, VideoInput, load_frame_list, load_video_file
-
-# Qwen2-VL's video processor samples 2 frames per second.
-DEFAULT_VIDEO_FPS = 2.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ class NativeSettings:
 
     image: NativeResolution = field(default_factory=NativeResolution)
     video: NativeResolution = VIDEO_RESOLUTION
-    fps: float = DEFAULT_VIDEO_FPS
+    fps: float = VIDEO_FPS
     max_frames: int = MAX_FRAMES
     tokens_per_second: float | None = None
     max_decoded_pixels: int | None = DEFAULT_MAX_PIXELS
@@ -213,4 +211,4 @@ class NativeSampleBuilder:
         )
 
 
-__all__ = ["DEFAULT_VIDEO_FPS", "NativeSampleBuilder", "NativeSettings", "vision_spans"]
+__all__ = ["NativeSampleBuilder", "NativeSettings", "vision_spans"]

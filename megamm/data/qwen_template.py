@@ -12,12 +12,13 @@ with each "<image>" placeholder of a turn written where it stands as `<|vision_s
 has no BOS, so none is added. The answer and its `<|im_end|>` are trained; everything else, the
 "\\n" after an answer's `<|im_end|>` included, is not.
 
-The image tokens are the tokenizer's `image_token_id`: load a Qwen tokenizer with
-`load_tokenizer(path, image_token="<|image_pad|>")`, so that they are Qwen's `<|image_pad|>` (the
-model's `image_token_id`; training checks the two agree). Videos need `<|video_pad|>` in the
-vocabulary. `render(..., "qwen2_vl", ...)` renders conversations with images; `render_qwen2_vl` also
-takes `tokens_per_video`. These are building blocks for the Qwen2-VL family; the training data path
-does not call them yet (nor does `truncate` know video spans).
+The image tokens are the tokenizer's `image_token_id`: the template's `image_token` is Qwen's
+`<|image_pad|>`, which `templates.template_tokenizer` loads the tokenizer with (the model's
+`image_token_id`; training checks the two agree). The ChatML and vision markers and `<|video_pad|>`
+must be single vocabulary entries (`required_tokens`, checked by `check_tokenizer`).
+`render(..., "qwen2_vl", ...)` renders conversations with images; `render_qwen2_vl` also takes
+`tokens_per_video` (the native-resolution training samples, `megamm.data.native_samples`, which also
+truncate without cutting a video).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ QWEN_SYSTEM = "You are a helpful assistant."
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 VIDEO_PAD = "<|video_pad|>"
+IMAGE_PAD = "<|image_pad|>"
 _VISION_RE = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 
 
@@ -84,6 +86,8 @@ class Qwen2VLTemplate(ChatTemplate):
     name: str = "qwen2_vl"
     stop_tokens: tuple[str, ...] = ("<|im_end|>",)
     system: str = QWEN_SYSTEM
+    image_token: str = IMAGE_PAD
+    required_tokens: tuple[str, ...] = ("<|im_start|>", "<|im_end|>", VISION_START, VISION_END, VIDEO_PAD)
 
     def _content(self, b: _Builder, value: str, trained: bool) -> None:
         """A turn's text with its "<image>" / "<video>" placeholders wrapped in vision markers."""

@@ -8,14 +8,21 @@ Each image is a flat color c from a fixed palette plus noise; the token after it
 predicting it needs the image. The text continues an arithmetic sequence (start a, step d drawn per
 sample) over the text vocabulary, which a small model learns from the first two terms. Labels are
 -100 on BOS and image positions.
+
+`SyntheticNativeDataset` is the same task for a native-resolution (Qwen2-VL family) model: every
+image has its own random size within the pixel range, so its patch grid and token count vary, and a
+sample carries its patches, grids and M-RoPE positions as `megamm.data.batching` produces them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from megamm.config import LlavaConfig
 from megamm.config.constants import IGNORE_INDEX
+from megamm.data.mrope import mrope_position_ids
 
 BOS_ID = 1
 NUM_COLORS = 8
@@ -24,6 +31,20 @@ PALETTE = torch.tensor(
     [[-1, -1, -1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1], [1, -1, 1], [-1, 1, 1], [1, 1, 1]],
     dtype=torch.float32,
 )
+
+
+def text_vocabulary(config: LlavaConfig) -> torch.Tensor:
+    """The ids the synthetic text is drawn from: above the colors, all but the image token."""
+    first_text = FIRST_COLOR_ID + NUM_COLORS
+    image_token_id = config.language.image_token_id
+    text_ids = torch.tensor([i for i in range(first_text, config.language.vocab_size) if i != image_token_id])
+    if len(text_ids) < 16 or image_token_id < first_text:
+        raise ValueError(
+            f"synthetic data needs at least 16 text ids from {first_text} up and the image token "
+            f"id at or above {first_text}; got vocab {config.language.vocab_size}, image token "
+            f"{image_token_id}"
+        )
+    return text_ids
 
 
 class SyntheticMultimodalDataset:
@@ -35,21 +56,12 @@ class SyntheticMultimodalDataset:
         self.tokens_per_image = config.image_tokens_per_image
         vision = config.vision
         self.image_shape = (vision.num_channels, vision.image_size, vision.image_size)
-        first_text = FIRST_COLOR_ID + NUM_COLORS
-        self.text_ids = torch.tensor(
-            [i for i in range(first_text, config.language.vocab_size) if i != self.image_token_id]
-        )
+        self.text_ids = text_vocabulary(config)
         needed = 3 + max_images * (self.tokens_per_image + 1)
         if seq_length < needed:
             raise ValueError(
                 f"synthetic data: sequence length {seq_length} cannot hold {max_images} image(s) of "
                 f"{self.tokens_per_image} tokens plus text; need at least {needed}"
-            )
-        if len(self.text_ids) < 16 or self.image_token_id < first_text:
-            raise ValueError(
-                f"synthetic data needs at least 16 text ids from {first_text} up and the image token "
-                f"id at or above {first_text}; got vocab {config.language.vocab_size}, image token "
-                f"{self.image_token_id}"
             )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -71,16 +83,99 @@ class SyntheticMultimodalDataset:
         return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
 
 
+class SyntheticNativeDataset:
+    """The synthetic task for a native-resolution tower: images of random sizes (see the module docstring).
+
+    An image is a grid of `h' x w'` merge windows (`h' * w'` tokens, 1 temporal patch) with
+    `min_pixels <= h' * w' * factor**2 <= max_pixels` (factor: patch_size * merge_size pixels a side)
+    and at most as many tokens as `seq_length` leaves each of `max_images` images; its patches are its
+    color plus noise, in the layout of `megamm.data.native_resolution.patchify` (per patch: channel,
+    frame, row, column). There are no videos.
+    """
+
+    def __init__(self, config: LlavaConfig, seq_length: int, seed: int, max_images: int,
+                 pixel_range: tuple[int, int]) -> None:
+        vision = config.vision
+        native = vision.native_resolution
+        if native is None:
+            raise ValueError("SyntheticNativeDataset needs a native-resolution vision tower (vision.native_resolution)")
+        self.text_ids = text_vocabulary(config)
+        self.seq_length, self.seed, self.max_images = seq_length, seed, max_images
+        self.image_token_id = config.language.image_token_id
+        self.merge = native.spatial_merge_size
+        self.channels = vision.num_channels
+        self.values_per_channel = native.temporal_patch_size * vision.patch_size**2
+        window_pixels = (vision.patch_size * self.merge) ** 2
+        self.fewest = max(1, math.ceil(pixel_range[0] / window_pixels))
+        self.most = pixel_range[1] // window_pixels
+        if max_images:
+            self.most = min(self.most, (seq_length - 3) // max_images - 1)
+        if max_images and self.most < self.fewest:
+            raise ValueError(
+                f"synthetic data: --seq-length {seq_length} cannot hold {max_images} image(s) of at least "
+                f"{self.fewest} tokens (the fewest the pixel range {pixel_range} gives) plus text"
+            )
+
+    def _grid(self, generator: torch.Generator) -> tuple[int, int]:
+        """(h', w') merge windows of one image, with fewest <= h' * w' <= most."""
+        rows = int(torch.randint(1, self.most + 1, (), generator=generator))
+        low, high = max(1, math.ceil(self.fewest / rows)), self.most // rows
+        if low > high:
+            rows, low, high = 1, self.fewest, self.most
+        return rows, int(torch.randint(low, high + 1, (), generator=generator))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        num_images = int(torch.randint(0, self.max_images + 1, (), generator=generator))
+        colors = torch.randint(0, NUM_COLORS, (num_images,), generator=generator)
+        tokens, patches, grids = [BOS_ID], [], []
+        for color in colors.tolist():
+            rows, cols = self._grid(generator)
+            count = rows * cols * self.merge**2
+            noise = 0.1 * torch.randn((count, self.channels, self.values_per_channel), generator=generator)
+            patches.append((PALETTE[color][: self.channels, None] + noise).reshape(count, -1))
+            grids.append((1, rows * self.merge, cols * self.merge))
+            tokens += [self.image_token_id] * (rows * cols) + [FIRST_COLOR_ID + color]
+        text_ids = self.text_ids
+        start = int(torch.randint(0, len(text_ids), (), generator=generator))
+        step = int(torch.randint(1, 4, (), generator=generator))
+        positions = (start + step * torch.arange(self.seq_length - len(tokens))) % len(text_ids)
+        input_ids = torch.cat([torch.tensor(tokens), text_ids[positions]])
+        labels = input_ids.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
+        labels[0] = IGNORE_INDEX
+        image_grid_thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": torch.cat(patches) if patches else torch.zeros(0, self.channels * self.values_per_channel),
+            "image_grid_thw": image_grid_thw,
+            # No videos: no id is the video token.
+            "position_ids": mrope_position_ids(input_ids, image_token_id=self.image_token_id, video_token_id=-1,
+                                               spatial_merge_size=self.merge, image_grid_thw=image_grid_thw),
+        }
+
+
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
-    """Stack samples of equal length; images of all samples in batch order."""
+    """Stack samples of equal length; images of all samples in batch order. Native-resolution samples
+    (with `image_grid_thw`) also give their grids, no videos and `[3, b, s]` positions."""
     images = [s["pixel_values"] for s in samples]
-    counts = torch.tensor([len(i) for i in images])
-    return {
+    native = "image_grid_thw" in samples[0]
+    counts = torch.tensor([len(s["image_grid_thw"]) if native else len(s["pixel_values"]) for s in samples])
+    batch = {
         "input_ids": torch.stack([s["input_ids"] for s in samples]),
         "labels": torch.stack([s["labels"] for s in samples]),
         "pixel_values": torch.cat(images) if int(counts.sum()) else None,
         "images_per_sample": counts,
     }
+    if native:
+        batch.update({
+            "image_grid_thw": torch.cat([s["image_grid_thw"] for s in samples]) if int(counts.sum()) else None,
+            "pixel_values_videos": None,
+            "video_grid_thw": None,
+            "videos_per_sample": torch.zeros(len(samples), dtype=torch.long),
+            "position_ids": torch.stack([s["position_ids"] for s in samples], dim=1),
+        })
+    return batch
 
 
 def microbatch_indices(

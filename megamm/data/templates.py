@@ -45,10 +45,11 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from megamm.config.constants import IGNORE_INDEX
 from megamm.config.registry import CHAT_TEMPLATES
-from megamm.data.tokenizer import Tokenizer
+from megamm.data.tokenizer import DEFAULT_IMAGE_TOKEN, Tokenizer, load_tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
 BOS_TEXT = "<s>"
@@ -194,6 +195,11 @@ class ChatTemplate(ABC):
     # Tokens that close an answer besides EOS (generation stops at them where the tokenizer has them
     # as single ids).
     stop_tokens: tuple[str, ...] = ()
+    # The token every image position holds (the tokenizer is loaded with it, `template_tokenizer`), and
+    # the tokens the template needs as single vocabulary entries (`check_tokenizer` refuses a tokenizer
+    # without them, since they would otherwise be encoded as text).
+    image_token: str = DEFAULT_IMAGE_TOKEN
+    required_tokens: tuple[str, ...] = ()
 
     @abstractmethod
     def build(self, b: _Builder, turns: list[Turn]) -> None:
@@ -359,6 +365,13 @@ def get_template(name: str) -> ChatTemplate:
     return CHAT_TEMPLATES.get(name)
 
 
+def template_tokenizer(path: str | Path, template: str | ChatTemplate) -> Tokenizer:
+    """The tokenizer at `path` loaded for `template`: with its image token (Qwen2-VL's `<|image_pad|>`
+    for qwen2_vl, `<image>` for the others)."""
+    template = get_template(template) if isinstance(template, str) else template
+    return load_tokenizer(path, image_token=template.image_token)
+
+
 def _check_images(turns: list[Turn], tokens_per_image: Sequence[int]) -> None:
     """One positive token count per "<image>" placeholder, or ValueError."""
     placeholders = sum(turn.value.count(IMAGE_PLACEHOLDER) for turn in turns)
@@ -469,5 +482,6 @@ __all__ = [
     "get_template",
     "normalize_conversation",
     "render",
+    "template_tokenizer",
     "truncate",
 ]

@@ -108,6 +108,10 @@ class Tokenizer(ABC):
     def _lookup(self, token: str) -> int | None:
         """Id of `token` as a single vocabulary entry, or None."""
 
+    def has_token(self, token: str) -> bool:
+        """Whether `token` is one vocabulary entry."""
+        return self._lookup(token) is not None
+
     def token_id(self, token: str) -> int:
         """Id of `token` as one vocabulary entry; KeyError if the tokenizer has no such entry."""
         token_id = self._lookup(token)
@@ -386,13 +390,20 @@ class HFTokenizer(Tokenizer):
         return ids
 
 
-def check_tokenizer(tokenizer: Tokenizer, language: LanguageConfig, source: str) -> None:
-    """The tokenizer must fit the language model: no id beyond its vocabulary, the same image token id.
+def check_tokenizer(
+    tokenizer: Tokenizer, language: LanguageConfig, source: str, required: tuple[str, ...] = ()
+) -> None:
+    """The tokenizer must fit the language model: no id beyond its vocabulary, the same image token id,
+    and every token of `required` (a chat template's `required_tokens`) as one vocabulary entry.
 
     ValueError naming `source` (e.g. "--tokenizer-model PATH") and every mismatch. Training and
     generation both check here, before any weights are read.
     """
     problems = []
+    missing = [token for token in required if not tokenizer.has_token(token)]
+    if missing:
+        problems.append(f"it has no single token for {', '.join(map(repr, missing))} (the chat template writes "
+                        "them as markers)")
     if tokenizer.vocab_size > language.vocab_size:
         problems.append(f"it has {tokenizer.vocab_size} tokens (added image/pad tokens included) but "
                         f"model.language.vocab_size is {language.vocab_size}")

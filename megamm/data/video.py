@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from megamm.config.constants import VIDEO_MAX_FRAMES
 from megamm.data.images import load_image
 from megamm.data.native_resolution import (
     VIDEO_RESOLUTION,
@@ -41,7 +42,7 @@ from megamm.data.native_resolution import (
 
 # transformers' Qwen2VLVideoProcessor defaults (qwen-vl-utils uses the same bounds).
 MIN_FRAMES = 4
-MAX_FRAMES = 768
+MAX_FRAMES = VIDEO_MAX_FRAMES
 
 
 @dataclass(frozen=True)

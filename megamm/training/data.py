@@ -5,54 +5,84 @@ Two kinds, one interface (`microbatches(iteration)`, `eval_batches()`, `counts()
 - `FileData` (--data-path): dataset files through the sample builder and the worker loader
   (`megamm.data.loader`), padded or packed into microbatches.
 
-Each pipeline stage keeps only what it uses: the first stage the tokens and images, the last stage the
-labels; packed rows also give every stage their positions and attention mask. A stage that needs
-nothing (a middle stage without packing) reads nothing. Tensor-parallel ranks read the same samples
+Each pipeline stage keeps only what it uses: the first stage the tokens, images and videos (patches
+and grids for a native-resolution tower), the last stage the labels (and what the step's FLOP count
+reads: images per row, the grids); packed rows also give every stage their positions and attention
+mask, and so do the native-resolution family's rows, padded too (their M-RoPE positions are not the
+token index). A stage that needs nothing (a middle stage of a fixed-size family without packing)
+reads nothing. Tensor-parallel ranks read the same samples
 independently; the loader is deterministic, so they agree without a broadcast.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from megamm.config.resolved import ResolvedConfig
 from megamm.data.batching import Batch, packed_microbatches, padded_microbatches
 from megamm.data.datasets import build_source
 from megamm.data.images import image_normalization
 from megamm.data.loader import BAD_KINDS, PositionDataset, RankLoader, ResumePoint
+from megamm.data.native_resolution import NativeResolution
+from megamm.data.native_samples import NativeSampleBuilder, NativeSettings
 from megamm.data.samples import ImageSettings, Sample, SampleBuilder
-from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
-from megamm.data.tokenizer import check_tokenizer, load_tokenizer
+from megamm.data.synthetic import (
+    SyntheticMultimodalDataset,
+    SyntheticNativeDataset,
+    collate,
+    microbatch_indices,
+)
+from megamm.data.templates import get_template, template_tokenizer
+from megamm.data.tokenizer import check_tokenizer
 from megamm.parallel.state import ParallelState
+
+if TYPE_CHECKING:
+    from megamm.config import LlavaConfig
 
 # Held-out synthetic samples come from another seed stream.
 EVAL_SEED_OFFSET = 7919
-FIRST_STAGE_KEYS = ("input_ids", "pixel_values", "images_per_sample")
-LAST_STAGE_KEYS = ("labels", "images_per_sample")
+FIRST_STAGE_KEYS = (
+    "input_ids", "pixel_values", "images_per_sample", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+    "videos_per_sample",
+)
+LAST_STAGE_KEYS = ("labels", "images_per_sample", "image_grid_thw", "video_grid_thw", "videos_per_sample")
 EVERY_STAGE_KEYS = ("position_ids", "attention_mask")
 
 
-def stage_keys(state: ParallelState, packed: bool) -> tuple[str, ...]:
+def stage_keys(state: ParallelState, packed: bool, native: bool = False) -> tuple[str, ...]:
+    """The batch keys this rank's stage keeps (a key its batches lack is skipped): packed rows give
+    every stage the positions and mask, native-resolution rows the positions."""
     keys = (FIRST_STAGE_KEYS if state.is_first_stage else ()) + (LAST_STAGE_KEYS if state.is_last_stage else ())
-    return keys + (EVERY_STAGE_KEYS if packed else ())
+    every = EVERY_STAGE_KEYS if packed else ("position_ids",) if native else ()
+    return tuple(dict.fromkeys(keys + every))
 
 
 def _select(batches: list[Batch], keys: tuple[str, ...]) -> list[Batch]:
     return [{key: batch[key] for key in keys if key in batch} for batch in batches]
 
 
+def _synthetic(config: ResolvedConfig, seed: int) -> SyntheticMultimodalDataset | SyntheticNativeDataset:
+    t, model = config.training, config.model
+    if model.vision.native_resolution is not None:
+        return SyntheticNativeDataset(model, t.seq_length, seed, t.images_per_sample, t.image_pixel_range)
+    return SyntheticMultimodalDataset(model, t.seq_length, seed, t.images_per_sample)
+
+
 class SyntheticData:
     """--mock-data: sample i of the synthetic set is global position i; a run resumed at `resume`
-    continues from its consumed samples."""
+    continues from its consumed samples. A native-resolution model gets images of random sizes."""
 
     def __init__(self, config: ResolvedConfig, state: ParallelState, resume: ResumePoint) -> None:
-        t, model_config = config.training, config.model
+        t = config.training
         self.config, self.state, self.resume = config, state, resume
-        self.train = SyntheticMultimodalDataset(model_config, t.seq_length, t.seed, t.images_per_sample)
-        self.eval = SyntheticMultimodalDataset(model_config, t.seq_length, t.seed + EVAL_SEED_OFFSET, t.images_per_sample)
-        self.keys = stage_keys(state, packed=False)
+        self.train = _synthetic(config, t.seed)
+        self.eval = _synthetic(config, t.seed + EVAL_SEED_OFFSET)
+        self.keys = stage_keys(state, packed=False, native=config.model.vision.native_resolution is not None)
 
-    def batches_at(self, dataset: SyntheticMultimodalDataset, first_position: int) -> list[Batch]:
+    def batches_at(
+        self, dataset: SyntheticMultimodalDataset | SyntheticNativeDataset, first_position: int
+    ) -> list[Batch]:
         """This rank's microbatches of the global batch of `dataset` (the train or eval set) that
         starts at sample `first_position`."""
         t, state = self.config.training, self.state
@@ -82,13 +112,41 @@ def _image_settings(config: ResolvedConfig) -> ImageSettings:
     return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles)
 
 
-def build_sample_builder(config: ResolvedConfig) -> SampleBuilder:
+def native_settings(config: ResolvedConfig) -> NativeSettings:
+    """How a native-resolution run patches its images and videos: the tower's sizes, the pixel and
+    sampling flags."""
+    t, vision = config.training, config.model.vision
+    native = vision.native_resolution
+    sizes = {"patch_size": vision.patch_size, "merge_size": native.spatial_merge_size,
+             "temporal_patch_size": native.temporal_patch_size}
+    fps, max_frames = t.video_sampling
+    return NativeSettings(
+        image=NativeResolution(**sizes, min_pixels=t.image_pixel_range[0], max_pixels=t.image_pixel_range[1]),
+        video=NativeResolution(**sizes, min_pixels=t.video_pixel_range[0], max_pixels=t.video_pixel_range[1]),
+        fps=fps, max_frames=max_frames, tokens_per_second=native.tokens_per_second,
+    )
+
+
+def vision_input_shape(config: ResolvedConfig) -> tuple[int, ...]:
+    """One vision-tower input (`megamm.data.batching`): an image `(C, H, W)`, or a native-resolution
+    tower's patch `(C * T * P * P,)`."""
+    vision = config.model.vision
+    if vision.native_resolution is not None:
+        return (native_settings(config).patch_dim,)
+    return (vision.num_channels, vision.image_size, vision.image_size)
+
+
+def build_sample_builder(config: ResolvedConfig) -> SampleBuilder | NativeSampleBuilder:
     """The tokenizer, template and image settings of a run, checked against the model."""
     t, model_config = config.training, config.model
-    tokenizer = load_tokenizer(t.tokenizer_model)
-    check_tokenizer(tokenizer, model_config.language, f"--tokenizer-model {t.tokenizer_model}")
+    template = get_template(t.chat_template)
+    tokenizer = template_tokenizer(t.tokenizer_model, template)
+    check_tokenizer(tokenizer, model_config.language, f"--tokenizer-model {t.tokenizer_model}",
+                    template.required_tokens)
+    if model_config.vision.native_resolution is not None:
+        return NativeSampleBuilder(tokenizer, template, native_settings(config), t.seq_length)
     return SampleBuilder(
-        tokenizer, t.chat_template, _image_settings(config),
+        tokenizer, template, _image_settings(config),
         model_config.image_tokens_per_image, t.seq_length,
     )
 
@@ -107,10 +165,9 @@ class FileData:
         t = config.training
         self.config, self.state, self.log = config, state, log
         self.builder = build_sample_builder(config)
-        vision = config.model.vision
-        self.image_shape = (vision.num_channels, vision.image_size, vision.image_size)
+        self.image_shape = vision_input_shape(config)
         self.microbatch_multiple = microbatch_multiple
-        self.keys = stage_keys(state, t.pack_sequences)
+        self.keys = stage_keys(state, t.pack_sequences, config.model.vision.native_resolution is not None)
         total = t.train_iters * t.global_batch_size
         source, self.parts = build_source(t.data_path, t.image_folder, t.seed, total)
         self.train = PositionDataset(source, self.builder, t.seed)
@@ -176,6 +233,16 @@ def build_training_data(
     if config.training.mock_data:
         return SyntheticData(config, state, resume)
     return FileData(config, state, resume, microbatch_multiple, log)
+
+
+def vision_inputs(microbatches: list[Batch], model: LlavaConfig) -> int | list[list[int]]:
+    """What the step's vision FLOPs follow (`megamm.training.metrics.step_flops`): the tower inputs
+    (tiles) of a fixed-size tower, the (t, h, w) grids of the images and videos of a native one; none
+    on a stage that holds neither (a middle stage)."""
+    if model.vision.native_resolution is None:
+        return sum(int(mb["images_per_sample"].sum()) for mb in microbatches if "images_per_sample" in mb)
+    return [grid for mb in microbatches for key in ("image_grid_thw", "video_grid_thw")
+            if mb.get(key) is not None for grid in mb[key].tolist()]
 
 
 def rows_in(microbatches: list[Batch]) -> int:

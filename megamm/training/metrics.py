@@ -8,6 +8,12 @@ Megatron and PaLM MFU papers:
   causal or not), output projection `2 n_q d h`, MLP `2 h f` x (3 for SwiGLU, else 2);
 - vision tower: the above for its `used` layers over patches (+ class token) per image, plus the
   patch convolution `2 C p^2 h` per patch;
+- native-resolution tower (the Qwen2-VL family): the actual patches of the step's images and videos,
+  from their (t, h, w) grids: the layers' linear parts per patch, attention within each frame (`4 n^2
+  n_q d` for a frame of n patches) in full-attention layers and within each window in windowed
+  ones (Qwen2.5-VL: windows of `window_size` pixels, the last per row and column cut short), the
+  patch embedding `2 C T p^2 h` per patch and the patch merger (`2 (m h)^2 + 2 (m h) out` per merged
+  token, m = merge_size^2 patches); it has no separate projector;
 - projector: each type counts its own (`Projector.flops_per_token`: `2 c_in h`, + `2 h h` for
   mlp2x_gelu) per image token;
 - language model: its layers plus the output layer `2 h V` per token.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from collections.abc import Sequence
 
 import torch
 
@@ -59,17 +66,63 @@ def _pass_factor(trainable: bool, backprop_through: bool, recompute: str) -> int
     return 2 if backprop_through else 1
 
 
-def step_flops(config: LlavaConfig, seq_length: int, samples: int, images: int) -> float:
-    """Model FLOPs of one training step over `samples` sequences holding `images` images."""
+Grid = Sequence[int]
+
+
+def _window_sides(length: int, window: int | None) -> list[int]:
+    """Sides of the windows a frame's `length` patches split into along one axis (one window: the axis)."""
+    if window is None or window >= length:
+        return [length]
+    return [window] * (length // window) + ([length % window] if length % window else [])
+
+
+def native_vision_flops(config: LlavaConfig, grids: Sequence[Grid]) -> float:
+    """Forward FLOPs of a native-resolution tower over images / videos of these (t, h, w) patch grids."""
+    vision = config.vision
+    native, vt = vision.native_resolution, vision.transformer
+    merged = native.window_merged_size(vision.patch_size)
+    window = None if merged is None else merged * native.spatial_merge_size
+    windowed = 0 if window is None else vt.num_layers - len(native.fullatt_block_indexes)
+    attention_per_square = 4 * vt.num_attention_heads * vt.head_dim
+    wide = vt.hidden_size * native.merge_unit
+    per_patch = (
+        vt.num_layers * layer_flops_per_token(vt, 0)
+        + 2 * vision.num_channels * native.temporal_patch_size * vision.patch_size**2 * vt.hidden_size
+        + (2 * wide * wide + 2 * wide * native.out_hidden_size) / native.merge_unit
+    )
+    total = 0.0
+    for t, h, w in grids:
+        frame_squares = (h * w) ** 2
+        window_squares = sum(a * a for a in _window_sides(h, window)) * sum(
+            b * b for b in _window_sides(w, window)
+        )
+        total += t * h * w * per_patch + t * attention_per_square * (
+            (vt.num_layers - windowed) * frame_squares + windowed * window_squares
+        )
+    return total
+
+
+def step_flops(config: LlavaConfig, seq_length: int, samples: int, images: int | Sequence[Grid]) -> float:
+    """Model FLOPs of one training step over `samples` sequences holding `images`: the number of
+    vision-tower inputs (tiles) for a fixed-size tower, the (t, h, w) grids of the step's images and
+    videos for a native-resolution tower (its cost follows each image's own size)."""
     vision, language = config.vision, config.language
     vt, lt = vision.transformer, language.transformer
-    vision_forward = images * (
-        vision.num_layers_used * vision.seq_length * layer_flops_per_token(vt, vision.seq_length)
-        + vision.num_patches * 2 * vision.num_channels * vision.patch_size**2 * vt.hidden_size
-    )
-    projector_in = vt.hidden_size * config.projector.merged_patches
-    per_image_token = projector_class(config.projector).flops_per_token(projector_in, lt.hidden_size)
-    projector_forward = images * config.image_tokens_per_image * per_image_token
+    native = vision.native_resolution is not None
+    if native == isinstance(images, int):
+        raise TypeError(f"step_flops: a {vision.family} tower counts "
+                        f"{'grids of its images and videos' if native else 'its tower inputs'}, got {images!r}")
+    if native:
+        vision_forward = native_vision_flops(config, images)
+        projector_forward = 0.0  # the patch merger is part of the tower
+    else:
+        vision_forward = images * (
+            vision.num_layers_used * vision.seq_length * layer_flops_per_token(vt, vision.seq_length)
+            + vision.num_patches * 2 * vision.num_channels * vision.patch_size**2 * vt.hidden_size
+        )
+        projector_in = vt.hidden_size * config.projector.merged_patches
+        per_image_token = projector_class(config.projector).flops_per_token(projector_in, lt.hidden_size)
+        projector_forward = images * config.image_tokens_per_image * per_image_token
     language_forward = samples * seq_length * (
         lt.num_layers * layer_flops_per_token(lt, seq_length) + 2 * lt.hidden_size * language.vocab_size
     )

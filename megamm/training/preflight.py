@@ -8,7 +8,8 @@ process group or model exists:
 - `--data-path` / `--valid-data-path`: every path exists and holds a format megamm reads, probed at
   its first record (a .jpg given as a dataset would otherwise fail at the first batch as a run of
   bad records);
-- `--tokenizer-model`: it opens, and its vocabulary and image token id fit the model;
+- `--tokenizer-model`: it opens (with the chat template's image token), its vocabulary and image
+  token id fit the model, and it has the template's markers as single tokens;
 - `--load`: it holds a checkpoint (Megatron starts from random weights when it does not; here a
   run given `--load` trains from what it names or not at all), and a resumed run has iterations
   left to train.
@@ -22,10 +23,12 @@ import os
 from pathlib import Path
 
 from megamm.checkpoint import format
+from megamm.config.registry import CHAT_TEMPLATES
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.config.unparsed import gather
 from megamm.data.datasets import parse_data_path, probe_source
-from megamm.data.tokenizer import check_tokenizer, load_tokenizer
+from megamm.data.templates import get_template, template_tokenizer
+from megamm.data.tokenizer import check_tokenizer
 
 
 def file_problems(run: RunConfig) -> list[str]:
@@ -61,10 +64,13 @@ def _tokenizer_problems(run: RunConfig) -> list[str]:
     t = run.training
     if not t.data_path or not t.tokenizer_model or not Path(t.tokenizer_model).exists():
         return []
+    if t.chat_template not in CHAT_TEMPLATES:
+        return []  # the config's problem
     source = f"--tokenizer-model {t.tokenizer_model}"
     try:
-        tokenizer = load_tokenizer(t.tokenizer_model)
-        check_tokenizer(tokenizer, run.model.language, source)
+        template = get_template(t.chat_template)
+        tokenizer = template_tokenizer(t.tokenizer_model, template)
+        check_tokenizer(tokenizer, run.model.language, source, template.required_tokens)
     except (OSError, ValueError) as error:
         return [str(error) if str(error).startswith(source) else f"{source}: {error}"]
     return []

@@ -1,16 +1,27 @@
 """Training on dataset files end to end: a corrupted dataset is trained through with every bad record
-skipped and counted, and packed rows (here through a 2-stage pipeline) train exactly like padded ones."""
+skipped and counted, and packed rows (here through a 2-stage pipeline) train exactly like padded ones;
+and the native-resolution family's batches as each pipeline stage receives them."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from megamm.config.resolved import ResolvedConfig, resolve
+from megamm.config.run import RunConfig, TrainingConfig
+from megamm.data.loader import ResumePoint
+from megamm.data.templates import template_tokenizer
 from megamm.data.tokenizer import load_tokenizer
-from tests.data_fixtures import DatasetFiles, write_dataset
+from megamm.training.data import FileData, SyntheticData, build_sample_builder, vision_inputs
+from tests.data.test_native_samples import full_row, write_native_files
+from tests.data_fixtures import DatasetFiles, write_dataset, write_qwen_tokenizer
 from tests.distributed import run_distributed
+from tests.tiny import language_config, llava_config, native_vision_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = str(ROOT / "examples" / "tiny_cpu.yaml")
@@ -80,3 +91,86 @@ def test_resumed_run_reads_and_trains_like_an_uninterrupted_one(corrupted: Datas
     assert resumed["final_loss"] == whole["final_loss"]
     # The resumed run read only iterations 3 and 4: half of the samples, and the same bad ones.
     assert resumed["data"]["records"] - resumed["data"]["bad"] == 8
+
+
+# ---------------------------------------------------------------------------------------------------
+# The native-resolution (Qwen2-VL family) data path, from files to each stage's microbatches. The model
+# config is set on a resolved config directly: LlavaConfig refuses a native tower until the model
+# takes it, and what is tested here is the data side alone.
+
+
+def _native_config(root: Path, tokenizer, **training) -> ResolvedConfig:
+    base = resolve(RunConfig(model=llava_config(), training=TrainingConfig(mock_data=True)), 1)
+    language = replace(language_config(), vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id)
+    model = llava_config(vision=native_vision_config(windows=True), language=language)
+    flags = {"mock_data": False, "data_path": [str(root / "rows.jsonl")], "image_folder": str(root),
+             "tokenizer_model": str(root / "tokenizer.json"), "chat_template": "qwen2_vl", "seq_length": 640,
+             "global_batch_size": 3, "micro_batch_size": 3, "train_iters": 1, "num_workers": 0,
+             "min_pixels": 64 * 4, "max_pixels": 64 * 40, "video_min_pixels": 64 * 4, "video_max_pixels": 64 * 12,
+             **training}
+    run = replace(base.run, model=model, training=replace(base.run.training, **flags))
+    return replace(base, run=run, model=model, microbatches_per_step=1)
+
+
+def _stage(first: bool, last: bool) -> SimpleNamespace:
+    return SimpleNamespace(is_first_stage=first, is_last_stage=last, dp_rank=0, dp_size=1)
+
+
+@pytest.fixture(scope="module")
+def native_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = write_native_files(tmp_path_factory.mktemp("native_training"))
+    rows = [full_row(), {"image": "image1.png", "conversations": [{"from": "human", "value": "<image>What?"},
+                                                                   {"from": "gpt", "value": "A cat."}]},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yes."}]}]
+    (root / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def test_native_batches_reach_each_stage(native_root: Path) -> None:
+    """Every stage of a native-resolution run gets the M-RoPE positions (padded rows too); the first
+    the patches, grids and videos; the last what the FLOP count reads. The step's vision inputs are
+    its grids."""
+    tokenizer = template_tokenizer(native_root / "tokenizer.json", "qwen2_vl")
+    config = _native_config(native_root, tokenizer)
+    first_keys = {"input_ids", "pixel_values", "images_per_sample", "image_grid_thw", "pixel_values_videos",
+                  "video_grid_thw", "videos_per_sample", "position_ids"}
+    last_keys = {"labels", "images_per_sample", "image_grid_thw", "video_grid_thw", "videos_per_sample",
+                 "position_ids"}
+    expected = {(True, False): first_keys, (False, False): {"position_ids"}, (False, True): last_keys}
+    for (first, last), keys in expected.items():
+        (batch,) = FileData(config, _stage(first, last), ResumePoint()).microbatches(0)
+        assert set(batch) == keys, (first, last)
+        assert batch["position_ids"].shape == (3, 3, 640)
+    whole = FileData(config, _stage(True, True), ResumePoint())
+    (batch,) = whole.microbatches(0)
+    assert whole.counts()["bad"] == 0
+    assert batch["pixel_values"].shape[1] == 3 * 2 * 4 * 4 and batch["videos_per_sample"].sum() == 1
+    grids = batch["image_grid_thw"].tolist() + batch["video_grid_thw"].tolist()
+    assert vision_inputs([batch], config.model) == grids and len(grids) == 4
+    assert batch["pixel_values"].shape[0] == sum(t * h * w for t, h, w in batch["image_grid_thw"].tolist())
+    packed = _native_config(native_root, tokenizer, pack_sequences=True)
+    (row_batch,) = FileData(packed, _stage(False, False), ResumePoint()).microbatches(0)
+    assert set(row_batch) == {"position_ids", "attention_mask"}
+
+
+def test_native_tokenizer_and_synthetic_data(native_root: Path, tmp_path: Path) -> None:
+    """The tokenizer must hold the template's markers; --mock-data gives native batches of random sizes."""
+    tokenizer = template_tokenizer(native_root / "tokenizer.json", "qwen2_vl")
+    without = write_qwen_tokenizer(tmp_path / "tokenizer.json", ["Hello there."],
+                                   ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"))
+    config = _native_config(native_root, tokenizer, tokenizer_model=str(without))
+    with pytest.raises(ValueError, match=r"has no single token for '<\|vision_start\|>', '<\|vision_end\|>', "
+                                         r"'<\|video_pad\|>'"):
+        build_sample_builder(config)
+    synthetic = _native_config(native_root, tokenizer, mock_data=True, data_path=None, images_per_sample=2,
+                               seq_length=96)
+    model = replace(synthetic.model, language=language_config())  # the synthetic task's vocabulary
+    synthetic = replace(synthetic, model=model, run=replace(synthetic.run, model=model))
+    data = SyntheticData(synthetic, _stage(True, True), ResumePoint())
+    (batch,) = data.microbatches(0)
+    assert batch["position_ids"].shape == (3, 3, 96) and batch["pixel_values_videos"] is None
+    grids = batch["image_grid_thw"]
+    assert vision_inputs([batch], synthetic.model) == ([] if grids is None else grids.tolist())
+    assert grids is not None and batch["pixel_values"].shape[0] == int(grids.prod(dim=1).sum())
+    middle = SyntheticData(synthetic, _stage(False, False), ResumePoint())
+    assert set(middle.microbatches(0)[0]) == {"position_ids"}

@@ -26,8 +26,8 @@ import torch
 from megamm import train as train_module
 from megamm.config import LlavaConfig, ProjectorConfig, TransformerConfig
 from megamm.config.run import RunConfig, TrainingConfig
-from megamm.training.metrics import layer_flops_per_token, peak_tflops, step_flops
-from tests.tiny import language_config, llava_config, vision_config
+from megamm.training.metrics import layer_flops_per_token, native_vision_flops, peak_tflops, step_flops
+from tests.tiny import language_config, llava_config, native_vision_config, vision_config
 
 SEQ = 48  # language sequence length used throughout
 SAMPLES = 4  # sequences in the step
@@ -148,6 +148,36 @@ def test_step_flops_scale_with_sequence_length_and_counts() -> None:
     assert step_flops(config, 96, 2, 0) == 3 * 2 * 96 * per_token  # 106463232
 
 
+# The native-resolution tower of tests/tiny.py: h 32, 4 heads of 8, ffn 64 (2 matrices), 2 layers.
+# Per patch: layers 2 x (2*32*(4+8)*8 + 2*4*8*32 + 2*32*64*2) = 2 x 16384 = 32768; patch embedding
+# 2*3*2*4*4*32 = 6144; merger per merged token 2*128*128 + 2*128*64 = 49152, per patch / 4 = 12288.
+NATIVE_PER_PATCH = 32768 + 6144 + 12288  # 51200
+NATIVE_ATTENTION = 4 * 4 * 8  # 128 per (query, key) pair of one layer
+NATIVE_GRIDS = [(1, 4, 6), (2, 4, 4)]  # an image of 24 patches, a video of 2 frames of 16
+# No windows: every layer attends each frame whole: 24^2 for the image, 2 x 16^2 for the video.
+NATIVE_FULL = 24 * NATIVE_PER_PATCH + 2 * NATIVE_ATTENTION * 576 + 32 * NATIVE_PER_PATCH + 2 * 2 * NATIVE_ATTENTION * 256
+# Windows of 4x4 patches in layer 0: the 4x6 image splits into 4x4 and 4x2 windows (256 + 64 pairs);
+# the 4x4 frames are one window each.
+NATIVE_WINDOWED = (24 * NATIVE_PER_PATCH + NATIVE_ATTENTION * (576 + 320)
+                   + 32 * NATIVE_PER_PATCH + 2 * NATIVE_ATTENTION * (256 + 256))
+
+
+def test_native_vision_flops_by_hand() -> None:
+    """The actual patches of the step: each image's and video's own grid, attention within frames and
+    windows, the merger; the language model as for any family, no projector."""
+    assert NATIVE_FULL == 3145728 and NATIVE_WINDOWED == 3112960
+    for windows, vision in ((False, NATIVE_FULL), (True, NATIVE_WINDOWED)):
+        config = llava_config(vision=native_vision_config(windows))
+        assert native_vision_flops(config, NATIVE_GRIDS) == vision
+        assert step_flops(config, SEQ, SAMPLES, NATIVE_GRIDS) == 3 * (vision + LANGUAGE_FWD)
+        frozen = replace(config, freeze_vision=True)
+        assert step_flops(frozen, SEQ, SAMPLES, NATIVE_GRIDS) == vision + 3 * LANGUAGE_FWD
+    with pytest.raises(TypeError, match="a qwen2_vl tower counts grids of its images and videos"):
+        step_flops(llava_config(vision=native_vision_config()), SEQ, SAMPLES, IMAGES)
+    with pytest.raises(TypeError, match="a clip tower counts its tower inputs"):
+        step_flops(llava_config(), SEQ, SAMPLES, NATIVE_GRIDS)
+
+
 def test_peak_tflops_table_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
     """The flag wins; fp32 and CPU runs have no default peak; GPUs match the most specific name first."""
     cuda = torch.device("cuda", 0)
@@ -174,7 +204,8 @@ def test_log_line_mfu_and_throughput_by_hand(monkeypatch: pytest.MonkeyPatch) ->
     """The log line's tokens/s, TFLOP/s/device and MFU for a simulated dp=2 run.
 
     Each of the 2 ranks logged 2 steps in 3.0 s holding 4 rows and 3 images: per step 2 x 4 / 2 = 4 rows
-    and 2 x 3 / 2 = 3 images, 1.5 s. The step's FLOPs are the hand figure 100198656 (all trained);
+    and 2 x 3 / 2 = 3 images, 1.5 s. The step's FLOPs are the hand figure 100198656 (all trained), of
+    which each rank counted its half in each of the 2 steps (`IntervalStats.flops` = 100198656);
     per device and second: 100198656 / 1.5 / 2 = 33399552 FLOP/s = 3.3399552e-5 TFLOP/s; with a peak of
     1e-4 TFLOP/s the MFU is 33.4%. Tokens/s: 4 rows x 48 tokens / 1.5 s = 128.
     """
@@ -184,7 +215,7 @@ def test_log_line_mfu_and_throughput_by_hand(monkeypatch: pytest.MonkeyPatch) ->
                                                                      global_batch_size=8, train_iters=10))
     state = SimpleNamespace(world_size=2, device=torch.device("cpu"))
     trainer = SimpleNamespace(config=config, state=state, model=SimpleNamespace(config=config.model))
-    stats = train_module.IntervalStats(steps=2, loss_sum=9.0, loss_steps=2, seconds=3.0, images=3, rows=4,
+    stats = train_module.IntervalStats(steps=2, loss_sum=9.0, loss_steps=2, seconds=3.0, flops=100198656, rows=4,
                                        grad_norms=[0.5])
     lines: list[str] = []
     scalars: dict[str, float] = {}

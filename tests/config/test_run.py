@@ -1,0 +1,57 @@
+"""The native-resolution data flags and their tower, validated up front (megamm.config.run)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from megamm.config.model import NativeResolutionConfig, ParallelConfig
+from megamm.config.parsing import read_run_config
+from megamm.config.run import RunConfig, TrainingConfig
+from tests.tiny import llava_config, native_vision_config
+
+EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "tiny_cpu.yaml")
+
+
+def _problems(model, **training) -> list[str]:
+    return RunConfig(model=model, training=TrainingConfig(**training)).problems(1)
+
+
+def test_native_flags_need_a_native_tower() -> None:
+    problems = _problems(llava_config(), mock_data=True, min_pixels=100, video_fps=1.0)
+    assert ("--min-pixels, --video-fps: for a native-resolution vision tower (vision.native_resolution); the "
+            "clip tower takes images of vision.image_size 16") in problems
+
+
+def test_a_native_tower_needs_its_template_and_sane_flags(tmp_path) -> None:
+    native = llava_config(vision=native_vision_config())
+    problems = _problems(native, data_path=[str(tmp_path)], tokenizer_model=str(tmp_path), chat_template="chatml",
+                         max_image_tiles=4, image_normalization="siglip", min_pixels=5000, max_pixels=4000,
+                         video_max_frames=1)
+    for expected in (
+        "--min-pixels 5000 is larger than --max-pixels 4000",
+        "--video-max-frames 1 is below one temporal patch (vision.native_resolution.temporal_patch_size 2)",
+        ("--chat-template chatml: a native-resolution vision tower (qwen2_vl) needs qwen2_vl (its vision start / "
+         "end markers delimit each image and video)"),
+        ("--max-image-tiles 4: a native-resolution vision tower takes each image whole at its own resolution, "
+         "not tiled"),
+        "--image-normalization siglip: a native-resolution vision tower normalizes with its own (CLIP) statistics",
+    ):
+        assert expected in problems, (expected, problems)
+    assert "--video-min-pixels must be positive, got -3" in _problems(native, mock_data=True, video_min_pixels=-3)
+    fine = _problems(native, data_path=[str(tmp_path)], tokenizer_model=str(tmp_path), chat_template="qwen2_vl",
+                     video_max_pixels=28 * 28 * 256)
+    assert not [p for p in fine if "pixels" in p or "template" in p or "frames" in p], fine
+
+
+def test_native_flags_parse_and_tokens_per_second_is_checked() -> None:
+    config, _ = read_run_config(["--config", EXAMPLE, "--mock-data", "--max-pixels", "12544", "--video-fps", "0.5",
+                                        "--video-max-frames", "16"], 1)
+    assert config.training.image_pixel_range == (56 * 56, 12544)
+    assert config.training.video_sampling == (0.5, 16)
+    assert config.training.video_pixel_range == (128 * 28 * 28, 28 * 28 * 768)  # Qwen2-VL's video processor
+    vision = native_vision_config()
+    broken = replace(vision, native_resolution=replace(vision.native_resolution, tokens_per_second=0.0))
+    assert isinstance(vision.native_resolution, NativeResolutionConfig)
+    assert ("vision.native_resolution.tokens_per_second must be positive (or null), got 0.0"
+            in broken.problems(ParallelConfig()))
