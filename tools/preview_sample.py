@@ -5,11 +5,16 @@
         [--max-image-tiles 6] [--index 0 5 17 | --count 3] [--tokens]
 
 or take every data setting from a training config: `--config run.yaml` (flags given here win).
+A native-resolution model (the Qwen2-VL family, `model.vision.native_resolution`) is previewed from its
+config: its patch sizes come from the model section, the pixel ranges and video sampling from the
+training section (--min-pixels, ..., --video-max-frames).
 
-For each sample: its file and id, length, trained-token count, the image spans with their tile grids,
-then the sequence as text in which trained spans are wrapped in [[...]] and each image is one
-<image x N> marker (N image tokens). `--tokens` adds one line per token: position, id, piece, label.
-A bad sample is printed with the reason the loader would skip it.
+For each sample: its file and id, length, trained-token count, the image spans with their tile grids
+(native: each image's and video's (t, h, w) patch grid, patch count and token count; a video's sampled
+frames and seconds per temporal patch), then the sequence as text in which trained spans are wrapped
+in [[...]] and each image is one <image x N> marker (N image tokens; a video <video x N>). `--tokens`
+adds one line per token: position, id, piece, label. A bad sample is printed with the reason the
+loader would skip it.
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ from megamm.config.constants import IGNORE_INDEX
 from megamm.config.parsing import read_yaml_tree, run_config_from_dict
 from megamm.config.registry import CHAT_TEMPLATES
 from megamm.data.datasets import open_source, parse_data_path
+from megamm.data.native_samples import NativeSampleBuilder, native_settings
+from megamm.data.qwen_template import VIDEO_PAD
 from megamm.data.samples import ImageSettings, Sample, SampleBuilder
 from megamm.data.sources import BadSample
-from megamm.data.tokenizer import Tokenizer, load_tokenizer
+from megamm.data.templates import template_tokenizer
+from megamm.data.tokenizer import Tokenizer
 
 # Settings read from a training config when not given as flags: flag name -> (section, field).
 FROM_CONFIG = {
@@ -59,7 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _fill_from_config(args: argparse.Namespace) -> None:
-    """Missing flags from --config; the image geometry from its model section."""
+    """Missing flags from --config; the image geometry from its model section (a native-resolution
+    tower's patch settings as `args.native`, None otherwise)."""
+    args.native = None
     if not args.config:
         return
     # Read without the run's semantic checks: the data flags may come from this command line instead.
@@ -67,6 +77,9 @@ def _fill_from_config(args: argparse.Namespace) -> None:
     for name, (section, field) in FROM_CONFIG.items():
         if getattr(args, name) is None:
             setattr(args, name, getattr(getattr(config, section), field))
+    if config.model.vision.native_resolution is not None:
+        args.native = native_settings(config.model.vision, config.training)
+        return
     if args.image_size is None:
         args.image_size = config.model.vision.image_size
     if args.image_tokens is None:
@@ -74,8 +87,26 @@ def _fill_from_config(args: argparse.Namespace) -> None:
 
 
 def _missing(args: argparse.Namespace) -> list[str]:
-    needed = ("data_path", "tokenizer_model", "seq_length", "image_size", "image_tokens")
+    needed = ("data_path", "tokenizer_model", "seq_length")
+    if args.native is None:
+        needed += ("image_size", "image_tokens")
     return [f"--{name.replace('_', '-')}" for name in needed if getattr(args, name) is None]
+
+
+def _vision_lines(sample: Sample, merge: int) -> list[str]:
+    """One line per image and video of a native-resolution sample: span, grid, patches, tokens."""
+    native = sample.native
+    lines = []
+    for number, ((start, end), patches) in enumerate(zip(sample.image_spans, native.image_patches, strict=True)):
+        t, h, w = native.image_grid_thw[number].tolist()
+        lines.append(f"  image {number}: tokens [{start}, {end}), grid (t, h, w) = ({t}, {h}, {w}), {patches} "
+                     f"patches, {patches // merge**2} tokens")
+    for number, ((start, end), patches) in enumerate(zip(native.video_spans, native.video_patches, strict=True)):
+        t, h, w = native.video_grid_thw[number].tolist()
+        lines.append(f"  video {number}: tokens [{start}, {end}), grid (t, h, w) = ({t}, {h}, {w}), {patches} "
+                     f"patches, {patches // merge**2} tokens, {native.second_per_grid[number]:.3g} s per "
+                     "temporal patch")
+    return lines
 
 
 def _piece(tokenizer: Tokenizer, token: int) -> str:
@@ -96,8 +127,9 @@ def _decode(tokenizer: Tokenizer, ids: list[int]) -> str:
     return "".join(out)
 
 
-def render_sample(sample: Sample, tokenizer: Tokenizer, with_tokens: bool) -> str:
-    """The sample as text: trained spans in [[...]], each image as one <image x N> marker."""
+def render_sample(sample: Sample, tokenizer: Tokenizer, with_tokens: bool, merge: int | None = None) -> str:
+    """The sample as text: trained spans in [[...]], each image as one <image x N> marker (a video as
+    <video x N>). `merge`: a native-resolution tower's spatial merge size (its grids are listed)."""
     ids, labels = sample.input_ids, sample.labels
     trained = sum(label != IGNORE_INDEX for label in labels)
     lines = [
@@ -106,16 +138,23 @@ def render_sample(sample: Sample, tokenizer: Tokenizer, with_tokens: bool) -> st
         + f" | {trained} trained",
     ]
     spans = sample.image_spans
-    for number, (start, end) in enumerate(spans):
-        cols, rows = sample.grids[number]
-        lines.append(f"  image {number}: tokens [{start}, {end}), {sample.tiles_per_image[number]} tower "
-                     f"input(s), tile grid {cols}x{rows}")
+    if sample.native is not None and merge is not None:
+        lines += _vision_lines(sample, merge)
+        spans = spans + sample.native.video_spans
+    else:
+        for number, (start, end) in enumerate(spans):
+            cols, rows = sample.grids[number]
+            lines.append(f"  image {number}: tokens [{start}, {end}), {sample.tiles_per_image[number]} tower "
+                         f"input(s), tile grid {cols}x{rows}")
+    video_id = tokenizer.token_id(VIDEO_PAD) if tokenizer.has_token(VIDEO_PAD) else None
     pieces = []
     trained_flips = [i for i in range(1, len(ids)) if (labels[i] != IGNORE_INDEX) != (labels[i - 1] != IGNORE_INDEX)]
     boundaries = sorted({0, len(ids), *(p for span in spans for p in span), *trained_flips})
     for start, end in itertools.pairwise(boundaries):
         if ids[start] == tokenizer.image_token_id:
             pieces.append(f"<image x {end - start}>")
+        elif ids[start] == video_id:
+            pieces.append(f"<video x {end - start}>")
         elif labels[start] != IGNORE_INDEX:
             pieces.append(f"[[{_decode(tokenizer, ids[start:end])}]]")
         else:
@@ -135,15 +174,22 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"preview_sample.py: missing {', '.join(missing)} (give them, or --config)", file=sys.stderr)
         return 2
-    tokenizer = load_tokenizer(args.tokenizer_model)
-    settings = ImageSettings(args.image_size, args.image_aspect_ratio or "pad", max_tiles=args.max_image_tiles or 1)
-    builder = SampleBuilder(tokenizer, args.chat_template or "llava_v1", settings, args.image_tokens, args.seq_length)
+    template = args.chat_template or "llava_v1"
+    tokenizer = template_tokenizer(args.tokenizer_model, template)
+    builder: SampleBuilder | NativeSampleBuilder
+    if args.native is not None:
+        builder = NativeSampleBuilder(tokenizer, template, args.native, args.seq_length)
+    else:
+        settings = ImageSettings(args.image_size, args.image_aspect_ratio or "pad",
+                                 max_tiles=args.max_image_tiles or 1)
+        builder = SampleBuilder(tokenizer, template, settings, args.image_tokens, args.seq_length)
+    merge = None if args.native is None else args.native.image.merge_size
     _, first = parse_data_path(args.data_path)[0]
     source = open_source(first, args.image_folder)
     indices = args.index if args.index is not None else range(min(args.count, len(source)))
     for index in indices:
         try:
-            print(render_sample(builder.build(source[index]), tokenizer, args.tokens))
+            print(render_sample(builder.build(source[index]), tokenizer, args.tokens, merge))
         except BadSample as error:
             print(f"{first} | sample {index} | skipped by the loader ({error.kind}): {error}")
         print()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,6 +38,10 @@ from megamm.data.sources import BadSample, Record
 from megamm.data.templates import AllLabelsMaskedError, ChatTemplate, get_template
 from megamm.data.tokenizer import Tokenizer
 from megamm.data.video import MAX_FRAMES, VideoInput, load_frame_list, load_video_file
+
+if TYPE_CHECKING:
+    from megamm.config import VisionConfig
+    from megamm.config.run import TrainingConfig
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,23 @@ class NativeSettings:
     def patch_dim(self) -> int:
         """Values per patch: 3 channels x temporal_patch_size frames x patch_size^2 pixels."""
         return 3 * self.image.temporal_patch_size * self.image.patch_size**2
+
+
+def native_settings(vision: VisionConfig, training: TrainingConfig) -> NativeSettings:
+    """How a run patches its images and videos: the tower's patch, merge and temporal sizes
+    (`vision.native_resolution`), the pixel ranges and the video sampling of the training flags."""
+    native = vision.native_resolution
+    if native is None:
+        raise ValueError(f"the {vision.family} tower is not a native-resolution one (no vision.native_resolution)")
+    sizes = {"patch_size": vision.patch_size, "merge_size": native.spatial_merge_size,
+             "temporal_patch_size": native.temporal_patch_size}
+    (image_low, image_high), (video_low, video_high) = training.image_pixel_range, training.video_pixel_range
+    fps, max_frames = training.video_sampling
+    return NativeSettings(
+        image=NativeResolution(**sizes, min_pixels=image_low, max_pixels=image_high),
+        video=NativeResolution(**sizes, min_pixels=video_low, max_pixels=video_high),
+        fps=fps, max_frames=max_frames, tokens_per_second=native.tokens_per_second,
+    )
 
 
 def vision_spans(tokenized: QwenTokenized) -> list[tuple[int, int]]:
@@ -211,4 +233,4 @@ class NativeSampleBuilder:
         )
 
 
-__all__ = ["NativeSampleBuilder", "NativeSettings", "vision_spans"]
+__all__ = ["NativeSampleBuilder", "NativeSettings", "native_settings", "vision_spans"]

@@ -24,8 +24,7 @@ from megamm.data.batching import Batch, packed_microbatches, padded_microbatches
 from megamm.data.datasets import build_source
 from megamm.data.images import image_normalization
 from megamm.data.loader import BAD_KINDS, PositionDataset, RankLoader, ResumePoint
-from megamm.data.native_resolution import NativeResolution
-from megamm.data.native_samples import NativeSampleBuilder, NativeSettings
+from megamm.data.native_samples import NativeSampleBuilder, native_settings
 from megamm.data.samples import ImageSettings, Sample, SampleBuilder
 from megamm.data.synthetic import (
     SyntheticMultimodalDataset,
@@ -112,27 +111,12 @@ def _image_settings(config: ResolvedConfig) -> ImageSettings:
     return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles)
 
 
-def native_settings(config: ResolvedConfig) -> NativeSettings:
-    """How a native-resolution run patches its images and videos: the tower's sizes, the pixel and
-    sampling flags."""
-    t, vision = config.training, config.model.vision
-    native = vision.native_resolution
-    sizes = {"patch_size": vision.patch_size, "merge_size": native.spatial_merge_size,
-             "temporal_patch_size": native.temporal_patch_size}
-    fps, max_frames = t.video_sampling
-    return NativeSettings(
-        image=NativeResolution(**sizes, min_pixels=t.image_pixel_range[0], max_pixels=t.image_pixel_range[1]),
-        video=NativeResolution(**sizes, min_pixels=t.video_pixel_range[0], max_pixels=t.video_pixel_range[1]),
-        fps=fps, max_frames=max_frames, tokens_per_second=native.tokens_per_second,
-    )
-
-
 def vision_input_shape(config: ResolvedConfig) -> tuple[int, ...]:
     """One vision-tower input (`megamm.data.batching`): an image `(C, H, W)`, or a native-resolution
     tower's patch `(C * T * P * P,)`."""
     vision = config.model.vision
     if vision.native_resolution is not None:
-        return (native_settings(config).patch_dim,)
+        return (native_settings(vision, config.training).patch_dim,)
     return (vision.num_channels, vision.image_size, vision.image_size)
 
 
@@ -144,7 +128,7 @@ def build_sample_builder(config: ResolvedConfig) -> SampleBuilder | NativeSample
     check_tokenizer(tokenizer, model_config.language, f"--tokenizer-model {t.tokenizer_model}",
                     template.required_tokens)
     if model_config.vision.native_resolution is not None:
-        return NativeSampleBuilder(tokenizer, template, native_settings(config), t.seq_length)
+        return NativeSampleBuilder(tokenizer, template, native_settings(model_config.vision, t), t.seq_length)
     return SampleBuilder(
         tokenizer, template, _image_settings(config),
         model_config.image_tokens_per_image, t.seq_length,
