@@ -114,8 +114,10 @@ def _piece(tokenizer: Tokenizer, token: int) -> str:
 
 
 def _decode(tokenizer: Tokenizer, ids: list[int]) -> str:
-    """Decoded text with BOS / EOS shown as <s> / </s> (the backends decode them to nothing)."""
-    marks = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}
+    """Decoded text with BOS / EOS shown as <s> / </s> where the backend decodes them to nothing
+    (sentencepiece; a Hugging Face tokenizer keeps its special tokens, e.g. Qwen's <|im_start|>)."""
+    marks = {token: mark for token, mark in ((tokenizer.bos_id, "<s>"), (tokenizer.eos_id, "</s>"))
+             if token is not None and not tokenizer.decode([token])}
     out, run = [], []
     for token in ids:
         if token in marks:

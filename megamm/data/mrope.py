@@ -15,8 +15,10 @@ past its height and width ones.
 
 `mrope_position_delta` is what generation adds to the plain token index of every new token
 (`largest position + 1 - sequence length`), and `packed_mrope_position_ids` restarts the positions
-for every sample of a packed row, as `megamm.data.packing` restarts the 1-D ones.
-These are building blocks for the Qwen2-VL family; the training data path does not call them yet.
+for every sample of a packed row, as `megamm.data.packing` restarts the 1-D ones. The training data
+computes each sample's positions with `mrope_position_ids` (`megamm.data.native_samples`) and places
+them in padded and packed rows (`megamm.data.batching`), which is what `packed_mrope_position_ids`
+computes for a whole packed row.
 """
 
 from __future__ import annotations
