@@ -23,6 +23,8 @@ Recompute = Literal["none", "full", "selective"]
 AttentionBackend = Literal["sdpa", "unfused"]
 # Pixel shuffle merges each PIXEL_SHUFFLE_BLOCK x PIXEL_SHUFFLE_BLOCK block of patches into one token.
 PIXEL_SHUFFLE_BLOCK = 2
+# M-RoPE's position axes: temporal, height, width.
+MROPE_AXES = 3
 
 
 class ConfigError(ValueError):
@@ -312,6 +314,12 @@ class LanguageConfig:
     tie_word_embeddings: bool = False
     # The id that marks every image-embedding position in input_ids.
     image_token_id: int = 32000 - 1
+    # The id that marks every video-embedding position (native-resolution towers); None: no videos.
+    video_token_id: int | None = None
+    # M-RoPE (the Qwen2-VL family): how many rotary pairs of each head turn by the temporal, height
+    # and width position, in that order (Qwen2-VL 7B: 16, 24, 24); the sum is head_dim / 2 and the
+    # model takes position ids `[3, b, s]` (megamm.data.mrope). None: 1-D rope, position ids `[b, s]`.
+    mrope_section: tuple[int, ...] | None = None
 
     def problems(self, parallel: ParallelConfig) -> list[str]:
         return gather(lambda: self.transformer.problems(parallel, "language"), self._own_problems)
@@ -326,12 +334,31 @@ class LanguageConfig:
             found.append("language.make_vocab_size_divisible_by must be >= 1")
         if not 0 <= self.image_token_id < self.vocab_size:
             found.append(f"language.image_token_id {self.image_token_id} not in the vocabulary [0, {self.vocab_size})")
+        if self.video_token_id is not None:
+            if not 0 <= self.video_token_id < self.vocab_size:
+                found.append(f"language.video_token_id {self.video_token_id} not in the vocabulary "
+                             f"[0, {self.vocab_size})")
+            if self.video_token_id == self.image_token_id:
+                found.append(f"language.video_token_id {self.video_token_id} equals image_token_id: the model "
+                             f"could not tell video positions from image positions")
+        if self.mrope_section is not None:
+            found += self._mrope_problems(self.mrope_section)
         if not self.transformer.causal:
             found.append("language.transformer.causal must be True for a decoder")
         if self.transformer.position_embedding != "rope":
             found.append(f"language.transformer.position_embedding must be 'rope' (the decoder rotates queries "
                          f"and keys), got {self.transformer.position_embedding!r}")
         return found
+
+    def _mrope_problems(self, section: tuple[int, ...]) -> list[str]:
+        pairs = self.transformer.head_dim // 2
+        if len(section) != MROPE_AXES or min(section) < 0:
+            return [(f"language.mrope_section {list(section)}: expected {MROPE_AXES} counts >= 0 (rotary pairs "
+                    f"turned by the temporal, height and width positions)")]
+        if sum(section) != pairs:
+            return [(f"language.mrope_section {list(section)} sums to {sum(section)}; it splits the "
+                    f"{pairs} rotary pairs of a head (head_dim {self.transformer.head_dim} / 2)")]
+        return []
 
 
 @dataclass
