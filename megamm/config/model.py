@@ -149,6 +149,8 @@ class NativeResolutionConfig:
     output token of width `out_hidden_size`. `window_size` (pixels, None: no windows, Qwen2-VL)
     makes every layer outside `fullatt_block_indexes` attend within windows of that many pixels.
     `merger_norm_epsilon` is the merger's own norm epsilon (1e-6 in both Hugging Face towers).
+    `tokens_per_second` (Qwen2.5-VL; None: Qwen2-VL) scales a video's temporal M-RoPE positions to
+    seconds (megamm.data.mrope); the tower does not use it, the positions the data pipeline computes do.
     """
 
     out_hidden_size: int
@@ -157,6 +159,7 @@ class NativeResolutionConfig:
     window_size: int | None = None
     fullatt_block_indexes: tuple[int, ...] = ()
     merger_norm_epsilon: float = 1e-6
+    tokens_per_second: float | None = None
 
     @property
     def merge_unit(self) -> int:
@@ -177,6 +180,8 @@ class NativeResolutionConfig:
                 found.append(f"{where}.{attr} must be >= 1, got {getattr(self, attr)}")
         if found:
             return found
+        if self.tokens_per_second is not None and self.tokens_per_second <= 0:
+            found.append(f"{where}.tokens_per_second must be > 0, got {self.tokens_per_second}")
         if self.window_size is not None and self.window_merged_size(patch_size) < 1:
             found.append(f"{where}.window_size {self.window_size} must cover at least one merged token "
                          f"(patch_size x spatial_merge_size = {patch_size * self.spatial_merge_size} pixels)")
@@ -365,7 +370,8 @@ class LanguageConfig:
 class LlavaConfig:
     vision: VisionConfig
     language: LanguageConfig
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    # None for a native-resolution tower, whose patch merger is its projector (vision.native_resolution).
+    projector: ProjectorConfig | None = field(default_factory=ProjectorConfig)
     # The three LLaVA training stages: stage 1 trains only the projector, stage 2 projector + LM.
     freeze_vision: bool = False
     freeze_projector: bool = False
@@ -373,24 +379,48 @@ class LlavaConfig:
 
     @property
     def image_tokens_per_image(self) -> int:
+        """Image tokens of every image (a fixed-size tower); a native-resolution tower has no such
+        number (an image of grid (t, h, w) gives t * h * w / spatial_merge_size^2)."""
+        if self.vision.native_resolution is not None or self.projector is None:
+            raise ValueError(f"the {self.vision.family} tower gives each image its own number of tokens "
+                             f"(t * h * w / spatial_merge_size^2 of its grid), not a fixed one")
         return self.projector.output_tokens(self.vision.output_tokens)
 
     def problems(self, parallel: ParallelConfig, seq_length: int | None = None) -> list[str]:
         """Every violation; a part that uses a field whose value did not parse is skipped (megamm.config.unparsed)."""
         return gather(
-            lambda: self.vision.problems(parallel), lambda: self.language.problems(parallel), self.projector.problems,
+            lambda: self.vision.problems(parallel), lambda: self.language.problems(parallel),
+            lambda: [] if self.projector is None else self.projector.problems(), self._vision_problems,
             lambda: self._shape_problems(parallel, seq_length),
         )
 
+    def _vision_problems(self) -> list[str]:
+        """What the tower kind asks of the projector and the language model."""
+        native = self.vision.native_resolution
+        if native is None:
+            if self.projector is None:
+                return [(f"projector: the {self.vision.family} tower needs a projector (only a native-resolution "
+                        f"tower merges its patches itself)")]
+            return []
+        found = []
+        if self.projector is not None:
+            found.append(f"projector: the {self.vision.family} tower's patch merger is its projector "
+                         f"(vision.native_resolution); set projector to null")
+        if self.language.mrope_section is None:
+            found.append(f"language.mrope_section: the {self.vision.family} tower's tokens are placed by M-RoPE "
+                         f"(temporal, height, width positions); set it (Qwen2-VL: [16, 24, 24] for head_dim 128)")
+        hidden = self.language.transformer.hidden_size
+        if native.out_hidden_size != hidden:
+            found.append(f"vision.native_resolution.out_hidden_size {native.out_hidden_size} must equal "
+                         f"language.transformer.hidden_size {hidden} (the merger writes language embeddings)")
+        return found
+
     def _shape_problems(self, parallel: ParallelConfig, seq_length: int | None) -> list[str]:
         found = []
-        if self.vision.native_resolution is not None:
-            found.append(f"vision.native_resolution: the {self.vision.family} tower is not wired into LlavaModel "
-                         f"yet (it takes patches and grids, megamm.models.native_vision)")
         tp = parallel.tensor_model_parallel_size
         if tp < 1 or parallel.pipeline_model_parallel_size < 1:
             found.append("parallel sizes must be >= 1")
-        if self.projector.pixel_shuffle:
+        if self.projector is not None and self.projector.pixel_shuffle:
             grid = self.vision.grid_size
             if grid % PIXEL_SHUFFLE_BLOCK:
                 found.append(f"projector.pixel_shuffle needs a patch grid divisible by {PIXEL_SHUFFLE_BLOCK}, "

@@ -77,6 +77,7 @@ class NativeTowerFamily:
             window_size=cfg.window_size if self.windowed else None,
             fullatt_block_indexes=tuple(cfg.fullatt_block_indexes) if self.windowed else (),
             merger_norm_epsilon=HF_NORM_EPSILON,
+            tokens_per_second=float(cfg.tokens_per_second) if self.windowed else None,
         )
         return VisionConfig(transformer, family=self.name, patch_size=cfg.patch_size, num_channels=cfg.in_channels,
                             native_resolution=native)
