@@ -160,7 +160,8 @@ def test_native_tower_embeddings_land_on_image_and_video_positions() -> None:
 
 def test_native_token_counts_are_checked_per_sample() -> None:
     model = _model(qwen2_vl_config())
-    batch = native_microbatches(model.config)[0]
+    batch, packed = native_microbatches(model.config)
+    assert model(**packed)["loss"].shape == (2, 40)  # images [2, 1]: the second sample's are counted from the third
     with pytest.raises(ValueError, match=r"sample 0: 12 image-token positions, but its 1 image\(s\) give "
                                          r"\(t \* h \* w / 4 tokens each, per image: \[6, 6\]\) = 6"):
         model(**{**batch, "images_per_sample": torch.tensor([1, 1])})
