@@ -109,7 +109,7 @@ def qwen2_vl_config(family: str = "qwen2_vl", **overrides) -> LlavaConfig:
     )
     native = NativeResolutionConfig(out_hidden_size=64, window_size=16 if windowed else None,
                                     fullatt_block_indexes=(1,) if windowed else (),
-                                    tokens_per_second=2.0 if windowed else None)
+                                    tokens_per_second=2 if windowed else None)
     vision = VisionConfig(tower, family=family, patch_size=4, native_resolution=native)
     language = replace(
         qwen2_language_config(), image_token_id=NATIVE_IMAGE_TOKEN, video_token_id=NATIVE_VIDEO_TOKEN,

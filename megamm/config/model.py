@@ -159,7 +159,7 @@ class NativeResolutionConfig:
     window_size: int | None = None
     fullatt_block_indexes: tuple[int, ...] = ()
     merger_norm_epsilon: float = 1e-6
-    tokens_per_second: float | None = None
+    tokens_per_second: int | None = None
 
     @property
     def merge_unit(self) -> int:
