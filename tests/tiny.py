@@ -114,7 +114,8 @@ def qwen2_vl_config(family: str = "qwen2_vl", **overrides) -> LlavaConfig:
     language = replace(
         qwen2_language_config(), image_token_id=NATIVE_IMAGE_TOKEN, video_token_id=NATIVE_VIDEO_TOKEN,
         mrope_section=(2, 3, 3),
-        transformer=replace(qwen2_language_config().transformer, num_attention_heads=4, num_query_groups=2),
+        transformer=replace(qwen2_language_config().transformer, num_attention_heads=4, num_query_groups=2,
+                            rotary_base=50.0),
     )
     config = LlavaConfig(vision=vision, language=language, projector=None)
     return replace(config, **overrides)

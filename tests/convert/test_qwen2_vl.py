@@ -56,7 +56,7 @@ def build_hf(family: str, seed: int = 3) -> torch.nn.Module:
     (Qwen2-VL tied, Qwen2.5-VL untied embeddings); every weight drawn, norms and biases included."""
     text = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 50.0, "mrope_section": [2, 3, 3]},
             "bos_token_id": None, "eos_token_id": None}
     vision = {"depth": 2, "num_heads": 4, "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2}
     ids = {"image_token_id": NATIVE_IMAGE_TOKEN, "video_token_id": NATIVE_VIDEO_TOKEN,
