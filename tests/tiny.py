@@ -99,7 +99,8 @@ NATIVE_SEQ = 40
 def qwen2_vl_config(family: str = "qwen2_vl", **overrides) -> LlavaConfig:
     """A tiny Qwen2-VL (or, with family "qwen2_5_vl", Qwen2.5-VL: RMSNorm, SwiGLU, windows of 2x2
     merged tokens, layer 1 full) tower of 4x4 patches and a Qwen2 language model with M-RoPE (4
-    heads of 16: 8 rotary pairs split 2 / 3 / 3; GQA with 2 groups, so tp=2 splits both)."""
+    heads of 16: 8 rotary pairs split 2 / 3 / 3, a rope base of 50 so that every pair turns over 40
+    positions; GQA with 2 groups, so tp=2 splits both)."""
     windowed = family == "qwen2_5_vl"
     tower = TransformerConfig(
         hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
