@@ -32,7 +32,7 @@ from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.schedules import PipelineSchedule
 from tests.convert.test_parity import _session
-from tests.convert.test_roundtrip import save_hf
+from tests.convert.test_roundtrip import convert_main, save_hf
 from tests.distributed import run_distributed
 from tests.tiny import (
     NATIVE_IMAGE_TOKEN,
@@ -211,3 +211,18 @@ def test_imported_checkpoint_matches_transformers_at_tp2_and_pp2(converted: dict
         error = (result["logits"] - converted["hf_logits"]).abs().max().item()
         assert error < LOGIT_TOLERANCE, f"tp=2 rank {rank}: logits off by {error:.2e}"
         assert abs(result["pp_loss"] - hf_loss) / hf_loss < 1e-5, f"pp=2 rank {rank}: {result['pp_loss']} vs {hf_loss}"
+
+
+def test_tool_imports_and_exports_qwen2_vl(converted: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """tools/convert_checkpoint.py: --qwen2-vl imports, --architecture exports, a mixed source is refused."""
+    hf_dir = str(converted["hf_dir"])
+    assert convert_main(["import-hf", "--qwen2-vl", hf_dir, "--text", hf_dir, "--save", str(tmp_path / "c")]) == 2
+    assert "give one source" in capsys.readouterr().err
+    assert convert_main(["import-hf", "--qwen2-vl", hf_dir, "--save", str(tmp_path / "c")]) == 0
+    assert "train from it with --load" in capsys.readouterr().out
+    architecture = ARCHITECTURES[converted["family"]]
+    assert convert_main(["export-hf", "--load", str(tmp_path / "c"), "--out", str(tmp_path / "out"),
+                         "--architecture", architecture]) == 0
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert convert_main(["export-hf", "--load", str(tmp_path / "c"), "--out", str(tmp_path / "llava")]) == 2
+    assert "cannot be written as LlavaForConditionalGeneration" in capsys.readouterr().err
