@@ -51,9 +51,10 @@ MODEL_KEYS = ("input_ids", "pixel_values", "image_grid_thw", "images_per_sample"
               "video_grid_thw", "videos_per_sample", "position_ids", "labels")
 
 
-def build_hf(family: str, seed: int = 3) -> torch.nn.Module:
+def build_hf(family: str, seed: int = 3, scale: float = 0.15) -> torch.nn.Module:
     """A random tiny model of `family` with the vision settings of tests.tiny.qwen2_vl_config
-    (Qwen2-VL tied, Qwen2.5-VL untied embeddings); every weight drawn, norms and biases included."""
+    (Qwen2-VL tied, Qwen2.5-VL untied embeddings); every weight drawn with std `scale`, norms and
+    biases included."""
     text = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
             "rope_parameters": {"rope_type": "default", "rope_theta": 50.0, "mrope_section": [2, 3, 3]},
@@ -73,7 +74,7 @@ def build_hf(family: str, seed: int = 3) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
     return model.eval()
 
 
