@@ -428,3 +428,47 @@ def test_native_generation_matches_transformers_generate(family: str, tmp_path: 
         expected.append(out[0, ids.shape[1]:].tolist())
     assert ours == expected, f"megamm {ours}, transformers {expected}"
     assert all(len(set(tokens)) > 1 for tokens in expected), f"degenerate continuations prove little: {expected}"
+
+
+def test_session_prompts_a_native_resolution_model(tmp_path: Path) -> None:
+    """InferenceSession with a Qwen2-VL model: the prompt is the qwen2_vl rendering with the image's
+    own token count, its patches and grid are megamm.data.native_resolution's, and `answer` gives
+    what `generate` gives for that prompt."""
+    import tokenizers
+
+    from megamm.data.native_resolution import NativeResolution, preprocess_image
+    from megamm.data.templates import render_prompt
+    from megamm.data.tokenizer import load_tokenizer
+    from megamm.inference.session import DataSettings
+    from tests.data.test_qwen_template import CORPUS, SPECIALS
+    from tests.tiny import qwen2_vl_config
+
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.train_from_iterator(CORPUS * 20, tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.json", image_token="<|image_pad|>", pad_token="<|endoftext|>")
+    config = qwen2_vl_config()
+    language = replace(config.language, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id,
+                       video_token_id=tokenizer.token_id("<|video_pad|>"),
+                       transformer=replace(config.language.transformer, init_method_std=0.5))
+    model = LlavaModel(replace(config, language=language), ParallelState.single())
+    model.initialize(SAVED_SEED)
+    model.eval()
+    session = InferenceSession(model, tokenizer, DataSettings(str(tmp_path / "tokenizer.json"), "qwen2_vl",
+                                                              normalization="qwen2_vl"))
+    image = Image.fromarray(torch.randint(0, 256, (40, 60, 3), generator=torch.Generator().manual_seed(1),
+                                          dtype=torch.uint8).numpy())
+    prompt = session.prompt("Describe both pictures.", image)
+    expected = preprocess_image(image, NativeResolution(patch_size=4, merge_size=2, temporal_patch_size=2))
+    assert expected.num_tokens > 1
+    turns = [{"from": "human", "value": "<image>\nDescribe both pictures."}]
+    assert prompt.input_ids == render_prompt(turns, "qwen2_vl", tokenizer, [expected.num_tokens]).input_ids
+    assert torch.equal(prompt.pixel_values, expected.pixel_values)
+    assert prompt.image_grid_thw.tolist() == [list(expected.grid_thw)]
+    config = GenerationConfig(max_new_tokens=5)
+    (answer,) = session.answer([(image, "Describe both pictures.")], config)
+    assert answer.tokens == generate(model, [prompt], config, pad_id=tokenizer.pad_id)[0].tokens
