@@ -156,7 +156,8 @@ class LlavaModel(nn.Module):
         embeddings = self.language.embed(input_ids)  # [b, s, h]
         if self.native:
             parts = [("image", image_positions, pixel_values, image_grid_thw, images_per_sample)]
-            videos_given = any(v is not None for v in (pixel_values_videos, video_grid_thw, videos_per_sample))
+            videos_given = (pixel_values_videos is not None or video_grid_thw is not None
+                            or (videos_per_sample is not None and sum(int(n) for n in videos_per_sample) > 0))
             if videos_given and language.video_token_id is None:
                 raise ValueError("the batch holds videos but language.video_token_id is not set")
             if language.video_token_id is not None:
