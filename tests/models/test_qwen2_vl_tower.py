@@ -155,6 +155,7 @@ def test_native_config_problems_are_listed() -> None:
     assert tower_family("qwen2_vl").problems(vision) == [
         ("vision.transformer (normalization, activation, add_bias_linear) = ('rmsnorm', 'swiglu', True): the "
         "qwen2_vl tower has ('layernorm', 'quick_gelu', True)"),
+        "vision.native_resolution.tokens_per_second: the qwen2_vl tower has none",
         "vision.native_resolution.window_size: the qwen2_vl tower has no windows",
     ]
     llava = LlavaConfig(vision=vision, language=language_config())
