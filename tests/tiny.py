@@ -113,3 +113,136 @@ def make_batch(
         "pixel_values": pixel_values if sum(images_per_sample) else None,
         "images_per_sample": torch.tensor(images_per_sample),
     }
+
+
+# The Qwen2-VL family: special ids at the top of the 100-token vocabulary.
+VISION_START, VISION_END, NATIVE_IMAGE_TOKEN, NATIVE_VIDEO_TOKEN = 95, 96, 97, 98
+TEXT_TOKENS = 95  # ids below the special ones
+NATIVE_SEQ = 40
+
+
+def qwen2_vl_config(family: str = "qwen2_vl", **overrides) -> LlavaConfig:
+    """A tiny Qwen2-VL (or, with family "qwen2_5_vl", Qwen2.5-VL: RMSNorm, SwiGLU, windows of 2x2
+    merged tokens, layer 1 full) tower of 4x4 patches and a Qwen2 language model with M-RoPE (4
+    heads of 16: 8 rotary pairs split 2 / 3 / 3, a rope base of 50 so that every pair turns over 40
+    positions; GQA with 2 groups, so tp=2 splits both)."""
+    windowed = family == "qwen2_5_vl"
+    tower = TransformerConfig(
+        hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
+        normalization="rmsnorm" if windowed else "layernorm", norm_epsilon=1e-6,
+        activation="swiglu" if windowed else "quick_gelu", add_bias_linear=True, position_embedding="rope",
+        causal=False,
+    )
+    native = NativeResolutionConfig(out_hidden_size=64, window_size=16 if windowed else None,
+                                    fullatt_block_indexes=(1,) if windowed else (),
+                                    tokens_per_second=2 if windowed else None)
+    vision = VisionConfig(tower, family=family, patch_size=4, native_resolution=native)
+    language = replace(
+        qwen2_language_config(), image_token_id=NATIVE_IMAGE_TOKEN, video_token_id=NATIVE_VIDEO_TOKEN,
+        mrope_section=(2, 3, 3),
+        transformer=replace(qwen2_language_config().transformer, num_attention_heads=4, num_query_groups=2,
+                            rotary_base=50.0),
+    )
+    config = LlavaConfig(vision=vision, language=language, projector=None)
+    return replace(config, **overrides)
+
+
+def native_vision_inputs(config: LlavaConfig, seed: int = 5) -> dict:
+    """Images of 16x24, 24x16 and 16x16 pixels and a 4-frame 16x16 video (fps 2), random pixels,
+    preprocessed by megamm.data.native_resolution / megamm.data.video for `config`'s tower:
+    grids (1, 4, 6), (1, 6, 4), (1, 4, 4) and (2, 4, 4), so 6, 6, 4 and 8 tokens."""
+    import numpy as np
+    from PIL import Image
+
+    from megamm.data.native_resolution import NativeResolution, preprocess_image
+    from megamm.data.video import preprocess_video
+
+    native = config.vision.native_resolution
+    resolution = NativeResolution(patch_size=config.vision.patch_size, merge_size=native.spatial_merge_size,
+                                  temporal_patch_size=native.temporal_patch_size, min_pixels=64, max_pixels=4096)
+    rng = np.random.default_rng(seed)
+
+    def picture(height: int, width: int) -> Image.Image:
+        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+    images = [preprocess_image(picture(h, w), resolution) for h, w in ((16, 24), (24, 16), (16, 16))]
+    video = preprocess_video([picture(16, 16) for _ in range(4)], fps=2.0, resolution=resolution)
+    return {"images": images, "video": video}
+
+
+def _text(generator: torch.Generator, n: int) -> list[int]:
+    return torch.randint(0, TEXT_TOKENS, (n,), generator=generator).tolist()
+
+
+def _vision_run(token: int, n: int) -> list[int]:
+    return [VISION_START, *[token] * n, VISION_END]
+
+
+def native_microbatches(config: LlavaConfig, seed: int = 11) -> list[dict[str, torch.Tensor]]:
+    """Two microbatches of 2 rows x NATIVE_SEQ tokens for a Qwen2-VL-family `config`, built with
+    megamm.data (patches, mrope positions, packing):
+
+    - padded: row 0 is text, image A, text, image B, text; row 1 text, the video, text;
+    - packed: row 0 holds the samples of the padded rows back to back (positions restarting at the
+      second sample, block-causal mask), row 1 a sample with image C and then padding.
+    Labels ignore vision tokens and each sample's first two tokens. Every call gives the same tensors.
+    """
+    from megamm.data.mrope import mrope_position_ids, packed_mrope_position_ids
+    from megamm.data.packing import block_causal_mask, packed_sequence
+
+    inputs = native_vision_inputs(config)
+    a, b, c = inputs["images"]
+    video = inputs["video"]
+    generator = torch.Generator().manual_seed(seed)
+    first = (_text(generator, 3) + _vision_run(NATIVE_IMAGE_TOKEN, a.num_tokens) + _text(generator, 2)
+             + _vision_run(NATIVE_IMAGE_TOKEN, b.num_tokens) + _text(generator, 3))
+    second = _text(generator, 2) + _vision_run(NATIVE_VIDEO_TOKEN, video.num_tokens) + _text(generator, 4)
+    third = _text(generator, 4) + _vision_run(NATIVE_IMAGE_TOKEN, c.num_tokens) + _text(generator, 3)
+    first += _text(generator, NATIVE_SEQ - len(first) - len(second))  # rows 0 of both batches are full
+    merge = config.vision.native_resolution.spatial_merge_size
+    tokens_per_second = config.vision.native_resolution.tokens_per_second
+    ids = {"image_token_id": NATIVE_IMAGE_TOKEN, "video_token_id": NATIVE_VIDEO_TOKEN, "spatial_merge_size": merge,
+           "tokens_per_second": tokens_per_second}
+    seconds = [video.second_per_grid] if tokens_per_second is not None else None
+    no_seconds = [] if tokens_per_second is not None else None  # rows without videos
+
+    def labels_of(sample: list[int]) -> list[int]:
+        out = [-100 if t in (NATIVE_IMAGE_TOKEN, NATIVE_VIDEO_TOKEN) else t for t in sample]
+        return [-100, -100, *out[2:]]
+
+    def patches(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not items:
+            return None, None
+        return torch.cat([i.pixel_values for i in items]), torch.tensor([i.grid_thw for i in items])
+
+    padded_rows = [first + _text(generator, NATIVE_SEQ - len(first)), second + _text(generator, NATIVE_SEQ - len(second))]
+    padded_positions = [
+        mrope_position_ids(padded_rows[0], image_grid_thw=[a.grid_thw, b.grid_thw], second_per_grid_ts=no_seconds,
+                           **ids),
+        mrope_position_ids(padded_rows[1], video_grid_thw=[video.grid_thw], second_per_grid_ts=seconds, **ids),
+    ]
+    image_values, image_grids = patches([a, b])
+    video_values, video_grids = patches([video])
+    padded = {
+        "input_ids": torch.tensor(padded_rows), "labels": torch.tensor([labels_of(r) for r in padded_rows]),
+        "position_ids": torch.stack(padded_positions, dim=1),
+        "pixel_values": image_values, "image_grid_thw": image_grids, "images_per_sample": torch.tensor([2, 0]),
+        "pixel_values_videos": video_values, "video_grid_thw": video_grids, "videos_per_sample": torch.tensor([0, 1]),
+    }
+    rows = [packed_sequence([{"input_ids": s, "labels": labels_of(s)} for s in samples], NATIVE_SEQ, pad_id=0)
+            for samples in ([first, second], [third])]
+    packed_positions = [
+        packed_mrope_position_ids(rows[0]["input_ids"], rows[0]["cu_seqlens"], image_grid_thw=[a.grid_thw, b.grid_thw],
+                                  video_grid_thw=[video.grid_thw], second_per_grid_ts=seconds, **ids),
+        packed_mrope_position_ids(rows[1]["input_ids"], rows[1]["cu_seqlens"], image_grid_thw=[c.grid_thw],
+                                  second_per_grid_ts=no_seconds, **ids),
+    ]
+    image_values, image_grids = patches([a, b, c])
+    packed = {
+        "input_ids": torch.stack([r["input_ids"] for r in rows]), "labels": torch.stack([r["labels"] for r in rows]),
+        "position_ids": torch.stack(packed_positions, dim=1),
+        "attention_mask": torch.stack([block_causal_mask(r["cu_seqlens"], NATIVE_SEQ) for r in rows])[:, None],
+        "pixel_values": image_values, "image_grid_thw": image_grids, "images_per_sample": torch.tensor([2, 1]),
+        "pixel_values_videos": video_values, "video_grid_thw": video_grids, "videos_per_sample": torch.tensor([1, 0]),
+    }
+    return [padded, packed]

@@ -11,8 +11,11 @@
     # original LLaVA (model.mm_projector) with its CLIP tower
     python tools/convert_checkpoint.py import-hf --original-llava llava-v1.5-7b --vision clip-vit-large-patch14-336 \\
         --save ckpt/llava
+    # Qwen2-VL / Qwen2.5-VL (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    python tools/convert_checkpoint.py import-hf --qwen2-vl Qwen2-VL-7B-Instruct --save ckpt/qwen2vl
     # back to Hugging Face
     python tools/convert_checkpoint.py export-hf --load ckpt/run --out llava-hf-out --tokenizer llava-1.5-7b-hf
+    python tools/convert_checkpoint.py export-hf --load ckpt/qwen2vl --out qwen2vl-out --architecture qwen2-vl-hf
 
 Conversion runs on one process whatever the target layout: the checkpoint holds global tensors
 that any --tensor-model-parallel-size / --pipeline-model-parallel-size loads (the sizes given here
@@ -31,8 +34,16 @@ from megamm.config.precision import DTYPES
 from megamm.config.registry import PROJECTORS
 from megamm.convert import ConversionError
 from megamm.convert.exporter import KEY_STYLES, export_hf
-from megamm.convert.importer import Summary, import_llava_hf, import_original_llava, import_towers
+from megamm.convert.importer import (
+    QWEN2_VL_ADAPTERS,
+    Summary,
+    import_llava_hf,
+    import_original_llava,
+    import_qwen2_vl_hf,
+    import_towers,
+)
 
+EXPORT_ARCHITECTURES = ("llava-hf", *QWEN2_VL_ADAPTERS)
 TOWER_ONLY = ("projector_type", "vision_feature_layer", "vision_feature_select_strategy", "max_position_embeddings")
 NEW_TOKENS = ("image_token_id", "pad_token_id", "vocab_multiple")
 
@@ -52,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Write a megamm checkpoint (iteration 0, no optimizer state) from a llava-hf "
                                           "directory, an original LLaVA directory + its vision tower, or a CLIP/SigLIP "
                                           "directory + a LLaMA/Mistral/Qwen2 directory (Hugging Face, or Meta format).")
-    source = imp.add_argument_group("source (one of: --llava; --vision and --text; --original-llava and --vision)")
+    source = imp.add_argument_group("source (one of: --llava; --qwen2-vl; --vision and --text; --original-llava "
+                                    "and --vision)")
     source.add_argument("--llava", metavar="DIR", help="llava-hf LlavaForConditionalGeneration directory")
+    source.add_argument("--qwen2-vl", metavar="DIR", help="Qwen2VLForConditionalGeneration or "
+                                                          "Qwen2_5_VLForConditionalGeneration directory")
     source.add_argument("--original-llava", metavar="DIR", help="original LLaVA directory (model.mm_projector)")
     source.add_argument("--vision", metavar="DIR", help="CLIP or SigLIP directory (vision model or full model)")
     source.add_argument("--text", metavar="DIR", help="causal LM directory (LLaMA, Mistral, Qwen2): Hugging Face "
@@ -77,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--pad-token-id", type=int, help="add a pad token with this id (default: none)")
     tokens.add_argument("--vocab-multiple", type=int, help="pad the vocabulary to a multiple of this (default 64)")
 
-    exp = commands.add_parser("export-hf", help="megamm checkpoint -> Hugging Face LLaVA directory",
+    exp = commands.add_parser("export-hf", help="megamm checkpoint -> Hugging Face directory",
                               description="Write a megamm checkpoint (any layout) as a Hugging Face "
-                                          "LlavaForConditionalGeneration directory.")
+                                          "LlavaForConditionalGeneration directory, or in the layout "
+                                          "--architecture names.")
     exp.add_argument("--load", required=True, metavar="DIR", help="a megamm checkpoint or save directory with latest")
     exp.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
     exp.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer / processor files from this directory")
@@ -90,20 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="legacy: the published llava-hf spelling (language_model.model.*), read by every "
                           "transformers >= 4.46; installed: the installed transformers' own names (default legacy)")
     exp.add_argument("--pad-token-id", type=int, help="pad_token_id for config.json (default: the imported one)")
+    exp.add_argument("--architecture", choices=EXPORT_ARCHITECTURES, default="llava-hf",
+                     help="the Hugging Face layout to write: llava-hf (LlavaForConditionalGeneration), "
+                          f"{' / '.join(QWEN2_VL_ADAPTERS)} (Qwen2-VL / Qwen2.5-VL) (default llava-hf)")
     return parser
 
 
 def _check_import_args(args: argparse.Namespace) -> str:
     """The source mode; raises ConversionError for a combination that does not fit it."""
-    if args.llava and not (args.vision or args.text or args.original_llava):
+    sources = [name for name in ("llava", "qwen2_vl", "original_llava", "vision", "text") if getattr(args, name)]
+    if sources == ["llava"]:
         mode = "llava"
-    elif args.original_llava and args.vision and not (args.llava or args.text):
+    elif sources == ["qwen2_vl"]:
+        mode = "qwen2_vl"
+    elif sorted(sources) == ["original_llava", "vision"]:
         mode = "original"
-    elif args.vision and args.text and not (args.llava or args.original_llava):
+    elif sorted(sources) == ["text", "vision"]:
         mode = "towers"
     else:
-        raise ConversionError("give one source: --llava DIR; or --vision DIR --text DIR; or --original-llava DIR "
-                              "--vision DIR")
+        raise ConversionError("give one source: --llava DIR; or --qwen2-vl DIR; or --vision DIR --text DIR; or "
+                              "--original-llava DIR --vision DIR")
     given = {name for name in TOWER_ONLY + NEW_TOKENS if getattr(args, name) is not None}
     allowed = set(TOWER_ONLY + NEW_TOKENS) if mode == "towers" else set(NEW_TOKENS) if mode == "original" else set()
     wrong = sorted(given - allowed)
@@ -122,6 +143,8 @@ def _import(args: argparse.Namespace) -> Summary:
               "vocab_multiple": args.vocab_multiple or 64}
     if mode == "llava":
         return import_llava_hf(args.llava, args.save, tp, pp, args.dtype)
+    if mode == "qwen2_vl":
+        return import_qwen2_vl_hf(args.qwen2_vl, args.save, tp, pp, args.dtype)
     if mode == "original":
         return import_original_llava(args.original_llava, args.vision, args.save, tp, pp, dtype=args.dtype, **tokens)
     return import_towers(
@@ -158,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_import(_import(args))
         else:
             summary = export_hf(args.load, args.out, args.tokenizer, args.dtype, args.max_shard_size,
-                                args.key_style, args.pad_token_id)
+                                args.key_style, args.pad_token_id, args.architecture)
             print(f"wrote {summary.path}: {summary.tensors} tensors in {summary.shards} safetensors shard(s), "
                   f"{summary.bytes / 2**20:.1f} MiB")
             if summary.filled:

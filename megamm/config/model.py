@@ -23,6 +23,8 @@ Recompute = Literal["none", "full", "selective"]
 AttentionBackend = Literal["sdpa", "unfused"]
 # Pixel shuffle merges each PIXEL_SHUFFLE_BLOCK x PIXEL_SHUFFLE_BLOCK block of patches into one token.
 PIXEL_SHUFFLE_BLOCK = 2
+# M-RoPE's position axes: temporal, height, width.
+MROPE_AXES = 3
 
 
 class ConfigError(ValueError):
@@ -147,8 +149,8 @@ class NativeResolutionConfig:
     output token of width `out_hidden_size`. `window_size` (pixels, None: no windows, Qwen2-VL)
     makes every layer outside `fullatt_block_indexes` attend within windows of that many pixels.
     `merger_norm_epsilon` is the merger's own norm epsilon (1e-6 in both Hugging Face towers).
-    `tokens_per_second` (Qwen2.5-VL; None for Qwen2-VL) spaces a video's temporal M-RoPE positions by
-    time: `tokens_per_second x seconds per temporal patch` per patch (megamm.data.mrope).
+    `tokens_per_second` (Qwen2.5-VL; None: Qwen2-VL) scales a video's temporal M-RoPE positions to
+    seconds (megamm.data.mrope); the tower does not use it, the positions the data pipeline computes do.
     """
 
     out_hidden_size: int
@@ -157,7 +159,7 @@ class NativeResolutionConfig:
     window_size: int | None = None
     fullatt_block_indexes: tuple[int, ...] = ()
     merger_norm_epsilon: float = 1e-6
-    tokens_per_second: float | None = None
+    tokens_per_second: int | None = None
 
     @property
     def merge_unit(self) -> int:
@@ -178,6 +180,8 @@ class NativeResolutionConfig:
                 found.append(f"{where}.{attr} must be >= 1, got {getattr(self, attr)}")
         if found:
             return found
+        if self.tokens_per_second is not None and self.tokens_per_second <= 0:
+            found.append(f"{where}.tokens_per_second must be > 0, got {self.tokens_per_second}")
         if self.window_size is not None and self.window_merged_size(patch_size) < 1:
             found.append(f"{where}.window_size {self.window_size} must cover at least one merged token "
                          f"(patch_size x spatial_merge_size = {patch_size * self.spatial_merge_size} pixels)")
@@ -317,6 +321,12 @@ class LanguageConfig:
     tie_word_embeddings: bool = False
     # The id that marks every image-embedding position in input_ids.
     image_token_id: int = 32000 - 1
+    # The id that marks every video-embedding position (native-resolution towers); None: no videos.
+    video_token_id: int | None = None
+    # M-RoPE (the Qwen2-VL family): how many rotary pairs of each head turn by the temporal, height
+    # and width position, in that order (Qwen2-VL 7B: 16, 24, 24); the sum is head_dim / 2 and the
+    # model takes position ids `[3, b, s]` (megamm.data.mrope). None: 1-D rope, position ids `[b, s]`.
+    mrope_section: tuple[int, ...] | None = None
 
     def problems(self, parallel: ParallelConfig) -> list[str]:
         return gather(lambda: self.transformer.problems(parallel, "language"), self._own_problems)
@@ -331,6 +341,15 @@ class LanguageConfig:
             found.append("language.make_vocab_size_divisible_by must be >= 1")
         if not 0 <= self.image_token_id < self.vocab_size:
             found.append(f"language.image_token_id {self.image_token_id} not in the vocabulary [0, {self.vocab_size})")
+        if self.video_token_id is not None:
+            if not 0 <= self.video_token_id < self.vocab_size:
+                found.append(f"language.video_token_id {self.video_token_id} not in the vocabulary "
+                             f"[0, {self.vocab_size})")
+            if self.video_token_id == self.image_token_id:
+                found.append(f"language.video_token_id {self.video_token_id} equals image_token_id: the model "
+                             f"could not tell video positions from image positions")
+        if self.mrope_section is not None:
+            found += self._mrope_problems(self.mrope_section)
         if not self.transformer.causal:
             found.append("language.transformer.causal must be True for a decoder")
         if self.transformer.position_embedding != "rope":
@@ -338,12 +357,23 @@ class LanguageConfig:
                          f"and keys), got {self.transformer.position_embedding!r}")
         return found
 
+    def _mrope_problems(self, section: tuple[int, ...]) -> list[str]:
+        pairs = self.transformer.head_dim // 2
+        if len(section) != MROPE_AXES or min(section) < 0:
+            return [(f"language.mrope_section {list(section)}: expected {MROPE_AXES} counts >= 0 (rotary pairs "
+                    f"turned by the temporal, height and width positions)")]
+        if sum(section) != pairs:
+            return [(f"language.mrope_section {list(section)} sums to {sum(section)}; it splits the "
+                    f"{pairs} rotary pairs of a head (head_dim {self.transformer.head_dim} / 2)")]
+        return []
+
 
 @dataclass
 class LlavaConfig:
     vision: VisionConfig
     language: LanguageConfig
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    # None for a native-resolution tower, whose patch merger is its projector (vision.native_resolution).
+    projector: ProjectorConfig | None = field(default_factory=ProjectorConfig)
     # The three LLaVA training stages: stage 1 trains only the projector, stage 2 projector + LM.
     freeze_vision: bool = False
     freeze_projector: bool = False
@@ -351,24 +381,48 @@ class LlavaConfig:
 
     @property
     def image_tokens_per_image(self) -> int:
+        """Image tokens of every image (a fixed-size tower); a native-resolution tower has no such
+        number (an image of grid (t, h, w) gives t * h * w / spatial_merge_size^2)."""
+        if self.vision.native_resolution is not None or self.projector is None:
+            raise ValueError(f"the {self.vision.family} tower gives each image its own number of tokens "
+                             f"(t * h * w / spatial_merge_size^2 of its grid), not a fixed one")
         return self.projector.output_tokens(self.vision.output_tokens)
 
     def problems(self, parallel: ParallelConfig, seq_length: int | None = None) -> list[str]:
         """Every violation; a part that uses a field whose value did not parse is skipped (megamm.config.unparsed)."""
         return gather(
-            lambda: self.vision.problems(parallel), lambda: self.language.problems(parallel), self.projector.problems,
+            lambda: self.vision.problems(parallel), lambda: self.language.problems(parallel),
+            lambda: [] if self.projector is None else self.projector.problems(), self._vision_problems,
             lambda: self._shape_problems(parallel, seq_length),
         )
 
+    def _vision_problems(self) -> list[str]:
+        """What the tower kind asks of the projector and the language model."""
+        native = self.vision.native_resolution
+        if native is None:
+            if self.projector is None:
+                return [(f"projector: the {self.vision.family} tower needs a projector (only a native-resolution "
+                        f"tower merges its patches itself)")]
+            return []
+        found = []
+        if self.projector is not None:
+            found.append(f"projector: the {self.vision.family} tower's patch merger is its projector "
+                         f"(vision.native_resolution); set projector to null")
+        if self.language.mrope_section is None:
+            found.append(f"language.mrope_section: the {self.vision.family} tower's tokens are placed by M-RoPE "
+                         f"(temporal, height, width positions); set it (Qwen2-VL: [16, 24, 24] for head_dim 128)")
+        hidden = self.language.transformer.hidden_size
+        if native.out_hidden_size != hidden:
+            found.append(f"vision.native_resolution.out_hidden_size {native.out_hidden_size} must equal "
+                         f"language.transformer.hidden_size {hidden} (the merger writes language embeddings)")
+        return found
+
     def _shape_problems(self, parallel: ParallelConfig, seq_length: int | None) -> list[str]:
         found = []
-        if self.vision.native_resolution is not None:
-            found.append(f"vision.native_resolution: the {self.vision.family} tower is not wired into LlavaModel "
-                         f"yet (it takes patches and grids, megamm.models.native_vision)")
         tp = parallel.tensor_model_parallel_size
         if tp < 1 or parallel.pipeline_model_parallel_size < 1:
             found.append("parallel sizes must be >= 1")
-        if self.projector.pixel_shuffle:
+        if self.projector is not None and self.projector.pixel_shuffle:
             grid = self.vision.grid_size
             if grid % PIXEL_SHUFFLE_BLOCK:
                 found.append(f"projector.pixel_shuffle needs a patch grid divisible by {PIXEL_SHUFFLE_BLOCK}, "

@@ -100,5 +100,7 @@ HF_ARCHITECTURES = Registry(
         "vision-tower": "megamm.convert.adapters.vision_tower:ADAPTER",
         "causal-lm": "megamm.convert.adapters.causal_lm:ADAPTER",
         "meta-llama": "megamm.convert.adapters.meta_llama:ADAPTER",
+        "qwen2-vl-hf": "megamm.convert.adapters.qwen2_vl_hf:ADAPTER",
+        "qwen2.5-vl-hf": "megamm.convert.adapters.qwen2_5_vl_hf:ADAPTER",
     },
 )

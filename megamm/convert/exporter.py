@@ -1,6 +1,7 @@
-"""A megamm checkpoint (any layout it was trained at) -> a Hugging Face LLaVA directory.
+"""A megamm checkpoint (any layout it was trained at) -> a Hugging Face directory.
 
-Output: config.json (LlavaForConditionalGeneration), `model-0000i-of-0000n.safetensors` shards with
+Output: config.json (LlavaForConditionalGeneration, or the architecture of the export adapter
+named: Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration), `model-0000i-of-0000n.safetensors` shards with
 `model.safetensors.index.json`, and the tokenizer / processor files of `--tokenizer` when given.
 
 Memory: the checkpoint's tensors are global (master) tensors, so one process reads them directly;

@@ -25,6 +25,9 @@ class HfExtras:
     eos_token_id: int | list[int] | None = None
     # Mistral's window, kept when it covers every position (megamm.models.decoders.mistral).
     sliding_window: int | None = None
+    # The Qwen2-VL family's <|vision_start|> / <|vision_end|> ids (the chat template's, not the model's).
+    vision_start_token_id: int | None = None
+    vision_end_token_id: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -33,6 +33,9 @@ def rename(key: str, prefixes: tuple[tuple[str, str], ...]) -> str | None:
 
 
 def projector_entries(config: LlavaConfig) -> list[Entry]:
+    """The projector's entries (none for a native-resolution tower, whose merger the tower maps)."""
+    if config.projector is None:
+        return []
     kinds = ("weight", "bias") if config.projector.add_bias else ("weight",)
     layers = projector_class(config.projector).layers
     return [Entry(f"projector.{layer}.{k}", (f"projector.linear_{i}.{k}",))

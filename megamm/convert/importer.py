@@ -1,7 +1,9 @@
 """Sources -> a megamm checkpoint, on one process, streaming tensor by tensor.
 
-Three kinds of input, each directory read through its adapter (megamm.convert.adapters):
+Four kinds of input, each directory read through its adapter (megamm.convert.adapters):
 - a llava-hf directory (LlavaForConditionalGeneration: config.json + weights, either key spelling);
+- a Qwen2-VL or Qwen2.5-VL directory (Qwen2VLForConditionalGeneration /
+  Qwen2_5_VLForConditionalGeneration, either key spelling);
 - an original LLaVA directory (LlavaLlamaForCausalLM with `model.mm_projector`) plus the CLIP
   directory its `mm_vision_tower` names;
 - a CLIP/SigLIP directory plus a causal LM directory of a language-model family (LLaMA, Mistral,
@@ -226,6 +228,26 @@ def import_llava_hf(directory: str | Path, save: str | Path, tp: int = 1, pp: in
     source = CanonicalTensors()
     source.add(WeightFiles(directory), adapter, directory)
     return _finish(config, extras, source, save, tp, pp, dtype, {"llava-hf": str(directory)})
+
+
+QWEN2_VL_ADAPTERS = ("qwen2-vl-hf", "qwen2.5-vl-hf")
+
+
+def import_qwen2_vl_hf(directory: str | Path, save: str | Path, tp: int = 1, pp: int = 1, dtype: str | None = None
+                       ) -> Summary:
+    """A Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration directory -> megamm
+    checkpoint (the architecture is read from config.json's model_type)."""
+    directory = Path(directory)
+    tree = read_json(directory / "config.json")
+    adapters = {adapter.model_type: adapter for adapter in map(HF_ARCHITECTURES.get, QWEN2_VL_ADAPTERS)}
+    adapter = adapters.get(tree.get("model_type"))
+    if adapter is None:
+        raise ConversionError(f"{directory / 'config.json'}: model_type {tree.get('model_type')!r} is not one of "
+                              f"{', '.join(sorted(adapters))} (Qwen2-VL / Qwen2.5-VL)")
+    config, extras = adapter.config_from_hf(tree, str(directory / "config.json"))
+    source = CanonicalTensors()
+    source.add(WeightFiles(directory), adapter, directory)
+    return _finish(config, extras, source, save, tp, pp, dtype, {adapter.name: str(directory)})
 
 
 def extend_vocab(language: LanguageConfig, image_token_id: int | None, pad_token_id: int | None, multiple: int

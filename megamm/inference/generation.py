@@ -8,7 +8,11 @@ everything a real token sees:
   the attention core). A padding query may attend only itself: a row with nothing to attend would
   give NaN, and a NaN value at a masked key still poisons real rows (0 * NaN in the weighted sum).
 - Positions: each sequence counts from 0 at its first real token (`cumsum(mask) - 1`), so rotary
-  embeddings see the same positions as when the prompt runs alone.
+  embeddings see the same positions as when the prompt runs alone. With M-RoPE (the Qwen2-VL
+  family) a prompt's positions `[3, n]` come from megamm.data.mrope (its images' and videos'
+  grids), and generated token k gets `n + k + delta` on all three axes, `delta` being the
+  prompt's `mrope_position_delta` (transformers' `rope_deltas`): the next position after the
+  largest one the prompt used.
 
 Batched results therefore equal one-at-a-time results (up to floating-point rounding of the
 differently shaped matrix products; the tests check tokens are equal and logits close).
@@ -33,6 +37,7 @@ from typing import Literal
 
 import torch
 
+from megamm.data.mrope import mrope_position_ids
 from megamm.inference.logits import agree_on_tokens, full_vocab_logits
 from megamm.inference.sampling import SamplingConfig, choose_tokens, make_generators
 from megamm.models.llava import LlavaModel
@@ -46,11 +51,18 @@ class Prompt:
     input_ids: the rendered prompt, each image placeholder already expanded to its image-token ids
         (`megamm.data.templates.render_prompt`).
     pixel_values: `[n, C, H, W]`, the prompt's n vision-tower inputs (images, or tiles and
-        thumbnails) in placeholder order, or None.
+        thumbnails) in placeholder order, or None. A native-resolution tower (the Qwen2-VL family):
+        `[image patches, C*T*P*P]` with image_grid_thw `[n, 3]`, and videos likewise
+        (megamm.data.native_resolution, megamm.data.video); video_seconds_per_grid: each video's
+        `second_per_grid` (Qwen2.5-VL's M-RoPE counts video positions in seconds).
     """
 
     input_ids: list[int]
     pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    video_seconds_per_grid: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,8 +117,15 @@ def _check(model: LlavaModel, prompts: Sequence[Prompt], config: GenerationConfi
         problems.append("no prompts given")
     problems += [f"prompt {i} has no tokens" for i, p in enumerate(prompts) if not p.input_ids]
     language = model.config.language
-    if not 0 <= pad_id < language.vocab_size or pad_id == language.image_token_id:
-        problems.append(f"pad id {pad_id} must be a vocabulary id other than the image token {language.image_token_id}")
+    vision_tokens = _vision_token_ids(model)
+    if not 0 <= pad_id < language.vocab_size or pad_id in vision_tokens:
+        problems.append(f"pad id {pad_id} must be a vocabulary id other than the image and video tokens "
+                        f"{list(vision_tokens)}")
+    if not model.native:
+        given = [i for i, p in enumerate(prompts)
+                 if p.image_grid_thw is not None or p.pixel_values_videos is not None or p.video_grid_thw is not None]
+        problems += [f"prompt {i}: grids and videos are inputs of a native-resolution tower; the "
+                     f"{model.config.vision.family} tower takes images [n, C, H, W]" for i in given]
     limit = language.transformer.max_position_embeddings
     longest = max((len(p.input_ids) for p in prompts), default=0) + config.max_new_tokens
     if longest > limit:
@@ -116,6 +135,55 @@ def _check(model: LlavaModel, prompts: Sequence[Prompt], config: GenerationConfi
         )
     if problems:
         raise GenerationError("cannot generate:\n  - " + "\n  - ".join(problems))
+
+
+def _vision_token_ids(model: LlavaModel) -> tuple[int, ...]:
+    """The ids that stand for vision embeddings (never generated, never padding)."""
+    language = model.config.language
+    return tuple(i for i in (language.image_token_id, language.video_token_id) if i is not None)
+
+
+def _prompt_mrope_positions(model: LlavaModel, prompt: Prompt) -> torch.Tensor:
+    """`[3, n]` M-RoPE positions of a prompt, from its images' and videos' grids (a fixed-size
+    tower's image tokens count as text: its images have no grid)."""
+    native = model.config.vision.native_resolution
+    if native is None:
+        return torch.arange(len(prompt.input_ids)).expand(3, -1)
+    tokens_per_second = native.tokens_per_second
+    video_token = model.config.language.video_token_id
+    return mrope_position_ids(
+        prompt.input_ids,
+        image_token_id=model.config.language.image_token_id,
+        # No video token configured: -1 matches no id, so every other token is text or image.
+        video_token_id=-1 if video_token is None else video_token,
+        spatial_merge_size=native.spatial_merge_size,
+        image_grid_thw=() if prompt.image_grid_thw is None else prompt.image_grid_thw,
+        video_grid_thw=() if prompt.video_grid_thw is None else prompt.video_grid_thw,
+        second_per_grid_ts=list(prompt.video_seconds_per_grid) if tokens_per_second is not None else None,
+        tokens_per_second=tokens_per_second,
+    )
+
+
+def _concat(tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor | None:
+    present = [t for t in tensors if t is not None and t.shape[0] > 0]
+    return torch.cat(present).to(device) if present else None
+
+
+def _vision_inputs(model: LlavaModel, prompts: Sequence[Prompt], device: torch.device) -> dict:
+    """The prefill's images (and videos) in batch order, with their per-prompt counts."""
+    inputs: dict = {
+        "pixel_values": _concat([p.pixel_values for p in prompts], device),
+        "images_per_sample": [0 if p.pixel_values is None else int(p.pixel_values.shape[0]) for p in prompts],
+    }
+    if model.native:
+        inputs["images_per_sample"] = [0 if p.image_grid_thw is None else int(p.image_grid_thw.shape[0])
+                                       for p in prompts]
+        inputs["image_grid_thw"] = _concat([p.image_grid_thw for p in prompts], device)
+        inputs["pixel_values_videos"] = _concat([p.pixel_values_videos for p in prompts], device)
+        inputs["video_grid_thw"] = _concat([p.video_grid_thw for p in prompts], device)
+        inputs["videos_per_sample"] = [0 if p.video_grid_thw is None else int(p.video_grid_thw.shape[0])
+                                       for p in prompts]
+    return inputs
 
 
 def _attention_mask(valid: torch.Tensor, start: int) -> torch.Tensor | None:
@@ -133,12 +201,13 @@ def _last_logits(
     input_ids: torch.Tensor,
     positions: torch.Tensor,
     mask: torch.Tensor | None,
-    pixel_values: torch.Tensor | None,
-    images_per_sample: list[int] | None,
+    vision: dict,
     cache: KVCache | None,
 ) -> torch.Tensor:
-    """Local (vocab-parallel) logits of the last position, `[b, V_pad/tp]`."""
-    hidden = model.embed(input_ids, pixel_values, images_per_sample)
+    """Local (vocab-parallel) logits of the last position, `[b, V_pad/tp]`; `vision`: the prefill's
+    image (and video) inputs (`_vision_inputs`), empty afterwards."""
+    hidden = model.embed(input_ids, vision.get("pixel_values"), vision.get("images_per_sample"),
+                         **{k: v for k, v in vision.items() if k not in ("pixel_values", "images_per_sample")})
     out = model.language(hidden, position_ids=positions, attention_mask=mask, return_logits=True, kv_cache=cache)
     return out["logits"][-1]
 
@@ -154,9 +223,9 @@ def generate(
 ) -> list[Generation]:
     """Continue every prompt; one `Generation` per prompt, in order.
 
-    pad_id: the id in padding positions (never attended; any vocabulary id but the image token).
+    pad_id: the id in padding positions (never attended; any vocabulary id but the image and video tokens).
     seeds: one sampling seed per prompt (default `config.seed + i`).
-    The image token is never generated: it would ask for an image embedding that does not exist.
+    The image and video tokens are never generated: they would ask for embeddings that do not exist.
     """
     _check(model, prompts, config, pad_id)
     state, device = model.state, model.state.device
@@ -170,9 +239,16 @@ def generate(
         ids[row, width - len(prompt.input_ids) : width] = torch.tensor(prompt.input_ids, dtype=torch.long)
         valid[row, width - len(prompt.input_ids) : width] = True
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-    images = [p.pixel_values for p in prompts if p.pixel_values is not None and p.pixel_values.shape[0] > 0]
-    pixel_values = torch.cat(images).to(device) if images else None
-    images_per_sample = [0 if p.pixel_values is None else int(p.pixel_values.shape[0]) for p in prompts]
+    mrope = model.language.position_axes > 1
+    if mrope:
+        # [3, b, total]: each prompt's own positions, then (next_position + k) on every axis.
+        positions = positions.expand(3, -1, -1).clone()
+        next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            prompt_positions = _prompt_mrope_positions(model, prompt)
+            positions[:, row, width - len(prompt.input_ids) : width] = prompt_positions.to(device)
+            next_position[row] = int(prompt_positions.max()) + 1
+    vision = _vision_inputs(model, prompts, device)
     if seeds is not None and len(seeds) != batch:
         raise GenerationError(f"{len(seeds)} seeds for {batch} prompts")
     seeds = list(seeds) if seeds is not None else [config.seed + i for i in range(batch)]
@@ -190,15 +266,18 @@ def generate(
             start = cache.length if cache is not None else 0
             with_images = start == 0
             local = _last_logits(
-                model, ids[:, start:end], positions[:, start:end], _attention_mask(valid[:, :end], start),
-                pixel_values if with_images else None, images_per_sample if with_images else None, cache,
+                model, ids[:, start:end], positions[..., start:end], _attention_mask(valid[:, :end], start),
+                vision if with_images else {}, cache,
             )
             logits = full_vocab_logits(local, state, language.vocab_size)
-            logits[:, language.image_token_id] = float("-inf")
+            logits[:, list(_vision_token_ids(model))] = float("-inf")
             chosen = agree_on_tokens(choose_tokens(logits, config.sampling, generators), state)
             ids[:, end] = chosen
             valid[:, end] = True
-            positions[:, end] = positions[:, end - 1] + 1
+            if mrope:
+                positions[..., end] = next_position + step
+            else:
+                positions[:, end] = positions[:, end - 1] + 1
             for row, token in enumerate(chosen.tolist()):
                 if reasons[row] is not None:
                     continue

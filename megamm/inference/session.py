@@ -36,6 +36,7 @@ from megamm.data.images import (
     preprocess,
     preprocess_tiles,
 )
+from megamm.data.native_resolution import NativeResolution, VisionInput, preprocess_image
 from megamm.data.templates import IMAGE_PLACEHOLDER, get_template, render_prompt
 from megamm.data.tokenizer import Tokenizer, check_tokenizer, load_tokenizer
 from megamm.inference.generation import GenerationConfig, Prompt, generate
@@ -167,6 +168,15 @@ class InferenceSession:
             return tiles
         return preprocess(image, vision.image_size, s.image_aspect_ratio, s.normalization).unsqueeze(0)
 
+    def native_image_inputs(self, image: Image.Image) -> VisionInput:
+        """One image -> its patches and grid for a native-resolution tower (the Qwen2-VL family),
+        resized within the image processor's default pixel bounds (megamm.data.native_resolution)."""
+        vision = self.model.config.vision
+        native = vision.native_resolution
+        return preprocess_image(image, NativeResolution(patch_size=vision.patch_size,
+                                                        merge_size=native.spatial_merge_size,
+                                                        temporal_patch_size=native.temporal_patch_size))
+
     def blank_like(self, image: Image.Image) -> Image.Image:
         """A uniform image of the normalization's mean colour, the size of `image` (so it is tiled
         the same way and takes as many tokens): the "model cannot see" baseline."""
@@ -181,10 +191,15 @@ class InferenceSession:
             question = f"{IMAGE_PLACEHOLDER}\n{question}"
         if question.count(IMAGE_PLACEHOLDER) != 1:
             raise ValueError(f"a question with one image must hold one {IMAGE_PLACEHOLDER}: {question[:80]!r}")
-        pixel_values = self.image_inputs(self.blank_like(image) if blank_image else image)
+        image = self.blank_like(image) if blank_image else image
+        turns = [{"from": "human", "value": question}]
+        if self.model.native:
+            patches = self.native_image_inputs(image)
+            rendered = render_prompt(turns, self.settings.chat_template, self.tokenizer, [patches.num_tokens])
+            return Prompt(rendered.input_ids, patches.pixel_values, torch.tensor([patches.grid_thw]))
+        pixel_values = self.image_inputs(image)
         tokens = pixel_values.shape[0] * self.model.image_tokens_per_image
-        rendered = render_prompt([{"from": "human", "value": question}], self.settings.chat_template,
-                                 self.tokenizer, [tokens])
+        rendered = render_prompt(turns, self.settings.chat_template, self.tokenizer, [tokens])
         return Prompt(rendered.input_ids, pixel_values)
 
     # ---- answers ---------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from megamm.parallel.state import ParallelState
 from megamm.transformer.kv_cache import KVCache
 from megamm.transformer.layer import TransformerBlock
 from megamm.transformer.norm import build_norm
-from megamm.transformer.rope import RotaryEmbedding
+from megamm.transformer.rope import MultimodalRotaryEmbedding, RotaryEmbedding
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,11 @@ class LanguageModel(nn.Module):
                 config.vocab_size, self.padded_vocab_size, tcfg.hidden_size,
                 state=state, init=normal_init(std), dtype=dtype, tied=tied,
             )
-        self.rotary = RotaryEmbedding(tcfg.head_dim, tcfg.rotary_base)
+        self.rotary: RotaryEmbedding | MultimodalRotaryEmbedding
+        if config.mrope_section is None:
+            self.rotary = RotaryEmbedding(tcfg.head_dim, tcfg.rotary_base)
+        else:
+            self.rotary = MultimodalRotaryEmbedding(tcfg.head_dim, tcfg.rotary_base, config.mrope_section)
         numbers = range(tcfg.num_layers) if layer_numbers is None else layer_numbers
         self.decoder = TransformerBlock(tcfg, state, sequence_parallel, numbers)
         if post_process:
@@ -81,6 +85,27 @@ class LanguageModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """`[b, s]` token ids -> `[b, s, h]` embeddings, replicated across tp."""
         return self.embedding(input_ids)
+
+    @property
+    def position_axes(self) -> int:
+        """Position ids per token: 3 with M-RoPE (temporal, height, width), else 1."""
+        return 1 if self.config.mrope_section is None else len(self.config.mrope_section)
+
+    def rotary_tables(self, position_ids: torch.Tensor | None, start: int, seq: int, batch: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) `[s, b, 1, d]` for position ids `[b, s]` (1-D rope) or `[3, b, s]` (M-RoPE);
+        None: the text positions start .. start + s - 1 (on every axis)."""
+        axes = self.position_axes
+        if position_ids is None:
+            position_ids = torch.arange(start, start + seq, device=device).expand(batch, seq)
+            if axes > 1:
+                position_ids = position_ids.expand(axes, batch, seq)
+        expected = (batch, seq) if axes == 1 else (axes, batch, seq)
+        if tuple(position_ids.shape) != expected:
+            form = "[b, s]" if axes == 1 else f"[{axes}, b, s] (language.mrope_section is set: M-RoPE)"
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; this language model takes "
+                             f"{form}, here {list(expected)}")
+        return self.rotary(position_ids)
 
     def forward(
         self,
@@ -112,10 +137,8 @@ class LanguageModel(nn.Module):
             hidden_states = scatter_to_sequence_parallel_region(hidden_states, self.state.tp_group)
         batch = hidden_states.shape[1]
         seq = hidden_states.shape[0] * (self.state.tp_size if self.sequence_parallel else 1)
-        if position_ids is None:
-            position_ids = torch.arange(seq, device=hidden_states.device).expand(batch, seq)
-        cos, sin = self.rotary(position_ids)
-        hidden_states = self.decoder(hidden_states, (cos, sin), attention_mask)
+        rotary = self.rotary_tables(position_ids, 0, seq, batch, hidden_states.device)
+        hidden_states = self.decoder(hidden_states, rotary, attention_mask)
         if not self.post_process:
             return {"hidden_states": hidden_states}
         hidden_states = self.final_norm(hidden_states)
@@ -143,10 +166,8 @@ class LanguageModel(nn.Module):
         if self.sequence_parallel:
             raise ValueError("generation with a KV cache needs a model built without sequence parallelism")
         seq, batch = hidden_states.shape[:2]
-        if position_ids is None:
-            start = kv_cache.length
-            position_ids = torch.arange(start, start + seq, device=hidden_states.device).expand(batch, seq)
-        hidden_states = self.decoder(hidden_states, self.rotary(position_ids), attention_mask, kv_cache=kv_cache)
+        rotary = self.rotary_tables(position_ids, kv_cache.length, seq, batch, hidden_states.device)
+        hidden_states = self.decoder(hidden_states, rotary, attention_mask, kv_cache=kv_cache)
         kv_cache.advance(seq)
         if not self.post_process:
             return {"hidden_states": hidden_states}

@@ -6,8 +6,17 @@ image placeholder), so sequence lengths are fixed before the model runs and pipe
 exchange fixed shapes. Images are consumed in batch order: all of sample 0's images, then sample
 1's, and so on; within the sequence they fill the image-token positions left to right.
 
+Two tower kinds. A fixed-size tower (CLIP, SigLIP: megamm.models.vision) takes images
+`[n, C, H, W]` of one size, each giving `image_tokens_per_image` tokens through the projector. A
+native-resolution tower (the Qwen2-VL family: megamm.models.native_vision) takes every image's
+flattened patches `[patches, C*T*P*P]` with a `(t, h, w)` grid each, and videos likewise; its patch
+merger is the projector (no `projector` module), an image gives `t * h * w / merge^2` tokens, and
+the language model places them with M-RoPE position ids `[3, b, s]` (megamm.data.mrope). Videos
+fill the `video_token_id` positions as images fill the image ones.
+
 Pipeline split: `pre_process` stages hold the vision tower, the projector and the embedding;
-`post_process` stages hold the final norm, the output layer and the loss.
+`post_process` stages hold the final norm, the output layer and the loss. Position ids and the
+attention mask go to every stage (each stage rotates its own layers' queries and keys).
 """
 
 from __future__ import annotations
@@ -19,8 +28,15 @@ from torch import nn
 
 from megamm.config import LlavaConfig, ParallelConfig
 from megamm.models.language import LanguageModel
+from megamm.models.native_vision import NativeResolutionTower
 from megamm.models.projectors import build_projector
 from megamm.models.vision import VisionTower
+from megamm.models.vision_tokens import (
+    PerSample,
+    check_fixed_tokens,
+    check_vision_tokens,
+    native_token_counts,
+)
 from megamm.parallel.params import initialize_parameters
 from megamm.parallel.state import ParallelState
 
@@ -49,7 +65,11 @@ class LlavaModel(nn.Module):
         self.pre_process = pre_process
         self.post_process = post_process
         vision_t, language_t = config.vision.transformer, config.language.transformer
-        if pre_process:
+        self.native = config.vision.native_resolution is not None
+        self.vision: VisionTower | NativeResolutionTower
+        if pre_process and self.native:
+            self.vision = NativeResolutionTower(config.vision, state, sequence_parallel)
+        elif pre_process:
             self.vision = VisionTower(config.vision, state, sequence_parallel)
             self.projector = build_projector(
                 config.projector,
@@ -66,15 +86,26 @@ class LlavaModel(nn.Module):
         self.apply_freeze()
 
     def apply_freeze(self) -> None:
-        """Turn off gradients for the frozen parts (the LLaVA training stages)."""
+        """Turn off gradients for the frozen parts (the LLaVA training stages). A native-resolution
+        tower's patch merger is its projector: freeze_vision leaves it trainable and
+        freeze_projector freezes it, as Hugging Face fine-tuning recipes for Qwen2-VL do."""
         cfg = self.config
         if self.pre_process:
             if cfg.freeze_vision:
                 self.vision.requires_grad_(False)
+                if self.native:
+                    self.vision.merger.requires_grad_(not cfg.freeze_projector)
             if cfg.freeze_projector:
-                self.projector.requires_grad_(False)
+                self._projector_module().requires_grad_(False)
         if cfg.freeze_language:
             self.language.requires_grad_(False)
+
+    def _projector_module(self) -> nn.Module:
+        return self.vision.merger if self.native else self.projector
+
+    def _vision_modules(self) -> tuple[nn.Module, ...]:
+        """The modules of the image path (the merger is inside a native tower)."""
+        return (self.vision,) if self.native else (self.vision, self.projector)
 
     def initialize(self, seed: int) -> None:
         """Deterministic init from (seed, global parameter name), independent of the layout."""
@@ -82,6 +113,7 @@ class LlavaModel(nn.Module):
 
     @property
     def image_tokens_per_image(self) -> int:
+        """Tokens of every image of a fixed-size tower (ValueError for a native-resolution one)."""
         return self.config.image_tokens_per_image
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -94,26 +126,82 @@ class LlavaModel(nn.Module):
             embeddings = self.projector(features)
         return embeddings.transpose(0, 1)
 
+    def encode_native(self, patches: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        """Native-resolution tower: patches `[p, C*T*P*P]` + grids `[n, 3]` -> `[p / merge^2, h_language]`
+        merged embeddings, image after image (videos likewise)."""
+        trainable = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            return self.vision(patches, grids)
+
     def embed(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
-        images_per_sample: torch.Tensor | list[int] | None = None,
+        images_per_sample: PerSample = None,
+        *,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        videos_per_sample: PerSample = None,
     ) -> torch.Tensor:
-        """Token embeddings with image embeddings written into the image-token positions.
+        """Token embeddings with image (and video) embeddings written into their token positions.
 
-        input_ids `[b, s]`; pixel_values `[n, C, H, W]` or None; images_per_sample `[b]` (optional,
-        enables a per-sample check). Returns `[s, b, h]`, replicated across tp.
+        input_ids `[b, s]`. Fixed-size tower: pixel_values `[n, C, H, W]` or None. Native-resolution
+        tower: pixel_values `[image patches, C*T*P*P]` with image_grid_thw `[n, 3]`, and
+        pixel_values_videos / video_grid_thw for videos. images_per_sample / videos_per_sample `[b]`
+        (optional) enable the per-sample count check. Returns `[s, b, h]`, replicated across tp.
         """
-        image_positions = input_ids == self.config.language.image_token_id
-        self._check_image_tokens(image_positions, pixel_values, images_per_sample)
+        language = self.config.language
+        image_positions = input_ids == language.image_token_id
         embeddings = self.language.embed(input_ids)  # [b, s, h]
-        if pixel_values is not None and pixel_values.shape[0] > 0:
-            image_embeddings = self.encode_images(pixel_values).to(embeddings.dtype)
-            embeddings = embeddings.masked_scatter(image_positions.unsqueeze(-1), image_embeddings)
-        elif torch.is_grad_enabled():
+        if self.native:
+            parts = [("image", image_positions, pixel_values, image_grid_thw, images_per_sample)]
+            videos_given = (pixel_values_videos is not None or video_grid_thw is not None
+                            or (videos_per_sample is not None and sum(int(n) for n in videos_per_sample) > 0))
+            if videos_given and language.video_token_id is None:
+                raise ValueError("the batch holds videos but language.video_token_id is not set")
+            if language.video_token_id is not None:
+                parts.append(("video", input_ids == language.video_token_id, pixel_values_videos, video_grid_thw,
+                              videos_per_sample))
+            encoded = []
+            for kind, positions, patches, grids, per_sample in parts:
+                values = self._native_embeddings(kind, positions, patches, grids, per_sample)
+                if values is not None:
+                    embeddings = embeddings.masked_scatter(positions.unsqueeze(-1), values.to(embeddings.dtype))
+                    encoded.append(values)
+        else:
+            self._refuse_native_inputs(image_grid_thw, pixel_values_videos, video_grid_thw, videos_per_sample)
+            num_images = 0 if pixel_values is None else pixel_values.shape[0]
+            check_fixed_tokens(image_positions, num_images, self.image_tokens_per_image, images_per_sample)
+            encoded = []
+            if num_images:
+                encoded = [self.encode_images(pixel_values).to(embeddings.dtype)]
+                embeddings = embeddings.masked_scatter(image_positions.unsqueeze(-1), encoded[0])
+        if not encoded and torch.is_grad_enabled():
             embeddings = embeddings + self._zero_from_image_path(embeddings)
         return embeddings.transpose(0, 1).contiguous()
+
+    def _native_embeddings(self, kind: str, positions: torch.Tensor, patches: torch.Tensor | None,
+                           grids: torch.Tensor | None, per_sample: PerSample) -> torch.Tensor | None:
+        """Check one kind's (image or video) token counts and encode its patches (None: none given)."""
+        name = "pixel_values" if kind == "image" else "pixel_values_videos"
+        if (patches is None) != (grids is None):
+            given, missing = (name, f"{kind}_grid_thw") if grids is None else (f"{kind}_grid_thw", name)
+            raise ValueError(f"{given} given without {missing}: the {self.config.vision.family} tower needs "
+                             f"both (patches and their (t, h, w) grids)")
+        merge = self.config.vision.native_resolution.spatial_merge_size
+        tokens = [] if grids is None else native_token_counts(grids, merge)
+        check_vision_tokens(kind, positions, tokens, per_sample,
+                            f"give (t * h * w / {merge * merge} tokens each, per {kind}: {tokens})")
+        if not tokens:
+            return None
+        return self.encode_native(patches, grids)
+
+    def _refuse_native_inputs(self, *inputs: object) -> None:
+        if any(value is not None for value in inputs):
+            raise ValueError(f"image_grid_thw, pixel_values_videos, video_grid_thw and videos_per_sample are "
+                             f"inputs of a native-resolution tower; the {self.config.vision.family} tower takes "
+                             f"images [n, C, H, W] only")
 
     def _zero_from_image_path(self, like: torch.Tensor) -> torch.Tensor:
         """A zero that depends on every trainable vision/projector parameter.
@@ -121,70 +209,47 @@ class LlavaModel(nn.Module):
         With no image in the batch these parameters would otherwise get no gradient at all, and a
         data-parallel gradient sync waiting for them would hang; this gives them exact zeros.
         """
-        trainable = [p for m in (self.vision, self.projector) for p in m.parameters() if p.requires_grad]
+        trainable = [p for m in self._vision_modules() for p in m.parameters() if p.requires_grad]
         zero = like.new_zeros(())
         for param in trainable:
             zero = zero + param.sum().to(like.dtype) * 0.0
         return zero
-
-    def _check_image_tokens(
-        self,
-        image_positions: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        images_per_sample: torch.Tensor | list[int] | None,
-    ) -> None:
-        per_image = self.image_tokens_per_image
-        counts = image_positions.sum(dim=1).tolist()
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if images_per_sample is not None:
-            images = [int(n) for n in images_per_sample]
-            if len(images) != len(counts):
-                raise ValueError(f"images_per_sample has {len(images)} entries for a batch of {len(counts)}")
-            if sum(images) != num_images:
-                raise ValueError(f"images_per_sample adds up to {sum(images)} but pixel_values holds {num_images} images")
-            for sample, (found, n) in enumerate(zip(counts, images)):
-                if found != n * per_image:
-                    raise ValueError(
-                        f"sample {sample}: {found} image-token positions, but its {n} image(s) x "
-                        f"{per_image} tokens per image = {n * per_image}"
-                    )
-            return
-        for sample, found in enumerate(counts):
-            if found % per_image:
-                raise ValueError(
-                    f"sample {sample}: {found} image-token positions is not a multiple of the "
-                    f"{per_image} tokens per image"
-                )
-        if sum(counts) != num_images * per_image:
-            raise ValueError(
-                f"the batch has {sum(counts)} image-token positions (per sample: {counts}), but "
-                f"{num_images} image(s) x {per_image} tokens per image = {num_images * per_image}"
-            )
 
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        images_per_sample: torch.Tensor | list[int] | None = None,
+        images_per_sample: PerSample = None,
         position_ids: torch.Tensor | None = None,
         decoder_input: torch.Tensor | None = None,
         return_logits: bool = False,
         attention_mask: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        videos_per_sample: PerSample = None,
     ) -> dict[str, torch.Tensor]:
         """One stage's forward.
 
-        First stage: input_ids `[b, s]` and pixel_values `[n, C, H, W]` (or None).
+        First stage: input_ids `[b, s]` and pixel_values `[n, C, H, W]` (or None); a native-resolution
+        tower takes pixel_values `[image patches, C*T*P*P]` + image_grid_thw `[n, 3]` and
+        pixel_values_videos + video_grid_thw (see `embed`).
         Later stages: decoder_input, the previous stage's hidden states.
-        Every stage: position_ids `[b, s]` and attention_mask `[b, 1, s, s]` (bool, True = may attend,
-        combined with causality) for packed rows; None gives 0..s-1 and plain causal attention.
+        Every stage: position_ids `[b, s]` (`[3, b, s]` with M-RoPE) and attention_mask `[b, 1, s, s]`
+        (bool, True = may attend, combined with causality) for packed rows; None gives 0..s-1 (on
+        every axis) and plain causal attention.
         Last stage: labels `[b, s]` aligned with input_ids, -100 where ignored. Returns
         {"loss": `[b, s]`, "loss_mask": `[b, s]`, optionally "logits"}; see LanguageModel.forward.
         """
         if self.pre_process:
             if input_ids is None:
                 raise ValueError("the first pipeline stage needs input_ids")
-            decoder_input = self.embed(input_ids, pixel_values, images_per_sample)
+            decoder_input = self.embed(
+                input_ids, pixel_values, images_per_sample, image_grid_thw=image_grid_thw,
+                pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                videos_per_sample=videos_per_sample,
+            )
         elif decoder_input is None:
             raise ValueError("a non-first pipeline stage needs decoder_input")
         return self.language(

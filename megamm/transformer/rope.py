@@ -28,6 +28,37 @@ class RotaryEmbedding(nn.Module):
         return angles.cos(), angles.sin()
 
 
+class MultimodalRotaryEmbedding(nn.Module):
+    """M-RoPE (Qwen2-VL's language model): each rotary pair turns by one of three positions.
+
+    The `d / 2` frequencies are cut into runs of `section` = (temporal, height, width) lengths and
+    run i takes its angles from axis `i % 3` (transformers' `recomposition_frequencies`, formerly
+    `apply_multimodal_rotary_pos_emb`); the result is duplicated for the rotate-half pairing. The
+    tables have the 1-D rotary's shape, so applying them is the same op (`apply_rotary`, fused
+    kernel included): only how the angles are gathered differs. Text tokens carry the same position
+    on all three axes, so on text M-RoPE equals the 1-D rotary.
+    """
+
+    def __init__(self, head_dim: int, base: float, section: tuple[int, ...]) -> None:
+        super().__init__()
+        if sum(section) * 2 != head_dim:
+            raise ValueError(f"mrope_section {list(section)} must sum to head_dim / 2 = {head_dim // 2}")
+        self.section = tuple(section)
+        self.axial = RotaryEmbedding(head_dim, base)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids: `[3, b, s]` integer positions -> (cos, sin), each `[s, b, 1, d]` in fp32."""
+        if position_ids.dim() != 3 or position_ids.shape[0] != len(self.section):
+            raise ValueError(f"M-RoPE needs position ids [{len(self.section)}, b, s] (temporal, height, width; "
+                             f"megamm.data.mrope), got shape {tuple(position_ids.shape)}")
+        inv_freq = self.axial.inv_freq
+        angles = position_ids.to(inv_freq.device).float().transpose(1, 2).unsqueeze(-1) * inv_freq  # [3, s, b, d/2]
+        runs = angles.split(self.section, dim=-1)
+        angles = torch.cat([run[i % len(self.section)] for i, run in enumerate(runs)], dim=-1)
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(2)
+        return angles.cos(), angles.sin()
+
+
 class AxialRotaryEmbedding(nn.Module):
     """Rotary angles over several position axes (the 2D vision rotary: height, width).
 

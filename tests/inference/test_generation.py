@@ -25,6 +25,7 @@ from megamm.checkpoint.model_weights import load_model_weights
 from megamm.config import ParallelConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
+from megamm.convert.importer import import_qwen2_vl_hf
 from megamm.inference.generation import Generation, GenerationConfig, GenerationError, Prompt, generate
 from megamm.inference.sampling import SamplingConfig, choose_tokens, filter_logits, make_generators
 from megamm.inference.session import InferenceSession
@@ -32,7 +33,17 @@ from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
 from megamm.transformer.kv_cache import KVCache
 from tests.distributed import run_distributed
-from tests.tiny import IMAGE_TOKEN_ID, language_config, llava_config
+from tests.tiny import (
+    IMAGE_TOKEN_ID,
+    NATIVE_IMAGE_TOKEN,
+    NATIVE_VIDEO_TOKEN,
+    TEXT_TOKENS,
+    VISION_END,
+    VISION_START,
+    language_config,
+    llava_config,
+    native_vision_inputs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 GREEDY = SamplingConfig()
@@ -169,7 +180,7 @@ def test_requests_that_cannot_be_served() -> None:
         generate(model, _prompts(), GenerationConfig(sampling=SamplingConfig(temperature=1.0, top_p=0.0)))
     with pytest.raises(GenerationError, match="max_position_embeddings 4096"):
         generate(model, _prompts(), GenerationConfig(max_new_tokens=4090))
-    with pytest.raises(GenerationError, match="other than the image token"):
+    with pytest.raises(GenerationError, match="other than the image and video tokens"):
         generate(model, _prompts(), GenerationConfig(), pad_id=IMAGE_TOKEN_ID)
     with pytest.raises(GenerationError, match="prompt 0 has no tokens"):
         generate(model, [Prompt([])], GenerationConfig())
@@ -366,3 +377,98 @@ def test_generate_tool_answers_pairs_and_files(tp_run: dict, capsys: pytest.Capt
     assert capsys.readouterr().out.splitlines()[1] == lines[1]  # the same question, the same answer
     with pytest.raises(SystemExit, match="1 --image for 2 --prompt"):
         generate_tool.main([*common, "--image", "none", "--prompt", "a", "--prompt", "b"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_native_generation_matches_transformers_generate(family: str, tmp_path: Path) -> None:
+    """A Qwen2-VL-family model imported from transformers generates transformers' greedy tokens with
+    the KV cache and M-RoPE (prompt positions from megamm.data.mrope, then n + k + delta): two
+    prompts of different lengths batched (left padding), one with two images, one with a video."""
+    from tests.convert.test_qwen2_vl import build_hf
+    from tests.convert.test_roundtrip import save_hf
+
+    hf = build_hf(family, scale=0.5)  # sharp, context-dependent next-token distributions
+    summary = import_qwen2_vl_hf(save_hf(hf, tmp_path / "hf"), tmp_path / "ckpt")
+    model = LlavaModel(summary.config, ParallelState.single())
+    load_model_weights(model, tmp_path / "ckpt", model.state)
+    model.eval()
+    vision = native_vision_inputs(summary.config)
+    a, b, _ = vision["images"]
+    video = vision["video"]
+    rng = random.Random(5)
+
+    def text(n: int) -> list[int]:
+        return [rng.randrange(TEXT_TOKENS) for _ in range(n)]
+
+    def run(token: int, n: int) -> list[int]:
+        return [VISION_START, *[token] * n, VISION_END]
+
+    prompts = [
+        Prompt([*text(3), *run(NATIVE_IMAGE_TOKEN, a.num_tokens), *text(2), *run(NATIVE_IMAGE_TOKEN, b.num_tokens),
+                *text(3)], torch.cat([a.pixel_values, b.pixel_values]), torch.tensor([a.grid_thw, b.grid_thw])),
+        Prompt([*text(2), *run(NATIVE_VIDEO_TOKEN, video.num_tokens), *text(2)],
+               pixel_values_videos=video.pixel_values, video_grid_thw=torch.tensor([video.grid_thw]),
+               video_seconds_per_grid=(video.second_per_grid,)),
+    ]
+    config = GenerationConfig(max_new_tokens=8)
+    ours = [g.tokens for g in generate(model, prompts, config)]
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt.input_ids])
+        types = (ids == NATIVE_IMAGE_TOKEN).int() + 2 * (ids == NATIVE_VIDEO_TOKEN).int()
+        kwargs = {"pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw,
+                  "pixel_values_videos": prompt.pixel_values_videos, "video_grid_thw": prompt.video_grid_thw}
+        if family == "qwen2_5_vl" and prompt.video_grid_thw is not None:
+            kwargs["second_per_grid_ts"] = torch.tensor(prompt.video_seconds_per_grid)
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
+                              max_new_tokens=config.max_new_tokens, do_sample=False,
+                              suppress_tokens=[NATIVE_IMAGE_TOKEN, NATIVE_VIDEO_TOKEN],
+                              **{k: v for k, v in kwargs.items() if v is not None})
+        expected.append(out[0, ids.shape[1]:].tolist())
+    assert ours == expected, f"megamm {ours}, transformers {expected}"
+    assert all(len(set(tokens)) > 1 for tokens in expected), f"degenerate continuations prove little: {expected}"
+
+
+def test_session_prompts_a_native_resolution_model(tmp_path: Path) -> None:
+    """InferenceSession with a Qwen2-VL model: the prompt is the qwen2_vl rendering with the image's
+    own token count, its patches and grid are megamm.data.native_resolution's, and `answer` gives
+    what `generate` gives for that prompt."""
+    import tokenizers
+
+    from megamm.data.native_resolution import NativeResolution, preprocess_image
+    from megamm.data.templates import render_prompt
+    from megamm.data.tokenizer import load_tokenizer
+    from megamm.inference.session import DataSettings
+    from tests.data.test_qwen_template import CORPUS, SPECIALS
+    from tests.tiny import qwen2_vl_config
+
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.train_from_iterator(CORPUS * 20, tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.json", image_token="<|image_pad|>", pad_token="<|endoftext|>")
+    config = qwen2_vl_config()
+    language = replace(config.language, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id,
+                       video_token_id=tokenizer.token_id("<|video_pad|>"),
+                       transformer=replace(config.language.transformer, init_method_std=0.5))
+    model = LlavaModel(replace(config, language=language), ParallelState.single())
+    model.initialize(SAVED_SEED)
+    model.eval()
+    session = InferenceSession(model, tokenizer, DataSettings(str(tmp_path / "tokenizer.json"), "qwen2_vl",
+                                                              normalization="qwen2_vl"))
+    image = Image.fromarray(torch.randint(0, 256, (40, 60, 3), generator=torch.Generator().manual_seed(1),
+                                          dtype=torch.uint8).numpy())
+    prompt = session.prompt("Describe both pictures.", image)
+    expected = preprocess_image(image, NativeResolution(patch_size=4, merge_size=2, temporal_patch_size=2))
+    assert expected.num_tokens > 1
+    turns = [{"from": "human", "value": "<image>\nDescribe both pictures."}]
+    assert prompt.input_ids == render_prompt(turns, "qwen2_vl", tokenizer, [expected.num_tokens]).input_ids
+    assert torch.equal(prompt.pixel_values, expected.pixel_values)
+    assert prompt.image_grid_thw.tolist() == [list(expected.grid_thw)]
+    config = GenerationConfig(max_new_tokens=5)
+    (answer,) = session.answer([(image, "Describe both pictures.")], config)
+    assert answer.tokens == generate(model, [prompt], config, pad_id=tokenizer.pad_id)[0].tokens

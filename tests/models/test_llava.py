@@ -11,7 +11,16 @@ from megamm.config import ConfigError, ProjectorConfig
 from megamm.models.llava import LlavaModel, average_loss
 from megamm.models.projectors.pixel_shuffle import pixel_shuffle
 from megamm.parallel.state import ParallelState
-from tests.tiny import IMAGE_TOKEN_ID, llava_config, make_batch, vision_config
+from tests.tiny import (
+    IMAGE_TOKEN_ID,
+    NATIVE_IMAGE_TOKEN,
+    NATIVE_VIDEO_TOKEN,
+    llava_config,
+    make_batch,
+    native_microbatches,
+    qwen2_vl_config,
+    vision_config,
+)
 
 
 def _model(config=None, seed: int = 11) -> LlavaModel:
@@ -132,3 +141,62 @@ def test_pixel_shuffle_projector_gives_four_times_fewer_tokens() -> None:
     assert model.image_tokens_per_image == 4
     embeddings = model.encode_images(torch.randn(3, 3, 16, 16))
     assert embeddings.shape == (3, 4, config.language.transformer.hidden_size)
+
+
+def test_native_tower_embeddings_land_on_image_and_video_positions() -> None:
+    """Each image's and the video's merged embeddings, encoded on their own, fill their own tokens."""
+    model = _model(qwen2_vl_config("qwen2_5_vl"))
+    batch = native_microbatches(model.config)[0]
+    hidden = model.embed(batch["input_ids"], batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                         pixel_values_videos=batch["pixel_values_videos"], video_grid_thw=batch["video_grid_thw"])
+    image_rows = batch["image_grid_thw"].prod(dim=1).tolist()
+    images = [model.vision(p, g[None]) for p, g in zip(batch["pixel_values"].split(image_rows),
+                                                        batch["image_grid_thw"])]
+    video = model.vision(batch["pixel_values_videos"], batch["video_grid_thw"])
+    torch.testing.assert_close(hidden[:, 0][batch["input_ids"][0] == NATIVE_IMAGE_TOKEN], torch.cat(images))
+    torch.testing.assert_close(hidden[:, 1][batch["input_ids"][1] == NATIVE_VIDEO_TOKEN], video)
+    assert not hasattr(model, "projector")
+
+
+def test_native_token_counts_are_checked_per_sample() -> None:
+    model = _model(qwen2_vl_config())
+    batch, packed = native_microbatches(model.config)
+    assert model(**packed)["loss"].shape == (2, 40)  # images [2, 1]: the second sample's are counted from the third
+    with pytest.raises(ValueError, match=r"sample 0: 12 image-token positions, but its 1 image\(s\) give "
+                                         r"\(t \* h \* w / 4 tokens each, per image: \[6, 6\]\) = 6"):
+        model(**{**batch, "images_per_sample": torch.tensor([1, 1])})
+    with pytest.raises(ValueError, match=r"the batch has 12 image-token positions .* but 1 image\(s\) give"):
+        model(**{**batch, "images_per_sample": None, "image_grid_thw": batch["image_grid_thw"][:1],
+                 "pixel_values": batch["pixel_values"][:24]})
+    with pytest.raises(ValueError, match=r"sample 0: 0 video-token positions, but its 1 video\(s\) give"):
+        model(**{**batch, "videos_per_sample": torch.tensor([1, 0])})
+    with pytest.raises(ValueError, match="the batch has 8 video-token positions .* but 0 video"):
+        model(**{**batch, "pixel_values_videos": None, "video_grid_thw": None, "videos_per_sample": None})
+    with pytest.raises(ValueError, match="pixel_values given without image_grid_thw"):
+        model(**{**batch, "image_grid_thw": None})
+    with pytest.raises(ValueError, match=r"position_ids has shape \(2, 40\)"):
+        model(**{**batch, "position_ids": batch["position_ids"][0]})
+    no_video = _model(replace(model.config, language=replace(model.config.language, video_token_id=None)))
+    with pytest.raises(ValueError, match="the batch holds videos but language.video_token_id is not set"):
+        no_video(**batch)
+    fixed = _model()
+    with pytest.raises(ValueError, match="the clip tower takes images"):
+        fixed(**make_batch(fixed.config, [1, 0]), image_grid_thw=batch["image_grid_thw"])
+
+
+@pytest.mark.parametrize(("freeze", "trained"), [
+    ({"freeze_vision": True}, {"vision.merger", "language"}),
+    ({"freeze_vision": True, "freeze_projector": True}, {"language"}),
+    ({"freeze_projector": True, "freeze_language": True}, {"vision"}),
+])
+def test_native_freeze_flags_split_tower_and_merger(freeze: dict, trained: set[str]) -> None:
+    """freeze_vision freezes the tower but not its merger (the projector), freeze_projector the merger."""
+    model = _model(qwen2_vl_config(**freeze))
+    average_loss(model(**native_microbatches(model.config)[0])).backward()
+    got = set()
+    for name, param in model.named_parameters():
+        part = "vision.merger" if name.startswith("vision.merger.") else name.split(".")[0]
+        assert (param.grad is not None) == param.requires_grad, name
+        if param.requires_grad:
+            got.add(part)
+    assert got == trained

@@ -32,7 +32,7 @@ from megamm.parallel.sharding import gather_master, shard_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.transformer.segments import Segments
 from tests.distributed import run_distributed
-from tests.tiny import language_config
+from tests.tiny import language_config, llava_config
 
 GRIDS = [[1, 4, 6], [1, 6, 4], [2, 4, 4]]
 PATCH, TEMPORAL, CHANNELS = 4, 2, 3
@@ -155,12 +155,21 @@ def test_native_config_problems_are_listed() -> None:
     assert tower_family("qwen2_vl").problems(vision) == [
         ("vision.transformer (normalization, activation, add_bias_linear) = ('rmsnorm', 'swiglu', True): the "
         "qwen2_vl tower has ('layernorm', 'quick_gelu', True)"),
+        "vision.native_resolution.tokens_per_second: the qwen2_vl tower has none",
         "vision.native_resolution.window_size: the qwen2_vl tower has no windows",
     ]
     llava = LlavaConfig(vision=vision, language=language_config())
     assert llava.problems(ParallelConfig()) == [
-        ("vision.native_resolution: the qwen2_5_vl tower is not wired into LlavaModel yet (it takes patches and "
-        "grids, megamm.models.native_vision)")]
+        ("projector: the qwen2_5_vl tower's patch merger is its projector (vision.native_resolution); set "
+         "projector to null"),
+        ("language.mrope_section: the qwen2_5_vl tower's tokens are placed by M-RoPE (temporal, height, width "
+         "positions); set it (Qwen2-VL: [16, 24, 24] for head_dim 128)"),
+        ("vision.native_resolution.out_hidden_size 40 must equal language.transformer.hidden_size 64 (the merger "
+         "writes language embeddings)"),
+    ]
+    assert LlavaConfig(vision=llava_config().vision, language=language_config(), projector=None).problems(
+        ParallelConfig()) == [("projector: the clip tower needs a projector (only a native-resolution tower merges "
+                              "its patches itself)")]
     # The ViT converters do not take a Qwen2-VL directory for a CLIP-like tower.
     assert family_for_hf_type("qwen2_vl") is None
 

@@ -11,4 +11,6 @@ are loops over adapters and never name a layout's keys or fields themselves.
     vision-tower     a CLIP / SigLIP directory (vision model or full model); import
     causal-lm        a LLaMA / Mistral / Qwen2 causal LM directory; import
     meta-llama       Meta-format LLaMA (consolidated.*.pth + params.json); import
+    qwen2-vl-hf      Qwen2VLForConditionalGeneration (both key spellings); import and export
+    qwen2.5-vl-hf    Qwen2_5_VLForConditionalGeneration (the same layout, its own tower); import and export
 """

@@ -83,6 +83,9 @@ class LlavaHfAdapter(ExportAdapter):
     # ---- export ---------------------------------------------------------------------------------
 
     def export_problems(self, config: LlavaConfig) -> list[str]:
+        if config.vision.native_resolution is not None or config.projector is None:
+            return [(f"vision.family {config.vision.family!r}: LlavaForConditionalGeneration holds a fixed-size ViT "
+                    f"and a projector; a native-resolution model exports as qwen2-vl-hf / qwen2.5-vl-hf")]
         found = []
         if config.projector.type != "mlp2x_gelu":
             found.append(f"projector.type {config.projector.type!r}: LlavaForConditionalGeneration has a two-layer "

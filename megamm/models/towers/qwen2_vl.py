@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from megamm.config.model import NativeResolutionConfig, TransformerConfig, VisionConfig
 from megamm.models.keymap import Entry
 from megamm.models.towers.base import RGB
@@ -77,9 +79,36 @@ class NativeTowerFamily:
             window_size=cfg.window_size if self.windowed else None,
             fullatt_block_indexes=tuple(cfg.fullatt_block_indexes) if self.windowed else (),
             merger_norm_epsilon=HF_NORM_EPSILON,
+            tokens_per_second=int(cfg.tokens_per_second) if self.windowed else None,
         )
         return VisionConfig(transformer, family=self.name, patch_size=cfg.patch_size, num_channels=cfg.in_channels,
                             native_resolution=native)
+
+    def config_to_hf(self, vision: VisionConfig) -> dict:
+        """VisionConfig -> the Hugging Face vision config tree of this family (call `problems` first)."""
+        t, native = vision.transformer, vision.native_resolution
+        common = {
+            "model_type": self.hf_model_type, "depth": t.num_layers, "num_heads": t.num_attention_heads,
+            "in_channels": vision.num_channels, "patch_size": vision.patch_size,
+            "spatial_merge_size": native.spatial_merge_size, "temporal_patch_size": native.temporal_patch_size,
+            "initializer_range": t.init_method_std,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": t.rotary_base},
+        }
+        if not self.windowed:
+            return {**common, "embed_dim": t.hidden_size, "hidden_size": native.out_hidden_size,
+                    "mlp_ratio": t.ffn_hidden_size // t.hidden_size, "hidden_act": "quick_gelu"}
+        return {**common, "hidden_size": t.hidden_size, "intermediate_size": t.ffn_hidden_size,
+                "out_hidden_size": native.out_hidden_size, "hidden_act": "silu",
+                "tokens_per_second": native.tokens_per_second, "window_size": native.window_size,
+                "fullatt_block_indexes": list(native.fullatt_block_indexes)}
+
+    def kept_aside(self, name: str) -> bool:
+        """Every tensor of the Hugging Face tower has a megamm parameter: nothing is kept aside."""
+        return False
+
+    def export_fill(self, vision: VisionConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Nothing to fill: megamm holds every tensor of the Hugging Face tower."""
+        return {}
 
     def problems(self, vision: VisionConfig) -> list[str]:
         """Where `vision` has no Hugging Face form of this family (empty: it converts)."""
@@ -93,6 +122,12 @@ class NativeTowerFamily:
                          f"{self.name} tower has ({self.normalization!r}, {self.activation!r}, True)")
         if t.query_groups != t.num_attention_heads or t.head_dim * t.num_attention_heads != t.hidden_size:
             found.append(f"vision.transformer: GQA or a custom head dimension has no {self.name} equivalent")
+        if not self.windowed and t.ffn_hidden_size % t.hidden_size:
+            found.append(f"vision.transformer.ffn_hidden_size {t.ffn_hidden_size}: the {self.name} tower's MLP "
+                         f"width is an integer mlp_ratio x hidden_size {t.hidden_size}")
+        if (native.tokens_per_second is not None) != self.windowed:
+            found.append(f"vision.native_resolution.tokens_per_second: the {self.name} tower "
+                         f"{'scales video positions to seconds (set it)' if self.windowed else 'has none'}")
         if (native.window_size is not None) != self.windowed:
             found.append(f"vision.native_resolution.window_size: the {self.name} tower "
                          f"{'needs windows' if self.windowed else 'has no windows'}")
