@@ -34,15 +34,16 @@ PALETTE = torch.tensor(
 
 
 def text_vocabulary(config: LlavaConfig) -> torch.Tensor:
-    """The ids the synthetic text is drawn from: above the colors, all but the image token."""
+    """The ids the synthetic text is drawn from: above the colors, all but the image (and video) token."""
     first_text = FIRST_COLOR_ID + NUM_COLORS
-    image_token_id = config.language.image_token_id
-    text_ids = torch.tensor([i for i in range(first_text, config.language.vocab_size) if i != image_token_id])
-    if len(text_ids) < 16 or image_token_id < first_text:
+    language = config.language
+    vision_ids = {language.image_token_id} | ({language.video_token_id} - {None})
+    text_ids = torch.tensor([i for i in range(first_text, language.vocab_size) if i not in vision_ids])
+    if len(text_ids) < 16 or min(vision_ids) < first_text:
         raise ValueError(
-            f"synthetic data needs at least 16 text ids from {first_text} up and the image token "
-            f"id at or above {first_text}; got vocab {config.language.vocab_size}, image token "
-            f"{image_token_id}"
+            f"synthetic data needs at least 16 text ids from {first_text} up and the image (and video) "
+            f"token ids at or above {first_text}; got vocab {language.vocab_size}, image token "
+            f"{language.image_token_id}, video token {language.video_token_id}"
         )
     return text_ids
 

@@ -77,8 +77,10 @@ def param_group_specs(
     vision_lr: float | None = None,
 ) -> dict:
     """Weight decay except on biases and norms (1-D tensors); the projector's and the vision tower's
-    own learning rates (as multiples of --lr, so they follow its warmup and decay)."""
-    own_lr = {"projector.": projector_lr, "vision.": vision_lr}
+    own learning rates (as multiples of --lr, so they follow its warmup and decay). A native-resolution
+    tower's patch merger is its projector (it is what --freeze-projector freezes), so it takes the
+    projector's rate; the first matching prefix wins."""
+    own_lr = {"projector.": projector_lr, "vision.merger.": projector_lr, "vision.": vision_lr}
     specs = {}
     for chunk in chunks:
         for name, param in chunk.named_parameters():

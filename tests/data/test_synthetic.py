@@ -53,3 +53,12 @@ def test_sequence_too_short_for_the_fewest_tokens() -> None:
     config = llava_config(vision=native_vision_config())
     with pytest.raises(ValueError, match="--seq-length 8 cannot hold 2 image"):
         SyntheticNativeDataset(config, 8, seed=0, max_images=2, pixel_range=PIXELS)
+
+
+def test_text_never_holds_the_video_token() -> None:
+    from tests.tiny import qwen2_vl_config
+
+    config = qwen2_vl_config()
+    video_token = config.language.video_token_id
+    dataset = SyntheticNativeDataset(config, 96, seed=3, max_images=1, pixel_range=PIXELS)
+    assert not any((dataset[index]["input_ids"] == video_token).any() for index in range(64))

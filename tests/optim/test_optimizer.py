@@ -72,3 +72,19 @@ def test_projector_and_vision_learning_rates_scale_their_groups() -> None:
     assert scales == {"vision": 0.1, "projector": 2.0, "language": 1.0}
     decays = {names[id(p)]: spec.weight_decay for p, spec in specs.items()}
     assert decays["vision.patch_embedding"] == 0.1 and decays["projector.fc1.bias"] == 0.0
+
+
+def test_native_tower_merger_takes_the_projector_learning_rate() -> None:
+    from megamm.models.llava import LlavaModel
+    from megamm.parallel.state import ParallelState
+    from megamm.training.step import param_group_specs
+    from tests.tiny import qwen2_vl_config
+
+    model = LlavaModel(qwen2_vl_config(), ParallelState.single())
+    specs = param_group_specs([model], 0.1, 1e-3, projector_lr=2e-3, vision_lr=1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scales = {}
+    for param, spec in specs.items():
+        part = names[id(param)].split(".")
+        scales.setdefault("merger" if part[1] == "merger" else part[0], set()).add(spec.lr_scale)
+    assert scales == {"vision": {0.1}, "merger": {2.0}, "language": {1.0}}
