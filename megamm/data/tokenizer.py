@@ -391,10 +391,12 @@ class HFTokenizer(Tokenizer):
 
 
 def check_tokenizer(
-    tokenizer: Tokenizer, language: LanguageConfig, source: str, required: tuple[str, ...] = ()
+    tokenizer: Tokenizer, language: LanguageConfig, source: str, required: tuple[str, ...] = (),
+    video_token: str | None = None,
 ) -> None:
-    """The tokenizer must fit the language model: no id beyond its vocabulary, the same image token id,
-    and every token of `required` (a chat template's `required_tokens`) as one vocabulary entry.
+    """The tokenizer must fit the language model: no id beyond its vocabulary, the same image token id
+    (and, when the model has one and the template writes `video_token`, the same video token id), and
+    every token of `required` (a chat template's `required_tokens`) as one vocabulary entry.
 
     ValueError naming `source` (e.g. "--tokenizer-model PATH") and every mismatch. Training and
     generation both check here, before any weights are read.
@@ -410,6 +412,11 @@ def check_tokenizer(
     if tokenizer.image_token_id != language.image_token_id:
         problems.append(f"it gives the image token {tokenizer.image_token!r} id {tokenizer.image_token_id} but "
                         f"model.language.image_token_id is {language.image_token_id}")
+    if video_token is not None and language.video_token_id is not None and tokenizer.has_token(video_token):
+        video_id = tokenizer.token_id(video_token)
+        if video_id != language.video_token_id:
+            problems.append(f"it gives the video token {video_token!r} id {video_id} but "
+                            f"model.language.video_token_id is {language.video_token_id}")
     if problems:
         raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
 

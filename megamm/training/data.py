@@ -25,6 +25,7 @@ from megamm.data.datasets import build_source
 from megamm.data.images import image_normalization
 from megamm.data.loader import BAD_KINDS, PositionDataset, RankLoader, ResumePoint
 from megamm.data.native_samples import NativeSampleBuilder, native_settings
+from megamm.data.qwen_template import VIDEO_PAD
 from megamm.data.samples import ImageSettings, Sample, SampleBuilder
 from megamm.data.synthetic import (
     SyntheticMultimodalDataset,
@@ -126,7 +127,7 @@ def build_sample_builder(config: ResolvedConfig) -> SampleBuilder | NativeSample
     template = get_template(t.chat_template)
     tokenizer = template_tokenizer(t.tokenizer_model, template)
     check_tokenizer(tokenizer, model_config.language, f"--tokenizer-model {t.tokenizer_model}",
-                    template.required_tokens)
+                    template.required_tokens, VIDEO_PAD)
     if model_config.vision.native_resolution is not None:
         return NativeSampleBuilder(tokenizer, template, native_settings(model_config.vision, t), t.seq_length)
     return SampleBuilder(

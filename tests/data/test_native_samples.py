@@ -202,3 +202,19 @@ def test_bad_videos_and_templates(root: Path, tokenizer: Tokenizer) -> None:
     with pytest.raises(BadSample) as raised:
         fixed.build(source[0])
     assert raised.value.kind == "schema" and "only a native-resolution vision tower" in str(raised.value)
+
+
+def test_tokenizer_video_token_must_match_the_model(tokenizer: Tokenizer) -> None:
+    from dataclasses import replace
+
+    from megamm.data.qwen_template import VIDEO_PAD
+    from megamm.data.tokenizer import check_tokenizer
+    from tests.tiny import qwen2_vl_config
+
+    language = replace(qwen2_vl_config().language, vocab_size=max(1024, tokenizer.vocab_size),
+                       image_token_id=tokenizer.image_token_id)
+    video_id = tokenizer.token_id(VIDEO_PAD)
+    check_tokenizer(tokenizer, replace(language, video_token_id=video_id), "tok", (), VIDEO_PAD)
+    with pytest.raises(ValueError, match=rf"video token '<\|video_pad\|>' id {video_id} but "
+                                         rf"model.language.video_token_id is {video_id + 1}"):
+        check_tokenizer(tokenizer, replace(language, video_token_id=video_id + 1), "tok", (), VIDEO_PAD)
