@@ -8,6 +8,9 @@ exchange fixed shapes. Images are consumed in batch order: all of sample 0's ima
 
 Pipeline split: `pre_process` stages hold the vision tower, the projector and the embedding;
 `post_process` stages hold the final norm, the output layer and the loss.
+
+Context parallelism: every cp rank gets the whole microbatch, embeds only its own positions
+(megamm.parallel.context) and encodes only its share of the images (megamm.models.image_shares).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import torch
 from torch import nn
 
 from megamm.config import LlavaConfig, ParallelConfig
+from megamm.models.image_shares import image_share, local_image_embeddings
 from megamm.models.language import LanguageModel
 from megamm.models.projectors import build_projector
 from megamm.models.vision import VisionTower
+from megamm.parallel.context import split_sequence
 from megamm.parallel.params import initialize_parameters
 from megamm.parallel.state import ParallelState
 
@@ -39,6 +44,7 @@ class LlavaModel(nn.Module):
         parallel = ParallelConfig(
             tensor_model_parallel_size=state.tp_size,
             pipeline_model_parallel_size=state.pp_size,
+            context_parallel_size=state.cp_size,
             sequence_parallel=sequence_parallel,
         )
         config.validate(parallel)
@@ -50,7 +56,9 @@ class LlavaModel(nn.Module):
         self.post_process = post_process
         vision_t, language_t = config.vision.transformer, config.language.transformer
         if pre_process:
-            self.vision = VisionTower(config.vision, state, sequence_parallel)
+            # The tower encodes whole images (this cp rank's share of them): its attention spans
+            # one image, so it runs without context parallelism.
+            self.vision = VisionTower(config.vision, state.without_context_parallel(), sequence_parallel)
             self.projector = build_projector(
                 config.projector,
                 vision_t.hidden_size,
@@ -103,17 +111,34 @@ class LlavaModel(nn.Module):
         """Token embeddings with image embeddings written into the image-token positions.
 
         input_ids `[b, s]`; pixel_values `[n, C, H, W]` or None; images_per_sample `[b]` (optional,
-        enables a per-sample check). Returns `[s, b, h]`, replicated across tp.
+        enables a per-sample check). Returns `[s, b, h]`, replicated across tp; with context
+        parallelism `[s/cp, b, h]`, this rank's positions, of which it encoded only its share of the
+        images (the embeddings of the others come from their cp ranks).
         """
         image_positions = input_ids == self.config.language.image_token_id
         self._check_image_tokens(image_positions, pixel_values, images_per_sample)
-        embeddings = self.language.embed(input_ids)  # [b, s, h]
+        embeddings = self.language.embed(split_sequence(input_ids, self.state))  # [b, s/cp, h]
         if pixel_values is not None and pixel_values.shape[0] > 0:
-            image_embeddings = self.encode_images(pixel_values).to(embeddings.dtype)
-            embeddings = embeddings.masked_scatter(image_positions.unsqueeze(-1), image_embeddings)
+            encoded = self._encode_share(image_share(pixel_values, self.state), embeddings)
+            image_embeddings = local_image_embeddings(encoded, pixel_values.shape[0], image_positions, self.state)
+            local_positions = split_sequence(image_positions, self.state).unsqueeze(-1)
+            embeddings = embeddings.masked_scatter(local_positions, image_embeddings)
         elif torch.is_grad_enabled():
             embeddings = embeddings + self._zero_from_image_path(embeddings)
         return embeddings.transpose(0, 1).contiguous()
+
+    def _encode_share(self, share: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`[m, C, H, W]` this rank's images -> `[m, tokens_per_image, h]` in `like`'s dtype.
+
+        A cp rank with no image of its own (fewer images than cp ranks) returns an empty tensor
+        that still depends on the trainable image path, so every rank's all-gather of the shares
+        is differentiable alike (their backward collectives must match) and those parameters get
+        their gradient, zero from this rank.
+        """
+        if share.shape[0]:
+            return self.encode_images(share).to(like.dtype)
+        empty = like.new_zeros(0, self.image_tokens_per_image, like.shape[-1])
+        return empty + self._zero_from_image_path(like) if torch.is_grad_enabled() else empty
 
     def _zero_from_image_path(self, like: torch.Tensor) -> torch.Tensor:
         """A zero that depends on every trainable vision/projector parameter.
