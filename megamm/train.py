@@ -196,7 +196,8 @@ def run(config: ResolvedConfig) -> dict[str, float]:
     started = time.monotonic()
     t, p = config.training, config.parallel
     state = initialize_parallel_state(
-        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.distributed_timeout_minutes
+        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.distributed_timeout_minutes,
+        context_parallel_size=p.context_parallel_size,
     )
     rank = dist.get_rank()
     install_from_environment(RECORD, rank)
@@ -235,7 +236,8 @@ def _train(config: ResolvedConfig, state: ParallelState, stop: StopCheck) -> dic
         pipeline = (f", {len(chunks)} model chunk(s) per stage, pipeline bubble (pp-1)/(vp*M) = "
                     f"{100 * bubble:.1f}% of the ideal step time")
     reporter.line(
-        f" megamm: world {state.world_size} = tp {state.tp_size} x dp {state.dp_size} x pp {state.pp_size}, "
+        f" megamm: world {state.world_size} = tp {state.tp_size} x cp {state.cp_size} x dp {state.dp_size} "
+        f"x pp {state.pp_size}, "
         f"{microbatches_per_step} microbatch(es) of {t.micro_batch_size} per step{pipeline}, "
         f"{trainable:,} trainable parameters on this rank"
     )

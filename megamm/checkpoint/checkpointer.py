@@ -112,7 +112,7 @@ class Checkpointer:
         """The layout signature of this run (megamm.checkpoint.format.layout_signature)."""
         s = self.state
         return format.layout_signature(s.tp_size, s.pp_size, s.dp_size, len(self.chunks),
-                                       self.config.sequence_parallel)
+                                       self.config.sequence_parallel, cp=s.cp_size)
 
     # ---- the state -------------------------------------------------------------------------------
 

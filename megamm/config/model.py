@@ -337,7 +337,15 @@ class LanguageConfig:
     image_token_id: int = 32000 - 1
 
     def problems(self, parallel: ParallelConfig) -> list[str]:
-        return gather(lambda: self.transformer.problems(parallel, "language"), self._own_problems)
+        return gather(lambda: self.transformer.problems(parallel, "language"), self._own_problems,
+                      lambda: self._context_parallel_problems(parallel))
+
+    def _context_parallel_problems(self, parallel: ParallelConfig) -> list[str]:
+        """What ring attention (megamm.transformer.ring_attention) does not do."""
+        if parallel.context_parallel_size > 1 and self.transformer.attention_dropout > 0:
+            return [f"language.attention_dropout {self.transformer.attention_dropout}: ring attention "
+                    f"(context-parallel size {parallel.context_parallel_size}) has no attention dropout"]
+        return []
 
     def _own_problems(self) -> list[str]:
         found = []

@@ -176,6 +176,9 @@ def test_requests_that_cannot_be_served() -> None:
     staged = LlavaModel(_model_config(), ParallelState(pp_size=2), post_process=False)
     with pytest.raises(NotImplementedError, match="pipeline-parallel generation is not supported"):
         generate(staged, _prompts(), GenerationConfig())
+    context_parallel = LlavaModel(_model_config(), ParallelState(cp_size=2))
+    with pytest.raises(GenerationError, match="generation runs at context-parallel size 1 \\(got 2\\)"):
+        generate(context_parallel, _prompts(), GenerationConfig())
     cache = KVCache(batch_size=1, max_length=4)
     with pytest.raises(ValueError, match="holds 4 positions"):
         cache.layer(0).update(torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8))
