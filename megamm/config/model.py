@@ -343,8 +343,8 @@ class LanguageConfig:
     def _context_parallel_problems(self, parallel: ParallelConfig) -> list[str]:
         """What ring attention (megamm.transformer.ring_attention) does not do."""
         if parallel.context_parallel_size > 1 and self.transformer.attention_dropout > 0:
-            return [f"language.attention_dropout {self.transformer.attention_dropout}: ring attention "
-                    f"(context-parallel size {parallel.context_parallel_size}) has no attention dropout"]
+            return [(f"language.attention_dropout {self.transformer.attention_dropout}: ring attention "
+                     f"(context-parallel size {parallel.context_parallel_size}) has no attention dropout")]
         return []
 
     def _own_problems(self) -> list[str]:
