@@ -12,7 +12,7 @@ ring again: each K/V block travels with the gradient accumulated for it (dK, dV)
 turn and one more hop the gradient is home, complete. dQ stays local.
 
 Causality per pair of chunks (query chunk i, key chunk j, global chunk numbers): j < i attends
-fully, j == i is the causal diagonal, j > i is skipped. Because every rank holds one early and one
+fully, j == i is the causal diagonal, j > i is skipped; pairs are computed in tiles of query rows. Because every rank holds one early and one
 late chunk, every rank computes the same number of blocks. A packed row's mask (True where a query
 may attend a key, sample boundaries anywhere) is given as this rank's query rows over the global
 key columns, `[b, 1, s/cp, s]`, and each pair reads its `[s/2cp, s/2cp]` slice, so boundaries inside
@@ -28,41 +28,47 @@ CPU. A fused per-block kernel (flash attention returning its log-sum-exp) would 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
 from megamm.parallel.context import RingExchange, chunk_ids
 from megamm.parallel.state import ParallelState
 
+# Query rows per tile of a chunk pair: bounds the scores held at once (TILE_ROWS x chunk fp32 per
+# head) for long sequences; the result does not depend on it.
+TILE_ROWS = 1024
 FORWARD_TAG = 31
 BACKWARD_KV_TAG = 32
 BACKWARD_GRAD_TAG = 33
 
 
-def _pairs(cp: int, rank: int, source: int, chunk: int, causal: bool) -> list[tuple[slice, slice, int, bool]]:
-    """The (query half, key half, key chunk number, diagonal) pairs that attend anything when this
-    rank's queries meet the K/V block of cp rank `source`; skipped pairs are left out."""
-    found = []
+def _tiles(cp: int, rank: int, source: int, chunk: int, causal: bool, mask: torch.Tensor | None,
+           device: torch.device) -> Iterator[tuple[slice, slice, torch.Tensor | None]]:
+    """The work when this rank's queries meet the K/V block of cp rank `source`: (query rows, key
+    columns of the block, allowed mask or None) per tile, skipped pairs left out.
+
+    A pair of chunks is cut into tiles of at most `TILE_ROWS` query rows, so the scores held at
+    once are `TILE_ROWS x chunk` whatever the sequence length; on the causal diagonal a tile's keys
+    stop at its last row (the rest would be masked). `allowed` (True = may attend) broadcasts to
+    `[b, heads, rows, keys]`.
+    """
     for qa, q_chunk in enumerate(chunk_ids(cp, rank)):
         for kb, k_chunk in enumerate(chunk_ids(cp, source)):
             if causal and k_chunk > q_chunk:
                 continue
-            found.append((slice(qa * chunk, (qa + 1) * chunk), slice(kb * chunk, (kb + 1) * chunk), k_chunk,
-                          causal and k_chunk == q_chunk))
-    return found
-
-
-def _allowed(mask: torch.Tensor | None, rows: slice, k_chunk: int, chunk: int, diagonal: bool,
-             device: torch.device) -> torch.Tensor | None:
-    """The bool mask of one pair (True = may attend), broadcastable to `[b, heads, c, c]`, or None
-    when every query attends every key."""
-    allowed = None
-    if mask is not None:
-        allowed = mask[..., rows, k_chunk * chunk : (k_chunk + 1) * chunk]
-    if diagonal:
-        lower = torch.ones(chunk, chunk, dtype=torch.bool, device=device).tril()
-        allowed = lower if allowed is None else allowed & lower
-    return allowed
+            diagonal = causal and k_chunk == q_chunk
+            for top in range(0, chunk, TILE_ROWS):
+                bottom = min(top + TILE_ROWS, chunk)
+                keys = bottom if diagonal else chunk
+                allowed = None
+                if mask is not None:
+                    allowed = mask[..., qa * chunk + top : qa * chunk + bottom, k_chunk * chunk : k_chunk * chunk + keys]
+                if diagonal:
+                    lower = (torch.arange(top, bottom, device=device)[:, None]
+                             >= torch.arange(keys, device=device)[None, :])
+                    allowed = lower if allowed is None else allowed & lower
+                yield (slice(qa * chunk + top, qa * chunk + bottom), slice(kb * chunk, kb * chunk + keys), allowed)
 
 
 def _expand(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -134,8 +140,7 @@ class _RingAttention(torch.autograd.Function):
                 ring.start(kv)
             source = (rank - step) % cp
             kf, vf = (_expand(t.float(), heads) for t in kv)
-            for rows, cols, k_chunk, diagonal in _pairs(cp, rank, source, chunk, causal):
-                allowed = _allowed(mask, rows, k_chunk, chunk, diagonal, q.device)
+            for rows, cols, allowed in _tiles(cp, rank, source, chunk, causal, mask, q.device):
                 block_out, block_lse = _block_forward(qf[:, :, rows], kf[:, :, cols], vf[:, :, cols], allowed, scale)
                 _merge(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
             if step < cp - 1:
@@ -163,8 +168,7 @@ class _RingAttention(torch.autograd.Function):
             source = (rank - step) % cp
             kf, vf = (_expand(t.float(), heads) for t in kv)
             dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
-            for rows, cols, k_chunk, diagonal in _pairs(cp, rank, source, chunk, causal):
-                allowed = _allowed(mask, rows, k_chunk, chunk, diagonal, q.device)
+            for rows, cols, allowed in _tiles(cp, rank, source, chunk, causal, mask, q.device):
                 block = _block_backward(qf[:, :, rows], kf[:, :, cols], vf[:, :, cols], out[:, :, rows],
                                         d_out[:, :, rows], delta[:, :, rows], lse[:, :, rows], allowed, scale)
                 dq[:, :, rows] += block[0]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megamm.data.packing import block_causal_mask
 from megamm.parallel.context import local_positions, split_sequence
 from megamm.parallel.state import ParallelState, initialize_parallel_state
+from megamm.transformer import ring_attention as ring
 from megamm.transformer.ring_attention import ring_attention
 from tests.distributed import run_distributed
 
@@ -69,6 +70,11 @@ def _job() -> dict:
         results[f"cp{cp}_gqa"] = _case(state, heads=8, groups=2, mask=None)
         results[f"cp{cp}_packed_gqa"] = _case(state, heads=4, groups=2, mask=_packed_mask())
         results[f"cp{cp}_bidirectional"] = _case(state, heads=4, groups=4, mask=None, causal=False)
+        # Tiles of 5 query rows: uneven tiles of every chunk pair, diagonal keys cut at each tile.
+        ring.TILE_ROWS, rows = 5, ring.TILE_ROWS
+        results[f"cp{cp}_tiled_packed"] = _case(state, heads=4, groups=2, mask=_packed_mask())
+        results[f"cp{cp}_tiled_causal"] = _case(state, heads=4, groups=4, mask=None)
+        ring.TILE_ROWS = rows
         results[f"cp{cp}_positions"] = local_positions(SEQ, cp, state.cp_rank).tolist()
     return results
 
@@ -78,7 +84,7 @@ def ring_results() -> list[dict]:
     return run_distributed(_job, 4)
 
 
-@pytest.mark.parametrize("case", ["causal", "gqa", "packed_gqa", "bidirectional"])
+@pytest.mark.parametrize("case", ["causal", "gqa", "packed_gqa", "bidirectional", "tiled_packed", "tiled_causal"])
 @pytest.mark.parametrize("cp", [2, 4])
 def test_ring_attention_equals_full_attention(ring_results: list[dict], cp: int, case: str) -> None:
     for rank, results in enumerate(ring_results):
