@@ -106,7 +106,7 @@ class Reporter:
     """Prints log lines on one rank (and TensorBoard scalars when asked)."""
 
     def __init__(self, config: ResolvedConfig, state: ParallelState) -> None:
-        self.enabled = state.tp_rank == 0 and state.dp_rank == 0 and state.is_last_stage
+        self.enabled = state.tp_rank == 0 and state.cp_rank == 0 and state.dp_rank == 0 and state.is_last_stage
         self.interactive = self.enabled and sys.stdout.isatty()
         self.writer = None
         if self.enabled and config.training.tensorboard_dir:
@@ -264,7 +264,7 @@ def _train(config: ResolvedConfig, state: ParallelState, stop: StopCheck) -> dic
     RECORD.enter("building the data loader")
     data = build_training_data(
         config, state, resume, microbatch_multiple=state.pp_size if len(chunks) > 1 else 1,
-        log=print if state.tp_rank == 0 and state.is_first_stage else _quiet,
+        log=print if state.tp_rank == 0 and state.cp_rank == 0 and state.is_first_stage else _quiet,
     )
     reporter.line(f" data: {data.describe()}")
     stats, skipped, skipped_in_a_row = IntervalStats(), 0, 0
