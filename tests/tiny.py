@@ -87,3 +87,16 @@ def make_batch(
         "pixel_values": pixel_values if sum(images_per_sample) else None,
         "images_per_sample": torch.tensor(images_per_sample),
     }
+
+
+def without_key_bias(name: str, tensor: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
+    """A language QKV bias without its key rows, other tensors unchanged.
+
+    The key bias has no gradient but rounding noise: it adds one vector to every key of a head, which
+    shifts each query's scores by a constant that softmax ignores. Adam turns that noise into +-lr
+    steps, so those rows differ between layouts by construction and prove nothing.
+    """
+    if not (name.startswith("language.") and name.endswith("self_attention.qkv.bias")):
+        return tensor
+    q, kv = config.num_attention_heads * config.head_dim, config.query_groups * config.head_dim
+    return torch.cat([tensor[:q], tensor[q + kv:]])

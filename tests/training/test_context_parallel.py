@@ -8,7 +8,8 @@ groups) and the parallel run from the same seed on the same global batches:
   tokens, so images cross chunk boundaries), and cp=2 x dp=2 on packed rows (sample boundaries
   inside and across chunks, per-sample position ids, block-causal mask); the vision tower's image
   count per rank is recorded;
-- pp=2 x cp=2 (1F1B over two microbatches per step).
+- pp=2 x cp=2 (1F1B over two microbatches per step) with tied embeddings (Qwen2), and cp=2 x dp=2
+  with full activation recompute.
 Clipping is active, so the global grad norm is compared too; the first step's gradients (gathered
 over tp, every trainable parameter of the rank's stage) are compared directly where the plain
 optimizer holds them whole.
@@ -30,7 +31,7 @@ from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.chunks import build_model_chunks
 from megamm.training.step import build_trainer, train_step
 from tests.distributed import run_distributed, solo_state
-from tests.tiny import llava_config
+from tests.tiny import llava_config, qwen2_language_config, without_key_bias
 
 STEPS = 2
 SEQ = 48
@@ -110,10 +111,12 @@ def _train(run: RunConfig, state: ParallelState, batches=_synthetic_batches) -> 
         losses.append(result.loss)
         norms.append(result.grad_norm)
     final = {}
+    language = config.model.language.transformer
     for chunk in chunks:
         specs = param_specs(chunk)
         for name, p in chunk.named_parameters():
-            final[name] = gather_master(p.detach(), specs[name].layout, state.tp_group)
+            final[name] = without_key_bias(name, gather_master(p.detach(), specs[name].layout, state.tp_group),
+                                           language)
     grads = {} if t.use_distributed_optimizer else first_grads
     return {"losses": losses, "norms": norms, "final": final, "grads": grads, "images_seen": sum(images_seen),
             "images": images, "share": share}
@@ -174,12 +177,22 @@ def _cp_job() -> dict:
 
 
 def _pp_job() -> dict:
+    """pp=2 x cp=2 with Qwen2's tied embeddings (the two stages' table copies synced over cp too);
+    cp=2 x dp=2 with full recompute (the ring runs again inside backward)."""
     initialize_parallel_state()
     solo = solo_state()
     pp2_cp2 = ParallelState.from_groups(tp=1, pp=2, device=torch.device("cpu"), cp=2)
-    reference = _train(_run_config(ParallelConfig(), global_batch_size=4), solo)
-    run = _run_config(ParallelConfig(pipeline_model_parallel_size=2, context_parallel_size=2), global_batch_size=4)
-    return {"pp2_cp2": _compare(_train(run, pp2_cp2), reference)}
+    cp2 = ParallelState.from_groups(tp=1, pp=1, device=torch.device("cpu"), cp=2)
+    qwen2 = llava_config(language=qwen2_language_config())
+    reference = _train(_run_config(ParallelConfig(), qwen2, global_batch_size=4), solo)
+    run = _run_config(ParallelConfig(pipeline_model_parallel_size=2, context_parallel_size=2), qwen2,
+                      global_batch_size=4)
+    results = {"pp2_cp2_tied": _compare(_train(run, pp2_cp2), reference)}
+    recompute = {"global_batch_size": 4, "recompute_granularity": "full"}
+    results["cp2_dp2_full_recompute"] = _compare(
+        _train(_run_config(ParallelConfig(context_parallel_size=2), **recompute), cp2),
+        _train(_run_config(ParallelConfig(), **recompute), solo))
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +217,15 @@ def test_context_parallel_matches_single_process(cp_results: list[dict], case: s
     _check(cp_results, case)
 
 
+@pytest.fixture(scope="module")
+def pp_results() -> list[dict]:
+    return run_distributed(_pp_job, 4)
+
+
 @pytest.mark.slow
-def test_pipeline_and_context_parallel_match_single_process() -> None:
-    _check(run_distributed(_pp_job, 4), "pp2_cp2")
+@pytest.mark.parametrize("case", ["pp2_cp2_tied", "cp2_dp2_full_recompute"])
+def test_pipeline_recompute_and_context_parallel_match_single_process(pp_results: list[dict], case: str) -> None:
+    _check(pp_results, case)
 
 
 @pytest.mark.slow
