@@ -284,7 +284,7 @@ class Checkpointer:
         if not reset_progress:
             request.update(self.progress_state(0, 0))
         if load_rng and not reset_progress:
-            if description.get("layout") == self.layout:
+            if format.same_layout(description.get("layout"), self.layout):
                 request.update(self.rng_state())
             else:
                 self.log(" checkpoint layout differs from this run: generator states start from --seed")

@@ -116,6 +116,12 @@ def layout_signature(tp: int, pp: int, dp: int, virtual_stages: int, sequence_pa
             "virtual_stages": virtual_stages, "sequence_parallel": sequence_parallel}
 
 
+def same_layout(saved: dict | None, current: dict) -> bool:
+    """Whether a checkpoint's recorded layout is `current` (a layout_signature); a description
+    written before cp was recorded was saved at cp = 1."""
+    return isinstance(saved, dict) and {"cp": 1, **saved} == current
+
+
 def describe(iteration: int, layout: dict, optimizer: str, config: dict, **extra: object) -> dict:
     """The description of a checkpoint: format, versions, iteration, layout, which optimizer state it
     holds ("plain", "distributed" or "none"), the run config tree, the time, and `extra` fields
