@@ -20,9 +20,12 @@ and across chunks need nothing else. GQA: K/V carry the key/value heads only (wh
 heads/groups times smaller); each query head uses key/value head `h // (heads / groups)`, the
 grouping `scaled_dot_product_attention(enable_gqa=True)` uses.
 
-The per-block math is plain torch in fp32 (scores, mask, log-sum-exp): exact, and what runs on the
-CPU. A fused per-block kernel (flash attention returning its log-sum-exp) would replace
-`_block_forward` / `_block_backward` on GPU; it is not wired in.
+Per block, on the CPU: torch's fused flash-attention kernel for CPU
+(`aten._scaled_dot_product_flash_attention_for_cpu`, which returns the block's log-sum-exp, and its
+backward, which takes the merged output and log-sum-exp), so no block's scores are held whole.
+Elsewhere (and with `FUSED_CPU = False`) the plain torch path in fp32 (scores, mask, log-sum-exp) in
+tiles of `TILE_ROWS` query rows. On CUDA the plain path runs too: a fused GPU kernel per block
+(flash / memory-efficient attention with their log-sum-exp) is not wired in.
 """
 
 from __future__ import annotations
@@ -35,40 +38,61 @@ import torch
 from megamm.parallel.context import RingExchange, chunk_ids
 from megamm.parallel.state import ParallelState
 
-# Query rows per tile of a chunk pair: bounds the scores held at once (TILE_ROWS x chunk fp32 per
-# head) for long sequences; the result does not depend on it.
+# Query rows per tile of a chunk pair on the plain path: bounds the scores held at once
+# (TILE_ROWS x chunk fp32 per head) for long sequences; the result does not depend on it.
 TILE_ROWS = 1024
+# Use torch's fused CPU flash-attention kernel per block where it exists (it returns the block's
+# log-sum-exp and takes the merged output and log-sum-exp in backward); False forces the plain path.
+FUSED_CPU = True
 FORWARD_TAG = 31
 BACKWARD_KV_TAG = 32
 BACKWARD_GRAD_TAG = 33
 
 
-def _tiles(cp: int, rank: int, source: int, chunk: int, causal: bool, mask: torch.Tensor | None,
-           device: torch.device) -> Iterator[tuple[slice, slice, torch.Tensor | None]]:
-    """The work when this rank's queries meet the K/V block of cp rank `source`: (query rows, key
-    columns of the block, allowed mask or None) per tile, skipped pairs left out.
+def _fused(q: torch.Tensor) -> bool:
+    """Whether this block math runs on the fused CPU kernel (torch's flash attention for CPU)."""
+    return FUSED_CPU and q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
-    A pair of chunks is cut into tiles of at most `TILE_ROWS` query rows, so the scores held at
-    once are `TILE_ROWS x chunk` whatever the sequence length; on the causal diagonal a tile's keys
+
+def _tiles(cp: int, rank: int, source: int, chunk: int, causal: bool, mask: torch.Tensor | None,
+           device: torch.device, tile_rows: int) -> Iterator[tuple[slice, slice, torch.Tensor | None, bool]]:
+    """The work when this rank's queries meet the K/V block of cp rank `source`: (query rows, key
+    columns of the block, allowed, causal_square) per tile, skipped pairs left out.
+
+    A pair of chunks is cut into tiles of at most `tile_rows` query rows, so the scores held at
+    once are `tile_rows x chunk` whatever the sequence length; on the causal diagonal a tile's keys
     stop at its last row (the rest would be masked). `allowed` (True = may attend) broadcasts to
-    `[b, heads, rows, keys]`.
+    `[b, heads, rows, keys]`; it is None with `causal_square` True for a whole diagonal pair without
+    a packed mask (plain causal attention of a square block, which the fused kernel takes as a flag)
+    and None with `causal_square` False where every query attends every key.
     """
     for qa, q_chunk in enumerate(chunk_ids(cp, rank)):
         for kb, k_chunk in enumerate(chunk_ids(cp, source)):
             if causal and k_chunk > q_chunk:
                 continue
             diagonal = causal and k_chunk == q_chunk
-            for top in range(0, chunk, TILE_ROWS):
-                bottom = min(top + TILE_ROWS, chunk)
+            for top in range(0, chunk, tile_rows):
+                bottom = min(top + tile_rows, chunk)
                 keys = bottom if diagonal else chunk
+                rows, cols = slice(qa * chunk + top, qa * chunk + bottom), slice(kb * chunk, kb * chunk + keys)
+                if diagonal and mask is None and top == 0 and bottom == chunk:
+                    yield rows, cols, None, True
+                    continue
                 allowed = None
                 if mask is not None:
-                    allowed = mask[..., qa * chunk + top : qa * chunk + bottom, k_chunk * chunk : k_chunk * chunk + keys]
+                    allowed = mask[..., rows, k_chunk * chunk : k_chunk * chunk + keys]
                 if diagonal:
                     lower = (torch.arange(top, bottom, device=device)[:, None]
                              >= torch.arange(keys, device=device)[None, :])
                     allowed = lower if allowed is None else allowed & lower
-                yield (slice(qa * chunk + top, qa * chunk + bottom), slice(kb * chunk, kb * chunk + keys), allowed)
+                yield rows, cols, allowed, False
+
+
+def _additive(allowed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The fused kernel's mask: 0 where a query may attend, -inf elsewhere."""
+    if allowed is None:
+        return None
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 def _expand(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -93,10 +117,22 @@ def _probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, torch.exp(scores - torch.where(finite, lse.unsqueeze(-1), 0.0)), 0.0)
 
 
+def _square_causal(allowed: torch.Tensor | None, causal_square: bool, rows: int, device: torch.device):
+    return torch.ones(rows, rows, dtype=torch.bool, device=device).tril() if causal_square else allowed
+
+
 def _block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pair: q `[b, h, c, d]`, k, v `[b, h, c, d]` (fp32) -> (out `[b, h, c, d]`, lse `[b, h, c]`)."""
-    scores = _scores(q, k, allowed, scale)
+                   causal_square: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tile: q `[b, h, r, d]`, k, v `[b, h, k, d]` -> (out `[b, h, r, d]`, lse `[b, h, r]`), fp32."""
+    if _fused(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal_square, attn_mask=_additive(allowed, q.dtype), scale=scale)
+        if allowed is not None:
+            # The kernel gives a row that attends nothing lse 0; the merge needs -inf (no weight).
+            lse = torch.where(allowed.any(dim=-1), lse, float("-inf"))
+        return out.float(), lse.float()
+    q, k, v = q.float(), k.float(), v.float()
+    scores = _scores(q, k, _square_causal(allowed, causal_square, q.shape[2], q.device), scale)
     lse = torch.logsumexp(scores, dim=-1)
     return torch.matmul(_probabilities(scores, lse), v), lse
 
@@ -112,10 +148,18 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_
     lse.copy_(merged)
 
 
-def _block_backward(q, k, v, out, d_out, delta, lse, allowed, scale):
-    """One pair's gradients (fp32): returns (dq, dk, dv) of its `[b, h, c, d]` blocks, where `out`,
-    `lse` and `delta` = rowsum(d_out * out) are those of the whole attention (the final merge)."""
-    p = _probabilities(_scores(q, k, allowed, scale), lse)
+def _block_backward(q, k, v, out, d_out, lse, allowed, causal_square, scale):
+    """One tile's gradients (fp32): returns (dq, dk, dv) of its q `[b, h, r, d]` and k, v
+    `[b, h, k, d]`, where `out` and `lse` are those of the whole attention (the final merge), which is
+    what makes a block's probabilities exp(scores - lse) its share of the full softmax."""
+    if _fused(q):
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            d_out.to(q.dtype), q, k, v, out.to(q.dtype), lse, 0.0, causal_square,
+            attn_mask=_additive(allowed, q.dtype), scale=scale)
+        return tuple(g.float() for g in grads)
+    q, k, v = q.float(), k.float(), v.float()
+    delta = (d_out * out).sum(dim=-1)
+    p = _probabilities(_scores(q, k, _square_causal(allowed, causal_square, q.shape[2], q.device), scale), lse)
     dv = torch.matmul(p.transpose(-1, -2), d_out)
     ds = p * (torch.matmul(d_out, v.transpose(-1, -2)) - delta.unsqueeze(-1))
     dq = torch.matmul(ds, k) * scale
@@ -130,8 +174,8 @@ class _RingAttention(torch.autograd.Function):
         heads, groups = q.shape[1], k.shape[1]
         chunk = q.shape[2] // 2
         scale = 1.0 / math.sqrt(q.shape[-1])
-        qf = q.float()
-        out = torch.zeros_like(qf)
+        tile_rows = chunk if _fused(q) else TILE_ROWS  # the fused kernel tiles internally
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
         ring = RingExchange(state, FORWARD_TAG)
@@ -139,9 +183,10 @@ class _RingAttention(torch.autograd.Function):
             if step < cp - 1:
                 ring.start(kv)
             source = (rank - step) % cp
-            kf, vf = (_expand(t.float(), heads) for t in kv)
-            for rows, cols, allowed in _tiles(cp, rank, source, chunk, causal, mask, q.device):
-                block_out, block_lse = _block_forward(qf[:, :, rows], kf[:, :, cols], vf[:, :, cols], allowed, scale)
+            kx, vx = (_expand(t, heads) for t in kv)
+            for rows, cols, allowed, square in _tiles(cp, rank, source, chunk, causal, mask, q.device, tile_rows):
+                block_out, block_lse = _block_forward(q[:, :, rows], kx[:, :, cols], vx[:, :, cols], allowed,
+                                                      square, scale)
                 _merge(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
             if step < cp - 1:
                 kv = ring.wait()
@@ -155,9 +200,9 @@ class _RingAttention(torch.autograd.Function):
         state, causal, groups, scale = ctx.state, ctx.causal, ctx.groups, ctx.scale
         cp, rank = state.cp_size, state.cp_rank
         heads, chunk = q.shape[1], q.shape[2] // 2
-        qf, d_out = q.float(), d_out.float()
-        delta = (d_out * out).sum(dim=-1)
-        dq = torch.zeros_like(qf)
+        tile_rows = chunk if _fused(q) else TILE_ROWS
+        d_out = d_out.float()
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
         kv_ring = RingExchange(state, BACKWARD_KV_TAG)
         grad_ring = RingExchange(state, BACKWARD_GRAD_TAG)
@@ -166,11 +211,12 @@ class _RingAttention(torch.autograd.Function):
             if step < cp - 1:
                 kv_ring.start(kv)
             source = (rank - step) % cp
-            kf, vf = (_expand(t.float(), heads) for t in kv)
-            dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
-            for rows, cols, allowed in _tiles(cp, rank, source, chunk, causal, mask, q.device):
-                block = _block_backward(qf[:, :, rows], kf[:, :, cols], vf[:, :, cols], out[:, :, rows],
-                                        d_out[:, :, rows], delta[:, :, rows], lse[:, :, rows], allowed, scale)
+            kx, vx = (_expand(t, heads) for t in kv)
+            dk = torch.zeros(kx.shape, dtype=torch.float32, device=q.device)
+            dv = torch.zeros_like(dk)
+            for rows, cols, allowed, square in _tiles(cp, rank, source, chunk, causal, mask, q.device, tile_rows):
+                block = _block_backward(q[:, :, rows], kx[:, :, cols], vx[:, :, cols], out[:, :, rows],
+                                        d_out[:, :, rows], lse[:, :, rows], allowed, square, scale)
                 dq[:, :, rows] += block[0]
                 dk[:, :, cols] += block[1]
                 dv[:, :, cols] += block[2]

@@ -3,7 +3,8 @@
 One spawned job of 4 ranks: a cp=2 state (two rings of two) and a cp=4 state (one ring). Every rank
 builds the same full q, k, v and output gradient, runs `scaled_dot_product_attention` on the whole
 sequence (the reference), and ring attention on its own positions; its outputs and its positions'
-gradients of q, k and v must equal the reference's.
+gradients of q, k and v must equal the reference's. Both block paths run: the fused CPU kernel
+(the default on CPU) and the plain torch path (forced, in small tiles).
 """
 
 from __future__ import annotations
@@ -70,11 +71,13 @@ def _job() -> dict:
         results[f"cp{cp}_gqa"] = _case(state, heads=8, groups=2, mask=None)
         results[f"cp{cp}_packed_gqa"] = _case(state, heads=4, groups=2, mask=_packed_mask())
         results[f"cp{cp}_bidirectional"] = _case(state, heads=4, groups=4, mask=None, causal=False)
-        # Tiles of 5 query rows: uneven tiles of every chunk pair, diagonal keys cut at each tile.
-        ring.TILE_ROWS, rows = 5, ring.TILE_ROWS
-        results[f"cp{cp}_tiled_packed"] = _case(state, heads=4, groups=2, mask=_packed_mask())
-        results[f"cp{cp}_tiled_causal"] = _case(state, heads=4, groups=4, mask=None)
-        ring.TILE_ROWS = rows
+        # The plain path (what runs off the CPU) in tiles of 5 query rows: uneven tiles of every
+        # chunk pair, diagonal keys cut at each tile.
+        ring.FUSED_CPU, ring.TILE_ROWS, rows = False, 5, ring.TILE_ROWS
+        results[f"cp{cp}_plain_tiled_packed"] = _case(state, heads=4, groups=2, mask=_packed_mask())
+        results[f"cp{cp}_plain_tiled_causal"] = _case(state, heads=8, groups=2, mask=None)
+        results[f"cp{cp}_plain_bidirectional"] = _case(state, heads=4, groups=4, mask=None, causal=False)
+        ring.FUSED_CPU, ring.TILE_ROWS = True, rows
         results[f"cp{cp}_positions"] = local_positions(SEQ, cp, state.cp_rank).tolist()
     return results
 
@@ -84,7 +87,8 @@ def ring_results() -> list[dict]:
     return run_distributed(_job, 4)
 
 
-@pytest.mark.parametrize("case", ["causal", "gqa", "packed_gqa", "bidirectional", "tiled_packed", "tiled_causal"])
+@pytest.mark.parametrize("case", ["causal", "gqa", "packed_gqa", "bidirectional", "plain_tiled_packed",
+                                  "plain_tiled_causal", "plain_bidirectional"])
 @pytest.mark.parametrize("cp", [2, 4])
 def test_ring_attention_equals_full_attention(ring_results: list[dict], cp: int, case: str) -> None:
     for rank, results in enumerate(ring_results):
