@@ -19,7 +19,7 @@ high-water marks below belong to that configuration alone), and each rank report
   ranks the times measure oversubscription, not scaling; the memory figures do not depend on it.
 
 On CUDA (--device cuda, one GPU per rank) the peak is `torch.cuda.max_memory_allocated` instead of RSS;
-the ring attention's per-block math is the plain torch path there too.
+the ring attention's per-block math is the plain torch path there (no fused GPU kernel per block).
 
 Run from the repository root with megamm installed:
 

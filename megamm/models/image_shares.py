@@ -34,10 +34,10 @@ def local_image_embeddings(encoded: torch.Tensor, images: int, image_positions: 
     """The embeddings this rank writes into its image-token positions.
 
     encoded: `[m, t, h]` this rank's share (`image_share`, encoded); images: n, the microbatch's
-    image count; image_positions: `[b, s]` bool over the whole sequence. Returns `[k, t', h]`
-    ordered like this rank's image-token positions in row-major order of its `[b, s/cp]` positions
-    (what `masked_scatter` fills): `[n, t, h]` unchanged at cp=1, `[k, h]` for its k positions at
-    cp > 1.
+    image count; image_positions: `[b, s]` bool over the whole sequence. Returns the embeddings in
+    the row-major order of this rank's image-token positions among its `[b, s/cp]` positions (the
+    order `masked_scatter` fills): `encoded` itself, `[n, t, h]`, at cp = 1; `[k, h]` for its k
+    image-token positions at cp > 1.
     """
     cp = state.cp_size
     if cp == 1:
