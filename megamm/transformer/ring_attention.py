@@ -12,7 +12,7 @@ ring again: each K/V block travels with the gradient accumulated for it (dK, dV)
 turn and one more hop the gradient is home, complete. dQ stays local.
 
 Causality per pair of chunks (query chunk i, key chunk j, global chunk numbers): j < i attends
-fully, j == i is the causal diagonal, j > i is skipped; pairs are computed in tiles of query rows. Because every rank holds one early and one
+fully, j == i is the causal diagonal, j > i is skipped. Because every rank holds one early and one
 late chunk, every rank computes the same number of blocks. A packed row's mask (True where a query
 may attend a key, sample boundaries anywhere) is given as this rank's query rows over the global
 key columns, `[b, 1, s/cp, s]`, and each pair reads its `[s/2cp, s/2cp]` slice, so boundaries inside
@@ -117,7 +117,9 @@ def _probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, torch.exp(scores - torch.where(finite, lse.unsqueeze(-1), 0.0)), 0.0)
 
 
-def _square_causal(allowed: torch.Tensor | None, causal_square: bool, rows: int, device: torch.device):
+def _square_causal(allowed: torch.Tensor | None, causal_square: bool, rows: int,
+                   device: torch.device) -> torch.Tensor | None:
+    """The plain path's mask of a tile: the lower triangle of a whole diagonal pair, else `allowed`."""
     return torch.ones(rows, rows, dtype=torch.bool, device=device).tril() if causal_square else allowed
 
 
