@@ -20,6 +20,7 @@ high-water marks below belong to that configuration alone), and each rank report
 
 On CUDA (--device cuda, one GPU per rank) the peak is `torch.cuda.max_memory_allocated` instead of RSS;
 the ring attention's per-block math is the plain torch path there (no fused GPU kernel per block).
+The CUDA option has not run yet (no GPU was available).
 
 Run from the repository root with megamm installed:
 
