@@ -106,7 +106,7 @@ class Reporter:
     """Prints log lines on one rank (and TensorBoard scalars when asked)."""
 
     def __init__(self, config: ResolvedConfig, state: ParallelState) -> None:
-        self.enabled = state.tp_rank == 0 and state.dp_rank == 0 and state.is_last_stage
+        self.enabled = state.tp_rank == 0 and state.cp_rank == 0 and state.dp_rank == 0 and state.is_last_stage
         self.interactive = self.enabled and sys.stdout.isatty()
         self.writer = None
         if self.enabled and config.training.tensorboard_dir:
@@ -191,7 +191,8 @@ def run(config: ResolvedConfig) -> dict[str, float]:
     started = time.monotonic()
     t, p = config.training, config.parallel
     state = initialize_parallel_state(
-        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.distributed_timeout_minutes
+        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.distributed_timeout_minutes,
+        context_parallel_size=p.context_parallel_size,
     )
     rank = dist.get_rank()
     install_from_environment(RECORD, rank)
@@ -230,7 +231,8 @@ def _train(config: ResolvedConfig, state: ParallelState, stop: StopCheck) -> dic
         pipeline = (f", {len(chunks)} model chunk(s) per stage, pipeline bubble (pp-1)/(vp*M) = "
                     f"{100 * bubble:.1f}% of the ideal step time")
     reporter.line(
-        f" megamm: world {state.world_size} = tp {state.tp_size} x dp {state.dp_size} x pp {state.pp_size}, "
+        f" megamm: world {state.world_size} = tp {state.tp_size} x cp {state.cp_size} x dp {state.dp_size} "
+        f"x pp {state.pp_size}, "
         f"{microbatches_per_step} microbatch(es) of {t.micro_batch_size} per step{pipeline}, "
         f"{trainable:,} trainable parameters on this rank"
     )
@@ -257,7 +259,7 @@ def _train(config: ResolvedConfig, state: ParallelState, stop: StopCheck) -> dic
     RECORD.enter("building the data loader")
     data = build_training_data(
         config, state, resume, microbatch_multiple=state.pp_size if len(chunks) > 1 else 1,
-        log=print if state.tp_rank == 0 and state.is_first_stage else _quiet,
+        log=print if state.tp_rank == 0 and state.cp_rank == 0 and state.is_first_stage else _quiet,
     )
     reporter.line(f" data: {data.describe()}")
     stats, skipped, skipped_in_a_row = IntervalStats(), 0, 0

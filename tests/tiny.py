@@ -246,3 +246,14 @@ def native_microbatches(config: LlavaConfig, seed: int = 11) -> list[dict[str, t
         "pixel_values_videos": video_values, "video_grid_thw": video_grids, "videos_per_sample": torch.tensor([1, 0]),
     }
     return [padded, packed]
+def without_key_bias(name: str, tensor: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
+    """A language QKV bias without its key rows, other tensors unchanged.
+
+    The key bias has no gradient but rounding noise: it adds one vector to every key of a head, which
+    shifts each query's scores by a constant that softmax ignores. Adam turns that noise into +-lr
+    steps, so those rows differ between layouts by construction and prove nothing.
+    """
+    if not (name.startswith("language.") and name.endswith("self_attention.qkv.bias")):
+        return tensor
+    q, kv = config.num_attention_heads * config.head_dim, config.query_groups * config.head_dim
+    return torch.cat([tensor[:q], tensor[q + kv:]])

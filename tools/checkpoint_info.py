@@ -194,7 +194,8 @@ def _layout_text(layout: dict | None) -> str:
     if not layout:
         return "unknown (no layout in the description)"
     sp = "on" if layout.get("sequence_parallel") else "off"
-    return (f"world {layout.get('world_size')} = tp {layout.get('tp')} x pp {layout.get('pp')} x dp "
+    cp = f" x cp {layout['cp']}" if layout.get("cp", 1) > 1 else ""
+    return (f"world {layout.get('world_size')} = tp {layout.get('tp')}{cp} x pp {layout.get('pp')} x dp "
             f"{layout.get('dp')}, {layout.get('virtual_stages')} virtual stage(s) per pipeline stage, "
             f"sequence parallel {sp}")
 

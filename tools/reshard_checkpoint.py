@@ -109,7 +109,8 @@ def _layout_text(layout: dict | None) -> str:
         return "unknown layout"
     sp = ", sequence parallel" if layout.get("sequence_parallel") else ""
     vp = f", {layout['virtual_stages']} virtual stages" if layout.get("virtual_stages", 1) > 1 else ""
-    return f"world {layout['world_size']} = tp {layout['tp']} x pp {layout['pp']} x dp {layout['dp']}{vp}{sp}"
+    cp = f" x cp {layout['cp']}" if layout.get("cp", 1) > 1 else ""
+    return f"world {layout['world_size']} = tp {layout['tp']}{cp} x pp {layout['pp']} x dp {layout['dp']}{vp}{sp}"
 
 
 # ---- the workers ---------------------------------------------------------------------------------
@@ -143,7 +144,8 @@ def _reshard(rank: int, source: str, save: str, description: dict, target: Targe
     config = target_config(description, target)
     p, t = config.parallel, config.training
     state = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                      p.distributed_timeout_minutes, use_cuda=False)
+                                      p.distributed_timeout_minutes, use_cuda=False,
+                                      context_parallel_size=p.context_parallel_size)
     state.seed(t.seed)
     chunks = build_model_chunks(config, state)
     trainer = build_trainer(config, state, chunks)

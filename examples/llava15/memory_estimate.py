@@ -12,11 +12,12 @@ stage, in bytes:
 
 - weights: 2 per parameter (bf16/fp16) or 4 (fp32);
 - trainable parameters: 4 for the fp32 main grad, and 12 for the fp32 master weight and the two
-  Adam moments, divided by dp with the distributed optimizer;
+  Adam moments, divided by dp x cp with the distributed optimizer;
 - activations kept for backward, per decoder layer and microbatch (Megatron's estimate with
   sequence parallelism and a fused attention kernel, which stores no s x s scores): 34 s b h / tp
   without recompute, 2 s b h / tp with full recompute; 1F1B keeps up to pp - stage microbatches in
-  flight. Frozen towers that run under no_grad (the vision tower) keep none.
+  flight. Frozen towers that run under no_grad (the vision tower) keep none. With context
+  parallelism s is a rank's share, seq_length / cp.
 - the last stage's logits: 6 bytes per element of `[s, b, V/tp]` (bf16 logits, fp32 for the loss).
 
 It leaves out the CUDA context, allocator fragmentation and communication buffers (a few GiB):
@@ -64,7 +65,7 @@ def estimate(config: ResolvedConfig) -> dict:
         layers, pp, r, p.num_layers_per_virtual_pipeline_stage, p.decoder_first_pipeline_num_layers,
         p.decoder_last_pipeline_num_layers) for n in chunk}
     weight_bytes = torch.finfo(config.params_dtype).bits // 8
-    optimizer_share = dp if t.use_distributed_optimizer else 1
+    optimizer_share = dp * p.context_parallel_size if t.use_distributed_optimizer else 1
     stages = [{"weights": 0.0, "grads": 0.0, "optimizer": 0.0, "activations": 0.0, "logits": 0.0} for _ in range(pp)]
     total_parameters = 0
     specs = param_specs(model)
@@ -77,7 +78,7 @@ def estimate(config: ResolvedConfig) -> dict:
         if param.requires_grad:
             stage["grads"] += local * 4
             stage["optimizer"] += local * 12 / optimizer_share
-    s, b = t.seq_length, t.micro_batch_size
+    s, b = t.seq_length // p.context_parallel_size, t.micro_batch_size
     h = model_config.language.transformer.hidden_size
     per_layer = (2 if t.recompute_granularity == "full" else 34) * s * b * h / tp
     microbatches = config.microbatches_per_step

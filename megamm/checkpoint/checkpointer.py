@@ -112,7 +112,7 @@ class Checkpointer:
         """The layout signature of this run (megamm.checkpoint.format.layout_signature)."""
         s = self.state
         return format.layout_signature(s.tp_size, s.pp_size, s.dp_size, len(self.chunks),
-                                       self.config.sequence_parallel)
+                                       self.config.sequence_parallel, cp=s.cp_size)
 
     # ---- the state -------------------------------------------------------------------------------
 
@@ -284,7 +284,7 @@ class Checkpointer:
         if not reset_progress:
             request.update(self.progress_state(0, 0))
         if load_rng and not reset_progress:
-            if description.get("layout") == self.layout:
+            if format.same_layout(description.get("layout"), self.layout):
                 request.update(self.rng_state())
             else:
                 self.log(" checkpoint layout differs from this run: generator states start from --seed")

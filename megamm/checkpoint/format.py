@@ -107,11 +107,19 @@ class CheckpointFormatError(ValueError):
     """A checkpoint file is not what the format says; the message names the file."""
 
 
-def layout_signature(tp: int, pp: int, dp: int, virtual_stages: int, sequence_parallel: bool) -> dict:
+def layout_signature(tp: int, pp: int, dp: int, virtual_stages: int, sequence_parallel: bool, cp: int = 1) -> dict:
     """The layout a checkpoint was saved at, as its description records it. Generator states are
-    restored only when a run's signature equals the checkpoint's."""
-    return {"world_size": tp * pp * dp, "tp": tp, "pp": pp, "dp": dp, "virtual_stages": virtual_stages,
-            "sequence_parallel": sequence_parallel}
+    restored only when a run's signature equals the checkpoint's. Nothing is sharded by cp but the
+    distributed optimizer's flat pieces, which are saved as global tensors like dp's, so a
+    checkpoint loads at any cp; `cp` is recorded for the reader."""
+    return {"world_size": tp * cp * pp * dp, "tp": tp, "cp": cp, "pp": pp, "dp": dp,
+            "virtual_stages": virtual_stages, "sequence_parallel": sequence_parallel}
+
+
+def same_layout(saved: dict | None, current: dict) -> bool:
+    """Whether a checkpoint's recorded layout is `current` (a layout_signature); a description
+    written before cp was recorded was saved at cp = 1."""
+    return isinstance(saved, dict) and {"cp": 1, **saved} == current
 
 
 def describe(iteration: int, layout: dict, optimizer: str, config: dict, **extra: object) -> dict:

@@ -42,6 +42,9 @@ class ParallelConfig:
     # Split norms, dropout and residual adds along the sequence across tp ranks (needs tp > 1 to
     # have an effect); saves activation memory at the cost of nothing but the same collectives.
     sequence_parallel: bool = False
+    # Context parallelism: ranks that split each sequence (ring attention over them, images encoded
+    # in shares; megamm.parallel.context). Every rank of a cp group reads the same samples.
+    context_parallel_size: int = 1
     # How long a collective waits for a peer before the job fails instead of hanging.
     distributed_timeout_minutes: float = 10.0
     # Interleaved pipeline: language layers per model chunk (virtual stage); None = one chunk.
@@ -55,10 +58,30 @@ class ParallelConfig:
         """Sequence parallelism splits the sequence over tp ranks: with one rank there is nothing to split."""
         return self.sequence_parallel and self.tensor_model_parallel_size > 1
 
+    @property
+    def ranks_per_replica(self) -> int:
+        """tp x cp x pp: the ranks one data-parallel replica spans."""
+        return self.tensor_model_parallel_size * self.context_parallel_size * self.pipeline_model_parallel_size
+
     def data_parallel_size(self, world_size: int) -> int:
         """Model replicas in a world of `world_size` processes (0 when the sizes do not fit)."""
-        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        return world_size // mp if mp > 0 else 0
+        ranks = self.ranks_per_replica
+        return world_size // ranks if ranks > 0 else 0
+
+    def sequence_split_problems(self, seq_length: int) -> list[str]:
+        """The splits of a `seq_length` sequence: over cp into 2 x cp equal chunks (the causal load
+        balance, megamm.parallel.context), and each rank's share over tp under sequence parallelism."""
+        cp, tp = self.context_parallel_size, self.tensor_model_parallel_size
+        if cp < 1 or tp < 1:
+            return []
+        if cp > 1 and seq_length % (2 * cp):
+            return [(f"sequence length {seq_length} not divisible by 2 x context-parallel size {cp} = {2 * cp} "
+                     "(each rank holds two of 2 x cp equal chunks)")]
+        share = seq_length // cp
+        if self.sequence_parallel_in_effect and share % tp:
+            per_rank = f"each context-parallel rank's {share} tokens" if cp > 1 else f"sequence length {seq_length}"
+            return [f"{per_rank} not divisible by tensor-model-parallel size {tp} (sequence parallel)"]
+        return []
 
 
 @dataclass
@@ -329,7 +352,15 @@ class LanguageConfig:
     mrope_section: tuple[int, ...] | None = None
 
     def problems(self, parallel: ParallelConfig) -> list[str]:
-        return gather(lambda: self.transformer.problems(parallel, "language"), self._own_problems)
+        return gather(lambda: self.transformer.problems(parallel, "language"), self._own_problems,
+                      lambda: self._context_parallel_problems(parallel))
+
+    def _context_parallel_problems(self, parallel: ParallelConfig) -> list[str]:
+        """What ring attention (megamm.transformer.ring_attention) does not do."""
+        if parallel.context_parallel_size > 1 and self.transformer.attention_dropout > 0:
+            return [(f"language.attention_dropout {self.transformer.attention_dropout}: ring attention "
+                     f"(context-parallel size {parallel.context_parallel_size}) has no attention dropout")]
+        return []
 
     def _own_problems(self) -> list[str]:
         found = []
@@ -420,8 +451,11 @@ class LlavaConfig:
     def _shape_problems(self, parallel: ParallelConfig, seq_length: int | None) -> list[str]:
         found = []
         tp = parallel.tensor_model_parallel_size
-        if tp < 1 or parallel.pipeline_model_parallel_size < 1:
+        if min(tp, parallel.pipeline_model_parallel_size, parallel.context_parallel_size) < 1:
             found.append("parallel sizes must be >= 1")
+        if self.vision.native_resolution is not None and parallel.context_parallel_size > 1:
+            found.append(f"context-parallel size {parallel.context_parallel_size}: the {self.vision.family} tower "
+                         f"(native resolution, M-RoPE) does not run with context parallelism yet; use 1")
         if self.projector is not None and self.projector.pixel_shuffle:
             grid = self.vision.grid_size
             if grid % PIXEL_SHUFFLE_BLOCK:
@@ -429,8 +463,8 @@ class LlavaConfig:
                              f"got {grid}x{grid}")
             if self.vision.class_token and not self.vision.drop_class_token:
                 found.append("projector.pixel_shuffle needs vision.drop_class_token (the grid must be square)")
-        if seq_length is not None and parallel.sequence_parallel_in_effect and seq_length % tp:
-            found.append(f"sequence length {seq_length} not divisible by tensor-model-parallel size {tp} (sequence parallel)")
+        if seq_length is not None:
+            found += parallel.sequence_split_problems(seq_length)
         limit = self.language.transformer.max_position_embeddings
         if seq_length is not None and seq_length > limit:
             found.append(f"sequence length {seq_length} exceeds language.transformer.max_position_embeddings {limit}")

@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tensor_model_parallel_size": "tensor-parallel ranks per model replica",
         "pipeline_model_parallel_size": "pipeline stages per model replica",
         "sequence_parallel": "split norms/dropout along the sequence across tp ranks",
+        "context_parallel_size": "context-parallel ranks splitting each sequence (ring attention)",
         "distributed_timeout_minutes": "collective timeout before a stuck job fails",
         "num_layers_per_virtual_pipeline_stage": "language layers per virtual stage (interleaved 1F1B)",
         "decoder_first_pipeline_num_layers": "language layers on the first pipeline stage (uneven split)",

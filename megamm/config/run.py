@@ -244,10 +244,11 @@ class RunConfig:
 def _batch_problems(run: RunConfig, world_size: int) -> list[str]:
     """The world must split into model replicas, and the global batch into their microbatches."""
     t, p = run.training, run.parallel
-    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-    if mp < 1 or world_size % mp:
+    ranks = p.ranks_per_replica
+    if ranks < 1 or world_size % ranks:
         return [(f"world size {world_size} not divisible by tensor ({p.tensor_model_parallel_size}) x "
-                f"pipeline ({p.pipeline_model_parallel_size}) model-parallel sizes")]
+                f"context ({p.context_parallel_size}) x pipeline ({p.pipeline_model_parallel_size}) "
+                "parallel sizes")]
     if t.micro_batch_size < 1:
         return ["--micro-batch-size must be >= 1"]
     dp = p.data_parallel_size(world_size)

@@ -112,6 +112,11 @@ def _check(model: LlavaModel, prompts: Sequence[Prompt], config: GenerationConfi
         )
     if model.language.sequence_parallel:
         raise GenerationError("build the model with sequence_parallel=False for generation")
+    if state.cp_size > 1:
+        raise GenerationError(
+            f"generation runs at context-parallel size 1 (got {state.cp_size}): the KV cache holds whole "
+            "sequences (a checkpoint trained with context parallelism loads at any layout)"
+        )
     problems = config.problems()
     if not prompts:
         problems.append("no prompts given")

@@ -15,6 +15,7 @@ from torch import nn
 from megamm.config import LanguageConfig
 from megamm.config.constants import IGNORE_INDEX
 from megamm.kernels.cross_entropy import vocab_parallel_cross_entropy
+from megamm.parallel.context import split_sequence
 from megamm.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, pad_vocab_size
 from megamm.parallel.mappings import scatter_to_sequence_parallel_region
 from megamm.parallel.params import TiedEmbedding
@@ -119,11 +120,14 @@ class LanguageModel(nn.Module):
         """Run this stage's part of the decoder.
 
         hidden_states: `[s, b, h]` embeddings on the first stage (split here under SP), or the
-            previous stage's output `[s/tp, b, h]` (SP) / `[s, b, h]` on later stages.
+            previous stage's output `[s/tp, b, h]` (SP) / `[s, b, h]` on later stages; with context
+            parallelism s is this rank's share s/cp (megamm.parallel.context), while labels,
+            position_ids (any `[..., b, s]` the rotary takes) and attention_mask cover the whole
+            sequence and are split here.
         labels: `[b, s]` aligned with the input ids (Hugging Face convention, -100 = ignore); the
             loss at position i is for predicting labels[i + 1].
         Returns {"hidden_states"} on non-last stages; on the last stage {"loss": `[b, s]` fp32
-        per-token loss, zero where ignored, "loss_mask": `[b, s]` bool} and "logits" `[s, b, V_pad/tp]`
+        per-token loss, zero where ignored, "loss_mask": `[b, s]` bool} (this rank's s/cp positions) and "logits" `[s, b, V_pad/tp]`
         when `return_logits`.
         kv_cache (generation, no sequence parallelism): the s positions continue the cached ones
             (default position_ids: offset .. offset + s - 1) and are appended to the cache; the
@@ -136,8 +140,14 @@ class LanguageModel(nn.Module):
         if self.pre_process and self.sequence_parallel:
             hidden_states = scatter_to_sequence_parallel_region(hidden_states, self.state.tp_group)
         batch = hidden_states.shape[1]
-        seq = hidden_states.shape[0] * (self.state.tp_size if self.sequence_parallel else 1)
-        rotary = self.rotary_tables(position_ids, 0, seq, batch, hidden_states.device)
+        seq = hidden_states.shape[0] * (self.state.tp_size if self.sequence_parallel else 1) * self.state.cp_size
+        # Context parallelism: the per-token inputs cover the whole sequence; this rank keeps the rotary
+        # tables of its positions (whatever their form, 1-D or M-RoPE) and, for ring attention, the
+        # mask's query rows over every key column.
+        cos, sin = self.rotary_tables(position_ids, 0, seq, batch, hidden_states.device)
+        rotary = (split_sequence(cos, self.state, dim=0), split_sequence(sin, self.state, dim=0))
+        if attention_mask is not None:
+            attention_mask = split_sequence(attention_mask, self.state, dim=-2)
         hidden_states = self.decoder(hidden_states, rotary, attention_mask)
         if not self.post_process:
             return {"hidden_states": hidden_states}
@@ -146,7 +156,9 @@ class LanguageModel(nn.Module):
         logits = self.output_layer(hidden_states, weight=tied_weight)
         out: dict[str, torch.Tensor] = {}
         if labels is not None:
-            targets = shift_labels(labels)
+            # Shifted on the whole sequence, then split: a chunk's last target is the next chunk's
+            # first token.
+            targets = split_sequence(shift_labels(labels), self.state)
             out["loss"] = vocab_parallel_cross_entropy(
                 logits, targets.t(), self.config.vocab_size, self.state.tp_group
             ).t()
@@ -165,6 +177,8 @@ class LanguageModel(nn.Module):
         """`forward` with a KV cache: `[s, b, h]` new positions in, last-position logits out."""
         if self.sequence_parallel:
             raise ValueError("generation with a KV cache needs a model built without sequence parallelism")
+        if self.state.cp_size > 1:
+            raise ValueError("generation with a KV cache needs context-parallel size 1")
         seq, batch = hidden_states.shape[:2]
         rotary = self.rotary_tables(position_ids, kv_cache.length, seq, batch, hidden_states.device)
         hidden_states = self.decoder(hidden_states, rotary, attention_mask, kv_cache=kv_cache)

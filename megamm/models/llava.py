@@ -17,6 +17,10 @@ fill the `video_token_id` positions as images fill the image ones.
 Pipeline split: `pre_process` stages hold the vision tower, the projector and the embedding;
 `post_process` stages hold the final norm, the output layer and the loss. Position ids and the
 attention mask go to every stage (each stage rotates its own layers' queries and keys).
+
+Context parallelism (fixed-size towers): every cp rank gets the whole microbatch, embeds only its own
+positions (megamm.parallel.context) and encodes only its share of the images
+(megamm.models.image_shares).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from megamm.config import LlavaConfig, ParallelConfig
+from megamm.models.image_shares import image_share, local_image_embeddings
 from megamm.models.language import LanguageModel
 from megamm.models.native_vision import NativeResolutionTower
 from megamm.models.projectors import build_projector
@@ -37,6 +42,7 @@ from megamm.models.vision_tokens import (
     check_vision_tokens,
     native_token_counts,
 )
+from megamm.parallel.context import split_sequence
 from megamm.parallel.params import initialize_parameters
 from megamm.parallel.state import ParallelState
 
@@ -55,6 +61,7 @@ class LlavaModel(nn.Module):
         parallel = ParallelConfig(
             tensor_model_parallel_size=state.tp_size,
             pipeline_model_parallel_size=state.pp_size,
+            context_parallel_size=state.cp_size,
             sequence_parallel=sequence_parallel,
         )
         config.validate(parallel)
@@ -70,7 +77,9 @@ class LlavaModel(nn.Module):
         if pre_process and self.native:
             self.vision = NativeResolutionTower(config.vision, state, sequence_parallel)
         elif pre_process:
-            self.vision = VisionTower(config.vision, state, sequence_parallel)
+            # The tower encodes whole images (this cp rank's share of them): its attention spans
+            # one image, so it runs without context parallelism.
+            self.vision = VisionTower(config.vision, state.without_context_parallel(), sequence_parallel)
             self.projector = build_projector(
                 config.projector,
                 vision_t.hidden_size,
@@ -149,12 +158,14 @@ class LlavaModel(nn.Module):
         input_ids `[b, s]`. Fixed-size tower: pixel_values `[n, C, H, W]` or None. Native-resolution
         tower: pixel_values `[image patches, C*T*P*P]` with image_grid_thw `[n, 3]`, and
         pixel_values_videos / video_grid_thw for videos. images_per_sample / videos_per_sample `[b]`
-        (optional) enable the per-sample count check. Returns `[s, b, h]`, replicated across tp.
+        (optional) enable the per-sample count check. Returns `[s, b, h]`, replicated across tp; with
+        context parallelism (fixed-size towers) `[s/cp, b, h]`, this rank's positions, of which it
+        encoded only its share of the images (the embeddings of the others come from their cp ranks).
         """
         language = self.config.language
         image_positions = input_ids == language.image_token_id
-        embeddings = self.language.embed(input_ids)  # [b, s, h]
         if self.native:
+            embeddings = self.language.embed(input_ids)  # [b, s, h]
             parts = [("image", image_positions, pixel_values, image_grid_thw, images_per_sample)]
             videos_given = (pixel_values_videos is not None or video_grid_thw is not None
                             or (videos_per_sample is not None and sum(int(n) for n in videos_per_sample) > 0))
@@ -173,10 +184,13 @@ class LlavaModel(nn.Module):
             self._refuse_native_inputs(image_grid_thw, pixel_values_videos, video_grid_thw, videos_per_sample)
             num_images = 0 if pixel_values is None else pixel_values.shape[0]
             check_fixed_tokens(image_positions, num_images, self.image_tokens_per_image, images_per_sample)
+            embeddings = self.language.embed(split_sequence(input_ids, self.state))  # [b, s/cp, h]
             encoded = []
             if num_images:
-                encoded = [self.encode_images(pixel_values).to(embeddings.dtype)]
-                embeddings = embeddings.masked_scatter(image_positions.unsqueeze(-1), encoded[0])
+                share = self._encode_share(image_share(pixel_values, self.state), embeddings)
+                encoded = [local_image_embeddings(share, num_images, image_positions, self.state)]
+                local_positions = split_sequence(image_positions, self.state).unsqueeze(-1)
+                embeddings = embeddings.masked_scatter(local_positions, encoded[0])
         if not encoded and torch.is_grad_enabled():
             embeddings = embeddings + self._zero_from_image_path(embeddings)
         return embeddings.transpose(0, 1).contiguous()
@@ -202,6 +216,19 @@ class LlavaModel(nn.Module):
             raise ValueError(f"image_grid_thw, pixel_values_videos, video_grid_thw and videos_per_sample are "
                              f"inputs of a native-resolution tower; the {self.config.vision.family} tower takes "
                              f"images [n, C, H, W] only")
+
+    def _encode_share(self, share: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`[m, C, H, W]` this rank's images -> `[m, tokens_per_image, h]` in `like`'s dtype.
+
+        A cp rank with no image of its own (fewer images than cp ranks) returns an empty tensor
+        that still depends on the trainable image path, so every rank's all-gather of the shares
+        is differentiable alike (their backward collectives must match) and those parameters get
+        their gradient, zero from this rank.
+        """
+        if share.shape[0]:
+            return self.encode_images(share).to(like.dtype)
+        empty = like.new_zeros(0, self.image_tokens_per_image, like.shape[-1])
+        return empty + self._zero_from_image_path(like) if torch.is_grad_enabled() else empty
 
     def _zero_from_image_path(self, like: torch.Tensor) -> torch.Tensor:
         """A zero that depends on every trainable vision/projector parameter.

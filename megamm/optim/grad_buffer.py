@@ -8,7 +8,9 @@ fp32. Frozen parameters get no buffer space.
 
 The buffer is cut into buckets of about `bucket_size` elements, in reverse parameter order (roughly
 the order backward produces them). Each bucket is padded to a multiple of dp so that it splits into
-equal dp shards, which is what the distributed optimizer owns. Sync is a SUM across dp: all-reduce
+equal dp shards, which is what the distributed optimizer owns. "dp" here is the group the buffer is
+given: the data-parallel group, or data x context parallel (`ParallelState.grad_group`), whose cp
+ranks hold partial gradients over their shares of the sequence exactly like dp replicas. Sync is a SUM across dp: all-reduce
 for the plain optimizer, reduce-scatter (each rank gets its shard) for the distributed one. The
 loss is already divided by the global batch's token count, so the sum is the exact average.
 

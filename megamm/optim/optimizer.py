@@ -5,8 +5,8 @@ buffer and a link back to where the updated values go in the model.
 
 - `MixedPrecisionOptimizer`: one piece per trainable parameter. fp32 parameters are their own
   master; bf16/fp16 parameters get an fp32 copy. Every dp rank holds all optimizer state.
-- `DistributedOptimizer` (ZeRO-1 style): each dp rank owns one equal shard of every gradient
-  bucket, so its pieces are the intersections of parameters with its shards. Master weights and
+- `DistributedOptimizer` (ZeRO-1 style): each dp rank (each dp x cp rank under context
+  parallelism: the buffers' group) owns one equal shard of every gradient bucket, so its pieces are the intersections of parameters with its shards. Master weights and
   Adam moments exist only for those, i.e. about 1/dp of the state per rank. After the step each rank
   writes its updated shard into the flat parameter buffer and the buffer is all-gathered.
 

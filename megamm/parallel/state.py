@@ -1,11 +1,13 @@
 """The one object that knows the process groups.
 
-Ranks are laid out tensor-parallel fastest, then data-parallel, then pipeline-parallel:
+Ranks are laid out tensor-parallel fastest, then context-parallel, then data-parallel, then
+pipeline-parallel (Megatron's order):
 
-    global_rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+    global_rank = pp_rank * (dp * cp * tp) + dp_rank * (cp * tp) + cp_rank * tp + tp_rank
 
 so the tp peers of a rank are consecutive global ranks and, with torchrun's contiguous placement,
-share a node (tensor parallelism talks the most). Every module that communicates takes its group
+share a node (tensor parallelism talks the most), and the cp ring (which passes K/V blocks every
+layer) comes next. Every module that communicates takes its group
 from a `ParallelState`; nothing reaches for the default (world) group on its own, so a state whose
 groups span a subset of the processes (a one-process reference inside a parity test) only ever
 talks to that subset.
@@ -13,6 +15,7 @@ talks to that subset.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -23,33 +26,51 @@ import torch.distributed as dist
 from megamm.parallel.random import RNGStatesTracker, seed_parallel_rng
 
 
-def rank_layout(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]]:
-    """Global ranks of every tp, dp, pp and model-parallel (tp x pp) group.
+def rank_layout(world_size: int, tp: int, pp: int, cp: int = 1) -> dict[str, list[list[int]]]:
+    """Global ranks of every tp, cp, dp, dp x cp, pp and model-parallel (tp x pp) group.
 
     A pure function of the sizes, so the layout can be tested without processes. Raises
     `ValueError` when the sizes do not tile the world.
+
+    `dp_cp` is what gradients of parameters replicated over cp are reduced over (each cp rank saw
+    its share of the tokens; the distributed optimizer shards over it); `mp` is tp x pp at one
+    (dp, cp) position: after the reduction the grads are equal across dp x cp, so the plain
+    optimizer's grad norm sums over `mp` only.
     """
-    if tp < 1 or pp < 1:
-        raise ValueError(f"parallel sizes must be >= 1, got tp={tp} pp={pp}")
-    if world_size % (tp * pp) != 0:
+    if tp < 1 or pp < 1 or cp < 1:
+        raise ValueError(f"parallel sizes must be >= 1, got tp={tp} cp={cp} pp={pp}")
+    if world_size % (tp * cp * pp) != 0:
         raise ValueError(
             f"world size {world_size} is not divisible by tensor-parallel size {tp} x "
-            f"pipeline-parallel size {pp}"
+            f"context-parallel size {cp} x pipeline-parallel size {pp}"
         )
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * cp * pp)
 
-    def rank(t: int, d: int, p: int) -> int:
-        return p * dp * tp + d * tp + t
+    def rank(t: int, c: int, d: int, p: int) -> int:
+        return ((p * dp + d) * cp + c) * tp + t
+
+    every = [(t, c, d, p) for p in range(pp) for d in range(dp) for c in range(cp) for t in range(tp)]
+
+    def groups(key) -> list[list[int]]:
+        """Ranks grouped by `key(t, c, d, p)` (equal key: same group), each group in rank order,
+        groups in the order of their first rank."""
+        found: dict = {}
+        for coords in every:
+            found.setdefault(key(*coords), []).append(rank(*coords))
+        return list(found.values())
 
     return {
-        "tp": [[rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
-        "dp": [[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
-        "pp": [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
-        "mp": [[rank(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)],
+        "tp": groups(lambda t, c, d, p: (c, d, p)),
+        "cp": groups(lambda t, c, d, p: (t, d, p)),
+        "dp": groups(lambda t, c, d, p: (t, c, p)),
+        "dp_cp": groups(lambda t, c, d, p: (t, p)),
+        "pp": groups(lambda t, c, d, p: (t, c, d)),
+        "mp": groups(lambda t, c, d, p: (c, d)),
         # The word-embedding copies of the first and last stage (tied embeddings) are synced like
-        # data-parallel replicas: one group per tp rank over both stages and every dp rank.
+        # data-parallel replicas: one group per tp rank over both stages and every dp and cp rank.
         "embedding_dp": [
-            sorted({rank(t, d, p) for d in range(dp) for p in (0, pp - 1)}) for t in range(tp)
+            sorted({rank(t, c, d, p) for c in range(cp) for d in range(dp) for p in (0, pp - 1)})
+            for t in range(tp)
         ],
     }
 
@@ -71,6 +92,15 @@ class ParallelState:
     pp_rank: int = 0
     tp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
+    cp_size: int = 1
+    cp_rank: int = 0
+    # The context-parallel ring: the ranks that split one sequence (megamm.parallel.context); its
+    # global ranks in cp order, for the ring's point-to-point sends.
+    cp_group: dist.ProcessGroup | None = None
+    cp_ranks: list[int] = field(default_factory=lambda: [0])
+    # Data x context parallel: gradient reduction and the distributed optimizer's shards. None means
+    # dp_group (cp = 1, or a hand-built state), see `grad_group`.
+    dp_cp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
     mp_group: dist.ProcessGroup | None = None
     # Pipeline gradients travel on their own group (see megamm.pipeline.p2p).
@@ -97,13 +127,27 @@ class ParallelState:
 
     @property
     def world_size(self) -> int:
-        return self.tp_size * self.dp_size * self.pp_size
+        return self.tp_size * self.cp_size * self.dp_size * self.pp_size
 
     @property
     def rank(self) -> int:
         """This process's rank among the layout's ranks (`rank_layout`'s numbering; the global rank
         for a state built by `from_groups`)."""
-        return self.pp_rank * self.dp_size * self.tp_size + self.dp_rank * self.tp_size + self.tp_rank
+        return ((self.pp_rank * self.dp_size + self.dp_rank) * self.cp_size + self.cp_rank) * self.tp_size + self.tp_rank
+
+    @property
+    def grad_group(self) -> dist.ProcessGroup | None:
+        """The group replicated parameters' gradients are summed over: dp x cp (each cp rank holds
+        a share of the sequence, so its gradients are partial sums like a dp replica's)."""
+        return self.dp_cp_group if self.cp_size > 1 else self.dp_group
+
+    def without_context_parallel(self) -> ParallelState:
+        """This state with cp = 1: the same groups, ranks and RNG tracker, for modules that work on
+        whole inputs on every cp rank (the vision tower encodes whole images). Itself at cp = 1."""
+        if self.cp_size == 1:
+            return self
+        return dataclasses.replace(self, cp_size=1, cp_rank=0, cp_group=None, cp_ranks=[self.rank],
+                                   dp_cp_group=None)
 
     @property
     def is_first_stage(self) -> bool:
@@ -120,7 +164,7 @@ class ParallelState:
 
     @classmethod
     def from_groups(
-        cls, tp: int, pp: int, device: torch.device, timeout: timedelta | None = None
+        cls, tp: int, pp: int, device: torch.device, timeout: timedelta | None = None, cp: int = 1
     ) -> ParallelState:
         """Build the groups for the given sizes over the already initialized world.
 
@@ -131,7 +175,7 @@ class ParallelState:
         """
         world_size = dist.get_world_size()
         rank = dist.get_rank()
-        layout = rank_layout(world_size, tp, pp)
+        layout = rank_layout(world_size, tp, pp, cp)
         layout["pp_grad"] = layout["pp"]
         layout["world"] = [list(range(world_size))]
         mine: dict[str, tuple[dist.ProcessGroup, list[int]]] = {}
@@ -141,16 +185,21 @@ class ParallelState:
                 if rank in ranks:
                     mine[kind] = (group, ranks)
         checkpoint_group = dist.new_group(list(range(world_size)), backend="gloo", timeout=timeout)
-        dp = world_size // (tp * pp)
+        dp = world_size // (tp * cp * pp)
         return cls(
             tp_size=tp,
             dp_size=dp,
             pp_size=pp,
             tp_rank=rank % tp,
-            dp_rank=(rank // tp) % dp,
-            pp_rank=rank // (tp * dp),
+            dp_rank=(rank // (tp * cp)) % dp,
+            pp_rank=rank // (tp * cp * dp),
             tp_group=mine["tp"][0],
             dp_group=mine["dp"][0],
+            cp_size=cp,
+            cp_rank=(rank // tp) % cp,
+            cp_group=mine["cp"][0],
+            cp_ranks=mine["cp"][1],
+            dp_cp_group=mine["dp_cp"][0],
             pp_group=mine["pp"][0],
             mp_group=mine["mp"][0],
             pp_grad_group=mine["pp_grad"][0],
@@ -181,6 +230,7 @@ def initialize_parallel_state(
     pipeline_model_parallel_size: int = 1,
     timeout_minutes: float = 10.0,
     use_cuda: bool | None = None,
+    context_parallel_size: int = 1,
 ) -> ParallelState:
     """Initialize `torch.distributed` from torchrun's environment and build the groups.
 
@@ -223,5 +273,5 @@ def initialize_parallel_state(
             timeout=timeout,
         )
     return ParallelState.from_groups(
-        tensor_model_parallel_size, pipeline_model_parallel_size, device, timeout
+        tensor_model_parallel_size, pipeline_model_parallel_size, device, timeout, context_parallel_size
     )

@@ -10,6 +10,11 @@ Loss normalization: each microbatch backpropagates `sum(per-token loss) / T`, wh
 of loss tokens in the whole global batch (all microbatches, all dp ranks; one small all-reduce before
 the first forward). Gradients are then SUM-reduced over dp, so the result is the per-token mean over
 the global batch exactly, whatever dp and accumulation are.
+
+Context parallelism: the cp ranks of a replica share its microbatches, each computing the loss of
+its own positions. T is counted from the whole microbatches' labels, so every cp rank counts the
+same tokens and T is still summed over dp only; the loss sums and the gradients of replicated
+parameters are partial over cp and are summed over dp x cp (`ParallelState.grad_group`).
 """
 
 from __future__ import annotations
@@ -106,7 +111,7 @@ def _gradient_buffers(config: ResolvedConfig, state: ParallelState, chunks: list
     buffers = []
     for chunk in chunks:
         params = [p for p in chunk.parameters() if p.requires_grad and not any(p is q for q in shared)]
-        buffers.append(GradBuffer(params, state.dp_group, overlap=t.overlap_grad_reduce, **settings))
+        buffers.append(GradBuffer(params, state.grad_group, overlap=t.overlap_grad_reduce, **settings))
     if shared:
         buffers.append(GradBuffer(shared, state.embedding_dp_group, overlap=False, **settings))
     return buffers
@@ -136,7 +141,7 @@ def build_trainer(config: ResolvedConfig, state: ParallelState, chunks: list[Lla
     scaler = DynamicLossScaler(t.initial_loss_scale, t.loss_scale_window) if t.fp16 else None
     if state.pp_size > 1:
         language = chunks[0].config.language.transformer
-        seq = t.seq_length // (state.tp_size if config.sequence_parallel else 1)
+        seq = t.seq_length // state.cp_size // (state.tp_size if config.sequence_parallel else 1)
         forward_backward = PipelineSchedule(state, (seq, t.micro_batch_size, language.hidden_size),
                                             config.params_dtype)
     else:
@@ -207,8 +212,8 @@ def train_step(trainer: Trainer, microbatches: list[Batch], iteration: int) -> S
     applied, grad_norm = trainer.optimizer.step(t.clip_grad, grad_scale=scale)
     if trainer.scaler is not None:
         trainer.scaler.update(overflow=not applied)
-    enter_phase("loss all-reduce over data parallel", waiting=True)
-    loss_sum_global = _sum_over(loss_sum.item(), state.dp_group, state.device)
+    enter_phase("loss all-reduce over data (x context) parallel", waiting=True)
+    loss_sum_global = _sum_over(loss_sum.item(), state.grad_group, state.device)
     loss_sum_global, total_tokens = _from_last_stage([loss_sum_global, total_tokens], state)
     return StepResult(loss_sum_global / max(total_tokens, 1.0), grad_norm, applied, int(total_tokens), lr)
 
@@ -224,7 +229,7 @@ def evaluate(trainer: Trainer, global_batches: list[list[Batch]]) -> float:
         loss_sum += trainer.forward_backward(trainer.chunks, microbatches, 1.0, None, forward_only=True).item()
     _set_mode(trainer, True)
     enter_phase("evaluation loss all-reduce over data parallel", waiting=True)
-    loss_sum = _sum_over(loss_sum, state.dp_group, state.device)
+    loss_sum = _sum_over(loss_sum, state.grad_group, state.device)
     tokens = _sum_over(tokens, state.dp_group, state.device)
     loss_sum, tokens = _from_last_stage([loss_sum, tokens], state)
     return loss_sum / max(tokens, 1.0)

@@ -20,6 +20,7 @@ from megamm.parallel.sharding import normal_init, scaled_init
 from megamm.parallel.state import ParallelState
 from megamm.transformer.kv_cache import LayerKVCache
 from megamm.transformer.recompute import recompute
+from megamm.transformer.ring_attention import ring_attention
 from megamm.transformer.rope import apply_rotary
 from megamm.transformer.segments import Segments
 
@@ -104,6 +105,8 @@ class SelfAttention(nn.Module):
         run on the variable-length kernel where it applies (bidirectional, sdpa backend), else
         as their block-diagonal mask."""
         causal = self.config.causal
+        if self.state.cp_size > 1:
+            return self._context_parallel_core(q, k, v, attention_mask)
         dropout = self.config.attention_dropout if self.training else 0.0
         if isinstance(attention_mask, Segments):
             if (not causal and self.config.attention_backend == "sdpa"
@@ -129,3 +132,15 @@ class SelfAttention(nn.Module):
                 q, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal,
                 enable_gqa=self.local_groups != self.local_heads,
             )
+
+    def _context_parallel_core(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | Segments | None
+    ) -> torch.Tensor:
+        """The core over the sequence split across cp ranks (megamm.transformer.ring_attention): q, k,
+        v hold this rank's `s/cp` positions, attention_mask (packed rows) its rows over the global
+        keys, `[b, 1, s/cp, s]`."""
+        if isinstance(attention_mask, Segments):
+            raise TypeError("attention segments (a packed vision sequence) are not split over context parallelism")
+        if self.training and self.config.attention_dropout > 0:
+            raise ValueError("ring attention has no attention dropout; megamm.config refuses it with cp > 1")
+        return ring_attention(q, k, v, self.state, self.config.causal, attention_mask)

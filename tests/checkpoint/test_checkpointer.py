@@ -1,4 +1,4 @@
-"""Sharded checkpoints: resharding to other tp/pp/dp layouts (plain and distributed optimizer),
+"""Sharded checkpoints: resharding to other tp/pp/dp/cp layouts (plain and distributed optimizer),
 exact resume (sync and async saves, with dropout), partial loads and helpful mismatch errors.
 
 Every comparison loads into a model initialized from a different seed, so agreement can only come
@@ -109,6 +109,29 @@ def _reshard_job(directory: str, source: tuple[int, int], targets: list[tuple[in
     return results
 
 
+def _context_parallel_reshard_job(directory: str) -> dict:
+    """Saved at cp=2 x dp=2 with the distributed optimizer (its shards span dp x cp): loads at cp=1
+    (dp=4) and cp=4 (dp=1) with the distributed optimizer, and at cp=1 into the plain one."""
+    initialize_parallel_state()
+    states = {cp: ParallelState.from_groups(tp=1, pp=1, device=torch.device("cpu"), cp=cp) for cp in (1, 2, 4)}
+
+    def config(cp: int, distributed: bool) -> RunConfig:
+        run = _config(1, 1, use_distributed_optimizer=distributed)
+        return replace(run, parallel=replace(run.parallel, context_parallel_size=cp))
+
+    saved = Session(config(2, True), states[2], Path(directory))
+    for iteration in range(2):
+        saved.step(iteration)
+    saved.checkpointer.save(2, 16)
+    results = {"source": _figures(saved, 2)}
+    for cp, distributed in ((1, True), (4, True), (1, False)):
+        session = Session(config(cp, distributed), states[cp], init_seed=999)
+        progress = session.checkpointer.load(directory)
+        assert progress is not None and progress.iteration == 2
+        results[f"cp{cp}_{'dist' if distributed else 'plain'}"] = _figures(session, 2)
+    return results
+
+
 def _merge(per_rank: list[dict], key: str) -> dict:
     merged = dict(per_rank[0][key])
     for results in per_rank[1:]:
@@ -155,6 +178,19 @@ def test_distributed_optimizer_checkpoint_reshards(distributed_reshard: list[dic
     """Saved with the distributed optimizer at dp=2 (pp=2, tied embeddings): loads at dp=1 and dp=4,
     and into the plain optimizer, with the same next step."""
     _compare(distributed_reshard, case)
+
+
+@pytest.fixture(scope="module")
+def context_parallel_reshard(tmp_path_factory) -> list[dict]:
+    directory = tmp_path_factory.mktemp("cp") / "ckpt"
+    return run_distributed(_context_parallel_reshard_job, 4, str(directory), timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["cp1_dist", "cp4_dist", "cp1_plain"])
+def test_context_parallel_checkpoint_loads_at_other_cp(context_parallel_reshard: list[dict], case: str) -> None:
+    """Saved at cp=2: same evaluation loss, same next step and same updated weights at cp=1 and cp=4."""
+    _compare(context_parallel_reshard, case)
 
 
 def _resume_job(directory: str, async_save: bool) -> dict:

@@ -343,3 +343,14 @@ def test_the_checkpoint_layer_talks_only_to_the_states_groups(tmp_path: Path) ->
         assert result["world"] == result["checkpoint_size"] == 2 and result["checkpoint_backend"] == "gloo"
     assert active["iteration"] == 1 and active["weights_equal"]
     assert format.resolve(tmp_path / "async-True").name == "iter_0000001"
+
+
+def test_same_layout_reads_a_description_without_cp_as_cp_1() -> None:
+    """Generator states are restored only at the same layout; descriptions written before cp was
+    recorded were saved at cp = 1."""
+    current = format.layout_signature(2, 1, 2, 1, True)
+    older = {key: value for key, value in current.items() if key != "cp"}
+    assert format.same_layout(older, current)
+    assert format.same_layout(current, current)
+    assert not format.same_layout(older, format.layout_signature(2, 1, 1, 1, True, cp=2))
+    assert not format.same_layout(None, current)

@@ -173,3 +173,33 @@ def test_config_files_merge_field_by_field(tmp_path: Path) -> None:
     whole = parse_run_config(["--config", str(EXAMPLE)], world_size=1)
     assert config.model == whole.model
     assert config.training.train_iters == 70 and config.training.lr == whole.training.lr == 3e-3
+
+
+def test_context_parallel_flag_and_its_problems() -> None:
+    """--context-parallel-size splits the world (tp x cp x pp per replica) and the sequence (2 x cp
+    chunks, each rank's share over tp under SP); what ring attention lacks is refused up front."""
+    config = parse_run_config(["--config", str(EXAMPLE), "--context-parallel-size", "2", "--micro-batch-size", "2"],
+                              world_size=4)
+    resolved = resolve(config, 4)
+    assert config.parallel.context_parallel_size == 2
+    assert resolved.data_parallel_size == 2 and resolved.microbatches_per_step == 4  # 16 / (2 x dp 2)
+    with pytest.raises(ConfigError) as raised:
+        parse_run_config(
+            ["--config", str(EXAMPLE), "--context-parallel-size", "3", "--tensor-model-parallel-size", "2",
+             "--sequence-parallel",
+             "--set", "model.language.transformer.attention_dropout=0.1"],
+            world_size=8,
+        )
+    joined = "\n".join(raised.value.problems)
+    for expected in (
+        "world size 8 not divisible by tensor (2) x context (3) x pipeline (1) parallel sizes",
+        "sequence length 64 not divisible by 2 x context-parallel size 3 = 6",
+        "language.attention_dropout 0.1: ring attention (context-parallel size 3) has no attention dropout",
+    ):
+        assert expected in joined, f"{expected!r} not in:\n{joined}"
+    with pytest.raises(ConfigError, match="each context-parallel rank's 36 tokens not divisible by "
+                                          "tensor-model-parallel size 8"):
+        parse_run_config(["--config", str(EXAMPLE), "--context-parallel-size", "2", "--tensor-model-parallel-size",
+                          "8", "--sequence-parallel", "--seq-length", "72", "--micro-batch-size", "1",
+                          "--global-batch-size", "1", "--set", "model.language.transformer.num_query_groups=8",
+                          "--set", "model.vision.transformer.num_attention_heads=8"], world_size=16)

@@ -11,7 +11,7 @@ import math
 import os
 import shlex
 import subprocess
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -140,6 +140,10 @@ def test_parallel_layout_and_memory_fit(configs: dict, data_flags: list[str]) ->
     assert stage1["optimizer"] < 0.05
     stage2 = estimate(two)["stages"]
     assert len(stage2) == 2 and all(stage["optimizer"] > 4 for stage in stage2)
+    # Context parallelism 2: every rank holds half of each sequence, hence half the activations.
+    stage2_cp2 = replace(configs["stage2"], parallel=replace(configs["stage2"].parallel, context_parallel_size=2))
+    halved = estimate(resolve(stage2_cp2, WORLD))["stages"]
+    assert halved[0]["activations"] == pytest.approx(stage2[0]["activations"] / 2)
     # The same configs on one node would not fit the global batch rule: validation catches it.
     with pytest.raises(Exception, match="global-batch-size"):
         parse_run_config(["--config", str(STAGES["stage1"]), *data_flags, "--micro-batch-size", "48"], WORLD)

@@ -187,6 +187,9 @@ def test_requests_that_cannot_be_served() -> None:
     staged = LlavaModel(_model_config(), ParallelState(pp_size=2), post_process=False)
     with pytest.raises(NotImplementedError, match="pipeline-parallel generation is not supported"):
         generate(staged, _prompts(), GenerationConfig())
+    context_parallel = LlavaModel(_model_config(), ParallelState(cp_size=2))
+    with pytest.raises(GenerationError, match="generation runs at context-parallel size 1 \\(got 2\\)"):
+        generate(context_parallel, _prompts(), GenerationConfig())
     cache = KVCache(batch_size=1, max_length=4)
     with pytest.raises(ValueError, match="holds 4 positions"):
         cache.layer(0).update(torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8))
@@ -434,22 +437,15 @@ def test_session_prompts_a_native_resolution_model(tmp_path: Path) -> None:
     """InferenceSession with a Qwen2-VL model: the prompt is the qwen2_vl rendering with the image's
     own token count, its patches and grid are megamm.data.native_resolution's, and `answer` gives
     what `generate` gives for that prompt."""
-    import tokenizers
-
     from megamm.data.native_resolution import NativeResolution, preprocess_image
     from megamm.data.templates import render_prompt
     from megamm.data.tokenizer import load_tokenizer
     from megamm.inference.session import DataSettings
-    from tests.data.test_qwen_template import CORPUS, SPECIALS
+    from tests.data.test_qwen_template import CORPUS
+    from tests.data_fixtures import write_qwen_tokenizer
     from tests.tiny import qwen2_vl_config
 
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = tokenizers.decoders.ByteLevel()
-    backend.train_from_iterator(CORPUS * 20, tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    backend.save(str(tmp_path / "tokenizer.json"))
+    write_qwen_tokenizer(tmp_path / "tokenizer.json", CORPUS)
     tokenizer = load_tokenizer(tmp_path / "tokenizer.json", image_token="<|image_pad|>", pad_token="<|endoftext|>")
     config = qwen2_vl_config()
     language = replace(config.language, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id,

@@ -118,3 +118,17 @@ def test_rng_tracker_differs_inside_tp_region_only() -> None:
     first, second = run_distributed(_rng_job, 2)
     assert torch.equal(first["outside"], second["outside"]), "replicated regions must draw the same numbers"
     assert not torch.equal(first["inside"], second["inside"]), "tp ranks must draw different numbers"
+
+
+def test_rank_layout_orders_tp_cp_dp_pp() -> None:
+    """Megatron's order: tp fastest, then cp, then dp, then pp (tp=2, cp=2, dp=2, pp=2 on 16 ranks)."""
+    layout = rank_layout(16, tp=2, pp=2, cp=2)
+    assert layout["tp"][:2] == [[0, 1], [2, 3]]
+    assert layout["cp"][:3] == [[0, 2], [1, 3], [4, 6]]
+    assert layout["dp"][:3] == [[0, 4], [1, 5], [2, 6]]
+    assert layout["dp_cp"][:2] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert layout["pp"][:2] == [[0, 8], [1, 9]]
+    assert layout["mp"][:2] == [[0, 1, 8, 9], [2, 3, 10, 11]]
+    assert layout["embedding_dp"][0] == [0, 2, 4, 6, 8, 10, 12, 14]
+    with pytest.raises(ValueError, match="context-parallel size 3"):
+        rank_layout(8, tp=2, pp=1, cp=3)

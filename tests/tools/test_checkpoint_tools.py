@@ -99,7 +99,7 @@ def test_info_and_reshard_then_resume(tmp_path: Path) -> None:
     # The JSON report, from the checkpoint directory itself.
     info = _info_json(source / "iter_0000002")
     assert info["iteration"] == 2
-    assert info["layout"] == {"world_size": 2, "tp": 2, "pp": 1, "dp": 1, "virtual_stages": 1,
+    assert info["layout"] == {"world_size": 2, "tp": 2, "cp": 1, "pp": 1, "dp": 1, "virtual_stages": 1,
                               "sequence_parallel": False}
     shapes = _model_shapes(info)
     assert shapes["model/language.embedding.weight"] == [VOCAB, HIDDEN]
@@ -118,7 +118,7 @@ def test_info_and_reshard_then_resume(tmp_path: Path) -> None:
                                           "--train-iters", "4"))
     resharded = _info_json(target)
     assert resharded["iteration"] == 2
-    assert resharded["layout"] == {"world_size": 2, "tp": 1, "pp": 2, "dp": 1, "virtual_stages": 1,
+    assert resharded["layout"] == {"world_size": 2, "tp": 1, "cp": 1, "pp": 2, "dp": 1, "virtual_stages": 1,
                                    "sequence_parallel": False}
     assert _model_shapes(resharded) == shapes
     assert [(g["group"], g["count"], g["bytes"]) for g in resharded["groups"] if g["group"] != "rng/"] == [

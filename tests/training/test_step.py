@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megamm.config import LlavaConfig, ParallelConfig, TransformerConfig
+from megamm.config import LlavaConfig, ParallelConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
@@ -23,7 +23,7 @@ from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.training.step import build_trainer, train_step
 from tests.distributed import run_distributed, solo_state
-from tests.tiny import llava_config, qwen2_language_config
+from tests.tiny import llava_config, qwen2_language_config, without_key_bias
 
 STEPS = 3
 TOLERANCE = 1e-5
@@ -62,24 +62,11 @@ def _train(run: RunConfig, state: ParallelState, sequence_parallel: bool = False
         losses.append(result.loss)
         norms.append(result.grad_norm)
     final = {name: gather_master(p.detach(), specs[name].layout, state.tp_group) for name, p in model.named_parameters()}
-    final = {name: _without_key_bias(name, tensor, model.config.language.transformer) for name, tensor in final.items()}
+    final = {name: without_key_bias(name, tensor, model.config.language.transformer) for name, tensor in final.items()}
     frozen_unchanged = all(torch.equal(final[n], initial[n]) for n, p in model.named_parameters() if not p.requires_grad)
     return {"losses": losses, "norms": norms, "final": final, "frozen_unchanged": frozen_unchanged,
             "state_bytes": trainer.optimizer.state_bytes(),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-
-
-def _without_key_bias(name: str, tensor: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
-    """A language QKV bias without its key rows, other tensors unchanged.
-
-    The key bias has no gradient but rounding noise: it adds one vector to every key of a head, which
-    shifts each query's scores by a constant that softmax ignores. Adam turns that noise into +-lr
-    steps, so those rows differ between layouts by construction and prove nothing.
-    """
-    if not (name.startswith("language.") and name.endswith("self_attention.qkv.bias")):
-        return tensor
-    q, kv = config.num_attention_heads * config.head_dim, config.query_groups * config.head_dim
-    return torch.cat([tensor[:q], tensor[q + kv:]])
 
 
 def _compare(run: dict, reference: dict) -> dict:

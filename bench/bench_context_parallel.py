@@ -1,0 +1,190 @@
+"""Activation memory per rank and step time of one long multimodal sample at context-parallel sizes 1, 2, 4.
+
+What is measured: forward + backward of `LlavaModel` (tiny widths, fp32, CPU, gloo) on one sample of
+--seq-length tokens (default 16384) holding --images images (default 96 images x 65 tokens = 6240
+image tokens, spread over the sequence), the loss averaged over its tokens as the training step does.
+For each cp size the benchmark spawns cp processes (a fresh process per configuration, so the
+high-water marks below belong to that configuration alone), and each rank reports
+
+- saved activations: the bytes autograd keeps for backward at the end of the forward, counted by a
+  `torch.autograd.graph.saved_tensors_hooks` pack hook over distinct storages, parameters excluded.
+  This is the activation memory that context parallelism is meant to divide (torch has no allocator
+  statistics for CPU tensors, and this count is exact and independent of the allocator);
+- peak RSS increase: the process's resident-set high-water mark (getrusage ru_maxrss) after the steps
+  minus its resident set before the first one (the model built, the sample made). It includes transient buffers (the ring's score tiles, the
+  collectives' buffers) and whatever the CPU allocator keeps cached, so it is an upper bound;
+- step time: the median wall time of --repeats forward + backward passes after one warm-up.
+  The cp processes of one configuration share the machine's cores; each gets cores / cp threads
+  (at least one), so the configurations use the same total threads. On a machine with fewer cores than
+  ranks the times measure oversubscription, not scaling; the memory figures do not depend on it.
+
+On CUDA (--device cuda, one GPU per rank) the peak is `torch.cuda.max_memory_allocated` instead of RSS;
+the ring attention's per-block math is the plain torch path there (no fused GPU kernel per block).
+The CUDA option has not run yet (no GPU was available).
+
+Run from the repository root with megamm installed:
+
+    python bench/bench_context_parallel.py
+    python bench/bench_context_parallel.py --seq-length 32768 --images 192 --cp 1 2 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import resource
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megamm.config import LanguageConfig, LlavaConfig, ProjectorConfig, TransformerConfig, VisionConfig
+from megamm.models.llava import LlavaModel
+from megamm.parallel.state import initialize_parallel_state
+
+IMAGE_TOKEN_ID = 99
+
+
+def model_config(seq_length: int) -> LlavaConfig:
+    """A tiny LLaVA: 32x32 images in 4x4 patches (64 patches + class token = 65 tokens per image),
+    a 2-layer decoder with GQA (4 heads, 2 key/value groups)."""
+    vision = VisionConfig(
+        TransformerConfig(hidden_size=32, num_layers=2, num_attention_heads=2, ffn_hidden_size=64,
+                          normalization="layernorm", activation="quick_gelu", add_bias_linear=True,
+                          position_embedding="learned", causal=False),
+        image_size=32, patch_size=4,
+    )
+    language = LanguageConfig(
+        TransformerConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+                          ffn_hidden_size=128, max_position_embeddings=seq_length),
+        vocab_size=100, make_vocab_size_divisible_by=4, image_token_id=IMAGE_TOKEN_ID,
+    )
+    return LlavaConfig(vision=vision, language=language, projector=ProjectorConfig())
+
+
+def sample(config: LlavaConfig, seq_length: int, images: int) -> dict[str, torch.Tensor]:
+    """One sample: images spread evenly over the sequence, text between them (the same on every rank)."""
+    generator = torch.Generator().manual_seed(0)
+    per_image = config.image_tokens_per_image
+    if images * per_image > seq_length:
+        raise SystemExit(f"--images {images} x {per_image} tokens do not fit in --seq-length {seq_length}")
+    input_ids = torch.randint(0, IMAGE_TOKEN_ID, (1, seq_length), generator=generator)
+    stride = seq_length // max(images, 1)
+    for i in range(images):
+        input_ids[0, i * stride : i * stride + per_image] = IMAGE_TOKEN_ID
+    labels = input_ids.masked_fill(input_ids == IMAGE_TOKEN_ID, -100)
+    size = config.vision.image_size
+    pixel_values = torch.randn(images, 3, size, size, generator=generator)
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as stream:
+        return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _worker(rank: int, cp: int, port: int, args: argparse.Namespace, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(cp), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cp))
+    cuda = args.device == "cuda"
+    state = initialize_parallel_state(use_cuda=cuda, context_parallel_size=cp)
+    config = model_config(args.seq_length)
+    model = LlavaModel(config, state)
+    model.initialize(0)
+    batch = {k: v.to(state.device) for k, v in sample(config, args.seq_length, args.images).items()}
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def step(measure: bool) -> tuple[float, int]:
+        seen: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if measure and storage.data_ptr() not in parameters:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        dist.barrier()
+        started = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(**batch)["loss"].sum() / tokens
+        saved = sum(seen.values())
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        model.zero_grad(set_to_none=True)
+        return elapsed, saved
+
+    # The resident set before any step: the high-water mark of the steps (warm-up included, the same
+    # work) above it is what the step needs; measured after the warm-up, memory the allocator cached
+    # in it would hide part of the step's.
+    before = _rss_bytes()
+    step(False)  # warm-up
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(state.device)
+    times, saved = [], 0
+    for _ in range(args.repeats):
+        elapsed, saved = step(True)
+        times.append(elapsed)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(state.device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    results.put((rank, pickle.dumps({"saved": saved, "peak": peak, "time": statistics.median(times)})))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(cp: int, args: argparse.Namespace) -> list[dict]:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=_worker, args=(rank, cp, port, args, results)) for rank in range(cp)]
+    for process in processes:
+        process.start()
+    collected = dict(results.get(timeout=args.timeout) for _ in range(cp))
+    for process in processes:
+        process.join()
+    return [pickle.loads(collected[rank]) for rank in range(cp)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-length", type=int, default=16384)
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    args = parser.parse_args()
+    config = model_config(args.seq_length)
+    print(f"one sample of {args.seq_length} tokens, {args.images} images x {config.image_tokens_per_image} "
+          f"tokens; {args.device}, fp32; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
+    print(f"{'cp':>3} {'saved activations / rank (MiB)':>31} {'vs cp=1':>8} {'peak increase / rank (MiB)':>27} "
+          f"{'vs cp=1':>8} {'step time (s)':>14}")
+    base_saved = base_peak = None
+    for cp in args.cp:
+        ranks = run(cp, args)
+        saved = max(r["saved"] for r in ranks) / 2**20
+        peak = max(r["peak"] for r in ranks) / 2**20
+        seconds = max(r["time"] for r in ranks)
+        base_saved = base_saved or saved
+        base_peak = base_peak or peak
+        print(f"{cp:>3} {saved:>31.1f} {saved / base_saved:>8.3f} {peak:>27.1f} {peak / base_peak:>8.3f} "
+              f"{seconds:>14.2f}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Context parallelism: which tokens a cp rank holds, and the collectives that move sequence pieces.
+
+The sequence of length s is cut into 2 x cp equal chunks; cp rank r holds chunks r and
+2cp - 1 - r, in that order (`local_positions`). Under causal attention chunk i attends to chunks
+0..i, so a rank holding an early and a late chunk does the same attention work as every other
+rank (the causal load balance of Megatron-LM's context parallelism). Every per-token tensor of a
+microbatch (token ids, labels after the shift, position ids of any shape `[..., b, s]`, the rows of
+an attention mask) is cut with the same positions (`split_sequence`), so M-RoPE's `[3, b, s]`
+positions split like the 1-D ones.
+
+`RingExchange` passes a tensor to the next rank of the ring and receives the previous rank's
+(the K/V blocks of ring attention, megamm.transformer.ring_attention); `gather_shares` is the
+autograd all-gather of the image embeddings each cp rank encoded (megamm.models.llava).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megamm.parallel.mappings import Group, group_size
+from megamm.parallel.phase import waiting_on_peers
+from megamm.parallel.state import ParallelState
+
+
+def chunk_ids(cp_size: int, cp_rank: int) -> tuple[int, int]:
+    """The two chunks (of 2 x cp) that cp rank `cp_rank` holds, early one first."""
+    return cp_rank, 2 * cp_size - 1 - cp_rank
+
+
+def local_positions(seq_length: int, cp_size: int, cp_rank: int, device: torch.device | None = None) -> torch.Tensor:
+    """`[s / cp]` int64: the global sequence positions this rank holds, in its local order."""
+    if seq_length % (2 * cp_size):
+        raise ValueError(f"sequence length {seq_length} is not divisible by 2 x context-parallel size {cp_size}")
+    chunk = seq_length // (2 * cp_size)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in chunk_ids(cp_size, cp_rank)])
+
+
+def split_sequence(tensor: torch.Tensor, state: ParallelState, dim: int = -1) -> torch.Tensor:
+    """This cp rank's share of a full-sequence tensor along `dim` (the sequence dim); unchanged at cp=1.
+
+    Autograd-safe (index_select): the gradient of a share lands on its global positions.
+    """
+    if state.cp_size == 1:
+        return tensor
+    positions = local_positions(tensor.shape[dim], state.cp_size, state.cp_rank, tensor.device)
+    return tensor.index_select(dim, positions)
+
+
+class RingExchange:
+    """Send to the next cp rank and receive from the previous one, asynchronously.
+
+    `start(tensor)` posts the pair (batch_isend_irecv, which gloo and NCCL both take) and returns at
+    once, so the caller computes on the block it holds while the next one travels; `wait()` returns
+    the received tensor. Forward and backward messages use their own tags.
+    """
+
+    def __init__(self, state: ParallelState, tag: int) -> None:
+        ranks, rank = state.cp_ranks, state.cp_rank
+        self.group = state.cp_group
+        self.next_rank = ranks[(rank + 1) % len(ranks)]
+        self.prev_rank = ranks[(rank - 1) % len(ranks)]
+        self.tag = tag
+        self._requests: list[dist.Work] = []
+        self._received: torch.Tensor | None = None
+        self._sent: torch.Tensor | None = None
+
+    def start(self, tensor: torch.Tensor) -> None:
+        self._sent = tensor.contiguous()
+        self._received = torch.empty_like(self._sent)
+        ops = [dist.P2POp(dist.isend, self._sent, self.next_rank, self.group, self.tag),
+               dist.P2POp(dist.irecv, self._received, self.prev_rank, self.group, self.tag)]
+        self._requests = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> torch.Tensor:
+        with waiting_on_peers(f"context-parallel ring receive from global rank {self.prev_rank}"):
+            for request in self._requests:
+                request.wait()
+        received, self._received, self._sent, self._requests = self._received, None, None, []
+        assert received is not None, "RingExchange.wait without start"
+        return received
+
+
+class _GatherShares(torch.autograd.Function):
+    """All-gather of equal-size shares along dim 0 over cp; backward: each rank's share of the
+    summed gradient (every rank's gradient covers the embeddings its own tokens used)."""
+
+    @staticmethod
+    def forward(ctx, share: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        size = group_size(group)
+        parts = [torch.empty_like(share) for _ in range(size)]
+        dist.all_gather(parts, share.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        group = ctx.group
+        grad = grad.contiguous()
+        if dist.get_backend(group) == "nccl":
+            out = torch.empty_like(grad[0])
+            dist.reduce_scatter_tensor(out, grad, group=group)
+            return out, None
+        # gloo has no reduce-scatter: sum everything, keep this rank's part.
+        dist.all_reduce(grad, group=group)
+        return grad[dist.get_rank(group)].clone(), None
+
+
+def gather_shares(share: torch.Tensor, group: Group) -> torch.Tensor:
+    """`[m, ...]` this rank's share -> `[cp, m, ...]` every rank's, in cp-rank order (autograd)."""
+    if group_size(group) == 1:
+        return share.unsqueeze(0)
+    return _GatherShares.apply(share, group)
