@@ -8,7 +8,8 @@ matches its name against the targets (megamm.config.lora):
   `LANGUAGE_TARGETS` (q_proj -> part 0 of `self_attention.qkv`, ...);
 - `projector` / `vision`: every linear below that submodule (all parts of a fused one).
 
-The output layer (and a tied one, which has no weight of its own) never gets an adapter. Which
+The output layer (and a tied one, which has no weight of its own) never gets an adapter, nor do the
+vision layers after `select_layer`, which never run (megamm.config.model.VisionConfig.num_layers_used). Which
 parameters train is the config's business (megamm.config.run.training_model_config freezes a part
 that holds a target); adapters always train.
 """
@@ -16,6 +17,7 @@ that holds a target); adapters always train.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,7 +26,11 @@ from megamm.config.lora import LANGUAGE_TARGETS, PART_TARGETS, LoraConfig
 from megamm.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megamm.parallel.lora import LowRankAdapter
 
+if TYPE_CHECKING:
+    from megamm.models.llava import LlavaModel
+
 DECODER_LAYERS = "language.decoder.layers."
+VISION_LAYERS = "vision.encoder.layers."
 ADAPTER = "adapter"
 
 
@@ -49,12 +55,22 @@ def parallel_linears(model: nn.Module) -> Iterator[tuple[str, ColumnParallelLine
             yield name, module
 
 
-def apply_lora(model: nn.Module, lora: LoraConfig) -> list[str]:
+def _runs(name: str, vision_layers_used: int) -> bool:
+    """Whether linear `name` runs: not in a vision layer past the selected hidden state."""
+    if not name.startswith(VISION_LAYERS):
+        return True
+    return int(name[len(VISION_LAYERS):].split(".", 1)[0]) < vision_layers_used
+
+
+def apply_lora(model: LlavaModel, lora: LoraConfig) -> list[str]:
     """Give every targeted linear of `model` (a LlavaModel or one pipeline chunk of it) an adapter
     in the weight's dtype; returns the adapted layers' names (a chunk may hold none). The adapters
     are uninitialized, like any new parameter: `initialize_parameters` fills them (A random, B 0)."""
     adapted = []
+    vision_layers_used = model.config.vision.num_layers_used
     for name, layer in parallel_linears(model):
+        if not _runs(name, vision_layers_used):
+            continue
         layout = layer.own_param_specs["weight"].layout
         if layout.padded_size is not None:
             continue  # the output layer: vocabulary rows, never a target
