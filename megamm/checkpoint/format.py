@@ -300,6 +300,11 @@ def resolve(load: str | Path) -> Path | None:
 # ---- does a checkpoint fit the model? ------------------------------------------------------------
 
 
+# A checkpoint without any projector tensor (towers converted separately, before stage 1) loads:
+# the projector keeps its initialization.
+FRESH_PROJECTOR = "projector."
+
+
 class CheckpointMismatchError(RuntimeError):
     """The checkpoint does not fit the model; the message lists every difference."""
 

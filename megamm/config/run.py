@@ -216,7 +216,8 @@ class RunConfig:
             lambda: ["--keep-last-checkpoints must be >= 1"]
             if t.keep_last_checkpoints is not None and t.keep_last_checkpoints < 1 else [],
             lambda: ["--finetune needs --load"] if t.finetune and not t.load else [],
-            lambda: ["--no-verify-checkpoint needs --load"] if not t.verify_checkpoint and not t.load else [],
+            lambda: ["--no-verify-checkpoint needs --load or --pretrained-checkpoint"]
+            if not t.verify_checkpoint and not (t.load or t.pretrained_checkpoint) else [],
             lambda: ["--exit-interval needs --save (the checkpoint to continue from) and a value >= 1"]
             if t.exit_interval is not None and (t.exit_interval < 1 or not t.save) else [],
             lambda: ["--exit-duration-in-mins needs --save (the checkpoint to continue from) and a value > 0"]
