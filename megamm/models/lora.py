@@ -34,7 +34,7 @@ VISION_LAYERS = "vision.encoder.layers."
 ADAPTER = "adapter"
 
 
-def _targeted_parts(name: str, parts: int, targets: Iterable[str]) -> tuple[int, ...]:
+def targeted_parts(name: str, parts: int, targets: Iterable[str]) -> tuple[int, ...]:
     """The fused parts of linear `name` (with `parts` parts) that `targets` select (empty: none)."""
     selected: set[int] = set()
     for target in targets:
@@ -76,7 +76,7 @@ def apply_lora(model: LlavaModel, lora: LoraConfig) -> list[str]:
             continue  # the output layer: vocabulary rows, never a target
         out_features, in_features = layout.master_shape
         out_parts = layout.fused_parts or (out_features,)
-        targeted = _targeted_parts(name, len(out_parts), lora.targets)
+        targeted = targeted_parts(name, len(out_parts), lora.targets)
         if not targeted:
             continue
         layer.adapter = LowRankAdapter(
