@@ -28,11 +28,6 @@ from megamm.checkpoint.model_weights import resolve_checkpoint
 from megamm.models.lora import is_adapter_parameter
 from megamm.parallel.state import ParallelState
 
-# The description field saying what a checkpoint's `model/` keys cover (absent: the whole model).
-CONTENTS = "contents"
-TRAINABLE = "trainable"
-PRETRAINED = "pretrained"
-
 
 def trainable_blocks(blocks: Mapping[str, BlockTensor], chunks: Sequence[nn.Module]) -> dict[str, BlockTensor]:
     """The `model/` blocks of the parameters that train (what a LoRA run saves)."""
@@ -42,11 +37,7 @@ def trainable_blocks(blocks: Mapping[str, BlockTensor], chunks: Sequence[nn.Modu
 
 def adapter_description(pretrained: str | None) -> dict[str, object]:
     """The description fields of a LoRA run's checkpoint."""
-    return {CONTENTS: TRAINABLE, PRETRAINED: pretrained}
-
-
-def holds_trainable_only(description: Mapping[str, object]) -> bool:
-    return description.get(CONTENTS) == TRAINABLE
+    return {format.CONTENTS: format.TRAINABLE, format.PRETRAINED: pretrained}
 
 
 def load_pretrained(chunks: Sequence[nn.Module], pretrained: str | Path, state: ParallelState, verify: bool = True,
@@ -58,13 +49,13 @@ def load_pretrained(chunks: Sequence[nn.Module], pretrained: str | Path, state: 
     description = format.read_description(path)
     request = {key: value for key, value in model_blocks(chunks, state).items()
                if not is_adapter_parameter(format.parameter_name(key))}
-    hint = (f"{path} is a LoRA run's checkpoint (trainable tensors only): pass it to --load, and its base "
-            f"({description.get(PRETRAINED)}) to --pretrained-checkpoint") if holds_trainable_only(description) else (
-            "a base checkpoint holds no adapters: merge them first (tools/merge_lora.py)")
+    hints = {format.MODEL: f"{path} is a LoRA run's checkpoint (trainable tensors only): pass it to --load, and "
+                           f"its base ({description.get(format.PRETRAINED)}) to --pretrained-checkpoint"
+             } if format.holds_trainable_only(description) else None
     source = dcp_io.reader(path, verify)
     fit = format.check_fit(path, gathered_shapes(request, state.checkpoint_group),
                            source.read_metadata().state_dict_metadata, fresh_allowed=(format.FRESH_PROJECTOR,),
-                           missing_hints={format.MODEL: hint})
+                           missing_hints=hints)
     if format.FRESH_PROJECTOR in fit.fresh:
         log(f" {path} has no projector: the projector keeps its initialization from --seed")
     dcp_io.load({k: v for k, v in request.items() if k in fit.keys}, source, BlockLoadPlanner(),

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megamm.checkpoint import dcp_io, format
-from megamm.checkpoint.adapters import PRETRAINED, load_pretrained, trainable_blocks
+from megamm.checkpoint.adapters import load_pretrained, trainable_blocks
 from megamm.checkpoint.blocks import BlockLoadPlanner, model_blocks
 from megamm.config.parsing import run_config_to_dict
 from megamm.config.run import training_model_config
@@ -40,7 +40,7 @@ def merge_adapters(load: str | Path, save: str | Path, pretrained: str | Path | 
     names) and write the result as iteration 0 of `save`; returns the published directory."""
     reader = CheckpointReader(load, verify)
     run = read_lora_run(reader)
-    base = pretrained if pretrained is not None else reader.description.get(PRETRAINED)
+    base = pretrained if pretrained is not None else reader.description.get(format.PRETRAINED)
     state = ParallelState.single()
     state.seed(run.training.seed)
     model = LlavaModel(training_model_config(run), state)

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megamm.checkpoint import format
-from megamm.checkpoint.adapters import adapter_description, holds_trainable_only
+from megamm.checkpoint.adapters import adapter_description
 from megamm.config import ConfigError, LlavaConfig
 from megamm.config.lora import TARGET_NAMES, LoraConfig
 from megamm.config.parsing import run_config_from_dict
@@ -105,7 +105,7 @@ def _new_directory(out: Path) -> Path:
 
 def read_lora_run(reader: CheckpointReader):
     tree = reader.description.get("config")
-    if not holds_trainable_only(reader.description) or not isinstance(tree, dict):
+    if not format.holds_trainable_only(reader.description) or not isinstance(tree, dict):
         raise ConversionError(f"{reader.path}: not a LoRA run's checkpoint (its {format.DESCRIPTION} does not say "
                               f"\"contents\": \"trainable\")")
     try:
@@ -190,7 +190,7 @@ def import_peft(peft_dir: str | Path, pretrained: str | Path, save: str | Path,
         raise ConversionError(f"{peft_dir / ADAPTER_CONFIG}: {error}") from error
     _check_peft_config(peft, peft_dir)
     base = CheckpointReader(pretrained)
-    if holds_trainable_only(base.description):
+    if format.holds_trainable_only(base.description):
         raise ConversionError(f"--pretrained-checkpoint {pretrained} is a LoRA run's checkpoint, not a base model")
     tree = base.description.get("config")
     try:

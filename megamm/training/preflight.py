@@ -24,7 +24,6 @@ import os
 from pathlib import Path
 
 from megamm.checkpoint import format
-from megamm.checkpoint.adapters import PRETRAINED, holds_trainable_only
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.config.unparsed import gather
 from megamm.data.datasets import parse_data_path, probe_source
@@ -108,9 +107,9 @@ def _pretrained_problems(t: TrainingConfig) -> list[str]:
     if description is None:
         return [(f"--pretrained-checkpoint {t.pretrained_checkpoint}: holds no megamm checkpoint "
                 f"(neither {format.DESCRIPTION} nor {format.LATEST})")]
-    if holds_trainable_only(description):
+    if format.holds_trainable_only(description):
         return [(f"--pretrained-checkpoint {t.pretrained_checkpoint}: a LoRA run's checkpoint (trainable tensors "
-                f"only); resume it with --load, on its base {description.get(PRETRAINED)}")]
+                f"only); resume it with --load, on its base {description.get(format.PRETRAINED)}")]
     return []
 
 
@@ -123,7 +122,7 @@ def _resume_contents_problems(t: TrainingConfig) -> list[str]:
         return []  # reported by the --load check
     if description is None:
         return []
-    lora, adapters_only = t.lora_rank is not None, holds_trainable_only(description)
+    lora, adapters_only = t.lora_rank is not None, format.holds_trainable_only(description)
     if lora and not adapters_only:
         return [(f"--load {t.load}: a whole model, not a LoRA run's checkpoint; start a LoRA run on it with "
                 "--pretrained-checkpoint (--load resumes a LoRA run)")]

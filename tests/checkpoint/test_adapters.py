@@ -16,10 +16,12 @@ from megamm.checkpoint import format
 from megamm.checkpoint.adapters import load_pretrained
 from megamm.checkpoint.checkpointer import Checkpointer
 from megamm.checkpoint.format import CheckpointMismatchError
+from megamm.checkpoint.model_weights import load_model_weights
 from megamm.config import ParallelConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.data.loader import ResumePoint
+from megamm.models.llava import LlavaModel
 from megamm.models.lora import is_adapter_parameter, reset_magnitudes
 from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import gather_master
@@ -176,3 +178,6 @@ def test_a_lora_run_refuses_mismatched_checkpoints_up_front(results) -> None:
     problems = file_problems(_run(1, 1, pretrained_checkpoint=adapters))
     assert any("resume it with --load" in p for p in problems), problems
     assert file_problems(_run(1, 1, pretrained_checkpoint=base, load=adapters)) == []
+    # Generation and export read whole models: a LoRA checkpoint is refused with what to do.
+    with pytest.raises(format.CheckpointFormatError, match="merge it into its base first"):
+        load_model_weights(LlavaModel(llava_config(), ParallelState.single()), adapters, ParallelState.single())
