@@ -147,13 +147,15 @@ def majority_baselines(test_file: Path) -> dict[str, float]:
     return {kind: max(a.values()) / sum(a.values()) for kind, a in counts.items()}
 
 
-def report(seeing: dict, blank: dict, majority: dict[str, float]) -> str:
-    """The results table from evaluate_vqa.py's --json scores: accuracy by type, then "overall"."""
-    rows = [f"{'question type':<14} {'with image':>10} {'blank image':>12} {'majority':>9}"]
+def report(seeing: dict, blank: dict, majority: dict[str, float], lora: dict | None = None) -> str:
+    """The results table from evaluate_vqa.py's --json scores: accuracy by type, then "overall"
+    (with `lora`, the merged LoRA stage 2's column after the full stage 2's)."""
+    columns = [("with image", seeing), *([("LoRA", lora)] if lora else []), ("blank image", blank)]
+    rows = [f"{'question type':<14} " + " ".join(f"{name:>11}" for name, _ in columns) + f" {'majority':>9}"]
     for kind in sorted(seeing["by_type"]):
-        rows.append(f"{kind:<14} {100 * seeing['by_type'][kind]['accuracy']:>9.1f}% "
-                    f"{100 * blank['by_type'][kind]['accuracy']:>11.1f}% {100 * majority[kind]:>8.1f}%")
-    rows.append(f"{'overall':<14} {100 * seeing['accuracy']:>9.1f}% {100 * blank['accuracy']:>11.1f}%")
+        rows.append(f"{kind:<14} " + " ".join(f"{100 * scores['by_type'][kind]['accuracy']:>10.1f}%"
+                                              for _, scores in columns) + f" {100 * majority[kind]:>8.1f}%")
+    rows.append(f"{'overall':<14} " + " ".join(f"{100 * scores['accuracy']:>10.1f}%" for _, scores in columns))
     if seeing["errors"] or blank["errors"]:
         rows.append(f"(not scored, image errors: {seeing['errors']} with image, {blank['errors']} blank)")
     return "\n".join(rows)
@@ -183,17 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         run(torchrun("-m", "megamm.train", *flags), out / "logs" / f"{name}.log")
     seeing = evaluate(out, blank=False)
     blank = evaluate(out, blank=True)
-    table = report(seeing, blank, majority_baselines(out / "data" / "test.json"))
     results = {"with_image": seeing, "blank_image": blank}
     if args.lora:
         run([sys.executable, str(ROOT / "tools" / "merge_lora.py"), "merge", "--load",
              str(out / "checkpoints" / "stage2_lora"), "--save", str(out / "checkpoints" / "stage2_lora_merged")],
             out / "logs" / "merge_lora.log")
         results["lora_with_image"] = evaluate(out, blank=False, model="stage2_lora_merged")
-        table += "\n" + "\n".join(
-            f"LoRA stage 2 (merged), {kind:<8} {100 * results['lora_with_image']['by_type'][kind]['accuracy']:>9.1f}%"
-            for kind in sorted(results["lora_with_image"]["by_type"]))
-        table += f"\nLoRA stage 2 (merged), overall  {100 * results['lora_with_image']['accuracy']:>9.1f}%"
+    table = report(seeing, blank, majority_baselines(out / "data" / "test.json"), results.get("lora_with_image"))
     (out / "results.txt").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     minutes = (time.perf_counter() - started) / 60
