@@ -40,7 +40,7 @@ from megamm.config import ConfigError, LlavaConfig
 from megamm.config.lora import TARGET_NAMES, LoraConfig
 from megamm.config.parsing import run_config_from_dict
 from megamm.config.registry import HF_ARCHITECTURES
-from megamm.config.run import training_model_config
+from megamm.config.run import RunConfig, training_model_config
 from megamm.convert import ConversionError
 from megamm.convert.hf_config import HfExtras
 from megamm.convert.hf_keys import model_entries
@@ -103,7 +103,8 @@ def _new_directory(out: Path) -> Path:
     return staging
 
 
-def read_lora_run(reader: CheckpointReader):
+def read_lora_run(reader: CheckpointReader) -> RunConfig:
+    """The run config of LoRA checkpoint `reader` (ConversionError when it is not one)."""
     tree = reader.description.get("config")
     if not format.holds_trainable_only(reader.description) or not isinstance(tree, dict):
         raise ConversionError(f"{reader.path}: not a LoRA run's checkpoint (its {format.DESCRIPTION} does not say "

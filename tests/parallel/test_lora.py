@@ -7,7 +7,8 @@ grad norms, the first step's gradients and the final trainable tensors, gathered
 their master layout (pipeline stages report their own; the test joins them). The adapters' B
 matrices (and DoRA's magnitudes) start away from their PEFT init, so every adapter tensor has a
 gradient at the first step. The targets leave some fused parts (k_proj, gate_proj) and the
-projector out: the projector, not frozen, trains fully next to the adapters.
+projector out: the projector, not frozen, trains fully next to the adapters. A linear projector
+(a column-parallel layer that gathers its output) with an adapter is checked at tp=2 with SP too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megamm.config import ParallelConfig
+from megamm.config import LlavaConfig, ParallelConfig, ProjectorConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
@@ -36,14 +37,14 @@ WEIGHT_TOLERANCE = 5e-5  # Adam's 1/sqrt(v) amplifies rounding of tiny grads (te
 TARGETS = "q_proj,v_proj,o_proj,up_proj,down_proj,vision"
 
 
-def _run_config(**training) -> RunConfig:
+def _run_config(model: LlavaConfig | None = None, **training) -> RunConfig:
     defaults = {
         "micro_batch_size": 2, "global_batch_size": 8, "seq_length": 48, "train_iters": STEPS, "lr": 3e-3,
         "lr_warmup_iters": 0, "clip_grad": 0.0, "mock_data": True, "seed": 5, "images_per_sample": 2,
         "lora_rank": 4, "lora_alpha": 8.0, "lora_target_modules": [TARGETS],
     }
     defaults.update(training)
-    return RunConfig(model=llava_config(), training=TrainingConfig(**defaults))
+    return RunConfig(model=model or llava_config(), training=TrainingConfig(**defaults))
 
 
 @torch.no_grad()
@@ -107,6 +108,7 @@ def _job() -> dict:
     pp2 = ParallelState.from_groups(tp=1, pp=2, device=torch.device("cpu"))
     dp2 = ParallelState.from_groups(tp=1, pp=1, device=torch.device("cpu"))
     full = _train(_run_config(lora_rank=None, lora_alpha=None, lora_target_modules=None), dp2)
+    linear, linear_targets = llava_config(projector=ProjectorConfig(type="linear")), "projector,o_proj"
     return {
         "reference": _train(_run_config(), solo),
         "tp2": _train(_run_config(), tp2),
@@ -117,6 +119,10 @@ def _job() -> dict:
         "dora_reference": _train(_run_config(lora_use_dora=True), solo),
         "dora_tp2_sp": _train(_run_config(lora_use_dora=True), tp2, sequence_parallel=True),
         "full_finetuning_state_bytes": full["state_bytes"],
+        # The linear projector gathers its column-parallel output: the adapter's rows go with it.
+        "linear_projector_reference": _train(_run_config(linear, lora_target_modules=[linear_targets]), solo),
+        "linear_projector_tp2_sp": _train(_run_config(linear, lora_target_modules=[linear_targets]), tp2,
+                                          sequence_parallel=True),
     }
 
 
@@ -141,12 +147,14 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize(("case", "reference"), [
     ("tp2", "reference"), ("tp2_sp", "reference"), ("pp2", "reference"), ("dp2", "reference"),
     ("dp2_distributed_optimizer", "reference"), ("dora_tp2_sp", "dora_reference"),
+    ("linear_projector_tp2_sp", "linear_projector_reference"),
 ])
 def test_lora_training_matches_single_process(results: list[dict], case: str, reference: str) -> None:
     ref = results[0][reference]
     assert len(set(ref["losses"])) == STEPS, "each update must change the loss for the comparison to mean something"
-    expected_trainable = {n for n in ref["trainable"] if is_adapter_parameter(n) or n.startswith("projector.")}
-    assert set(ref["trainable"]) == expected_trainable, "only adapters and the untargeted projector train"
+    untargeted = ("vision.",) if case.startswith("linear_projector") else ("projector.",)
+    expected_trainable = {n for n in ref["trainable"] if is_adapter_parameter(n) or n.startswith(untargeted)}
+    assert set(ref["trainable"]) == expected_trainable, "only adapters and the untargeted part train"
     for rank, per_rank in enumerate(results):
         run = per_rank[case]
         for a, b in zip(run["losses"], ref["losses"]):
