@@ -13,6 +13,7 @@ as a LoRA checkpoint. Then:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -157,3 +158,21 @@ def test_peft_settings_megamm_cannot_represent_are_refused(setup: dict, tmp_path
     save_file(tensors, bad / "adapter_model.safetensors")
     with pytest.raises(ConversionError, match="every decoder layer alike"):
         import_peft(bad, setup["base"], tmp_path / "out2")
+
+
+def _merge_tool():
+    spec = importlib.util.spec_from_file_location("merge_lora", Path(__file__).resolve().parents[2] / "tools"
+                                                  / "merge_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.slow
+def test_the_tool_merges_and_refuses_a_whole_model(setup: dict, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    main = _merge_tool()
+    assert main(["merge", "--load", str(setup["root"] / "lora"), "--save", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "latest").is_file()
+    assert main(["export-peft", "--load", str(setup["base"]), "--out", str(tmp_path / "peft")]) == 2
+    assert "not a LoRA run's checkpoint" in capsys.readouterr().err
