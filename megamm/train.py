@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megamm.checkpoint import format
+from megamm.checkpoint.adapters import load_pretrained
 from megamm.checkpoint.checkpointer import Checkpointer
 from megamm.checkpoint.model_weights import read_run_config_tree
 from megamm.config import ConfigError
@@ -32,6 +33,7 @@ from megamm.config.parsing import read_run_config
 from megamm.config.resolved import ResolvedConfig, resolve
 from megamm.config.run import TrainingConfig
 from megamm.data.loader import ResumePoint
+from megamm.models.lora import reset_magnitudes
 from megamm.parallel.phase import RECORD
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.chunks import build_model_chunks
@@ -213,8 +215,14 @@ def _train(config: ResolvedConfig, state: ParallelState, stop: StopCheck) -> dic
     RECORD.begin("setup", None, "building the model and optimizer")
     state.seed(t.seed)
     chunks = build_model_chunks(config, state)
-    trainer = build_trainer(config, state, chunks)
     reporter = Reporter(config, state)
+    if config.lora is not None:
+        # The base before the trainer: the optimizer's fp32 masters copy the weights it starts from.
+        if t.pretrained_checkpoint:
+            RECORD.enter(f"loading the base model {t.pretrained_checkpoint}")
+            load_pretrained(chunks, t.pretrained_checkpoint, state, t.verify_checkpoint, reporter.line)
+        reset_magnitudes(chunks)
+    trainer = build_trainer(config, state, chunks)
 
     def run_eval(iteration: int) -> float:
         RECORD.begin(f"evaluation after iteration {iteration}", iteration, "evaluation")

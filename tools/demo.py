@@ -19,7 +19,10 @@ Every step is an ordinary megamm command, printed before it runs, so it can be c
 4. `tools/evaluate_vqa.py` under torchrun (tp=2): generation on the held-out questions, accuracy by
    question type, beside the same model given a blank image (the text-only baseline).
 
-`--quick` shrinks the dataset and the schedule (the test suite uses it).
+`--quick` shrinks the dataset and the schedule (the test suite uses it). `--lora` also trains stage
+2 with LoRA from the same stage-1 checkpoint (`--pretrained-checkpoint`; rank 8 on every decoder
+linear, the projector trained fully, the language model and vision tower frozen), merges it
+(`tools/merge_lora.py merge`) and evaluates it beside the full stage 2.
 """
 
 from __future__ import annotations
@@ -77,9 +80,9 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args]
 
 
-def phases(out: Path, schedule: Schedule, vocab: dict[str, int]) -> list[tuple[str, list[str]]]:
+def phases(out: Path, schedule: Schedule, vocab: dict[str, int], lora: bool = False) -> list[tuple[str, list[str]]]:
     """(name, training flags) of each phase, each loading the previous phase's checkpoint. Phase 0
-    names the model; the stages take it from the checkpoint they load."""
+    names the model; the stages take it from the checkpoint they load. `lora`: a LoRA stage 2 too."""
     data, checkpoints = out / "data", out / "checkpoints"
     common = [
         "--config", str(TRAINING_CONFIG), "--tensor-model-parallel-size", "2", "--sequence-parallel",
@@ -105,6 +108,13 @@ def phases(out: Path, schedule: Schedule, vocab: dict[str, int]) -> list[tuple[s
         "--load", str(checkpoints / "stage1"), "--finetune", "--save", str(checkpoints / "stage2"),
     ]
     named = [("phase0", phase0), ("stage1", stage1), ("stage2", stage2)]
+    if lora:
+        named.append(("stage2_lora", [
+            "--data-path", str(data / "train.json"), "--chat-template", "mistral", "--freeze-ViT",
+            "--lora-rank", "8", "--lora-alpha", "16",
+            "--train-iters", str(schedule.stage2_iters), "--lr", "2e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "10",
+            "--pretrained-checkpoint", str(checkpoints / "stage1"), "--save", str(checkpoints / "stage2_lora"),
+        ]))
     return [(name, [*common, *flags, "--tensorboard-dir", str(out / "tensorboard" / name)]) for name, flags in named]
 
 
@@ -115,14 +125,15 @@ def vocabulary(tokenizer: Path) -> dict[str, int]:
     return {"vocab_size": loaded.vocab_size, "image_token_id": loaded.image_token_id}
 
 
-def evaluate(out: Path, blank: bool) -> dict:
+def evaluate(out: Path, blank: bool, model: str = "stage2") -> dict:
+    """evaluate_vqa.py's scores of checkpoint `model` (under out/checkpoints) on the held-out questions."""
     command = torchrun(
-        str(ROOT / "tools" / "evaluate_vqa.py"), "--load", str(out / "checkpoints" / "stage2"),
+        str(ROOT / "tools" / "evaluate_vqa.py"), "--load", str(out / "checkpoints" / model),
         "--tensor-model-parallel-size", "2", "--questions", str(out / "data" / "test.json"),
         "--image-root", str(out / "data"), "--batch-size", "64", "--json",
-        "--predictions", str(out / ("predictions_blank.jsonl" if blank else "predictions.jsonl")),
+        "--predictions", str(out / f"predictions_{model}{'_blank' if blank else ''}.jsonl"),
     ) + (["--blank-image"] if blank else [])
-    output = run(command, out / "logs" / ("eval_blank.log" if blank else "eval.log"))
+    output = run(command, out / "logs" / f"eval_{model}{'_blank' if blank else ''}.log")
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -136,13 +147,15 @@ def majority_baselines(test_file: Path) -> dict[str, float]:
     return {kind: max(a.values()) / sum(a.values()) for kind, a in counts.items()}
 
 
-def report(seeing: dict, blank: dict, majority: dict[str, float]) -> str:
-    """The results table from evaluate_vqa.py's --json scores: accuracy by type, then "overall"."""
-    rows = [f"{'question type':<14} {'with image':>10} {'blank image':>12} {'majority':>9}"]
+def report(seeing: dict, blank: dict, majority: dict[str, float], lora: dict | None = None) -> str:
+    """The results table from evaluate_vqa.py's --json scores: accuracy by type, then "overall"
+    (with `lora`, the merged LoRA stage 2's column after the full stage 2's)."""
+    columns = [("with image", seeing), *([("LoRA", lora)] if lora else []), ("blank image", blank)]
+    rows = [f"{'question type':<14} " + " ".join(f"{name:>11}" for name, _ in columns) + f" {'majority':>9}"]
     for kind in sorted(seeing["by_type"]):
-        rows.append(f"{kind:<14} {100 * seeing['by_type'][kind]['accuracy']:>9.1f}% "
-                    f"{100 * blank['by_type'][kind]['accuracy']:>11.1f}% {100 * majority[kind]:>8.1f}%")
-    rows.append(f"{'overall':<14} {100 * seeing['accuracy']:>9.1f}% {100 * blank['accuracy']:>11.1f}%")
+        rows.append(f"{kind:<14} " + " ".join(f"{100 * scores['by_type'][kind]['accuracy']:>10.1f}%"
+                                              for _, scores in columns) + f" {100 * majority[kind]:>8.1f}%")
+    rows.append(f"{'overall':<14} " + " ".join(f"{100 * scores['accuracy']:>10.1f}%" for _, scores in columns))
     if seeing["errors"] or blank["errors"]:
         rows.append(f"(not scored, image errors: {seeing['errors']} with image, {blank['errors']} blank)")
     return "\n".join(rows)
@@ -152,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "demo_out", help="where data, checkpoints and logs go")
     parser.add_argument("--quick", action="store_true", help="a small dataset and short schedule (tests)")
+    parser.add_argument("--lora", action="store_true", help="also a LoRA stage 2, merged and evaluated beside it")
     args = parser.parse_args(argv)
     schedule = QUICK if args.quick else FULL
     out = args.out.resolve()
@@ -167,13 +181,19 @@ def main(argv: list[str] | None = None) -> int:
          "--model-prefix", str(out / "tokenizer"), "--vocab-size", "128",
          "--user-defined-symbols", TEMPLATE_MARKERS], out / "logs" / "tokenizer.log")
     vocab = vocabulary(out / "tokenizer.model")
-    for name, flags in phases(out, schedule, vocab):
+    for name, flags in phases(out, schedule, vocab, args.lora):
         run(torchrun("-m", "megamm.train", *flags), out / "logs" / f"{name}.log")
     seeing = evaluate(out, blank=False)
     blank = evaluate(out, blank=True)
-    table = report(seeing, blank, majority_baselines(out / "data" / "test.json"))
+    results = {"with_image": seeing, "blank_image": blank}
+    if args.lora:
+        run([sys.executable, str(ROOT / "tools" / "merge_lora.py"), "merge", "--load",
+             str(out / "checkpoints" / "stage2_lora"), "--save", str(out / "checkpoints" / "stage2_lora_merged")],
+            out / "logs" / "merge_lora.log")
+        results["lora_with_image"] = evaluate(out, blank=False, model="stage2_lora_merged")
+    table = report(seeing, blank, majority_baselines(out / "data" / "test.json"), results.get("lora_with_image"))
     (out / "results.txt").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"with_image": seeing, "blank_image": blank}, indent=1))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     minutes = (time.perf_counter() - started) / 60
     print(f"\nHeld-out accuracy (exact match, greedy generation), stage-2 model:\n{table}")
     print(f"\ndemo finished in {minutes:.1f} min")

@@ -20,16 +20,18 @@ tensors into blocks.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from megamm.checkpoint.format import model_key
+from megamm.parallel.mappings import Group
 from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import ParamLayout
 from megamm.parallel.state import ParallelState
@@ -216,3 +218,14 @@ def optimizer_blocks(param: nn.Parameter, layout: ParamLayout,
     for data, span in pieces:
         blocks.update(master_blocks(data, layout, tuple(param.shape), state.tp_rank, state.tp_size, span))
     return BlockTensor(view_2d_shape(tuple(layout.master_shape)), blocks)
+
+
+def gathered_shapes(request: Mapping[str, BlockTensor], group: Group) -> dict[str, tuple[int, ...]]:
+    """{key: global shape} over every rank's request (the whole model, every pipeline stage), what
+    the fit check compares a checkpoint with. Collective over `group` (None: this process's own)."""
+    mine = {key: tuple(value.shape) for key, value in request.items()}
+    if group is None:
+        return mine
+    parts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, mine, group=group)
+    return {key: shape for part in parts for key, shape in part.items()}

@@ -10,6 +10,10 @@ keys, the description, publication and the fit check are `megamm.checkpoint.form
 - `save_model`: the model and progress only (a quarter of a full fp32 checkpoint); a run resumes
   from it with `--no-load-optim`, generation and conversion read it like any other.
 
+With LoRA (`config.lora`), "the model" is its trainable tensors only (adapters, and parts the
+freeze flags leave trainable), and the description says so; the base comes from
+`--pretrained-checkpoint` (megamm.checkpoint.adapters).
+
 Every collective goes through the state's `checkpoint_group` (gloo, every rank), so an
 asynchronous save can run DCP's collectives in a background thread while training continues on the
 main groups. With a state of no groups (one process) everything is local.
@@ -29,10 +33,12 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
 
 from megamm.checkpoint import dcp_io, faults, format
+from megamm.checkpoint.adapters import adapter_description, trainable_blocks
 from megamm.checkpoint.blocks import (
     BlockLoadPlanner,
     BlockSavePlanner,
     BlockTensor,
+    gathered_shapes,
     model_blocks,
     optimizer_blocks,
 )
@@ -44,9 +50,6 @@ from megamm.parallel.params import param_specs
 from megamm.parallel.state import ParallelState
 
 Optimizer = MixedPrecisionOptimizer | DistributedOptimizer
-# A checkpoint without any projector tensor (towers converted separately, before stage 1) loads:
-# the projector keeps its initialization.
-FRESH_PROJECTOR = "projector."
 
 
 @dataclass
@@ -117,7 +120,9 @@ class Checkpointer:
     # ---- the state -------------------------------------------------------------------------------
 
     def model_state(self) -> dict[str, BlockTensor]:
-        return model_blocks(self.chunks, self.state)
+        """`model/` blocks: every parameter, or with LoRA the trainable ones."""
+        blocks = model_blocks(self.chunks, self.state)
+        return blocks if self.config.lora is None else trainable_blocks(blocks, self.chunks)
 
     def optimizer_state(self, create: bool) -> dict[str, BlockTensor]:
         """Master weights and moments as blocks; `create` makes zero moments first (before a load)."""
@@ -201,6 +206,8 @@ class Checkpointer:
     def _save(self, tensors: dict[str, BlockTensor], iteration: int, optimizer: str,
               extra: Mapping[str, object] | None) -> None:
         self.wait()
+        if self.config.lora is not None:
+            extra = {**adapter_description(self.config.training.pretrained_checkpoint), **(extra or {})}
         description = format.describe(iteration, self.layout, optimizer, run_config_to_dict(self.config.run),
                                       **(extra or {}))
         if self.coordinator:
@@ -290,9 +297,9 @@ class Checkpointer:
                 self.log(" checkpoint layout differs from this run: generator states start from --seed")
         source = dcp_io.reader(path, verify)
         fit = format.check_fit(path, self._everyone(request), source.read_metadata().state_dict_metadata,
-                               optional=(format.RNG,), fresh_allowed=(FRESH_PROJECTOR,),
+                               optional=(format.RNG,), fresh_allowed=(format.FRESH_PROJECTOR,),
                                missing_hints={format.OPTIMIZER: "pass --no-load-optim to load the model only"})
-        if FRESH_PROJECTOR in fit.fresh:
+        if format.FRESH_PROJECTOR in fit.fresh:
             self.log(f" {path} has no projector: the projector keeps its initialization from --seed")
         request = {key: value for key, value in request.items() if key in fit.keys}
         dcp_io.load(request, source, BlockLoadPlanner(), self.group)
@@ -304,12 +311,7 @@ class Checkpointer:
 
     def _everyone(self, request: dict[str, BlockTensor]) -> dict[str, tuple[int, ...]]:
         """{key: global shape} over every rank's request: the whole model, every pipeline stage."""
-        mine = {key: tuple(value.shape) for key, value in request.items()}
-        if self.group is None:
-            return mine
-        parts: list = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(parts, mine, group=self.group)
-        return {key: shape for part in parts for key, shape in part.items()}
+        return gathered_shapes(request, self.group)
 
     def _apply(self, loaded: dict[str, BlockTensor], load_optim: bool) -> None:
         if self.optimizer is not None:

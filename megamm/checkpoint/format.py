@@ -176,6 +176,18 @@ def read_description(directory: str | Path) -> dict:
     return description
 
 
+# What a checkpoint's `model/` keys cover: absent, the whole model; "trainable", a LoRA run's
+# trainable tensors only, on the base its "pretrained" field names (megamm.checkpoint.adapters).
+CONTENTS = "contents"
+TRAINABLE = "trainable"
+PRETRAINED = "pretrained"
+
+
+def holds_trainable_only(description: Mapping[str, object]) -> bool:
+    """Whether the checkpoint described is a LoRA run's (trainable tensors, not the whole model)."""
+    return description.get(CONTENTS) == TRAINABLE
+
+
 FILES = "files"
 
 
@@ -306,6 +318,11 @@ def resolve(load: str | Path) -> Path | None:
 
 
 # ---- does a checkpoint fit the model? ------------------------------------------------------------
+
+
+# A checkpoint without any projector tensor (towers converted separately, before stage 1) loads:
+# the projector keeps its initialization.
+FRESH_PROJECTOR = "projector."
 
 
 class CheckpointMismatchError(RuntimeError):

@@ -58,6 +58,10 @@ def load_model_weights(modules: nn.Module | Iterable[nn.Module], load: str | Pat
     the checkpoint's description first (megamm.checkpoint.dcp_io). Returns the checkpoint directory.
     """
     path = resolve_checkpoint(load)
+    if format.holds_trainable_only(format.read_description(path)):
+        raise format.CheckpointFormatError(
+            f"{path} is a LoRA run's checkpoint (its trainable tensors only): merge it into its base first "
+            "(tools/merge_lora.py merge), then load the merged checkpoint")
     modules = [modules] if isinstance(modules, nn.Module) else list(modules)
     request = model_blocks(modules, state)
     wanted = {key: tuple(value.shape) for key, value in request.items()}

@@ -386,30 +386,36 @@ def _differences(ours: Any, theirs: Any, path: str) -> list[tuple[str, Any, Any]
     return [] if ours == theirs else [(path, ours, theirs)]
 
 
-def _checkpoint_model(tree: dict, saved_config: SavedConfig | None, problems: list[str]) -> tuple[str, dict] | None:
-    """(--load, the model tree its checkpoint saved), or None when the run loads nothing (yet)."""
-    load = (tree.get("training") or {}).get("load")
-    if not isinstance(load, str) or saved_config is None:
+def _checkpoint_model(tree: dict, saved_config: SavedConfig | None,
+                      problems: list[str]) -> tuple[str, str, dict] | None:
+    """(the flag, the checkpoint it names, the model tree that checkpoint saved), or
+    None when the run loads nothing (yet). --load wins; a LoRA run without it takes its model from
+    --pretrained-checkpoint (its base)."""
+    training = tree.get("training") or {}
+    flag, load = next(((f, training.get(k)) for f, k in (("--load", "load"), ("--pretrained-checkpoint",
+                                                                               "pretrained_checkpoint"))
+                       if isinstance(training.get(k), str)), (None, None))
+    if load is None or saved_config is None:
         return None
     try:
         saved = saved_config(load)
     except (OSError, ValueError, TypeError) as error:
-        problems.append(f"--load {load}: {error}")
+        problems.append(f"{flag} {load}: {error}")
         return None
     if saved is None:
         return None
     model = saved.get("model")
     if not isinstance(model, dict):
-        problems.append(f"--load {load}: the checkpoint's saved config has no model section")
+        problems.append(f"{flag} {load}: the checkpoint's saved config has no model section")
         return None
-    return load, model
+    return flag, load, model
 
 
-def _disagreements(config: RunConfig, load: str, saved_model: dict) -> list[str]:
-    """One problem per model field where the run's model differs from the checkpoint's (or the
-    problems of the saved model section)."""
+def _disagreements(config: RunConfig, flag: str, load: str, saved_model: dict) -> list[str]:
+    """One problem per model field where the run's model differs from the checkpoint's that `flag`
+    (--load, --pretrained-checkpoint) names (or the problems of the saved model section)."""
     problems: list[str] = []
-    saved = _build(LlavaConfig, saved_model, f"--load {load}: model", problems)
+    saved = _build(LlavaConfig, saved_model, f"{flag} {load}: model", problems)
     if saved is None:
         return problems
     return problems + [
@@ -450,7 +456,7 @@ def read_run_config(
     checkpoint = _checkpoint_model(tree, saved_config, problems)
     if checkpoint is not None and not yaml_model:
         # --set model.* lands on the checkpoint's model (and is then checked against it like YAML).
-        tree["model"] = _merge(checkpoint[1], tree.get("model") or {})
+        tree["model"] = _merge(checkpoint[2], tree.get("model") or {})
     if "model" not in tree:
         load = (tree.get("training") or {}).get("load")
         source = f"--load {load} holds no checkpoint to take it from" if isinstance(load, str) else "or --load a checkpoint"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from megamm.config.layout import virtual_stages
+from megamm.config.lora import LoraConfig
 from megamm.config.model import ConfigError, LlavaConfig, ParallelConfig
 from megamm.config.run import RunConfig, TrainingConfig, training_model_config
 
@@ -35,6 +36,7 @@ class ResolvedConfig:
     params_dtype: torch.dtype
     sequence_parallel: bool  # --sequence-parallel and tp > 1
     model: LlavaConfig
+    lora: LoraConfig | None  # the adapters the model builder adds (None: no LoRA)
 
     @property
     def training(self) -> TrainingConfig:
@@ -65,4 +67,5 @@ def resolve(run: RunConfig, world_size: int) -> ResolvedConfig:
         params_dtype=t.params_dtype,
         sequence_parallel=p.sequence_parallel_in_effect,
         model=training_model_config(run),
+        lora=t.lora,
     )

@@ -26,6 +26,14 @@ from megamm.config.constants import (
     VIDEO_MIN_PIXELS,
 )
 from megamm.config.layout import layout_problems, schedule_problems, virtual_stages
+from megamm.config.lora import (
+    DEFAULT_TARGETS,
+    TARGET_NAMES,
+    LoraConfig,
+    number_problems,
+    split_targets,
+    target_problems,
+)
 from megamm.config.model import LlavaConfig, ParallelConfig
 from megamm.config.precision import DTYPES, precision_name
 from megamm.config.registry import CHAT_TEMPLATES, VISION_TOWERS
@@ -75,6 +83,21 @@ class TrainingConfig:
     freeze_ViT: bool | None = _opt(None, "do not train the vision tower", flag="--freeze-ViT",
                                    default_help="model.freeze_vision")
     freeze_projector: bool | None = _opt(None, "do not train the projector", default_help="model.freeze_projector")
+    # Parameter-efficient fine-tuning (megamm.config.lora; docs/training.md, "LoRA").
+    lora_rank: int | None = _opt(None, "LoRA: train rank-r adapters on the targeted layers; the parts holding "
+                                 "targets freeze their base weights (default: no LoRA)")
+    lora_alpha: float | None = _opt(None, "LoRA: the adapter update is scaled by alpha / rank",
+                                    default_help="--lora-rank")
+    lora_dropout: float = _opt(0.0, "LoRA: dropout on the adapters' input")
+    lora_target_modules: list[str] | None = _opt(  # noqa: RUF009
+        None, "LoRA: layers that get adapters: " + ", ".join(TARGET_NAMES) + " (comma- or space-separated)",
+        default_help=",".join(DEFAULT_TARGETS),
+    )
+    lora_use_dora: bool = _opt(False, "LoRA: DoRA, a trained magnitude per output feature of the adapted weight")
+    pretrained_checkpoint: str | None = _opt(
+        None, "LoRA: the base model's checkpoint (model weights only, any layout); --load and --save then hold "
+        "the adapters and their optimizer state only"
+    )
     recompute_granularity: Literal["none", "full", "selective"] = _opt(
         "none", "activation recompute: whole layers (full) or the attention core (selective)"
     )
@@ -155,6 +178,15 @@ class TrainingConfig:
         return self.lr_decay_iters if self.lr_decay_iters is not None else self.train_iters
 
     @property
+    def lora(self) -> LoraConfig | None:
+        """The LoRA settings (None without --lora-rank)."""
+        if self.lora_rank is None:
+            return None
+        alpha = float(self.lora_rank) if self.lora_alpha is None else self.lora_alpha
+        return LoraConfig(self.lora_rank, alpha, self.lora_dropout, split_targets(self.lora_target_modules),
+                          self.lora_use_dora)
+
+    @property
     def precision(self) -> str:
         """The precision name --bf16 / --fp16 select: "fp32", "bf16" or "fp16"."""
         return precision_name(self.bf16, self.fp16)
@@ -224,7 +256,8 @@ class RunConfig:
             lambda: ["--keep-last-checkpoints must be >= 1"]
             if t.keep_last_checkpoints is not None and t.keep_last_checkpoints < 1 else [],
             lambda: ["--finetune needs --load"] if t.finetune and not t.load else [],
-            lambda: ["--no-verify-checkpoint needs --load"] if not t.verify_checkpoint and not t.load else [],
+            lambda: ["--no-verify-checkpoint needs --load or --pretrained-checkpoint"]
+            if not t.verify_checkpoint and not (t.load or t.pretrained_checkpoint) else [],
             lambda: ["--exit-interval needs --save (the checkpoint to continue from) and a value >= 1"]
             if t.exit_interval is not None and (t.exit_interval < 1 or not t.save) else [],
             lambda: ["--exit-duration-in-mins needs --save (the checkpoint to continue from) and a value > 0"]
@@ -236,6 +269,7 @@ class RunConfig:
             lambda: data_problems(t),
             lambda: native_data_problems(self),
             lambda: _trainable_problems(self),
+            lambda: lora_problems(self),
             lambda: ["--tensorboard-dir needs the tensorboard package (pip install tensorboard)"]
             if t.tensorboard_dir and importlib.util.find_spec("tensorboard") is None else [],
         )
@@ -278,9 +312,39 @@ def _at_least(t: TrainingConfig, name: str, least: int) -> list[str]:
 
 def _trainable_problems(run: RunConfig) -> list[str]:
     model = training_model_config(run)
-    if model.freeze_language and model.freeze_vision and model.freeze_projector:
+    if run.training.lora_rank is None and model.freeze_language and model.freeze_vision and model.freeze_projector:
         return ["the language model, vision tower and projector are all frozen: nothing to train"]
     return []
+
+
+# The part a LoRA target can sit in -> (its freeze flag, the TrainingConfig field of that flag).
+_FREEZE_FLAGS = {"language model": ("--freeze-LM", "freeze_LM"), "vision tower": ("--freeze-ViT", "freeze_ViT"),
+                 "projector": ("--freeze-projector", "freeze_projector")}
+
+
+def lora_problems(run: RunConfig) -> list[str]:
+    """LoRA flags: they need --lora-rank; numbers in range; known targets; a part holding targets
+    trains only its adapters, so --no-freeze-* of that part contradicts them; --pretrained-checkpoint
+    is the base of a LoRA run only."""
+    t = run.training
+    if t.lora_rank is None:
+        given = [flag for flag, value in (
+            ("--lora-alpha", t.lora_alpha), ("--lora-target-modules", t.lora_target_modules),
+            ("--pretrained-checkpoint", t.pretrained_checkpoint)) if value is not None]
+        given += [flag for flag, on in (("--lora-dropout", t.lora_dropout != 0.0), ("--lora-use-dora", t.lora_use_dora))
+                  if on]
+        return [f"{flag} needs --lora-rank" for flag in given]
+    lora = t.lora
+    gated = run.model.language.transformer.activation == "swiglu"
+    return gather(
+        lambda: number_problems(lora.rank, lora.alpha, lora.dropout),
+        lambda: target_problems(lora.targets, gated),
+        lambda: [f"{flag[0]} is off, but --lora-target-modules puts adapters in the {part}, whose base weights "
+                 "LoRA freezes" for part, flag in _FREEZE_FLAGS.items()
+                 if part.split()[0] in lora.parts and getattr(t, flag[1]) is False],
+        lambda: [("--pretrained-checkpoint and --finetune: the base comes from --pretrained-checkpoint, "
+                 "--load resumes the adapters")] if t.pretrained_checkpoint and t.finetune else [],
+    )
 
 
 def data_problems(t: TrainingConfig) -> list[str]:
@@ -355,12 +419,15 @@ def native_data_problems(run: RunConfig) -> list[str]:
 
 def training_model_config(config: RunConfig) -> LlavaConfig:
     """The model a training run builds: the model section with the training flags applied (parameter
-    dtype, recompute, and the freeze flags where given; None keeps the model section's)."""
+    dtype, recompute, and the freeze flags where given; None keeps the model section's). With LoRA,
+    a part that holds a target is frozen (its adapters, added by the model builder, train)."""
     t, model = config.training, config.model
     built = model.for_runtime(t.params_dtype, t.recompute_granularity, t.recompute_num_layers)
+    lora_parts = t.lora.parts if t.lora_rank is not None else frozenset()
     return dataclasses.replace(
         built,
-        freeze_vision=model.freeze_vision if t.freeze_ViT is None else t.freeze_ViT,
-        freeze_language=model.freeze_language if t.freeze_LM is None else t.freeze_LM,
-        freeze_projector=model.freeze_projector if t.freeze_projector is None else t.freeze_projector,
+        freeze_vision="vision" in lora_parts or (model.freeze_vision if t.freeze_ViT is None else t.freeze_ViT),
+        freeze_language="language" in lora_parts or (model.freeze_language if t.freeze_LM is None else t.freeze_LM),
+        freeze_projector="projector" in lora_parts
+        or (model.freeze_projector if t.freeze_projector is None else t.freeze_projector),
     )

@@ -14,7 +14,8 @@ def allreduce_sequence_parallel_grads(grads: Sequence[torch.Tensor], tp_group: G
 
     Under sequence parallelism such a parameter is replicated, but each tp rank only saw its
     `s/tp` slice of the sequence, so its local grad is a partial sum. The caller picks the grads
-    from the parameter records (`ParamSpec.sequence_partial_grad`): `.grad`, or the main grads of
+    from the parameter records (`ParamSpec.partial_grad_over_tp`, which also covers the replicated
+    factors of LoRA adapters, partial for the same reason): `.grad`, or the main grads of
     the fp32 gradient buffers. One flat all-reduce over all of them (they are small) makes every
     replica's grad complete and identical; every tp rank must pass the same tensors in the same
     order.

@@ -10,6 +10,8 @@ dropout, residual adds) works on `[s/tp, b, h]`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,9 @@ from megamm.parallel.params import ParamOwner, ParamSpec, TiedEmbedding
 from megamm.parallel.sharding import InitFn, ParamLayout, constant_init
 from megamm.parallel.state import ParallelState
 
+if TYPE_CHECKING:
+    from megamm.parallel.lora import LowRankAdapter
+
 
 class ColumnParallelLinear(ParamOwner):
     """`y = x W^T + b` with W `[out, in]` split along `out` across tp.
@@ -35,6 +40,9 @@ class ColumnParallelLinear(ParamOwner):
     gate, up); each is split separately, see `megamm.parallel.sharding`. `padded_out_features`
     appends zero rows (vocabulary padding of an output layer). `skip_weight` builds no weight: the
     caller passes one to `forward` (an output layer tied to the embedding table).
+
+    `adapter` (None unless megamm.models.lora adds one): a low-rank update applied to the gathered
+    input before the bias (megamm.parallel.lora).
     """
 
     def __init__(
@@ -78,6 +86,7 @@ class ColumnParallelLinear(ParamOwner):
         self.weight = None if skip_weight else self.create_parameter("weight", ParamSpec(weight_layout), state, dtype)
         bias_layout = ParamLayout((out_features,), constant_init(0.0), partition_dim=0, fused_parts=fused_parts)
         self.bias = self.create_parameter("bias", ParamSpec(bias_layout), state, dtype) if bias else None
+        self.adapter: LowRankAdapter | None = None
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """`weight` overrides the own weight (tied output layer reusing the embedding table)."""
@@ -89,7 +98,11 @@ class ColumnParallelLinear(ParamOwner):
         weight = self.weight if weight is None else weight
         if weight is None:
             raise ValueError("this layer was built with skip_weight; pass the weight to forward")
-        y = F.linear(x, weight, self.bias)
+        if self.adapter is None:
+            y = F.linear(x, weight, self.bias)
+        else:
+            y = self.adapter(x, weight, F.linear(x, weight))
+            y = y if self.bias is None else y + self.bias
         return gather_from_tensor_parallel_region(y, group) if self.gather_output else y
 
 
@@ -100,6 +113,8 @@ class RowParallelLinear(ParamOwner):
     Output: `[s, b, out]` replicated, or `[s/tp, b, out]` when `sequence_parallel`.
     The bias is added once, after the reduction; under sequence parallelism it is applied to this
     rank's sequence chunk only, so its record says its grad is a partial sum over tp.
+    `adapter` (None unless megamm.models.lora adds one): a low-rank update of the partial output,
+    summed by the same reduction (megamm.parallel.lora).
     """
 
     def __init__(
@@ -126,9 +141,12 @@ class RowParallelLinear(ParamOwner):
             ParamLayout((out_features,), constant_init(0.0)), sequence_partial_grad=self.sequence_parallel
         )
         self.bias = self.create_parameter("bias", bias_spec, state, dtype) if bias else None
+        self.adapter: LowRankAdapter | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x, self.weight)
+        if self.adapter is not None:
+            partial = self.adapter(x, self.weight, partial)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(partial, self.state.tp_group)
         else:

@@ -47,11 +47,21 @@ class ParamSpec:
         applied to this rank's `s/tp` chunk of the sequence only (norms, row-parallel biases), so
         its local gradient is a partial sum that must be summed over tp before the optimizer.
     tied: the tied-embedding role, or None for every other parameter.
+    tp_partial_grad: the parameter is replicated over tp next to a tp-split one in the same
+        product (the replicated factor of a LoRA adapter, megamm.parallel.lora), so its local
+        gradient is a partial sum over tp whether or not sequence parallelism is on; summed with
+        the sequence-parallel partial grads.
     """
 
     layout: ParamLayout
     sequence_partial_grad: bool = False
     tied: TiedEmbedding | None = None
+    tp_partial_grad: bool = False
+
+    @property
+    def partial_grad_over_tp(self) -> bool:
+        """The local gradient must be summed over tp before the optimizer (either reason above)."""
+        return self.sequence_partial_grad or self.tp_partial_grad
 
     @property
     def tp_replicated(self) -> bool:

@@ -1,16 +1,19 @@
 """The model chunks one pipeline stage holds: one LlavaModel per virtual stage, each with its
-share of the language layers (megamm.config.layout), deterministically initialized."""
+share of the language layers (megamm.config.layout) and, with LoRA, its adapters
+(megamm.models.lora), deterministically initialized."""
 
 from __future__ import annotations
 
 from megamm.config.layout import stage_layers
 from megamm.config.resolved import ResolvedConfig
 from megamm.models.llava import LlavaModel
+from megamm.models.lora import apply_lora
 from megamm.parallel.state import ParallelState
 
 
 def build_model_chunks(config: ResolvedConfig, state: ParallelState) -> list[LlavaModel]:
-    """This stage's model chunks (one without virtual stages), deterministically initialized."""
+    """This stage's model chunks (one without virtual stages), deterministically initialized (DoRA's
+    magnitudes follow the base weights once they are final: megamm.models.lora.reset_magnitudes)."""
     p, t, model_config = config.parallel, config.training, config.model
     layer_chunks = stage_layers(
         model_config.language.transformer.num_layers, state.pp_size, state.pp_rank,
@@ -25,6 +28,8 @@ def build_model_chunks(config: ResolvedConfig, state: ParallelState) -> list[Lla
             post_process=state.is_last_stage and index == len(layer_chunks) - 1,
             language_layers=layers,
         )
+        if config.lora is not None:
+            apply_lora(chunk, config.lora)
         chunk.initialize(t.seed)
         chunks.append(chunk)
     return chunks

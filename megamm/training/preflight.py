@@ -12,7 +12,9 @@ process group or model exists:
   token id fit the model, and it has the template's markers as single tokens;
 - `--load`: it holds a checkpoint (Megatron starts from random weights when it does not; here a
   run given `--load` trains from what it names or not at all), and a resumed run has iterations
-  left to train.
+  left to train;
+- `--pretrained-checkpoint` (LoRA's base): it holds a checkpoint of the whole model, not a LoRA
+  run's trainable tensors (megamm.checkpoint.adapters).
 
 Each check is skipped when a field it reads did not parse (megamm.config.unparsed).
 """
@@ -39,6 +41,8 @@ def file_problems(run: RunConfig) -> list[str]:
         lambda: _data_problems("--valid-data-path", t.valid_data_path),
         lambda: _tokenizer_problems(run),
         lambda: _checkpoint_problems(t),
+        lambda: _pretrained_problems(t),
+        lambda: _resume_contents_problems(t),
     )
 
 
@@ -95,6 +99,43 @@ def _blend_problems(t: TrainingConfig, path: Path) -> list[str]:
              f"--data-path is sized --train-iters x --global-batch-size, so another batch size would change "
              f"its sample order; resume with --global-batch-size {saved} (a single dataset or --mock-data can "
              f"change it)")]
+
+
+def _pretrained_problems(t: TrainingConfig) -> list[str]:
+    """--pretrained-checkpoint names a whole model (a LoRA run's own checkpoint goes to --load)."""
+    if not t.pretrained_checkpoint:
+        return []
+    try:
+        path = format.resolve(t.pretrained_checkpoint)
+        description = format.read_description(path) if path is not None else None
+    except (OSError, ValueError) as error:
+        return [f"--pretrained-checkpoint {t.pretrained_checkpoint}: {error}"]
+    if description is None:
+        return [(f"--pretrained-checkpoint {t.pretrained_checkpoint}: holds no megamm checkpoint "
+                f"(neither {format.DESCRIPTION} nor {format.LATEST})")]
+    if format.holds_trainable_only(description):
+        return [(f"--pretrained-checkpoint {t.pretrained_checkpoint}: a LoRA run's checkpoint (trainable tensors "
+                f"only); resume it with --load, on its base {description.get(format.PRETRAINED)}")]
+    return []
+
+
+def _resume_contents_problems(t: TrainingConfig) -> list[str]:
+    """A LoRA run resumes from a LoRA run's checkpoint; a run without LoRA from a whole model."""
+    try:
+        path = format.resolve(t.load) if t.load else None
+        description = format.read_description(path) if path is not None else None
+    except (OSError, ValueError):
+        return []  # reported by the --load check
+    if description is None:
+        return []
+    lora, adapters_only = t.lora_rank is not None, format.holds_trainable_only(description)
+    if lora and not adapters_only:
+        return [(f"--load {t.load}: a whole model, not a LoRA run's checkpoint; start a LoRA run on it with "
+                "--pretrained-checkpoint (--load resumes a LoRA run)")]
+    if adapters_only and not lora:
+        return [(f"--load {t.load}: a LoRA run's checkpoint (trainable tensors only): resume it with its --lora-* "
+                "flags, or merge it into its base first (tools/merge_lora.py)")]
+    return []
 
 
 def _checkpoint_problems(t: TrainingConfig) -> list[str]:

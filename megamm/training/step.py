@@ -182,9 +182,10 @@ def _set_mode(trainer: Trainer, training: bool) -> None:
 
 
 def _sequence_partial_grads(trainer: Trainer) -> list[torch.Tensor]:
-    """The main grads that are partial sums over the sequence chunks of the tp ranks."""
+    """The main grads that are partial sums over tp: over the sequence chunks of the tp ranks, or
+    of a LoRA adapter's replicated factor (ParamSpec.partial_grad_over_tp)."""
     return [buffer.main_grad(p) for buffer in trainer.buffers for p in buffer.params
-            if trainer.param_specs[p].sequence_partial_grad]
+            if trainer.param_specs[p].partial_grad_over_tp]
 
 
 def train_step(trainer: Trainer, microbatches: list[Batch], iteration: int) -> StepResult:

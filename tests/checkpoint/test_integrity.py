@@ -344,6 +344,6 @@ def test_a_malformed_fault_specification_is_an_error_naming_the_variable(monkeyp
 def test_no_verify_checkpoint_needs_load() -> None:
     training = TrainingConfig(mock_data=True, micro_batch_size=1, global_batch_size=1, verify_checkpoint=False)
     run = RunConfig(model=llava_config(), parallel=ParallelConfig(), training=training)
-    assert "--no-verify-checkpoint needs --load" in run.problems(world_size=1)
+    assert "--no-verify-checkpoint needs --load or --pretrained-checkpoint" in run.problems(world_size=1)
     run.training.load = "/runs/a"
-    assert "--no-verify-checkpoint needs --load" not in run.problems(world_size=1)
+    assert "--no-verify-checkpoint needs --load or --pretrained-checkpoint" not in run.problems(world_size=1)

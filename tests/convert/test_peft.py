@@ -1,0 +1,178 @@
+"""LoRA / DoRA adapters exchanged with Hugging Face PEFT, and merged into their base.
+
+From a Hugging Face LLaVA imported as the base: adapters on the decoder (q/v/o/gate/down: some
+fused parts left out), the projector and the vision tower, with random B (and DoRA magnitudes), saved
+as a LoRA checkpoint. Then:
+
+- export-peft: `PeftModel.from_pretrained` on the base's Hugging Face export loads the directory
+  and gives megamm's logits (1e-4, fp32);
+- import-peft of that directory gives back the same adapter tensors, bit for bit;
+- merge: the merged plain checkpoint computes the adapted model's logits, and its Hugging Face
+  export (the existing exporter) gives them too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import LlavaForConditionalGeneration
+
+from megamm.checkpoint import format
+from megamm.checkpoint.adapters import load_pretrained
+from megamm.checkpoint.checkpointer import Checkpointer
+from megamm.checkpoint.model_weights import load_model_weights
+from megamm.config.parsing import run_config_from_dict
+from megamm.config.resolved import resolve
+from megamm.convert import ConversionError
+from megamm.convert.exporter import export_hf
+from megamm.convert.importer import import_llava_hf
+from megamm.convert.lora_merge import merge_adapters
+from megamm.convert.peft import ADAPTER_CONFIG, export_peft, import_peft
+from megamm.convert.writer import CheckpointReader
+from megamm.models.llava import LlavaModel
+from megamm.models.lora import apply_lora, reset_magnitudes
+from megamm.parallel.state import ParallelState
+from tests.convert.test_roundtrip import VOCAB, build_hf_llava, llava_batch, save_hf
+
+LOGIT_ATOL = 1e-4
+TARGETS = "q_proj,v_proj,o_proj,gate_proj,down_proj,projector,vision"
+
+
+def _megamm_logits(model: LlavaModel, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.eval()(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                           images_per_sample=batch["images_per_sample"], return_logits=True)
+    return out["logits"][..., :VOCAB].transpose(0, 1)
+
+
+def _hf_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["lora", "dora"])
+def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    dora = request.param
+    root = tmp_path_factory.mktemp("peft-dora" if dora else "peft")
+    import_llava_hf(save_hf(build_hf_llava(seed=4), root / "hf"), root / "base")
+    base = format.resolve(root / "base")
+    tree = dict(format.read_description(base)["config"])
+    tree["training"] = {"micro_batch_size": 1, "global_batch_size": 1, "seq_length": 40, "mock_data": True,
+                        "seed": 3, "lora_rank": 4, "lora_alpha": 16.0, "lora_target_modules": [TARGETS],
+                        "lora_use_dora": dora, "pretrained_checkpoint": str(base)}
+    config = resolve(run_config_from_dict(tree), 1)
+    state = ParallelState.single()
+    state.seed(3)
+    model = LlavaModel(config.model, state)
+    apply_lora(model, config.lora)
+    model.initialize(3)
+    load_pretrained([model], base, state, log=lambda _: None)
+    reset_magnitudes([model])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_b"):
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("magnitude"):
+                param.mul_(1.0 + 0.2 * torch.rand(param.shape, generator=generator))
+    Checkpointer(state, config, [model], save_dir=root / "lora", log=lambda _: None).save_model(0, 0)
+    batch = llava_batch()
+    export_hf(base, root / "base-hf")
+    return {"root": root, "base": base, "model": model, "batch": batch, "logits": _megamm_logits(model, batch),
+            "dora": dora, "peft": export_peft(root / "lora", root / "peft")}
+
+
+def _hf_base(directory: Path) -> LlavaForConditionalGeneration:
+    return LlavaForConditionalGeneration.from_pretrained(directory, torch_dtype=torch.float32,
+                                                         attn_implementation="eager")
+
+
+@pytest.mark.slow
+def test_peft_loads_the_exported_adapters_with_megamm_logits(setup: dict) -> None:
+    root, batch, peft_dir = setup["root"], setup["batch"], setup["peft"]
+    peft_config = json.loads((peft_dir / ADAPTER_CONFIG).read_text())
+    assert peft_config["use_dora"] == setup["dora"] and peft_config["r"] == 4 and peft_config["lora_alpha"] == 16.0
+    assert "model.language_model.layers.0.self_attn.q_proj" in peft_config["target_modules"]
+    assert "model.language_model.layers.0.self_attn.k_proj" not in peft_config["target_modules"]
+    base_hf = _hf_base(root / "base-hf")
+    plain = _hf_logits(base_hf, batch)
+    adapted = _hf_logits(PeftModel.from_pretrained(base_hf, peft_dir), batch)
+    assert (adapted - plain).abs().max() > 1e-2, "the adapters must change the logits for the test to mean something"
+    error = (adapted - setup["logits"]).abs().max().item()
+    print(f"PEFT vs megamm logits ({'DoRA' if setup['dora'] else 'LoRA'}): max abs error {error:.2e}")
+    assert error < LOGIT_ATOL, f"PEFT vs megamm logits: max abs error {error}"
+
+
+@pytest.mark.slow
+def test_imported_peft_adapters_are_the_exported_ones(setup: dict) -> None:
+    root, peft_dir = setup["root"], setup["peft"]
+    imported = CheckpointReader(import_peft(peft_dir, setup["base"], root / "imported"))
+    original = CheckpointReader(root / "lora")
+    keys = sorted(k for k in original.tensors if k.startswith(format.MODEL))
+    assert sorted(k for k in imported.tensors if k.startswith(format.MODEL)) == keys
+    for key, value in original.read(keys).items():
+        assert torch.equal(imported.read([key])[key], value), key
+    tree = imported.description["config"]["training"]
+    assert tree["lora_target_modules"] == [TARGETS] and tree["lora_use_dora"] == setup["dora"]
+
+
+@pytest.mark.slow
+def test_merged_checkpoint_equals_the_adapted_model_and_exports(setup: dict) -> None:
+    root, batch = setup["root"], setup["batch"]
+    merged = merge_adapters(root / "lora", root / "merged")
+    description = format.read_description(merged)
+    assert "lora_rank" not in description["config"]["training"] and "contents" not in description
+    plain = LlavaModel(setup["model"].config, ParallelState.single())
+    load_model_weights(plain, merged, ParallelState.single())
+    error = (_megamm_logits(plain, batch) - setup["logits"]).abs().max().item()
+    print(f"merged vs adapted megamm logits: max abs error {error:.2e}")
+    assert error < 1e-5, f"merged vs adapted megamm logits: max abs error {error}"
+    export_hf(merged, root / "merged-hf")
+    error = (_hf_logits(_hf_base(root / "merged-hf"), batch) - setup["logits"]).abs().max().item()
+    print(f"merged Hugging Face export vs megamm logits: max abs error {error:.2e}")
+    assert error < LOGIT_ATOL, f"merged Hugging Face export vs megamm logits: max abs error {error}"
+
+
+@pytest.mark.slow
+def test_peft_settings_megamm_cannot_represent_are_refused(setup: dict, tmp_path: Path) -> None:
+    peft_dir = setup["peft"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_model.safetensors").write_bytes((peft_dir / "adapter_model.safetensors").read_bytes())
+    peft_config = json.loads((peft_dir / ADAPTER_CONFIG).read_text())
+    (bad / ADAPTER_CONFIG).write_text(json.dumps({**peft_config, "use_rslora": True, "rank_pattern": {"q_proj": 8}}))
+    with pytest.raises(ConversionError, match="use_rslora = True.*\n.*rank_pattern"):
+        import_peft(bad, setup["base"], tmp_path / "out")
+    # One decoder layer only: megamm's targets adapt every layer alike.
+    only_layer_0 = {**peft_config, "target_modules": [
+        m for m in peft_config["target_modules"] if "language_model.layers.1." not in m]}
+    tensors = {k: v for k, v in load_file(peft_dir / "adapter_model.safetensors").items()
+               if "language_model.layers.1." not in k}
+    (bad / ADAPTER_CONFIG).write_text(json.dumps(only_layer_0))
+    save_file(tensors, bad / "adapter_model.safetensors")
+    with pytest.raises(ConversionError, match="every decoder layer alike"):
+        import_peft(bad, setup["base"], tmp_path / "out2")
+
+
+def _merge_tool():
+    spec = importlib.util.spec_from_file_location("merge_lora", Path(__file__).resolve().parents[2] / "tools"
+                                                  / "merge_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.slow
+def test_the_tool_merges_and_refuses_a_whole_model(setup: dict, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    main = _merge_tool()
+    assert main(["merge", "--load", str(setup["root"] / "lora"), "--save", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "latest").is_file()
+    assert main(["export-peft", "--load", str(setup["base"]), "--out", str(tmp_path / "peft")]) == 2
+    assert "not a LoRA run's checkpoint" in capsys.readouterr().err

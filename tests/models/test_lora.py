@@ -1,0 +1,91 @@
+"""Adapters by target name, and merging: the merged plain model computes what the adapted one does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megamm.config.resolved import resolve
+from megamm.config.run import RunConfig, TrainingConfig
+from megamm.models.llava import LlavaModel
+from megamm.models.lora import adapters, apply_lora, merge_lora, reset_magnitudes
+from megamm.parallel.state import ParallelState
+from tests.tiny import llava_config, make_batch
+
+
+def _model(targets: str, dora: bool = False, dropout: float = 0.0) -> LlavaModel:
+    run = RunConfig(model=llava_config(), training=TrainingConfig(
+        mock_data=True, seq_length=48, lora_rank=4, lora_alpha=8.0, lora_dropout=dropout,
+        lora_use_dora=dora, lora_target_modules=[targets]))
+    config = resolve(run, 1)
+    state = ParallelState.single()
+    state.seed(3)
+    model = LlavaModel(config.model, state)
+    apply_lora(model, config.lora)
+    model.initialize(3)
+    return model
+
+
+def test_targets_select_layers_and_fused_parts() -> None:
+    model = _model("k_proj,gate_proj,o_proj,projector")
+    found = {name: layer.adapter.targeted for name, layer in adapters([model])}
+    assert found == {
+        "projector.fc1": (0,), "projector.fc2": (0,),
+        **{f"language.decoder.layers.{i}.self_attention.qkv": (1,) for i in range(2)},
+        **{f"language.decoder.layers.{i}.self_attention.proj": (0,) for i in range(2)},
+        **{f"language.decoder.layers.{i}.mlp.fc1": (0,) for i in range(2)},
+    }
+    # select_layer -2: the tower's last layer never runs, so it gets no adapter.
+    assert not any(name.startswith("vision.encoder.layers.2.") for name, _ in adapters([_model("vision")]))
+    # Targeted parts (language, projector) train their adapters only; the untargeted vision tower
+    # follows its freeze flag (off): its used layers train.
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in trainable if ".adapter." in n or n.startswith("vision.")}
+    assert any(n.startswith("vision.") for n in trainable)
+    assert not any(n.startswith(("language.", "projector.")) and ".adapter." not in n for n in trainable)
+
+
+@torch.no_grad()
+def _outputs(model: LlavaModel) -> torch.Tensor:
+    batch = make_batch(model.config, [1, 2], 48)
+    return model(batch["input_ids"], batch["pixel_values"], batch["labels"], return_logits=True)["logits"]
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_model_equals_the_adapted_model(dora: bool) -> None:
+    model = _model("q_proj,v_proj,o_proj,up_proj,down_proj,projector,vision", dora=dora).eval()
+    base = _outputs(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_b"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    reset_magnitudes([model])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("magnitude"):
+                param.mul_(1.0 + 0.1 * torch.rand(param.shape, generator=generator))
+    adapted = _outputs(model)
+    assert (adapted - base).abs().max() > 1e-2, "the adapters must change the model for the test to mean something"
+    merged_layers = merge_lora([model])
+    assert len(merged_layers) == 2 * 4 + 2 + 2 * 4 and not list(adapters([model]))
+    assert not any(".adapter." in name for name, _ in model.named_parameters())
+    merged = _outputs(model)
+    assert (merged - adapted).abs().max() / adapted.abs().max() < 1e-5
+
+
+def test_fresh_adapters_and_dropout_leave_the_model_unchanged_in_eval() -> None:
+    """B starts at zero (PEFT's init) and DoRA's magnitude at the weight's row norms: a fresh adapter
+    changes nothing; dropout (training only) acts on the adapter's input, never the base's."""
+    plain = _model("projector")
+    plain.projector.fc1.adapter = plain.projector.fc2.adapter = None
+    reference = _outputs(plain.eval())
+    dora = _model("q_proj,v_proj,o_proj,up_proj,down_proj,projector", dora=True, dropout=0.5)
+    reset_magnitudes([dora])
+    assert torch.allclose(_outputs(dora.eval()), reference, atol=1e-6)
+    lora = _model("q_proj,v_proj,o_proj,up_proj,down_proj,projector", dropout=0.5)
+    lora.train()
+    batch = make_batch(lora.config, [1, 2], 48)
+    with torch.no_grad():
+        trained = lora(batch["input_ids"], batch["pixel_values"], batch["labels"], return_logits=True)["logits"]
+    assert torch.allclose(trained, reference, atol=1e-6)  # B = 0: the dropped input reaches nothing
