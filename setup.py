@@ -94,6 +94,8 @@ PARQUET = ["pyarrow>=14"]
 ENERGON = ["megatron-energon>=7,<8"]
 # Video files for the native-resolution family (frame lists need nothing extra).
 VIDEO = ["av>=12"]
+# Weights & Biases logging (--wandb-project).
+WANDB = ["wandb>=0.17"]
 
 setup(
     name="megamm",
@@ -111,11 +113,12 @@ setup(
     extras_require={
         "test": [
             "pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46,<6", "ruff>=0.6", "tensorboard>=2.14",
-            "import-linter>=2.1", *PARQUET, "datasets>=2.19", *ENERGON, *VIDEO,
+            "import-linter>=2.1", *PARQUET, "datasets>=2.19", *ENERGON, *VIDEO, *WANDB,
         ],
         "tensorboard": ["tensorboard>=2.14"],
         "parquet": PARQUET,
         "energon": ENERGON,
         "video": VIDEO,
+        "wandb": WANDB,
     },
 )

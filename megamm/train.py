@@ -41,6 +41,7 @@ from megamm.training.faults import install_from_environment
 from megamm.training.metrics import peak_memory_gib, peak_tflops, step_flops
 from megamm.training.preemption import EXIT_STOPPED, StopCheck, StopSignals
 from megamm.training.preflight import file_problems
+from megamm.training.scalar_writers import scalar_writers
 from megamm.training.step import Batch, Trainer, build_trainer, evaluate, train_step
 from megamm.training.stragglers import gather_step_times, spread_text
 from megamm.training.watchdog import Watchdog
@@ -103,16 +104,12 @@ class IntervalStats:
 
 
 class Reporter:
-    """Prints log lines on one rank (and TensorBoard scalars when asked)."""
+    """Prints log lines on one rank (and writes its scalars to TensorBoard / W&B when asked)."""
 
     def __init__(self, config: ResolvedConfig, state: ParallelState) -> None:
         self.enabled = state.tp_rank == 0 and state.dp_rank == 0 and state.is_last_stage
         self.interactive = self.enabled and sys.stdout.isatty()
-        self.writer = None
-        if self.enabled and config.training.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(config.training.tensorboard_dir)
+        self.writers = scalar_writers(config) if self.enabled else []
 
     def line(self, text: str) -> None:
         if self.enabled:
@@ -124,13 +121,12 @@ class Reporter:
             print(f"\r[{'#' * done}{'.' * (30 - done)}] {iteration}/{total} loss {loss:.4f}", end="", flush=True)
 
     def scalars(self, iteration: int, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, iteration)
+        for writer in self.writers:
+            writer.scalars(iteration, values)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for writer in self.writers:
+            writer.close()
 
 
 def _quiet(_: str) -> None:

@@ -117,6 +117,10 @@ class TrainingConfig:
     eval_iters: int = _opt(0, "global batches per evaluation (0 disables evaluation)")
     log_interval: int = _opt(10, "print a log line every this many steps")
     tensorboard_dir: str | None = _opt(None, "write TensorBoard scalars here")
+    wandb_project: str | None = _opt(None, "log the scalars and the run config to this Weights & Biases project")
+    wandb_exp_name: str | None = _opt(None, "the Weights & Biases run name (needed with --wandb-project)")
+    wandb_save_dir: str | None = _opt(None, "where the Weights & Biases run directory goes",
+                                      default_help="--save/wandb")
     peak_tflops: float | None = _opt(None, "device peak TFLOP/s for MFU", default_help="known GPUs, none on CPU")
     straggler_threshold: float = _opt(
         1.2, "show the spread of step times across ranks in the log line when slowest / fastest exceeds this"
@@ -131,6 +135,14 @@ class TrainingConfig:
     def lr_decay_length(self) -> int:
         """Steps from the start to the end of the learning-rate decay."""
         return self.lr_decay_iters if self.lr_decay_iters is not None else self.train_iters
+
+    @property
+    def wandb_dir(self) -> str | None:
+        """Where the Weights & Biases run directory goes: --wandb-save-dir, else <--save>/wandb (as
+        Megatron); None without --wandb-project."""
+        if not self.wandb_project:
+            return None
+        return self.wandb_save_dir or (str(Path(self.save) / "wandb") if self.save else None)
 
     @property
     def precision(self) -> str:
@@ -197,6 +209,7 @@ class RunConfig:
             lambda: _trainable_problems(self),
             lambda: ["--tensorboard-dir needs the tensorboard package (pip install tensorboard)"]
             if t.tensorboard_dir and importlib.util.find_spec("tensorboard") is None else [],
+            lambda: wandb_problems(t),
         )
 
 
@@ -265,6 +278,22 @@ def data_problems(t: TrainingConfig) -> list[str]:
         lambda: _at_least(t, "num_workers", 0),
         lambda: [f"--max-bad-sample-fraction must be in [0, 1], got {t.max_bad_sample_fraction}"]
         if not 0.0 <= t.max_bad_sample_fraction <= 1.0 else [],
+    )
+
+
+def wandb_problems(t: TrainingConfig) -> list[str]:
+    """The Weights & Biases flags, decided as Megatron does: a project needs a run name (Megatron
+    raises without one) and the run directory defaults to <--save>/wandb; the name and directory
+    flags mean nothing without a project, so they are refused rather than ignored."""
+    if not t.wandb_project:
+        return [f"{flag} needs --wandb-project" for flag, value in (
+            ("--wandb-exp-name", t.wandb_exp_name), ("--wandb-save-dir", t.wandb_save_dir)) if value]
+    return gather(
+        lambda: ["--wandb-project needs --wandb-exp-name (the run's name)"] if not t.wandb_exp_name else [],
+        lambda: ["--wandb-project needs --wandb-save-dir or --save (the run directory defaults to <--save>/wandb)"]
+        if not t.wandb_save_dir and not t.save else [],
+        lambda: ["--wandb-project needs the wandb package (pip install wandb, or megamm[wandb])"]
+        if importlib.util.find_spec("wandb") is None else [],
     )
 
 
