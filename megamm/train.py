@@ -31,6 +31,7 @@ from megamm.config import ConfigError
 from megamm.config.parsing import read_run_config
 from megamm.config.resolved import ResolvedConfig, resolve
 from megamm.config.run import TrainingConfig
+from megamm.data.balance import BatchPlan, interval_imbalance
 from megamm.data.loader import ResumePoint
 from megamm.parallel.phase import RECORD
 from megamm.parallel.state import ParallelState, initialize_parallel_state
@@ -101,6 +102,7 @@ class IntervalStats:
     images: int = 0
     rows: int = 0
     grad_norms: list[float] = field(default_factory=list)
+    plans: list[BatchPlan] = field(default_factory=list)  # --balance-vision-work assignments
 
 
 class Reporter:
@@ -181,9 +183,28 @@ def _log(reporter: Reporter, trainer: Trainer, iteration: int, consumed: int, st
         f"lm loss: {loss:.6E} | grad norm: {norm:.3f} | skipped iterations: {skipped} | "
         f"tokens/s: {tokens_per_second:.0f} | TFLOP/s/device: {tflops:.3f} | MFU: {mfu} | "
         f"peak memory (GiB): {peak_memory_gib(state.device):.2f}" + (f" | {spread}" if spread else "")
+        + _balance_text(stats.plans)
     )
     reporter.scalars(iteration, {"lm-loss": loss, "learning-rate": lr, "grad-norm": norm,
-                                 "tokens-per-second": tokens_per_second, "tflops-per-device": tflops})
+                                 "tokens-per-second": tokens_per_second, "tflops-per-device": tflops,
+                                 **_balance_scalars(stats.plans)})
+
+
+def _balance_text(plans: list[BatchPlan]) -> str:
+    """The log line's --balance-vision-work part: max / mean over dp ranks, and the contiguous split's."""
+    if not plans:
+        return ""
+    balanced, contiguous = interval_imbalance(plans)
+    return (f" | dp max/mean vision tokens: {balanced.vision:.3f} (contiguous {contiguous.vision:.3f}), "
+            f"text tokens: {balanced.text:.3f} (contiguous {contiguous.text:.3f})")
+
+
+def _balance_scalars(plans: list[BatchPlan]) -> dict[str, float]:
+    if not plans:
+        return {}
+    balanced, contiguous = interval_imbalance(plans)
+    return {"vision-imbalance": balanced.vision, "text-imbalance": balanced.text,
+            "contiguous-vision-imbalance": contiguous.vision, "contiguous-text-imbalance": contiguous.text}
 
 
 def run(config: ResolvedConfig) -> dict[str, float]:
@@ -269,6 +290,7 @@ def _train(config: ResolvedConfig, state: ParallelState, stop: StopCheck) -> dic
         busy = RECORD.busy_seconds()
         RECORD.begin(f"iteration {iteration + 1}", iteration + 1, "data loading")
         microbatches = data.microbatches(iteration)
+        plan = data.plan()
         tick = time.perf_counter()
         result = train_step(trainer, microbatches, iteration)
         # Enqueued before the synchronization below, so reading it after costs no extra host sync.
@@ -283,6 +305,8 @@ def _train(config: ResolvedConfig, state: ParallelState, stop: StopCheck) -> dic
         stats.images += _images(microbatches)
         stats.rows += rows_in(microbatches)
         stats.grad_norms.append(result.grad_norm)
+        if plan is not None:
+            stats.plans.append(plan)
         if result.applied:
             skipped_in_a_row = 0
             stats.loss_sum += result.loss

@@ -94,6 +94,10 @@ class TrainingConfig:
     )
     max_image_tiles: int = _opt(1, "dynamic tiling: most tiles per image, plus a thumbnail (1: no tiling)")
     pack_sequences: bool = _opt(False, "pack several samples per row with per-sample attention and positions")
+    balance_vision_work: bool = _opt(
+        False, "assign each global batch's samples to data-parallel ranks and microbatches by estimated "
+        "vision + text FLOPs (longest first), instead of contiguous slices"
+    )
     num_workers: int = _opt(2, "data loader worker processes per rank (0: read in the training process)")
     max_bad_sample_fraction: float = _opt(0.5, "stop when more than this fraction of the samples read are bad")
     # Checkpoints.
@@ -274,6 +278,8 @@ def data_problems(t: TrainingConfig) -> list[str]:
         lambda: ["--eval-iters with --data-path needs --valid-data-path"]
         if t.data_path and t.eval_iters and not t.valid_data_path else [],
         lambda: ["--pack-sequences needs --data-path"] if t.pack_sequences and not t.data_path else [],
+        lambda: ["--balance-vision-work needs --data-path (it weighs the samples of dataset files)"]
+        if t.balance_vision_work and not t.data_path else [],
         lambda: _at_least(t, "max_image_tiles", 1),
         lambda: _at_least(t, "num_workers", 0),
         lambda: [f"--max-bad-sample-fraction must be in [0, 1], got {t.max_bad_sample_fraction}"]

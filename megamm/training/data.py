@@ -1,6 +1,6 @@
 """What a training run reads: this rank's microbatches of each iteration, and the validation batches.
 
-Two kinds, one interface (`microbatches(iteration)`, `eval_batches()`, `counts()`):
+Two kinds, one interface (`microbatches(iteration)`, `eval_batches()`, `counts()`, `plan()`):
 - `SyntheticData` (--mock-data): the deterministic synthetic multimodal set, indexed by position.
 - `FileData` (--data-path): dataset files through the sample builder and the worker loader
   (`megamm.data.loader`), padded or packed into microbatches.
@@ -13,9 +13,11 @@ independently; the loader is deterministic, so they agree without a broadcast.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from megamm.config.resolved import ResolvedConfig
+from megamm.data.balance import Balancer, BatchPlan
 from megamm.data.batching import Batch, packed_microbatches, padded_microbatches
 from megamm.data.datasets import build_source
 from megamm.data.images import image_normalization
@@ -24,6 +26,7 @@ from megamm.data.samples import ImageSettings, Sample, SampleBuilder
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
 from megamm.data.tokenizer import check_tokenizer, load_tokenizer
 from megamm.parallel.state import ParallelState
+from megamm.training.metrics import sample_flops
 
 # Held-out synthetic samples come from another seed stream.
 EVAL_SEED_OFFSET = 7919
@@ -72,6 +75,9 @@ class SyntheticData:
     def counts(self) -> dict[str, int]:
         return {}
 
+    def plan(self) -> None:
+        """Synthetic batches are never rebalanced (--balance-vision-work needs --data-path)."""
+
     def describe(self) -> str:
         return "synthetic multimodal data (--mock-data)"
 
@@ -80,6 +86,17 @@ def _image_settings(config: ResolvedConfig) -> ImageSettings:
     t, vision = config.training, config.model.vision
     normalization = image_normalization(vision, t.image_normalization)
     return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles)
+
+
+def _balancer(config: ResolvedConfig) -> Balancer | None:
+    """--balance-vision-work: each sample weighed by its training FLOPs (tiles as tower sequences;
+    the language model's row is the full --seq-length unless rows are packed)."""
+    t = config.training
+    if not t.balance_vision_work:
+        return None
+    padded_length = None if t.pack_sequences else t.seq_length
+    return Balancer(t.micro_batch_size, config.model.vision.seq_length,
+                    functools.partial(sample_flops, config.model, padded_length=padded_length))
 
 
 def build_sample_builder(config: ResolvedConfig) -> SampleBuilder:
@@ -114,17 +131,18 @@ class FileData:
         total = t.train_iters * t.global_batch_size
         source, self.parts = build_source(t.data_path, t.image_folder, t.seed, total)
         self.train = PositionDataset(source, self.builder, t.seed)
-        self.loader = self._loader(self.train, resume, t.train_iters) if self.keys else None
+        self.loader = self._loader(self.train, resume, t.train_iters, _balancer(config)) if self.keys else None
         self.valid = None
         if t.valid_data_path:
             valid_source, _ = build_source(t.valid_data_path, t.image_folder, t.seed, t.eval_iters * t.global_batch_size)
             self.valid = PositionDataset(valid_source, self.builder, t.seed)
 
-    def _loader(self, dataset: PositionDataset, start: ResumePoint, stop: int) -> RankLoader:
+    def _loader(self, dataset: PositionDataset, start: ResumePoint, stop: int,
+                balancer: Balancer | None = None) -> RankLoader:
         t, state = self.config.training, self.state
         return RankLoader(
             dataset, t.global_batch_size, state.dp_rank, state.dp_size, start, stop, t.num_workers,
-            t.max_bad_sample_fraction, log=self.log,
+            t.max_bad_sample_fraction, log=self.log, balancer=balancer,
         )
 
     def _to_microbatches(self, samples: list[Sample]) -> list[Batch]:
@@ -147,6 +165,10 @@ class FileData:
         if iteration != self.loader.iteration:
             raise RuntimeError(f"the loader is at iteration {self.loader.iteration}, not {iteration}")
         return self._to_microbatches(next(self.loader))
+
+    def plan(self) -> BatchPlan | None:
+        """The --balance-vision-work assignment of the iteration `microbatches` returned last."""
+        return self.loader.plan if self.loader is not None else None
 
     def eval_batches(self) -> list[list[Batch]]:
         iters = self.config.training.eval_iters

@@ -47,3 +47,8 @@ def test_a_missing_wandb_package_names_the_flag(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     assert _problems("--wandb-project", "p", "--wandb-exp-name", "a", "--save", str(tmp_path)) == [
         "--wandb-project needs the wandb package (pip install wandb, or megamm[wandb])"]
+
+
+def test_balancing_vision_work_needs_dataset_files() -> None:
+    assert _problems("--balance-vision-work") == [
+        "--balance-vision-work needs --data-path (it weighs the samples of dataset files)"]
