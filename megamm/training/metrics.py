@@ -95,7 +95,9 @@ def sample_flops(config: LlavaConfig, cost: SampleCost, padded_length: int | Non
     vision, language = config.vision, config.language
     vt, lt = vision.transformer, language.transformer
     patch = 2 * vision.num_channels * vision.patch_size**2 * vt.hidden_size
-    vision_forward = sum(n * (vision.num_layers_used * layer_flops_per_token(vt, n) + patch) for n in cost.vision)
+    extra = vision.seq_length - vision.num_patches  # a class token is no patch
+    vision_forward = sum(n * vision.num_layers_used * layer_flops_per_token(vt, n) + (n - extra) * patch
+                         for n in cost.vision)
     tokens = padded_length if padded_length is not None else cost.text
     language_forward = tokens * (lt.num_layers * layer_flops_per_token(lt, tokens) + 2 * lt.hidden_size * language.vocab_size)
     projector_or_vision_trains = not (config.freeze_projector and config.freeze_vision)
