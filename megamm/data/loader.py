@@ -10,6 +10,11 @@ the uninterrupted run would have, also when it resumes with another global batch
 rank reads at any step is a pure function of (seed, consumed samples, rank), nothing is carried
 from step to step. Within an epoch no record is read twice across all ranks.
 
+Balanced split. With a `Balancer` (--balance-vision-work, megamm.data.balance) the positions
+[c, c + G) of a global batch are spread over ranks and microbatches by their probed cost instead of
+in contiguous slices; the plan is again a pure function of the positions, so the properties above
+hold unchanged.
+
 Bad samples. A position whose record is bad (`BadSample`) is filled by a replacement drawn from a
 generator seeded by (seed, position, attempt), again a pure function of the position, so every pipeline
 stage and tensor-parallel rank that reads a position picks the same replacement, and a resumed run

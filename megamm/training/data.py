@@ -88,7 +88,7 @@ def _image_settings(config: ResolvedConfig) -> ImageSettings:
     return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles)
 
 
-def _balancer(config: ResolvedConfig) -> Balancer | None:
+def vision_work_balancer(config: ResolvedConfig) -> Balancer | None:
     """--balance-vision-work: each sample weighed by its training FLOPs (tiles as tower sequences;
     the language model's row is the full --seq-length unless rows are packed)."""
     t = config.training
@@ -131,7 +131,7 @@ class FileData:
         total = t.train_iters * t.global_batch_size
         source, self.parts = build_source(t.data_path, t.image_folder, t.seed, total)
         self.train = PositionDataset(source, self.builder, t.seed)
-        self.loader = self._loader(self.train, resume, t.train_iters, _balancer(config)) if self.keys else None
+        self.loader = self._loader(self.train, resume, t.train_iters, vision_work_balancer(config)) if self.keys else None
         self.valid = None
         if t.valid_data_path:
             valid_source, _ = build_source(t.valid_data_path, t.image_folder, t.seed, t.eval_iters * t.global_batch_size)

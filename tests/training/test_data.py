@@ -91,7 +91,7 @@ def test_balanced_vision_work_trains_like_the_contiguous_split(tmp_path: Path) -
     from megamm.data.datasets import build_source
     from megamm.data.loader import PositionDataset, rank_positions
     from megamm.train import read_config
-    from megamm.training.data import _balancer, build_sample_builder
+    from megamm.training.data import build_sample_builder, vision_work_balancer
 
     files = write_dataset(tmp_path, rows=24)
     common = ("--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "1", "--num-workers", "0",
@@ -101,7 +101,7 @@ def test_balanced_vision_work_trains_like_the_contiguous_split(tmp_path: Path) -
     t = config.training
     source, _ = build_source(t.data_path, t.image_folder, t.seed, 8)
     dataset = PositionDataset(source, build_sample_builder(config), t.seed)
-    assert rank_positions(0, 8, 0, 2, balance=(_balancer(config), dataset.probe)) != rank_positions(0, 8, 0, 2)
+    assert rank_positions(0, 8, 0, 2, balance=(vision_work_balancer(config), dataset.probe)) != rank_positions(0, 8, 0, 2)
     plain = run_distributed(_run, 2, _argv(files, *common), 2)[0]
     balanced = run_distributed(_run, 2, balanced_argv, 2)[0]
     assert abs(balanced["first_loss"] - plain["first_loss"]) <= 1e-5 * abs(plain["first_loss"])
