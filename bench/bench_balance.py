@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megamm.data.balance import Imbalance, contiguous_split
+from megamm.data.balance import Imbalance, contiguous_split, tiled_cost
 from megamm.data.batching import padded_batch
 from megamm.data.datasets import build_source, open_source
 from megamm.data.loader import PositionDataset
@@ -133,8 +133,9 @@ def _rank_seconds(model: LlavaModel, samples: list[Sample], pad_id: int, image_s
     return seconds
 
 
-def critical_paths(flags: list[str], steps: int, global_batch: int) -> dict[str, list[tuple[float, Imbalance]]]:
-    """Per split: (max over the 2 ranks of their compute seconds, the imbalance) for each global batch."""
+def critical_paths(flags: list[str], steps: int, global_batch: int) -> dict[str, list[tuple[float, float, Imbalance]]]:
+    """Per split, for each global batch: (max over the 2 ranks of their compute seconds, max over
+    the ranks of their FLOPs as --balance-vision-work weighs them, the imbalance)."""
     torch.set_num_threads(1)
     config = read_config([*flags, "--balance-vision-work", "--train-iters", str(steps)], 1)
     t = config.training
@@ -147,7 +148,7 @@ def critical_paths(flags: list[str], steps: int, global_batch: int) -> dict[str,
     dataset = PositionDataset(source, builder, t.seed)
     vision = config.model.vision
     image_shape = (vision.num_channels, vision.image_size, vision.image_size)
-    paths: dict[str, list[tuple[float, Imbalance]]] = {"contiguous": [], "balanced": []}
+    paths: dict[str, list[tuple[float, float, Imbalance]]] = {"contiguous": [], "balanced": []}
     for step in range(steps + 1):  # the first batch warms up
         first = step * global_batch
         plan = balancer.plan(first, global_batch, 2, dataset.probe)
@@ -157,8 +158,10 @@ def critical_paths(flags: list[str], steps: int, global_batch: int) -> dict[str,
         for name, positions, imbalance in splits[:: 1 if step % 2 else -1]:
             ranks = [[dataset[p].sample for mb in rank for p in mb] for rank in positions]
             seconds = max(_rank_seconds(model, samples, builder.tokenizer.pad_id, image_shape) for samples in ranks)
+            flops = max(sum(balancer.weigh(tiled_cost(dataset.probe(p), balancer.tower_tokens)) for mb in rank for p in mb)
+                        for rank in positions)
             if step:
-                paths[name].append((seconds, imbalance))
+                paths[name].append((seconds, flops, imbalance))
     return paths
 
 
@@ -195,16 +198,18 @@ def main(argv: list[str] | None = None) -> int:
         probe, build = probe_cost(*files, args.samples)
     print(f"dp=2, global batch {args.global_batch} (microbatches of 1), seq {SEQ}, max {MAX_TILES} tiles of {TILE} px")
     print(f"critical path over {args.steps} global batches (one process, one thread; median):")
-    print(f"{'split':>12} {'max-rank ms':>12} {'vision max/mean':>16} {'text max/mean':>14}")
-    medians = {}
+    print(f"{'split':>12} {'max-rank ms':>12} {'max-rank GFLOP':>15} {'vision max/mean':>16} {'text max/mean':>14}")
     for name, rows in paths.items():
-        medians[name] = statistics.median(seconds for seconds, _ in rows)
-        vision = statistics.median(i.vision for _, i in rows)
-        text = statistics.median(i.text for _, i in rows)
-        print(f"{name:>12} {1e3 * medians[name]:>12.1f} {vision:>16.3f} {text:>14.3f}")
-    total = {name: sum(seconds for seconds, _ in rows) for name, rows in paths.items()}
-    print(f"balanced / contiguous: {medians['balanced'] / medians['contiguous']:.3f} (median), "
-          f"{total['balanced'] / total['contiguous']:.3f} (total)")
+        seconds = statistics.median(r[0] for r in rows)
+        flops = statistics.median(r[1] for r in rows)
+        vision = statistics.median(r[2].vision for r in rows)
+        text = statistics.median(r[2].text for r in rows)
+        print(f"{name:>12} {1e3 * seconds:>12.1f} {flops / 1e9:>15.2f} {vision:>16.3f} {text:>14.3f}")
+    pairs = list(zip(paths["balanced"], paths["contiguous"]))
+    total = [sum(r[k] for r in rows) for rows in (paths["balanced"], paths["contiguous"]) for k in (0, 1)]
+    print(f"balanced / contiguous, max-rank time: median of per-batch ratios "
+          f"{statistics.median(b[0] / c[0] for b, c in pairs):.3f}, total {total[0] / total[2]:.3f}; "
+          f"max-rank FLOPs: total {total[1] / total[3]:.3f}")
     if runs[False]:
         def after_warmup(pattern: re.Pattern, logs: list[str]) -> list[tuple[float, ...]]:
             return [tuple(map(float, m.groups())) for log in logs for m in list(pattern.finditer(log))[1:]]
