@@ -12,10 +12,12 @@ from PIL import Image
 
 from megamm.data.balance import (
     Balancer,
+    BatchPlan,
     Imbalance,
     SampleCost,
     balanced_split,
     contiguous_split,
+    interval_imbalance,
     longest_first,
     tiled_cost,
 )
@@ -84,6 +86,9 @@ def test_imbalance_is_max_over_mean_per_rank() -> None:
     costs = [SampleCost((17,) * 3, 10), SampleCost((), 30), SampleCost((17,), 20), SampleCost((), 20)]
     assert Imbalance.of(costs, [[[0, 1]], [[2, 3]]]) == Imbalance(3 * 17 / (2 * 17), 1.0)
     assert Imbalance.of([SampleCost((), 0)] * 2, [[[0]], [[1]]]) == Imbalance(1.0, 1.0)
+    # The log line's figures: means over the interval's steps, of the balanced and the contiguous split.
+    plans = [BatchPlan([], Imbalance(1.2, 1.0), Imbalance(2.0, 1.5)), BatchPlan([], Imbalance(1.0, 1.1), Imbalance(1.0, 1.0))]
+    assert interval_imbalance(plans) == (Imbalance(1.1, 1.05), Imbalance(1.5, 1.25))
 
 
 # (size, tiles with a thumbnail): 1x1; 2x1 + thumbnail; 1x3 + thumbnail; 5x1 + thumbnail; 1x2 + thumbnail.
