@@ -96,6 +96,8 @@ ENERGON = ["megatron-energon>=7,<8"]
 VIDEO = ["av>=12"]
 # Hugging Face PEFT: exchanging LoRA adapters (megamm.convert.peft); transformers comes with the test extra.
 PEFT = ["peft>=0.13"]
+# Weights & Biases logging (--wandb-project).
+WANDB = ["wandb>=0.17"]
 
 setup(
     name="megamm",
@@ -113,12 +115,13 @@ setup(
     extras_require={
         "test": [
             "pytest>=8", "pytest-timeout>=2.3", "transformers>=4.46,<6", "ruff>=0.6", "tensorboard>=2.14",
-            "import-linter>=2.1", *PARQUET, "datasets>=2.19", *ENERGON, *VIDEO, *PEFT,
+            "import-linter>=2.1", *PARQUET, "datasets>=2.19", *ENERGON, *VIDEO, *PEFT, *WANDB,
         ],
         "tensorboard": ["tensorboard>=2.14"],
         "parquet": PARQUET,
         "energon": ENERGON,
         "video": VIDEO,
         "peft": PEFT,
+        "wandb": WANDB,
     },
 )

@@ -32,6 +32,7 @@ from megamm.config import ConfigError
 from megamm.config.parsing import read_run_config
 from megamm.config.resolved import ResolvedConfig, resolve
 from megamm.config.run import TrainingConfig
+from megamm.data.balance import BatchPlan, interval_imbalance
 from megamm.data.loader import ResumePoint
 from megamm.models.lora import reset_magnitudes
 from megamm.parallel.phase import RECORD
@@ -43,6 +44,7 @@ from megamm.training.faults import install_from_environment
 from megamm.training.metrics import peak_memory_gib, peak_tflops, step_flops
 from megamm.training.preemption import EXIT_STOPPED, StopCheck, StopSignals
 from megamm.training.preflight import file_problems
+from megamm.training.scalar_writers import scalar_writers
 from megamm.training.step import Trainer, build_trainer, evaluate, train_step
 from megamm.training.stragglers import gather_step_times, spread_text
 from megamm.training.watchdog import Watchdog
@@ -102,19 +104,16 @@ class IntervalStats:
     flops: float = 0.0  # model FLOPs of this rank's share of the steps (its rows, images and videos)
     rows: int = 0
     grad_norms: list[float] = field(default_factory=list)
+    plans: list[BatchPlan] = field(default_factory=list)  # --balance-vision-work assignments
 
 
 class Reporter:
-    """Prints log lines on one rank (and TensorBoard scalars when asked)."""
+    """Prints log lines on one rank (and writes its scalars to TensorBoard / W&B when asked)."""
 
     def __init__(self, config: ResolvedConfig, state: ParallelState) -> None:
         self.enabled = state.tp_rank == 0 and state.cp_rank == 0 and state.dp_rank == 0 and state.is_last_stage
         self.interactive = self.enabled and sys.stdout.isatty()
-        self.writer = None
-        if self.enabled and config.training.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(config.training.tensorboard_dir)
+        self.writers = scalar_writers(config) if self.enabled else []
 
     def line(self, text: str) -> None:
         if self.enabled:
@@ -126,13 +125,12 @@ class Reporter:
             print(f"\r[{'#' * done}{'.' * (30 - done)}] {iteration}/{total} loss {loss:.4f}", end="", flush=True)
 
     def scalars(self, iteration: int, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, iteration)
+        for writer in self.writers:
+            writer.scalars(iteration, values)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for writer in self.writers:
+            writer.close()
 
 
 def _quiet(_: str) -> None:
@@ -182,9 +180,28 @@ def _log(reporter: Reporter, trainer: Trainer, iteration: int, consumed: int, st
         f"lm loss: {loss:.6E} | grad norm: {norm:.3f} | skipped iterations: {skipped} | "
         f"tokens/s: {tokens_per_second:.0f} | TFLOP/s/device: {tflops:.3f} | MFU: {mfu} | "
         f"peak memory (GiB): {peak_memory_gib(state.device):.2f}" + (f" | {spread}" if spread else "")
+        + _balance_text(stats.plans)
     )
     reporter.scalars(iteration, {"lm-loss": loss, "learning-rate": lr, "grad-norm": norm,
-                                 "tokens-per-second": tokens_per_second, "tflops-per-device": tflops})
+                                 "tokens-per-second": tokens_per_second, "tflops-per-device": tflops,
+                                 **_balance_scalars(stats.plans)})
+
+
+def _balance_text(plans: list[BatchPlan]) -> str:
+    """The log line's --balance-vision-work part: max / mean over dp ranks, and the contiguous split's."""
+    if not plans:
+        return ""
+    balanced, contiguous = interval_imbalance(plans)
+    return (f" | dp max/mean vision tokens: {balanced.vision:.3f} (contiguous {contiguous.vision:.3f}), "
+            f"text tokens: {balanced.text:.3f} (contiguous {contiguous.text:.3f})")
+
+
+def _balance_scalars(plans: list[BatchPlan]) -> dict[str, float]:
+    if not plans:
+        return {}
+    balanced, contiguous = interval_imbalance(plans)
+    return {"vision-imbalance": balanced.vision, "text-imbalance": balanced.text,
+            "contiguous-vision-imbalance": contiguous.vision, "contiguous-text-imbalance": contiguous.text}
 
 
 def run(config: ResolvedConfig) -> dict[str, float]:
@@ -278,6 +295,7 @@ def _train(config: ResolvedConfig, state: ParallelState, stop: StopCheck) -> dic
         busy = RECORD.busy_seconds()
         RECORD.begin(f"iteration {iteration + 1}", iteration + 1, "data loading")
         microbatches = data.microbatches(iteration)
+        plan = data.plan()
         tick = time.perf_counter()
         result = train_step(trainer, microbatches, iteration)
         # Enqueued before the synchronization below, so reading it after costs no extra host sync.
@@ -293,6 +311,8 @@ def _train(config: ResolvedConfig, state: ParallelState, stop: StopCheck) -> dic
                                   vision_inputs(microbatches, config.model))
         stats.rows += rows_in(microbatches)
         stats.grad_norms.append(result.grad_norm)
+        if plan is not None:
+            stats.plans.append(plan)
         if result.applied:
             skipped_in_a_row = 0
             stats.loss_sum += result.loss

@@ -139,6 +139,10 @@ class TrainingConfig:
     video_max_frames: int | None = _opt(None, "native-resolution tower: most frames sampled from a video",
                                         default_help=str(VIDEO_MAX_FRAMES))
     pack_sequences: bool = _opt(False, "pack several samples per row with per-sample attention and positions")
+    balance_vision_work: bool = _opt(
+        False, "assign each global batch's samples to data-parallel ranks and microbatches by estimated "
+        "vision + text FLOPs (longest first), instead of contiguous slices"
+    )
     num_workers: int = _opt(2, "data loader worker processes per rank (0: read in the training process)")
     max_bad_sample_fraction: float = _opt(0.5, "stop when more than this fraction of the samples read are bad")
     # Checkpoints.
@@ -162,6 +166,10 @@ class TrainingConfig:
     eval_iters: int = _opt(0, "global batches per evaluation (0 disables evaluation)")
     log_interval: int = _opt(10, "print a log line every this many steps")
     tensorboard_dir: str | None = _opt(None, "write TensorBoard scalars here")
+    wandb_project: str | None = _opt(None, "log the scalars and the run config to this Weights & Biases project")
+    wandb_exp_name: str | None = _opt(None, "the Weights & Biases run name (needed with --wandb-project)")
+    wandb_save_dir: str | None = _opt(None, "where the Weights & Biases run directory goes",
+                                      default_help="--save/wandb")
     peak_tflops: float | None = _opt(None, "device peak TFLOP/s for MFU", default_help="known GPUs, none on CPU")
     straggler_threshold: float = _opt(
         1.2, "show the spread of step times across ranks in the log line when slowest / fastest exceeds this"
@@ -185,6 +193,12 @@ class TrainingConfig:
         alpha = float(self.lora_rank) if self.lora_alpha is None else self.lora_alpha
         return LoraConfig(self.lora_rank, alpha, self.lora_dropout, split_targets(self.lora_target_modules),
                           self.lora_use_dora)
+    def wandb_dir(self) -> str | None:
+        """Where the Weights & Biases run directory goes: --wandb-save-dir, else <--save>/wandb (as
+        Megatron); None without --wandb-project."""
+        if not self.wandb_project:
+            return None
+        return self.wandb_save_dir or (str(Path(self.save) / "wandb") if self.save else None)
 
     @property
     def precision(self) -> str:
@@ -272,6 +286,7 @@ class RunConfig:
             lambda: lora_problems(self),
             lambda: ["--tensorboard-dir needs the tensorboard package (pip install tensorboard)"]
             if t.tensorboard_dir and importlib.util.find_spec("tensorboard") is None else [],
+            lambda: wandb_problems(t),
         )
 
 
@@ -367,6 +382,8 @@ def data_problems(t: TrainingConfig) -> list[str]:
         lambda: ["--eval-iters with --data-path needs --valid-data-path"]
         if t.data_path and t.eval_iters and not t.valid_data_path else [],
         lambda: ["--pack-sequences needs --data-path"] if t.pack_sequences and not t.data_path else [],
+        lambda: ["--balance-vision-work needs --data-path (it weighs the samples of dataset files)"]
+        if t.balance_vision_work and not t.data_path else [],
         lambda: _at_least(t, "max_image_tiles", 1),
         lambda: _at_least(t, "num_workers", 0),
         lambda: [f"--max-bad-sample-fraction must be in [0, 1], got {t.max_bad_sample_fraction}"]
@@ -414,7 +431,26 @@ def native_data_problems(run: RunConfig) -> list[str]:
     if t.image_normalization is not None:
         found.append(f"--image-normalization {t.image_normalization}: a native-resolution vision tower "
                      "normalizes with its own (CLIP) statistics")
+    if t.balance_vision_work:
+        found.append("--balance-vision-work: the sample probe that weighs samples before they are built "
+                     "reads tiled images only; a native-resolution vision tower cannot be balanced yet")
     return found
+
+
+def wandb_problems(t: TrainingConfig) -> list[str]:
+    """The Weights & Biases flags, decided as Megatron does: a project needs a run name (Megatron
+    raises without one) and the run directory defaults to <--save>/wandb; the name and directory
+    flags mean nothing without a project, so they are refused rather than ignored."""
+    if not t.wandb_project:
+        return [f"{flag} needs --wandb-project" for flag, value in (
+            ("--wandb-exp-name", t.wandb_exp_name), ("--wandb-save-dir", t.wandb_save_dir)) if value]
+    return gather(
+        lambda: ["--wandb-project needs --wandb-exp-name (the run's name)"] if not t.wandb_exp_name else [],
+        lambda: ["--wandb-project needs --wandb-save-dir or --save (the run directory defaults to <--save>/wandb)"]
+        if not t.wandb_save_dir and not t.save else [],
+        lambda: ["--wandb-project needs the wandb package (pip install wandb, or megamm[wandb])"]
+        if importlib.util.find_spec("wandb") is None else [],
+    )
 
 
 def training_model_config(config: RunConfig) -> LlavaConfig:

@@ -209,6 +209,20 @@ def _decode(
         raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
 
 
+def image_size(source: str | os.PathLike[str] | bytes, name: str) -> tuple[int, int]:
+    """(width, height) of an image file path (already resolved, as `SampleBuilder` passes it) or of
+    encoded bytes, from the header only: no pixel data is decoded (the cheap probe the vision-work
+    balancing uses, megamm.data.balance). ImageError naming `name` when the header is unreadable."""
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(stream) as img:
+                return img.size
+    except _DECODE_ERRORS as e:
+        raise ImageError(f"cannot read the header of image {name}: {type(e).__name__}: {e}") from e
+
+
 def expand_to_square(img: Image.Image, fill: RGB) -> Image.Image:
     """Pad `img` (RGB) to a max(w, h) square of color `fill`, the image centered (LLaVA's `expand2square`).
 
@@ -339,6 +353,13 @@ def choose_grid(
     return best
 
 
+def tile_count(grid: tuple[int, int], thumbnail: bool) -> int:
+    """Vision-tower inputs of an image cut into `grid` (cols, rows): the tiles, plus the thumbnail
+    when asked for and there is more than one tile."""
+    tiles = grid[0] * grid[1]
+    return tiles + 1 if thumbnail and tiles > 1 else tiles
+
+
 def _cut_tiles(img: Image.Image, grid: tuple[int, int], tile_size: int, thumbnail: bool) -> list[Image.Image]:
     cols, rows = grid
     resized = img.resize((cols * tile_size, rows * tile_size), Image.Resampling.BICUBIC)
@@ -347,7 +368,7 @@ def _cut_tiles(img: Image.Image, grid: tuple[int, int], tile_size: int, thumbnai
         for r in range(rows)
         for c in range(cols)
     ]
-    if thumbnail and len(tiles) > 1:
+    if tile_count(grid, thumbnail) > len(tiles):
         tiles.append(img.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
     return tiles
 

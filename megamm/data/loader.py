@@ -10,6 +10,11 @@ the uninterrupted run would have, also when it resumes with another global batch
 rank reads at any step is a pure function of (seed, consumed samples, rank), nothing is carried
 from step to step. Within an epoch no record is read twice across all ranks.
 
+Balanced split. With a `Balancer` (--balance-vision-work, megamm.data.balance) the positions
+[c, c + G) of a global batch are spread over ranks and microbatches by their probed cost instead of
+in contiguous slices; the plan is again a pure function of the positions, so the properties above
+hold unchanged.
+
 Bad samples. A position whose record is bad (`BadSample`) is filled by a replacement drawn from a
 generator seeded by (seed, position, attempt), again a pure function of the position, so every pipeline
 stage and tensor-parallel rank that reads a position picks the same replacement, and a resumed run
@@ -27,14 +32,16 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from megamm.data.balance import Balancer, BatchPlan
 from megamm.data.native_samples import NativeSampleBuilder
-from megamm.data.samples import Sample, SampleBuilder
-from megamm.data.sources import BadSample, RecordSource
+from megamm.data.samples import Sample, SampleBuilder, SampleLayout
+from megamm.data.sources import BadSample, Record, RecordSource
 
 _LOGGER = logging.getLogger(__name__)
 # Replacement draws for one bad position before giving up (only reachable when nearly all are bad).
@@ -42,6 +49,7 @@ MAX_REPLACEMENT_ATTEMPTS = 64
 # Every BadSample kind the readers and the sample builder raise; counts are kept for each (ranks add
 # them up in a fixed order).
 BAD_KINDS = ("json", "schema", "placeholders", "member", "image", "video", "all_masked", "too_long")
+T = TypeVar("T")
 # Stream ids that keep the epoch permutations and the replacement draws independent.
 _ORDER_STREAM, _REPLACEMENT_STREAM = 0, 1
 
@@ -90,11 +98,22 @@ class PositionDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, position: int) -> Fetched:
+        sample, bad = self._first_good(position, self.builder.build)
+        return Fetched(position, sample, bad)
+
+    def probe(self, position: int) -> SampleLayout:
+        """The counts of the sample at `position` without decoding its images (`SampleBuilder.probe`),
+        following the same replacements for bad records."""
+        return self._first_good(position, self.builder.probe)[0]
+
+    def _first_good(self, position: int, read: Callable[[Record], T]) -> tuple[T, list[tuple[str, str]]]:
+        """`read` of the record at `position`, or of its replacements while records are bad; and the
+        bad ones met (kind, message)."""
         bad: list[tuple[str, str]] = []
         index = self.order(position)
         for attempt in range(MAX_REPLACEMENT_ATTEMPTS + 1):
             try:
-                return Fetched(position, self.builder.build(self.source[index]), bad)
+                return read(self.source[index]), bad
             except BadSample as error:
                 bad.append((error.kind, str(error)))
             index = self.order.replacement(position, attempt)
@@ -136,13 +155,46 @@ class _Positions(Sampler[int]):
         return (self.stop - self.resume.iteration) * self.per_rank
 
 
+class _BalancedPositions(Sampler[int]):
+    """This rank's positions for iterations [resume.iteration, stop) as `balancer` assigns each
+    global batch (megamm.data.balance), microbatch by microbatch; keeps each iteration's plan in
+    `plans` until the loader takes it."""
+
+    def __init__(self, resume: ResumePoint, stop: int, global_batch: int, dp_rank: int, dp_size: int,
+                 balancer: Balancer, probe: Callable[[int], SampleLayout]) -> None:
+        self.resume, self.stop = resume, stop
+        self.global_batch, self.dp_rank, self.dp_size = global_batch, dp_rank, dp_size
+        self.balancer, self.probe = balancer, probe
+        self.plans: dict[int, BatchPlan] = {}
+
+    def __iter__(self) -> Iterator[int]:
+        for iteration in range(self.resume.iteration, self.stop):
+            first = self.resume.first_position(iteration, self.global_batch)
+            plan = self.balancer.plan(first, self.global_batch, self.dp_size, self.probe)
+            self.plans[iteration] = plan
+            for microbatch in plan.positions[self.dp_rank]:
+                yield from microbatch
+
+    def __len__(self) -> int:
+        return (self.stop - self.resume.iteration) * (self.global_batch // self.dp_size)
+
+
+def _sampler(resume: ResumePoint, stop: int, global_batch: int, dp_rank: int, dp_size: int,
+             balance: tuple[Balancer, Callable[[int], SampleLayout]] | None) -> _Positions | _BalancedPositions:
+    if balance is None:
+        return _Positions(resume, stop, global_batch, dp_rank, dp_size)
+    return _BalancedPositions(resume, stop, global_batch, dp_rank, dp_size, *balance)
+
+
 def rank_positions(iteration: int, global_batch: int, dp_rank: int, dp_size: int,
-                   resume: ResumePoint | None = None) -> list[int]:
+                   resume: ResumePoint | None = None,
+                   balance: tuple[Balancer, Callable[[int], SampleLayout]] | None = None) -> list[int]:
     """The global positions data-parallel rank `dp_rank` trains on at `iteration` of a run that
-    started at `resume` (default: a fresh run)."""
+    started at `resume` (default: a fresh run); with `balance` (the balancer and the probe of a
+    position's sample), as --balance-vision-work assigns them, microbatch by microbatch."""
     resume = resume or ResumePoint()
     here = ResumePoint(iteration, resume.first_position(iteration, global_batch))
-    return list(_Positions(here, iteration + 1, global_batch, dp_rank, dp_size))
+    return list(_sampler(here, iteration + 1, global_batch, dp_rank, dp_size, balance))
 
 
 @dataclass
@@ -190,6 +242,7 @@ class RankLoader:
         max_bad_fraction: float = 0.5,
         min_records_for_check: int = 100,
         log: Callable[[str], None] | None = None,
+        balancer: Balancer | None = None,
     ) -> None:
         if global_batch % dp_size:
             raise ValueError(f"global batch {global_batch} is not a multiple of the data-parallel size {dp_size}")
@@ -200,7 +253,10 @@ class RankLoader:
         self.stats = LoaderStats()
         resume = start if isinstance(start, ResumePoint) else ResumePoint(start, start * global_batch)
         self.iteration = resume.iteration
-        sampler = _Positions(resume, stop_iteration, global_batch, dp_rank, dp_size)
+        balance = (balancer, dataset.probe) if balancer is not None else None
+        self._sampler = _sampler(resume, stop_iteration, global_batch, dp_rank, dp_size, balance)
+        # The plan of the iteration `__next__` returned last (None without a balancer).
+        self.plan: BatchPlan | None = None
         extra = {}
         if num_workers > 0:
             extra = {
@@ -208,7 +264,7 @@ class RankLoader:
                 "multiprocessing_context": "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None,
             }
         self._items = iter(
-            DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=_identity, **extra)
+            DataLoader(dataset, batch_size=None, sampler=self._sampler, num_workers=num_workers, collate_fn=_identity, **extra)
         )
 
     def __iter__(self) -> RankLoader:
@@ -223,6 +279,9 @@ class RankLoader:
                 self.log(f"skipping bad sample ({kind}): {message}")
             samples.append(fetched.sample)
         self.stats.check(self.max_bad_fraction, self.min_records_for_check)
+        if isinstance(self._sampler, _BalancedPositions):
+            # The sampler runs in this process (workers only read), ahead of the samples it ordered.
+            self.plan = self._sampler.plans.pop(self.iteration)
         self.iteration += 1
         return samples
 

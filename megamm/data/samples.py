@@ -29,13 +29,24 @@ from megamm.data.images import (
     ImageError,
     Normalization,
     PreprocessMode,
+    choose_grid,
+    image_size,
     load_image,
     load_image_bytes,
     preprocess,
     preprocess_tiles,
+    resolve_image_path,
+    tile_count,
 )
 from megamm.data.sources import BadSample, Record
-from megamm.data.templates import AllLabelsMaskedError, ChatTemplate, get_template, render, truncate
+from megamm.data.templates import (
+    AllLabelsMaskedError,
+    ChatTemplate,
+    Tokenized,
+    get_template,
+    render,
+    truncate,
+)
 from megamm.data.tokenizer import Tokenizer
 
 
@@ -140,6 +151,15 @@ def load_record_image(record: Record, number: int, max_pixels: int | None) -> Im
     return load_image(name, os.path.dirname(name) or ".", max_pixels)
 
 
+@dataclass(frozen=True)
+class SampleLayout:
+    """What `SampleBuilder.build` would give, in counts: vision-tower inputs of each kept image
+    (tiles included) and the sample's tokens (image tokens included)."""
+
+    tiles_per_image: tuple[int, ...]
+    tokens: int
+
+
 class SampleBuilder:
     """Turns records into samples for one model: its tokenizer, chat template, tower and sequence length.
 
@@ -180,18 +200,39 @@ class SampleBuilder:
                 grids.append(grid)
         return pixels, grids
 
-    def build(self, record: Record) -> Sample:
-        """The sample for `record`, or BadSample naming it and what is wrong."""
+    def _tiles(self, record: Record) -> list[int]:
+        """Tower inputs of each image from its header alone (the grid `preprocess_tiles` picks)."""
+        settings, tiles = self.images, []
+        for number, name in enumerate(record.images):
+            if record.image_bytes is not None:
+                size = image_size(record.image_bytes[number], f"{record.source}:{name}")
+            else:
+                size = image_size(resolve_image_path(name, os.path.dirname(name) or "."), repr(name))
+            if settings.max_tiles == 1:
+                tiles.append(1)
+            else:
+                grid = choose_grid(*size, settings.max_tiles, tile_size=settings.size)
+                tiles.append(tile_count(grid, settings.thumbnail))
+        return tiles
+
+    def probe(self, record: Record) -> SampleLayout:
+        """The counts `build(record)` gives, reading image headers instead of decoding the pixels; the
+        same BadSample for a bad conversation or a missing image (an image that fails to decode or exceeds
+        max_pixels is found by `build` only, so there the counts are those of the record replaced)."""
         where = f"sample {record.index} (id {record.sample_id!r})"
         if record.videos:
             raise BadSample(record.source, where, "schema",
                             f"it holds {len(record.videos)} video(s); only a native-resolution vision tower "
                             "(the Qwen2-VL family) takes videos")
         try:
-            pixels, grids = self._pixels(record)
+            tiles = self._tiles(record)
         except ImageError as error:
             raise BadSample(record.source, where, "image", str(error)) from None
-        tiles = [p.shape[0] for p in pixels]
+        kept = self._tokens(record, where, tiles)
+        return SampleLayout(tuple(tiles[: len(kept.image_spans)]), len(kept.input_ids))
+
+    def _tokens(self, record: Record, where: str, tiles: list[int]) -> Tokenized:
+        """The conversation rendered with `tiles` tower inputs per image and truncated, or BadSample."""
         try:
             tokenized = render(
                 record.conversations, self.template, self.tokenizer, [n * self.tokens_per_tile for n in tiles]
@@ -207,6 +248,17 @@ class SampleBuilder:
                 record.source, where, "too_long",
                 f"its first image ends at token {first_image_end}, beyond --seq-length {self.seq_length}",
             )
+        return kept
+
+    def build(self, record: Record) -> Sample:
+        """The sample for `record`, or BadSample naming it and what is wrong."""
+        where = f"sample {record.index} (id {record.sample_id!r})"
+        try:
+            pixels, grids = self._pixels(record)
+        except ImageError as error:
+            raise BadSample(record.source, where, "image", str(error)) from None
+        tiles = [p.shape[0] for p in pixels]
+        kept = self._tokens(record, where, tiles)
         images_kept = len(kept.image_spans)
         size = self.images.size
         pixel_values = torch.cat(pixels[:images_kept]) if images_kept else torch.zeros(0, 3, size, size)

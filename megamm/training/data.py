@@ -1,6 +1,6 @@
 """What a training run reads: this rank's microbatches of each iteration, and the validation batches.
 
-Two kinds, one interface (`microbatches(iteration)`, `eval_batches()`, `counts()`):
+Two kinds, one interface (`microbatches(iteration)`, `eval_batches()`, `counts()`, `plan()`):
 - `SyntheticData` (--mock-data): the deterministic synthetic multimodal set, indexed by position.
 - `FileData` (--data-path): dataset files through the sample builder and the worker loader
   (`megamm.data.loader`), padded or packed into microbatches.
@@ -16,10 +16,12 @@ independently; the loader is deterministic, so they agree without a broadcast.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from megamm.config.resolved import ResolvedConfig
+from megamm.data.balance import Balancer, BatchPlan
 from megamm.data.batching import Batch, packed_microbatches, padded_microbatches
 from megamm.data.datasets import build_source
 from megamm.data.images import image_normalization
@@ -36,6 +38,7 @@ from megamm.data.synthetic import (
 from megamm.data.templates import get_template, template_tokenizer
 from megamm.data.tokenizer import check_tokenizer
 from megamm.parallel.state import ParallelState
+from megamm.training.metrics import sample_flops
 
 if TYPE_CHECKING:
     from megamm.config import LlavaConfig
@@ -102,6 +105,9 @@ class SyntheticData:
     def counts(self) -> dict[str, int]:
         return {}
 
+    def plan(self) -> None:
+        """Synthetic batches are never rebalanced (--balance-vision-work needs --data-path)."""
+
     def describe(self) -> str:
         return "synthetic multimodal data (--mock-data)"
 
@@ -119,6 +125,17 @@ def vision_input_shape(config: ResolvedConfig) -> tuple[int, ...]:
     if vision.native_resolution is not None:
         return (native_settings(vision, config.training).patch_dim,)
     return (vision.num_channels, vision.image_size, vision.image_size)
+
+
+def vision_work_balancer(config: ResolvedConfig) -> Balancer | None:
+    """--balance-vision-work: each sample weighed by its training FLOPs (tiles as tower sequences;
+    the language model's row is the full --seq-length unless rows are packed)."""
+    t = config.training
+    if not t.balance_vision_work:
+        return None
+    padded_length = None if t.pack_sequences else t.seq_length
+    return Balancer(t.micro_batch_size, config.model.vision.seq_length,
+                    functools.partial(sample_flops, config.model, padded_length=padded_length))
 
 
 def build_sample_builder(config: ResolvedConfig) -> SampleBuilder | NativeSampleBuilder:
@@ -156,17 +173,18 @@ class FileData:
         total = t.train_iters * t.global_batch_size
         source, self.parts = build_source(t.data_path, t.image_folder, t.seed, total)
         self.train = PositionDataset(source, self.builder, t.seed)
-        self.loader = self._loader(self.train, resume, t.train_iters) if self.keys else None
+        self.loader = self._loader(self.train, resume, t.train_iters, vision_work_balancer(config)) if self.keys else None
         self.valid = None
         if t.valid_data_path:
             valid_source, _ = build_source(t.valid_data_path, t.image_folder, t.seed, t.eval_iters * t.global_batch_size)
             self.valid = PositionDataset(valid_source, self.builder, t.seed)
 
-    def _loader(self, dataset: PositionDataset, start: ResumePoint, stop: int) -> RankLoader:
+    def _loader(self, dataset: PositionDataset, start: ResumePoint, stop: int,
+                balancer: Balancer | None = None) -> RankLoader:
         t, state = self.config.training, self.state
         return RankLoader(
             dataset, t.global_batch_size, state.dp_rank, state.dp_size, start, stop, t.num_workers,
-            t.max_bad_sample_fraction, log=self.log,
+            t.max_bad_sample_fraction, log=self.log, balancer=balancer,
         )
 
     def _to_microbatches(self, samples: list[Sample]) -> list[Batch]:
@@ -189,6 +207,10 @@ class FileData:
         if iteration != self.loader.iteration:
             raise RuntimeError(f"the loader is at iteration {self.loader.iteration}, not {iteration}")
         return self._to_microbatches(next(self.loader))
+
+    def plan(self) -> BatchPlan | None:
+        """The --balance-vision-work assignment of the iteration `microbatches` returned last."""
+        return self.loader.plan if self.loader is not None else None
 
     def eval_batches(self) -> list[list[Batch]]:
         iters = self.config.training.eval_iters

@@ -28,11 +28,15 @@ from __future__ import annotations
 import resource
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from megamm.config import LlavaConfig, TransformerConfig
 from megamm.models.projectors import projector_class
+
+if TYPE_CHECKING:
+    from megamm.data.balance import SampleCost
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s), matched in this order against the device name, so the
 # more specific names come first.
@@ -133,6 +137,25 @@ def step_flops(config: LlavaConfig, seq_length: int, samples: int, images: int |
         + language_forward
         * _pass_factor(not config.freeze_language, projector_or_vision_trains, lt.recompute)
     )
+
+
+def sample_flops(config: LlavaConfig, cost: SampleCost, padded_length: int | None) -> float:
+    """Model FLOPs of training one sample (the weight of --balance-vision-work, megamm.data.balance):
+    each tower input is its own sequence, so its attention is quadratic in its own length (a tile,
+    or a native-resolution image); the language model runs `padded_length` tokens per sample for
+    padded rows, else (packed rows) the sample's own tokens, attending within the sample. Pass
+    factors as `step_flops`; the projector is left out (a few percent of the tower)."""
+    vision, language = config.vision, config.language
+    vt, lt = vision.transformer, language.transformer
+    patch = 2 * vision.num_channels * vision.patch_size**2 * vt.hidden_size
+    extra = vision.seq_length - vision.num_patches  # a class token is no patch
+    vision_forward = sum(n * vision.num_layers_used * layer_flops_per_token(vt, n) + (n - extra) * patch
+                         for n in cost.vision)
+    tokens = padded_length if padded_length is not None else cost.text
+    language_forward = tokens * (lt.num_layers * layer_flops_per_token(lt, tokens) + 2 * lt.hidden_size * language.vocab_size)
+    projector_or_vision_trains = not (config.freeze_projector and config.freeze_vision)
+    return (vision_forward * _pass_factor(not config.freeze_vision, False, vt.recompute)
+            + language_forward * _pass_factor(not config.freeze_language, projector_or_vision_trains, lt.recompute))
 
 
 def peak_tflops(device: torch.device, override: float | None, half_precision: bool) -> float | None:

@@ -26,7 +26,14 @@ import torch
 from megamm import train as train_module
 from megamm.config import LlavaConfig, ProjectorConfig, TransformerConfig
 from megamm.config.run import RunConfig, TrainingConfig
-from megamm.training.metrics import layer_flops_per_token, native_vision_flops, peak_tflops, step_flops
+from megamm.data.balance import SampleCost
+from megamm.training.metrics import (
+    layer_flops_per_token,
+    native_vision_flops,
+    peak_tflops,
+    sample_flops,
+    step_flops,
+)
 from tests.tiny import language_config, llava_config, native_vision_config, vision_config
 
 SEQ = 48  # language sequence length used throughout
@@ -119,6 +126,19 @@ def test_step_flops_by_hand(case: str) -> None:
     config = llava_config(freeze_vision=freeze_vision, freeze_projector=freeze_projector,
                           freeze_language=freeze_language)
     assert step_flops(config, SEQ, SAMPLES, IMAGES) == total
+
+
+def test_sample_flops_by_hand() -> None:
+    """The weight of --balance-vision-work: two tiles (tower sequences of 17) and the language row,
+    padded to 48 or (packed) the sample's own 24 tokens; no projector; the pass factors of the step."""
+    config = llava_config()
+    tiles = SampleCost((17, 17), 24)
+    assert sample_flops(config, tiles, padded_length=SEQ) == 3 * (2 * VIT_IMAGE + SEQ * LM_TOKEN)
+    lm_token_24 = 2 * (LM_QKV + 4 * 24 * 8 * 8 + LM_OUT + LM_MLP) + 2 * 64 * 100  # attention over 24 tokens
+    assert sample_flops(config, tiles, padded_length=None) == 3 * (2 * VIT_IMAGE + 24 * lm_token_24)
+    stage_1 = llava_config(freeze_vision=True, freeze_language=True)
+    assert sample_flops(stage_1, SampleCost((), 24), padded_length=SEQ) == 2 * SEQ * LM_TOKEN
+    assert sample_flops(stage_1, tiles, padded_length=SEQ) == 2 * VIT_IMAGE + 2 * SEQ * LM_TOKEN
 
 
 def test_step_flops_full_recompute_adds_one_forward() -> None:
