@@ -193,6 +193,8 @@ class TrainingConfig:
         alpha = float(self.lora_rank) if self.lora_alpha is None else self.lora_alpha
         return LoraConfig(self.lora_rank, alpha, self.lora_dropout, split_targets(self.lora_target_modules),
                           self.lora_use_dora)
+
+    @property
     def wandb_dir(self) -> str | None:
         """Where the Weights & Biases run directory goes: --wandb-save-dir, else <--save>/wandb (as
         Megatron); None without --wandb-project."""

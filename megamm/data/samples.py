@@ -160,6 +160,16 @@ class SampleLayout:
     tokens: int
 
 
+def _refuse_videos(record: Record) -> str:
+    """The record's name in errors; BadSample when it holds videos (a fixed-size tower takes none)."""
+    where = f"sample {record.index} (id {record.sample_id!r})"
+    if record.videos:
+        raise BadSample(record.source, where, "schema",
+                        f"it holds {len(record.videos)} video(s); only a native-resolution vision tower "
+                        "(the Qwen2-VL family) takes videos")
+    return where
+
+
 class SampleBuilder:
     """Turns records into samples for one model: its tokenizer, chat template, tower and sequence length.
 
@@ -219,11 +229,7 @@ class SampleBuilder:
         """The counts `build(record)` gives, reading image headers instead of decoding the pixels; the
         same BadSample for a bad conversation or a missing image (an image that fails to decode or exceeds
         max_pixels is found by `build` only, so there the counts are those of the record replaced)."""
-        where = f"sample {record.index} (id {record.sample_id!r})"
-        if record.videos:
-            raise BadSample(record.source, where, "schema",
-                            f"it holds {len(record.videos)} video(s); only a native-resolution vision tower "
-                            "(the Qwen2-VL family) takes videos")
+        where = _refuse_videos(record)
         try:
             tiles = self._tiles(record)
         except ImageError as error:
@@ -252,7 +258,7 @@ class SampleBuilder:
 
     def build(self, record: Record) -> Sample:
         """The sample for `record`, or BadSample naming it and what is wrong."""
-        where = f"sample {record.index} (id {record.sample_id!r})"
+        where = _refuse_videos(record)
         try:
             pixels, grids = self._pixels(record)
         except ImageError as error:
