@@ -1,5 +1,6 @@
 """The model chunks one pipeline stage holds: one LlavaModel per virtual stage, each with its
-share of the language layers (megamm.config.layout), deterministically initialized."""
+share of the language layers (megamm.config.layout), deterministically initialized, its transformer
+layers compiled with --torch-compile (megamm.transformer.compile)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from megamm.config.layout import stage_layers
 from megamm.config.resolved import ResolvedConfig
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
+from megamm.transformer.compile import compile_layers
 
 
 def build_model_chunks(config: ResolvedConfig, state: ParallelState) -> list[LlavaModel]:
-    """This stage's model chunks (one without virtual stages), deterministically initialized."""
+    """This stage's model chunks (one without virtual stages), deterministically initialized and,
+    with --torch-compile, with every transformer layer compiled (lazily, at its first call)."""
     p, t, model_config = config.parallel, config.training, config.model
     layer_chunks = stage_layers(
         model_config.language.transformer.num_layers, state.pp_size, state.pp_rank,
@@ -26,5 +29,7 @@ def build_model_chunks(config: ResolvedConfig, state: ParallelState) -> list[Lla
             language_layers=layers,
         )
         chunk.initialize(t.seed)
+        if t.torch_compile:
+            compile_layers(chunk)
         chunks.append(chunk)
     return chunks
