@@ -88,7 +88,9 @@ def _compiled(run: RunConfig) -> RunConfig:
     return replace(run, training=replace(run.training, torch_compile=True))
 
 
-@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+# Compilation is slow on a small CPU: the plain case runs in the quick suite, the others are slow.
+@pytest.mark.parametrize("recompute", ["none", pytest.param("selective", marks=pytest.mark.slow),
+                                       pytest.param("full", marks=pytest.mark.slow)])
 def test_compiled_layers_train_like_eager(recompute: str) -> None:
     run = _config(recompute_granularity=recompute)
     errors = _errors(_train(_compiled(run), ParallelState.single()), _train(run, ParallelState.single()))
@@ -98,6 +100,7 @@ def test_compiled_layers_train_like_eager(recompute: str) -> None:
     assert errors["weight"] < WEIGHT_TOLERANCE, errors
 
 
+@pytest.mark.slow
 def test_compiled_bf16_trains_like_eager() -> None:
     run = _config(bf16=True)
     errors = _errors(_train(_compiled(run), ParallelState.single()), _train(run, ParallelState.single()))
