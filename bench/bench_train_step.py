@@ -1,38 +1,52 @@
-"""Time one optimizer train step of the same small LLaVA model in megamm and in Hugging Face transformers.
+"""Time one optimizer train step of the same LLaVA model in megamm and in Hugging Face transformers,
+each eager and compiled.
 
 What is measured: the wall time of a full training step (forward, backward, gradient-norm clipping to
-1.0 and an AdamW update) on the CPU in fp32, for
+1.0 and an AdamW update) on the CPU in fp32, in four modes:
 
-- megamm: `LlavaModel` driven by the real training step, `megamm.training.step.train_step` (fp32 main
-  grad buffer, AdamW over the trainable parameters, clipping), in one process without
-  `torch.distributed` (`ParallelState.single()`);
-- Hugging Face: `LlavaForConditionalGeneration` (CLIP vision tower + LLaMA decoder, SDPA attention)
-  with `loss.backward()`, `torch.nn.utils.clip_grad_norm_`, `torch.optim.AdamW.step()` and `zero_grad()`.
+- megamm eager: `LlavaModel` driven by the real training step, `megamm.training.step.train_step` (fp32
+  main grad buffer, AdamW over the trainable parameters, clipping), in one process without
+  `torch.distributed` (`ParallelState.single()`), built by `build_model_chunks` as training builds it;
+- megamm compiled: the same with `--torch-compile` (each transformer layer compiled by
+  `torch.compile`, `megamm.transformer.compile`);
+- transformers eager: `LlavaForConditionalGeneration` (CLIP vision tower + LLaMA decoder, SDPA
+  attention) with `loss.backward()`, `torch.nn.utils.clip_grad_norm_`, `torch.optim.AdamW.step()` and
+  `zero_grad()`;
+- transformers compiled: the same with the whole Hugging Face model compiled (`model.compile()`,
+  graph breaks where its forward has them).
 
-Both models have the same shapes (CLIP-style ViT whose penultimate layer feeds a 2-layer GELU projector
-with the class token dropped, LLaMA decoder with GQA) and start from the same weights: the Hugging Face
-model is initialized at random and its weights are copied into megamm, so the step-0 losses must agree
-to float precision (printed as a sanity check, with ln(vocab) for reference). Every step gets a fresh
-batch (one image per sample, one image token per patch embedding), the same for both models.
+All four models have the same shapes (CLIP-style ViT whose penultimate layer feeds a 2-layer GELU
+projector with the class token dropped, LLaMA decoder with GQA) and start from the same weights: the
+Hugging Face model is initialized at random and its weights are copied into the others, so the step-0
+losses must agree to float precision (printed as a sanity check, with ln(vocab) for reference). Every
+step gets a fresh batch (one image per sample, one image token per patch embedding), the same for all.
 
-Both run in one process with the same number of threads. After a few warm-up steps the two are timed
-alternately (megamm first on even steps, Hugging Face first on odd steps) so that drifts in machine
-speed hit both. The report gives, per library, the median wall time per step (with min and max), the
-median CPU time of the process per step, tokens per second, and then the ratio Hugging Face median /
-megamm median (above 1: megamm is faster), the median of the per-step ratios and the ratio of the
-fastest steps (the least disturbed by other load on a shared machine). The loss after the last step
-is printed too: with equal weights, batches and optimizer settings the two runs should stay together.
-The load average before and after is printed because a busy machine skews every number.
+Two configurations (`--config`): `default` (ViT 256 x 4 layers at 64 px, LLaMA 512 x 6 layers, vocab
+8000, batch 4 x 256) and `large` (CLIP 4 layers of 384 at 224 px with 14 px patches, LLaMA 4 layers of
+512, vocab 32000, batch 2 x 512).
+
+All run in one process with the same number of threads. The warm-up steps (which compile the compiled
+modes; their first step's time is printed as the compile time) are not timed. Then the modes are timed
+alternately, each step in a rotated order, so that drifts in machine speed hit all of them. The report
+gives, per mode, the median wall time per step with its spread (min, max and the interquartile range),
+the median CPU time of the process per step and tokens per second, then each mode's speed relative to
+transformers eager (transformers eager median / mode median: above 1 is faster), the median of the
+per-step ratios and the ratio of the fastest steps (the least disturbed by other load on a shared
+machine). The loss after the last step is printed too: with equal weights, batches and optimizer
+settings the runs should stay together. The load average before and after is printed because a busy
+machine skews every number.
 
 Each library does its own amount of work for the same model: Hugging Face runs all CLIP layers (and the
 post-layernorm) and then picks `hidden_states[-2]`; megamm stops after the selected layer and freezes
 the layers after it, as its vision tower is designed to.
 
-Run from the repository root with megamm installed (`make install`); about two minutes on 2 CPU cores
-with the defaults (--steps 20 --warmup 2 --threads <torch's default> --seed 0):
+Run from the repository root with megamm installed (`make install`); several minutes on 2 CPU cores
+(compilation included) with the defaults (--config default --steps 10 --warmup 3 --threads <torch's
+default> --seed 0):
 
     python bench/bench_train_step.py
-    python bench/bench_train_step.py --steps 40 --threads 1
+    python bench/bench_train_step.py --config large --steps 8
+    python bench/bench_train_step.py --modes megamm-eager transformers-eager --steps 20
 """
 
 from __future__ import annotations
@@ -64,6 +78,7 @@ from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState
+from megamm.pipeline.chunks import build_model_chunks
 from megamm.training.step import Trainer, build_trainer, train_step
 
 Batch = dict[str, torch.Tensor]
@@ -112,6 +127,14 @@ class Shapes:
             f"batch: {self.micro_batch} samples x {self.seq_length} tokens, "
             f"{self.images_per_sample} image(s) per sample ({self.patches} image tokens each), fp32"
         )
+
+
+CONFIGS = {
+    "default": Shapes(),
+    "large": Shapes(vit_hidden=384, vit_layers=4, vit_heads=6, vit_ffn=1536, image_size=224, patch_size=14,
+                    lm_hidden=512, lm_layers=4, lm_heads=8, lm_kv_heads=4, lm_ffn=1376, vocab=32000,
+                    seq_length=512, micro_batch=2),
+}
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -198,7 +221,7 @@ def build_megamm_config(shapes: Shapes) -> LlavaConfig:
     )
 
 
-def build_megamm(shapes: Shapes, total_steps: int, seed: int) -> Trainer:
+def build_megamm(shapes: Shapes, total_steps: int, seed: int, torch_compile: bool) -> Trainer:
     run_config = RunConfig(
         model=build_megamm_config(shapes),
         training=TrainingConfig(
@@ -213,14 +236,13 @@ def build_megamm(shapes: Shapes, total_steps: int, seed: int) -> Trainer:
             seed=seed,
             mock_data=True,  # required by the validation; the batches below are built here
             images_per_sample=shapes.images_per_sample,
+            torch_compile=torch_compile,
         ),
     )
     resolved = resolve(run_config, world_size=1)
     state = ParallelState.single()
     state.seed(seed)
-    model = LlavaModel(resolved.model, state)
-    model.initialize(seed)
-    return build_trainer(resolved, state, [model])
+    return build_trainer(resolved, state, build_model_chunks(resolved, state))
 
 
 def hf_to_megamm(hf: nn.Module, shapes: Shapes) -> dict[str, torch.Tensor]:
@@ -367,38 +389,69 @@ def count(model: nn.Module) -> tuple[int, int]:
 # ---- main --------------------------------------------------------------------------------------
 
 
+MODES = ("megamm-eager", "megamm-compiled", "transformers-eager", "transformers-compiled")
+BASELINE = "transformers-eager"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per library (default: 20)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per library first (default: 2)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="default", help="model and batch (default: default)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help=f"what to time, alternating (default: all four; {BASELINE} is the reference)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per mode (default: 10)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps per mode first, compilation included (default: 3)")
     parser.add_argument(
         "--threads",
         type=int,
         default=torch.get_num_threads(),
-        help=f"torch intra-op threads for both (default: {torch.get_num_threads()})",
+        help=f"torch intra-op threads for all modes (default: {torch.get_num_threads()})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default: 0)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error("need --steps >= 1, --warmup >= 0 and --threads >= 1")
+    if args.steps < 1 or args.warmup < 1 or args.threads < 1:
+        parser.error("need --steps >= 1, --warmup >= 1 (the compiling step) and --threads >= 1")
+    if len(set(args.modes)) != len(args.modes):
+        parser.error(f"--modes names a mode twice: {' '.join(args.modes)}")
     return args
+
+
+def build_steps(modes: list[str], shapes: Shapes, total: int, seed: int) -> dict[str, tuple[Callable[[Batch], float], nn.Module]]:
+    """Each mode's step and model, all with the Hugging Face model's initial weights."""
+    reference = build_hf(shapes, seed)
+    weights = hf_to_megamm(reference, shapes)
+    steps: dict[str, tuple[Callable[[Batch], float], nn.Module]] = {}
+    for mode in modes:
+        library, kind = mode.split("-")
+        if library == "megamm":
+            trainer = build_megamm(shapes, total, seed, torch_compile=kind == "compiled")
+            copy_weights(trainer.model, weights)
+            steps[mode] = (MegammStep(trainer), trainer.model)
+        else:
+            hf = build_hf(shapes, seed)
+            hf.load_state_dict(reference.state_dict())
+            if kind == "compiled":
+                hf.compile()
+            steps[mode] = (HFStep(hf), hf)
+    return steps
+
+
+def iqr(values: list[float]) -> float:
+    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return quartiles[2] - quartiles[0]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    shapes = Shapes()
+    shapes = CONFIGS[args.config]
     total = args.warmup + args.steps
-
-    hf = build_hf(shapes, args.seed)
-    trainer = build_megamm(shapes, total, args.seed)
-    copy_weights(trainer.model, hf_to_megamm(hf, shapes))
-    steps: dict[str, Callable[[Batch], float]] = {"megamm": MegammStep(trainer), "transformers": HFStep(hf)}
-    models: dict[str, nn.Module] = {"megamm": trainer.model, "transformers": hf}
+    built = build_steps(args.modes, shapes, total, args.seed)
+    steps = {mode: step for mode, (step, _) in built.items()}
 
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
-        f"{args.warmup} warm-up + {args.steps} timed steps each, seed {args.seed}"
+        f"{args.warmup} warm-up + {args.steps} timed steps per mode, seed {args.seed}, config {args.config}"
     )
     print(shapes.describe())
 
@@ -407,13 +460,18 @@ def main(argv: list[str] | None = None) -> int:
     wall: dict[str, list[float]] = {name: [] for name in steps}
     cpu: dict[str, list[float]] = {name: [] for name in steps}
     losses: dict[str, list[float]] = {name: [] for name in steps}
+    first_step: dict[str, float] = {}
+    names = list(steps)
     for i, batch in enumerate(batches):
-        order = list(steps) if i % 2 == 0 else list(reversed(steps))
+        # Rotate the order every step so that no mode always runs first (or right after another).
+        order = names[i % len(names):] + names[: i % len(names)]
         for name in order:
             seconds, cpu_seconds, loss = timed(steps[name], batch)
             if not math.isfinite(loss):
                 raise RuntimeError(f"{name}: non-finite loss {loss} at step {i}")
             losses[name].append(loss)
+            if i == 0:
+                first_step[name] = seconds
             if i >= args.warmup:
                 wall[name].append(seconds)
                 cpu[name].append(cpu_seconds)
@@ -422,32 +480,29 @@ def main(argv: list[str] | None = None) -> int:
     medians = {name: statistics.median(values) for name, values in wall.items()}
     print(f"load average (1, 5, 15 min): {load_before} before the steps, {load_average()} after")
     print()
-    header = f"{'model':<14}{'params':>12}{'trainable':>12}{'median ms/step':>16}{'min':>9}{'max':>9}"
-    print(header + f"{'CPU ms/step':>13}{'tokens/s':>10}")
+    header = f"{'mode':<23}{'params':>12}{'trainable':>12}{'median ms':>11}{'min':>9}{'max':>9}{'IQR':>8}"
+    print(header + f"{'CPU ms':>9}{'tokens/s':>10}{'first step s':>14}")
     for name in steps:
-        params, trainable = count(models[name])
+        params, trainable = count(built[name][1])
         ms = [1000 * t for t in wall[name]]
         median_ms, cpu_ms = 1000 * medians[name], 1000 * statistics.median(cpu[name])
         print(
-            f"{name:<14}{params:>12,}{trainable:>12,}{median_ms:>16.1f}{min(ms):>9.1f}{max(ms):>9.1f}"
-            f"{cpu_ms:>13.1f}{tokens / medians[name]:>10.0f}"
+            f"{name:<23}{params:>12,}{trainable:>12,}{median_ms:>11.1f}{min(ms):>9.1f}{max(ms):>9.1f}"
+            f"{iqr(ms):>8.1f}{cpu_ms:>9.1f}{tokens / medians[name]:>10.0f}{first_step[name]:>14.1f}"
         )
     print()
-    first_mm, first_hf = losses["megamm"][0], losses["transformers"][0]
-    print(
-        f"step-0 loss: megamm {first_mm:.6f}, transformers {first_hf:.6f} "
-        f"(|diff| {abs(first_mm - first_hf):.2e}; ln(vocab) = {math.log(shapes.vocab):.6f})"
-    )
-    print(
-        f"last-step loss (step {total - 1}): megamm {losses['megamm'][-1]:.6f}, "
-        f"transformers {losses['transformers'][-1]:.6f}"
-    )
-    mm_wall, hf_wall = wall["megamm"], wall["transformers"]
-    pairwise = statistics.median(h / m for h, m in zip(hf_wall, mm_wall, strict=True))
-    print(f"ratio (transformers median / megamm median): {medians['transformers'] / medians['megamm']:.3f}")
-    print(f"median of the per-step ratios (same batch, back to back): {pairwise:.3f}")
-    # Other load only ever adds time, so the fastest steps are the least disturbed ones.
-    print(f"ratio of the fastest steps (transformers min / megamm min): {min(hf_wall) / min(mm_wall):.3f}")
+    print(f"step-0 loss (ln(vocab) = {math.log(shapes.vocab):.6f}): "
+          + ", ".join(f"{name} {losses[name][0]:.6f}" for name in steps))
+    print(f"last-step loss (step {total - 1}): " + ", ".join(f"{name} {losses[name][-1]:.6f}" for name in steps))
+    if BASELINE in steps:
+        print(f"speed relative to {BASELINE} ({BASELINE} time / mode time; above 1: faster):")
+        print(f"{'mode':<23}{'medians':>9}{'per-step':>10}{'fastest':>9}")
+        base = wall[BASELINE]
+        for name in steps:
+            pairwise = statistics.median(b / m for b, m in zip(base, wall[name], strict=True))
+            # Other load only ever adds time, so the fastest steps are the least disturbed ones.
+            print(f"{name:<23}{medians[BASELINE] / medians[name]:>9.3f}{pairwise:>10.3f}"
+                  f"{min(base) / min(wall[name]):>9.3f}")
     return 0
 
 

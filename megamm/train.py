@@ -166,7 +166,8 @@ def _log(reporter: Reporter, trainer: Trainer, iteration: int, consumed: int, st
     spread = spread_text(busy, t.straggler_threshold)
     # Rows, not samples: packed rows hold several samples each.
     rows = _sum_dp(stats.rows, state) / max(stats.steps, 1)
-    seconds = stats.seconds / max(stats.steps, 1)
+    # No timed step in the interval: only the compiling first step (--torch-compile) ran.
+    seconds = stats.seconds / stats.steps if stats.steps else math.nan
     tokens_per_second = rows * t.seq_length / seconds
     flops = _sum_dp(stats.flops, state) / max(stats.steps, 1)
     tflops = flops / seconds / world / 1e12
@@ -291,6 +292,7 @@ def _train(config: ResolvedConfig, state: ParallelState, stop: StopCheck) -> dic
     first_loss, last_loss, eval_loss = float("nan"), float("nan"), float("nan")
     saved_at, done, stopped = start, start, None
     started = time.perf_counter()
+    compiling = t.torch_compile
     for iteration in range(start, t.train_iters):
         busy = RECORD.busy_seconds()
         RECORD.begin(f"iteration {iteration + 1}", iteration + 1, "data loading")
@@ -304,12 +306,18 @@ def _train(config: ResolvedConfig, state: ParallelState, stop: StopCheck) -> dic
         if state.device.type == "cuda":
             RECORD.enter("device synchronization at the end of the step")
             torch.cuda.synchronize(state.device)
-        stats.seconds += time.perf_counter() - tick
-        stats.busy_seconds += RECORD.busy_seconds() - busy
-        stats.steps += 1
-        stats.flops += step_flops(trainer.model.config, t.seq_length, rows_in(microbatches),
-                                  vision_inputs(microbatches, config.model))
-        stats.rows += rows_in(microbatches)
+        if compiling:
+            # The first step compiles the layers' graphs: logged once, left out of the throughput.
+            compiling = False
+            reporter.line(f" torch.compile: the first step took {time.perf_counter() - tick:.1f} s, graph "
+                          "compilation included; it is not counted in tokens/s")
+        else:
+            stats.seconds += time.perf_counter() - tick
+            stats.busy_seconds += RECORD.busy_seconds() - busy
+            stats.steps += 1
+            stats.flops += step_flops(trainer.model.config, t.seq_length, rows_in(microbatches),
+                                      vision_inputs(microbatches, config.model))
+            stats.rows += rows_in(microbatches)
         stats.grad_norms.append(result.grad_norm)
         if plan is not None:
             stats.plans.append(plan)

@@ -77,3 +77,18 @@ def test_diverging_run_stops_with_a_clear_message() -> None:
     with pytest.raises(RuntimeError, match="3 iterations in a row had a non-finite loss or gradient"):
         run_distributed(_run, 1, SMALL + ["--lr", "1e30", "--min-lr", "1e30", "--clip-grad", "0",
                                           "--max-skipped-iters-in-a-row", "3", "--train-iters", "20"])
+
+
+@pytest.mark.slow
+def test_torch_compile_logs_the_compiling_step_once_and_leaves_it_out_of_the_throughput() -> None:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "megamm.train",
+        *SMALL, "--torch-compile", "--train-iters", "3", "--lr-warmup-iters", "0", "--log-interval", "1",
+    ]
+    done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(re.findall(r"torch\.compile: the first step took [0-9.]+ s", done.stdout)) == 1, done.stdout
+    throughput = re.findall(r"iteration +(\d)/3 .*\| tokens/s: (\S+) \|", done.stdout)
+    # Iteration 1 is the compiling step alone: no timed step, no figure; the next ones are timed.
+    assert throughput[0] == ("1", "nan") and [i for i, _ in throughput] == ["1", "2", "3"], done.stdout
+    assert all(float(tokens) > 0 for _, tokens in throughput[1:]), done.stdout

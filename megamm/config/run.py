@@ -103,6 +103,8 @@ class TrainingConfig:
     )
     recompute_num_layers: int | None = _opt(None, "with full recompute: layers per stage to recompute",
                                             default_help="all")
+    torch_compile: bool = _opt(False, "compile each transformer layer with torch.compile (inductor; the first "
+                                      "step compiles and is left out of the throughput)")
     seed: int = _opt(1234, "seed for init, data order and dropout")
     # Data.
     mock_data: bool = _opt(False, "train on the deterministic synthetic multimodal dataset")
@@ -284,6 +286,7 @@ class RunConfig:
             if not (threshold := t.straggler_threshold) >= 1 else [],
             lambda: data_problems(t),
             lambda: native_data_problems(self),
+            lambda: compile_problems(self),
             lambda: _trainable_problems(self),
             lambda: lora_problems(self),
             lambda: ["--tensorboard-dir needs the tensorboard package (pip install tensorboard)"]
@@ -362,6 +365,39 @@ def lora_problems(run: RunConfig) -> list[str]:
         lambda: [("--pretrained-checkpoint and --finetune: the base comes from --pretrained-checkpoint, "
                  "--load resumes the adapters")] if t.pretrained_checkpoint and t.finetune else [],
     )
+
+
+def compile_problems(run: RunConfig) -> list[str]:
+    """What --torch-compile cannot do (megamm.transformer.compile): dropout in a compiled layer (it
+    draws from the tensor-parallel RNG tracker's forked streams, which do not trace, and inductor's
+    random numbers would differ from eager's), and, without CUDA, inductor's C++ backend needs a
+    C++ compiler."""
+    if not run.training.torch_compile:
+        return []
+    problems = [
+        f"--torch-compile needs model.{tower}.transformer.{name} = 0 (dropout in a compiled layer does not "
+        f"trace through the tensor-parallel RNG streams), got {value}"
+        for tower, transformer in (("vision", run.model.vision.transformer),
+                                   ("language", run.model.language.transformer))
+        for name in ("attention_dropout", "hidden_dropout")
+        if (value := getattr(transformer, name)) != 0
+    ]
+    cp = run.parallel.context_parallel_size
+    if cp > 1:
+        problems.append(f"--torch-compile with --context-parallel-size {cp}: ring attention's point-to-point "
+                        "exchanges do not trace into a compiled layer")
+    if run.training.lora_rank is not None:
+        problems.append("--torch-compile with --lora-rank: compiled layers with adapters are not supported yet")
+    if not torch.cuda.is_available():
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:
+            get_cpp_compiler()
+        except InvalidCxxCompiler as error:
+            problems.append(f"--torch-compile on the CPU needs a C++ compiler for inductor (set CXX or install "
+                            f"g++): {error}")
+    return problems
 
 
 def data_problems(t: TrainingConfig) -> list[str]:

@@ -3,7 +3,9 @@
 tensor, an fp64 tensor or an unusual layout always gets the reference's answer.
 
 Support checks are cheap attribute tests; the extension is loaded (and, the first time on a node,
-built) only when a kernel is about to run on CUDA tensors.
+built) only when a kernel is about to run on CUDA tensors. Inside a region torch.compile traces
+(--torch-compile's layers) every op is its reference: the extension's ops are opaque to the tracer,
+and inductor fuses the reference's element-wise math itself.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ _warned = False
 def _use_kernel(name: str, supported: Callable[[], bool]) -> bool:
     """Whether to run kernel `name`: enabled, inputs supported, extension loadable."""
     global _warned
-    if not enabled(name) or not supported():
+    if torch.compiler.is_compiling() or not enabled(name) or not supported():
         return False
     try:
         load_extension()

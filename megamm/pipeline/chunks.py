@@ -1,6 +1,7 @@
 """The model chunks one pipeline stage holds: one LlavaModel per virtual stage, each with its
 share of the language layers (megamm.config.layout) and, with LoRA, its adapters
-(megamm.models.lora), deterministically initialized."""
+(megamm.models.lora), deterministically initialized, its transformer layers compiled with
+--torch-compile (megamm.transformer.compile)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from megamm.config.resolved import ResolvedConfig
 from megamm.models.llava import LlavaModel
 from megamm.models.lora import apply_lora
 from megamm.parallel.state import ParallelState
+from megamm.transformer.compile import compile_layers
 
 
 def build_model_chunks(config: ResolvedConfig, state: ParallelState) -> list[LlavaModel]:
     """This stage's model chunks (one without virtual stages), deterministically initialized (DoRA's
-    magnitudes follow the base weights once they are final: megamm.models.lora.reset_magnitudes)."""
+    magnitudes follow the base weights once they are final: megamm.models.lora.reset_magnitudes) and,
+    with --torch-compile, with every transformer layer compiled (lazily, at its first call)."""
     p, t, model_config = config.parallel, config.training, config.model
     layer_chunks = stage_layers(
         model_config.language.transformer.num_layers, state.pp_size, state.pp_rank,
@@ -31,5 +34,7 @@ def build_model_chunks(config: ResolvedConfig, state: ParallelState) -> list[Lla
         if config.lora is not None:
             apply_lora(chunk, config.lora)
         chunk.initialize(t.seed)
+        if t.torch_compile:
+            compile_layers(chunk)
         chunks.append(chunk)
     return chunks
