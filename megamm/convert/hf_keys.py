@@ -13,7 +13,12 @@ projector's i-th layer is `projector.linear_<i>`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
 from megamm.config import LlavaConfig
+from megamm.convert import ConversionError
 from megamm.models.decoders import decoder_family
 from megamm.models.keymap import Entry
 from megamm.models.projectors import projector_class
@@ -57,3 +62,23 @@ def kept_aside(config: LlavaConfig, name: str) -> bool:
 def derived(config: LlavaConfig, name: str) -> bool:
     """A canonical tensor megamm derives instead of converting (old checkpoints' rotary tables)."""
     return decoder_family(config.language.family).derived(name)
+
+
+def installed_key_map(architecture: str, model_type: str, hf_config: dict,
+                      canonical_name: Callable[[str], str | None]) -> dict[str, str]:
+    """Canonical name -> key of the installed transformers' `architecture` for `hf_config`, read from
+    the model built on the meta device (no memory), so the export writes the keys this transformers
+    version loads. ConversionError for a key `canonical_name` does not know."""
+    import transformers
+    from transformers import AutoConfig
+
+    tree = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")}
+    with torch.device("meta"):
+        model = getattr(transformers, architecture)(AutoConfig.for_model(model_type, **tree))
+    out = {}
+    for key in model.state_dict():
+        name = canonical_name(key)
+        if name is None:
+            raise ConversionError(f"transformers' {architecture} has a key {key} this exporter does not know")
+        out[name] = key
+    return out

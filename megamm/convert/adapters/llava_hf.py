@@ -23,7 +23,7 @@ from megamm.convert.adapters.base import ExportAdapter
 from megamm.convert.adapters.causal_lm import language_config_from_hf
 from megamm.convert.adapters.vision_tower import vision_config_from_hf
 from megamm.convert.hf_config import HfExtras, hf_config, raise_problems
-from megamm.convert.hf_keys import rename
+from megamm.convert.hf_keys import installed_key_map, rename
 from megamm.models.decoders import decoder_family
 from megamm.models.towers import tower_family
 
@@ -114,19 +114,7 @@ class LlavaHfAdapter(ExportAdapter):
         }
 
     def installed_keys(self, hf_config: dict) -> dict[str, str]:
-        from transformers import AutoConfig, LlavaForConditionalGeneration
-
-        tree = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")}
-        with torch.device("meta"):
-            model = LlavaForConditionalGeneration(AutoConfig.for_model("llava", **tree))
-        out = {}
-        for key in model.state_dict():
-            name = self.canonical_name(key)
-            if name is None:
-                raise ConversionError(f"transformers' LlavaForConditionalGeneration has a key {key} this exporter "
-                                      f"does not know")
-            out[name] = key
-        return out
+        return installed_key_map("LlavaForConditionalGeneration", "llava", hf_config, self.canonical_name)
 
     def legacy_key(self, name: str) -> str:
         key = rename(name, LEGACY_PREFIXES)

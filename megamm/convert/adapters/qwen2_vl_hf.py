@@ -23,7 +23,7 @@ from megamm.config import LlavaConfig
 from megamm.convert import ConversionError
 from megamm.convert.adapters.base import ExportAdapter
 from megamm.convert.hf_config import HfExtras, hf_config, raise_problems
-from megamm.convert.hf_keys import rename
+from megamm.convert.hf_keys import installed_key_map, rename
 from megamm.models.decoders import decoder_family
 from megamm.models.towers.qwen2_vl import QWEN2_VL, NativeTowerFamily
 
@@ -115,20 +115,7 @@ class Qwen2VLHfAdapter(ExportAdapter):
         }
 
     def installed_keys(self, hf_config: dict) -> dict[str, str]:
-        import transformers
-        from transformers import AutoConfig
-
-        tree = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")}
-        model_class = getattr(transformers, self.architecture)
-        with torch.device("meta"):
-            model = model_class(AutoConfig.for_model(self.model_type, **tree))
-        out = {}
-        for key in model.state_dict():
-            name = self.canonical_name(key)
-            if name is None:
-                raise ConversionError(f"transformers' {self.architecture} has a key {key} this exporter does not know")
-            out[name] = key
-        return out
+        return installed_key_map(self.architecture, self.model_type, hf_config, self.canonical_name)
 
     def legacy_key(self, name: str) -> str:
         key = rename(name, LEGACY_PREFIXES)
