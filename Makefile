@@ -23,7 +23,7 @@ install: $(STAMP)
 # The layer contract first (pyproject.toml [tool.importlinter]): an upward import fails the run.
 test: install
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=30
 
 # About 15 minutes on 2 CPU cores; data, checkpoints and logs go to $(DEMO_OUT).
 DEMO_OUT ?= demo_out

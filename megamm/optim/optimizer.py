@@ -84,7 +84,11 @@ class _AdamWOverPieces:
             self.lr_scales.append(lr_scale)
         # A rank may own no piece at all (a small model split over many dp ranks).
         holder = [torch.zeros(1, requires_grad=True)] if not param_groups else None
-        self.adam = torch.optim.AdamW(param_groups or [{"params": holder}], lr=lr, betas=betas, eps=eps)
+        # fused: one kernel per parameter group instead of about ten element-wise passes per tensor
+        # (on 2 CPU cores the step of a 50M-parameter model is ~5x faster, bench/bench_train_step.py);
+        # the masters are fp32 tensors on one CPU or CUDA device, which the fused kernel requires.
+        self.adam = torch.optim.AdamW(param_groups or [{"params": holder}], lr=lr, betas=betas, eps=eps,
+                                      fused=True)
 
     def set_lr(self, lr: float) -> None:
         for group, scale in zip(self.adam.param_groups, self.lr_scales):
@@ -101,16 +105,14 @@ class _AdamWOverPieces:
 
     def step(self, clip_grad: float, grad_scale: float = 1.0) -> tuple[bool, float]:
         """One update. Returns (applied, grad_norm); a non-finite norm skips the update."""
-        if grad_scale != 1.0:
-            for piece in self.pieces:
-                piece.grad.mul_(1.0 / grad_scale)
+        grads = [piece.grad for piece in self.pieces]
+        if grad_scale != 1.0 and grads:
+            torch._foreach_mul_(grads, 1.0 / grad_scale)
         norm = self.grad_norm()
         if not math.isfinite(norm):
             return False, norm
-        if clip_grad > 0 and norm > clip_grad:
-            factor = clip_grad / (norm + 1e-6)
-            for piece in self.pieces:
-                piece.grad.mul_(factor)
+        if clip_grad > 0 and norm > clip_grad and grads:
+            torch._foreach_mul_(grads, clip_grad / (norm + 1e-6))
         # The grads are attached for the update only (a separate master's .grad would otherwise
         # keep the buffer view referenced; an fp32 parameter's .grad is the buffer view anyway and
         # is set again by GradBuffer.start_step).
