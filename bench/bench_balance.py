@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megamm.data.balance import Imbalance, contiguous_split, tiled_cost
+from megamm.data.balance import Imbalance, contiguous_split, sample_cost
 from megamm.data.batching import padded_batch
 from megamm.data.datasets import build_source, open_source
 from megamm.data.loader import PositionDataset
@@ -158,7 +158,7 @@ def critical_paths(flags: list[str], steps: int, global_batch: int) -> dict[str,
         for name, positions, imbalance in splits[:: 1 if step % 2 else -1]:
             ranks = [[dataset[p].sample for mb in rank for p in mb] for rank in positions]
             seconds = max(_rank_seconds(model, samples, builder.tokenizer.pad_id, image_shape) for samples in ranks)
-            flops = max(sum(balancer.weigh(tiled_cost(dataset.probe(p), balancer.tower_tokens)) for mb in rank for p in mb)
+            flops = max(sum(balancer.weigh(sample_cost(dataset.probe(p), balancer.tower_tokens)) for mb in rank for p in mb)
                         for rank in positions)
             if step:
                 paths[name].append((seconds, flops, imbalance))

@@ -78,8 +78,10 @@ class Record:
 
     `images` holds resolved absolute paths for file sources and tar member names for shards; in the
     latter case `image_bytes` holds the encoded image files in the same order (None otherwise).
-    `videos` (JSON rows only) holds one entry per "<video>" in order: a resolved video file path, or
-    the resolved paths of its frame files, extracted at `frame_rate` frames per second.
+    `videos` holds one entry per "<video>" in order: a video file, or its frame images (a list, in
+    order, extracted at `frame_rate` frames per second); as resolved paths for JSON rows, as names
+    (tar members, table cells) with the encoded files in `video_bytes` (the same nesting: an encoded
+    video, or a list of encoded frames) for the formats that hold their videos inside.
     """
 
     source: str
@@ -91,6 +93,7 @@ class Record:
     kind: RecordKind = "conversation"
     videos: list[str | list[str]] = field(default_factory=list)
     frame_rate: float = DEFAULT_FRAME_RATE
+    video_bytes: list[bytes | list[bytes]] | None = None
 
 
 class RecordSource(Protocol):

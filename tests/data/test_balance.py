@@ -19,7 +19,7 @@ from megamm.data.balance import (
     contiguous_split,
     interval_imbalance,
     longest_first,
-    tiled_cost,
+    sample_cost,
 )
 from megamm.data.datasets import open_source
 from megamm.data.images import choose_grid, tile_count, tile_image
@@ -145,7 +145,7 @@ def test_the_balanced_loader_reads_its_plan_and_evens_vision_tokens(clean: Datas
             expected = [dataset[p].sample.sample_id for mb in plans[it].positions[rank] for p in mb]
             assert read[rank][it] == expected
         assert plans[it] == plans[3 + it]  # both ranks computed the same plan
-    costs_per_step = [[tiled_cost(dataset.probe(p), TOWER_TOKENS) for p in range(8 * it, 8 * it + 8)]
+    costs_per_step = [[sample_cost(dataset.probe(p), TOWER_TOKENS) for p in range(8 * it, 8 * it + 8)]
                       for it in range(3)]
     for it, plan in enumerate(plans[:3]):
         split = [[[p - 8 * it for p in mb] for mb in rank] for rank in plan.positions]
