@@ -264,3 +264,30 @@ def test_probe_gives_the_built_counts(root: Path, tokenizer: Tokenizer, monkeypa
         builder.build(source[len(rows)])
     assert thin.value.kind == built_thin.value.kind == "image" and "aspect ratio" in str(thin.value)
     assert too_long.value.kind == "too_long"
+
+
+def assert_same_sample(ours, theirs) -> None:
+    """Two native samples are the same to the model: ids, labels, patches, grids, videos, positions."""
+    assert ours.input_ids == theirs.input_ids and ours.labels == theirs.labels
+    assert torch.equal(ours.pixel_values, theirs.pixel_values)
+    a, b = ours.native, theirs.native
+    assert torch.equal(a.image_grid_thw, b.image_grid_thw) and torch.equal(a.video_grid_thw, b.video_grid_thw)
+    assert torch.equal(a.pixel_values_videos, b.pixel_values_videos) and a.second_per_grid == b.second_per_grid
+    assert torch.equal(a.position_ids, b.position_ids)
+
+
+def write_video_files(root: Path) -> Path:
+    """The native files plus `clip.mp4`: a 2-second 8 fps video of 40x72 frames (PyAV)."""
+    write_native_files(root)
+    write_mp4(root / "clip.mp4", [_image(40, 72, 40 + seed) for seed in range(16)], rate=8)
+    return root
+
+
+# Rows whose videos the other formats carry inside: two images and a frame-list video; a video file;
+# a video file and a frame-list video (each JSON row here has its tar / table / Energon twin).
+VIDEO_ROWS = [
+    full_row(),
+    {"id": "file", "video": "clip.mp4", "conversations": CONVERSATION[2:]},
+    {"id": "both", "videos": ["clip.mp4", FRAMES], "frame_rate": 4,
+     "conversations": [{"from": "human", "value": "<video> or <video>?"}, {"from": "gpt", "value": "The first."}]},
+]
