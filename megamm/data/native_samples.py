@@ -14,6 +14,12 @@ makes the sample `too_long` (skipped and counted): the model needs every token o
 and moving the cut before the image would train on a different sample than the one written. Images
 and videos wholly after the cut are dropped with their patches.
 
+Videos come as files or frame lists, either on disk (JSON rows: resolved paths) or in memory (tar
+members, table cells, Energon parts: `Record.video_bytes`); both decode through `megamm.data.video`
+to the same patches. `probe` gives the counts `build` would (each image's and video's grid, the
+tokens) from image headers, a frame list's first frame and a video file's container header, without
+decoding, for --balance-vision-work (megamm.data.balance).
+
 Bad input is `BadSample` as in `megamm.data.samples`: "image" (an image or a frame file),
 "video" (a video that cannot be decoded, has too few frames, frames of different sizes, an aspect
 ratio above 200), "schema", "all_masked", "too_long". A video file without PyAV installed is not a bad

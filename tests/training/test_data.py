@@ -1,7 +1,8 @@
 """Training on dataset files end to end: a corrupted dataset is trained through with every bad record
 skipped and counted, packed rows (here through a 2-stage pipeline) train exactly like padded ones, a
-global batch balanced over dp ranks trains like the contiguous split, and the native-resolution
-family's batches are as each pipeline stage receives them."""
+global batch balanced over dp ranks trains like the contiguous split (tiles, and native-resolution
+images and videos), and the native-resolution family's batches are as each pipeline stage receives
+them."""
 
 from __future__ import annotations
 
