@@ -120,3 +120,18 @@ def write_qwen_tokenizer(path: Path, corpus: list[str], specials: tuple[str, ...
     backend.train_from_iterator(corpus * 20, trainer)
     backend.save(str(path))
     return path
+
+
+def write_mp4(path: Path, frames: list[Image.Image], rate: int) -> Path:
+    """An mpeg4 video file of `frames` (RGB, all one size) at `rate` frames per second, written with
+    PyAV (the "video" extra; callers skip without it); returns its path."""
+    import av
+
+    width, height = frames[0].size
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        container.mux(stream.encode())
+    return path

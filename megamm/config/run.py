@@ -469,9 +469,6 @@ def native_data_problems(run: RunConfig) -> list[str]:
     if t.image_normalization is not None:
         found.append(f"--image-normalization {t.image_normalization}: a native-resolution vision tower "
                      "normalizes with its own (CLIP) statistics")
-    if t.balance_vision_work:
-        found.append("--balance-vision-work: the sample probe that weighs samples before they are built "
-                     "reads tiled images only; a native-resolution vision tower cannot be balanced yet")
     return found
 
 

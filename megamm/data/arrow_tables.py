@@ -14,6 +14,13 @@ struct with no bytes but a path, and a string, name a file resolved under `--ima
 the JSON rows' paths are (escapes refused). An optional `id` column (string or integer) names the
 sample. A null image list or null image column value means a text-only row.
 
+Videos (the native-resolution family reads them) come from one video column, `video` (one video a
+row) or `videos` (a list); both at once is refused. A video is a video file held like an image (a
+`{bytes, path}` struct, `binary`, a `string` path: read and decoded with PyAV) or its frames, a list
+of image values in order, taken at the row's `frame_rate` (an optional number column, default 2 per
+second). Whether a video column holds files or frames is decided from its type when the source is
+opened. A null video value means a row without videos.
+
 Access is random by row and reads only what it needs: a Parquet file is opened memory-mapped and a row
 reads its row group (the needed columns only), of which the last few are kept (`cache_row_groups`);
 Hugging Face writes image datasets in row groups of 100 rows, so a random row costs about 100 rows'
@@ -37,6 +44,7 @@ from megamm.data.sources import (
     BadSample,
     Record,
     SourceError,
+    _frame_rate,
     _Invalid,
     _row_conversations,
     _sample_id,
@@ -47,6 +55,7 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = "pip install megamm[parquet]"
 IMAGE_COLUMNS = ("image", "images")
+VIDEO_COLUMNS = ("video", "videos")
 CAPTION_COLUMNS = ("caption", "text")
 # Row groups kept per Parquet file: a permutation rarely hits the same group twice in a row, so a
 # small cache only serves the sequential case; larger caches cost memory for image columns.
@@ -154,23 +163,54 @@ def _image_type_ok(pa: Any, value_type: Any) -> bool:
     return False
 
 
-def _columns(path: str, schema: pa.Schema) -> tuple[TableSchema, list[str], str | None]:
-    """(schema kind, columns to read, image column) of one file; SourceError naming what is wrong."""
+def _is_list(pa: Any, value_type: Any) -> bool:
+    return pa.types.is_list(value_type) or pa.types.is_large_list(value_type)
+
+
+def _one_column(path: str, names: set[str], choices: tuple[str, str]) -> str | None:
+    """The one of `choices` (the singular and plural column) the file has, if any."""
+    present = [name for name in choices if name in names]
+    if len(present) > 1:
+        raise SourceError(f"{path}: has both {present[0]!r} and {present[1]!r} columns; keep one")
+    return present[0] if present else None
+
+
+def _video_frames(path: str, schema: pa.Schema, column: str) -> bool:
+    """Whether the video column holds frame lists (True) or video files (False); SourceError for any
+    other type. `video`: a file value or a list of frame values; `videos`: a list of either."""
+    pa = _pyarrow(path)
+    value_type = schema.field(column).type
+    if column == "videos":
+        if not _is_list(pa, value_type):
+            raise SourceError(f"{path}: column 'videos' has type {value_type}; expected a list of videos")
+        value_type = value_type.value_type
+    frames = _is_list(pa, value_type)
+    if not _image_type_ok(pa, value_type.value_type if frames else value_type):
+        raise SourceError(
+            f"{path}: column {column!r} has type {schema.field(column).type}; a video is a file (a {{bytes, "
+            f"path}} struct, binary, a string path) or its frames (a list of image values)"
+            + ("; 'videos' holds a list of them" if column == "videos" else "")
+        )
+    return frames
+
+
+def _columns(path: str, schema: pa.Schema) -> tuple[TableSchema, list[str], str | None, str | None, bool]:
+    """(schema kind, columns to read, image column, video column, whether its videos are frame lists)
+    of one file; SourceError naming what is wrong."""
     pa = _pyarrow(path)
     names = set(schema.names)
-    images = [name for name in IMAGE_COLUMNS if name in names]
-    if len(images) > 1:
-        raise SourceError(f"{path}: has both 'image' and 'images' columns; keep one")
-    image = images[0] if images else None
+    image = _one_column(path, names, IMAGE_COLUMNS)
     if image is not None:
         value_type = schema.field(image).type
-        if pa.types.is_list(value_type) or pa.types.is_large_list(value_type):
+        if _is_list(pa, value_type):
             value_type = value_type.value_type
         if not _image_type_ok(pa, value_type):
             raise SourceError(
                 f"{path}: column {image!r} has type {schema.field(image).type}; expected an image struct "
                 "{bytes, path}, binary, a string path, or a list of one of these"
             )
+    video = _one_column(path, names, VIDEO_COLUMNS)
+    frames = video is not None and _video_frames(path, schema, video)
     if "conversations" in names:
         kind: TableSchema = "conversations"
         text = ["conversations"]
@@ -182,8 +222,9 @@ def _columns(path: str, schema: pa.Schema) -> tuple[TableSchema, list[str], str 
                 "with an 'image' column (caption rows)"
             )
         kind, text = "captions", captions[:1]
-    columns = text + ([image] if image else []) + (["id"] if "id" in names else [])
-    return kind, columns, image
+    optional = [name for name in ("id", "frame_rate") if name in names]
+    columns = text + [column for column in (image, video) if column] + optional
+    return kind, columns, image, video, frames
 
 
 class ArrowTableSource:
@@ -226,7 +267,7 @@ class ArrowTableSource:
             else:
                 self._files.append(_IpcFile(path, found[1]))
         assert layout is not None
-        self.schema, _, self.image_column = layout
+        self.schema, _, self.image_column, self.video_column, self.video_frames = layout
         self._starts = [0]
         for file in self._files:
             self._starts.append(self._starts[-1] + file.num_rows)
@@ -252,9 +293,10 @@ class ArrowTableSource:
 
     def _parse(self, values: dict[str, Any], path: str, row: int) -> Record:
         names, data = self._images(values.get(self.image_column) if self.image_column else None)
+        video_names, video_data = self._videos(values.get(self.video_column) if self.video_column else None)
         llava = self.schema == "conversations"
         turns = self._turns(values["conversations"]) if llava else None
-        conversations, kind = _row_conversations(values, turns, len(names), llava)
+        conversations, kind = _row_conversations(values, turns, len(names), llava, len(video_names))
         return Record(
             source=path,
             index=row,
@@ -263,7 +305,35 @@ class ArrowTableSource:
             images=names,
             image_bytes=data,
             kind=kind,
+            videos=video_names,
+            frame_rate=_frame_rate(values),
+            video_bytes=video_data if video_names else None,
         )
+
+    def _videos(self, value: Any) -> tuple[list[str | list[str]], list[bytes | list[bytes]]]:
+        """(names, encoded bytes) of a row's video value, nested as Record.videos: a video file each,
+        or the frames of each (see the module docstring)."""
+        column = self.video_column
+        if value is None:
+            return [], []
+        videos = value if column == "videos" else [value]
+        names: list[str | list[str]] = []
+        data: list[bytes | list[bytes]] = []
+        for number, video in enumerate(videos):
+            label = f"{column}[{number}]" if column == "videos" else f"{column}"
+            if video is None:
+                raise _Invalid("video", f"{label} is null")
+            if not self.video_frames:
+                name, content = self._media(video, label, "video")
+                names.append(name)
+                data.append(content)
+                continue
+            if not video:
+                raise _Invalid("video", f"{label} holds no frames")
+            frames = [self._media(frame, f"{label}[{index}]", "video") for index, frame in enumerate(video)]
+            names.append([name for name, _ in frames])
+            data.append([content for _, content in frames])
+        return names, data
 
     @staticmethod
     def _turns(value: Any) -> Any:
@@ -285,33 +355,35 @@ class ArrowTableSource:
             label = f"{self.image_column}[{number}]"
             if item is None:
                 raise _Invalid("image", f"{label} is null")
-            if isinstance(item, dict):
-                content, path = item.get("bytes"), item.get("path")
-                if content is not None:
-                    names.append(path or label)
-                    data.append(content)
-                    continue
-                if not path:
-                    raise _Invalid("image", f"{label} has neither bytes nor a path")
-                item = path
-            if isinstance(item, bytes):
-                names.append(label)
-                data.append(item)
-            else:
-                names.append(item)
-                data.append(self._read_file(item))
+            name, content = self._media(item, label, "image")
+            names.append(name)
+            data.append(content)
         return names, data
 
-    def _read_file(self, name: str) -> bytes:
-        """The bytes of a path-only image, resolved under image_root like a JSON row's image."""
+    def _media(self, item: Any, label: str, what: str) -> tuple[str, bytes]:
+        """(name, encoded bytes) of one image or video value: a {bytes, path} struct, binary, or a path."""
+        if isinstance(item, dict):
+            content, path = item.get("bytes"), item.get("path")
+            if content is not None:
+                return path or label, content
+            if not path:
+                raise _Invalid(what, f"{label} has neither bytes nor a path")
+            item = path
+        if isinstance(item, bytes):
+            return label, item
+        return item, self._read_file(item, what)
+
+    def _read_file(self, name: str, what: str) -> bytes:
+        """The bytes of a path-only image or video, resolved under image_root like a JSON row's paths
+        (a missing or escaping path is an "image" bad sample for both, as in the JSON rows)."""
         if self.image_root is None:
-            raise _Invalid("image", f"image {name!r} is a path and the source has no image_root (--image-folder)")
+            raise _Invalid("image", f"{what} {name!r} is a path and the source has no image_root (--image-folder)")
         try:
             return resolve_image_path(name, self.image_root).read_bytes()
         except ImageError as error:
             raise _Invalid("image", str(error)) from error
         except OSError as error:
-            raise _Invalid("image", f"cannot read image {name!r}: {error}") from error
+            raise _Invalid("image", f"cannot read {what} {name!r}: {error}") from error
 
 
 def saved_dataset_files(path: str) -> list[str]:

@@ -7,7 +7,9 @@ another, and every rank waits for it at the gradient sync. Instead, the G positi
 batch are assigned to (rank, microbatch) slots by their estimated cost:
 
 1. every rank probes the cost of all G positions (`SampleLayout`: image headers and the rendered
-   token count, no pixel decoding; megamm.data.samples.SampleBuilder.probe),
+   token count, no pixel decoding; megamm.data.samples.SampleBuilder.probe for tiles,
+   megamm.data.native_samples.NativeSampleBuilder.probe for native-resolution images and videos:
+   each one's (t, h, w) grid from its header, a video's from its container header or first frame),
 2. longest processing time first: positions in decreasing cost go to the least-loaded rank that
    still has room, each rank taking exactly G/D (every rank must run the same number of
    microbatches), then the same within each rank over its microbatches of `micro_batch_size`.
@@ -24,9 +26,9 @@ the record and the image header (and tokenizes); for a record whose image only f
 decoding, the probe's cost is the bad record's, so that one slot is estimated from the wrong sample
 (the loader replaces it as always; nothing is lost or repeated). Costs are weighed by
 `SampleCost -> float` callables (megamm.training.metrics.sample_flops: the model's FLOPs, attention
-quadratic in each tower sequence), and the cost takes vision-token counts per tower input and the
-text-token count, so native-resolution images (one tower sequence of its own length per image) fit
-the same function.
+quadratic in each tower sequence); the cost takes vision-token counts per tower input and the
+text-token count, and for native-resolution inputs their grids (attention runs per frame, or per
+window in Qwen2.5-VL's windowed layers).
 """
 
 from __future__ import annotations
@@ -37,14 +39,21 @@ from dataclasses import dataclass
 
 from megamm.data.samples import SampleLayout
 
+Grid = tuple[int, int, int]
+
 
 @dataclass(frozen=True)
 class SampleCost:
     """What a sample costs: the tower tokens of each vision-tower input (a tile, or a native-
-    resolution image) and its language-model tokens (image tokens included)."""
+    resolution image or video) and its language-model tokens (image tokens included).
+
+    grids: the (t, h, w) patch grid of each native-resolution input (empty for tiles), which the
+    FLOP count needs beyond the token counts (attention runs per frame, or per window).
+    """
 
     vision: tuple[int, ...]
     text: int
+    grids: tuple[Grid, ...] = ()
 
     @property
     def vision_tokens(self) -> int:
@@ -54,9 +63,16 @@ class SampleCost:
 Weigh = Callable[[SampleCost], float]
 
 
-def tiled_cost(layout: SampleLayout, tower_tokens: int) -> SampleCost:
-    """The cost of a tiled sample: every tower input is one sequence of `tower_tokens` (the tower's
-    patches plus class token)."""
+def sample_cost(layout: SampleLayout, tower_tokens: int | None) -> SampleCost:
+    """The cost of a probed sample. Tiled (a fixed-size tower): every tower input is one sequence of
+    `tower_tokens` (the tower's patches plus class token). Native-resolution (`layout.grids`, the
+    tower given as `tower_tokens=None`): each image and video is one sequence of its t * h * w
+    patches."""
+    if tower_tokens is None:
+        return SampleCost(tuple(t * h * w for t, h, w in layout.grids), layout.tokens, layout.grids)
+    if layout.grids:
+        raise ValueError(f"a native-resolution sample (grids {layout.grids}) weighed as tiles of {tower_tokens} "
+                         "tokens; a native-resolution tower's balancer has tower_tokens=None")
     return SampleCost((tower_tokens,) * sum(layout.tiles_per_image), layout.tokens)
 
 
@@ -126,17 +142,17 @@ class BatchPlan:
 
 @dataclass(frozen=True)
 class Balancer:
-    """How the loader spreads a global batch: microbatch size, the tower's tokens per input and the
-    weighing of a cost."""
+    """How the loader spreads a global batch: microbatch size, the tower's tokens per input (None for a
+    native-resolution tower, whose inputs are as long as their grids) and the weighing of a cost."""
 
     micro_batch_size: int
-    tower_tokens: int
+    tower_tokens: int | None
     weigh: Weigh
 
     def plan(self, first_position: int, global_batch: int, dp_size: int,
              probe: Callable[[int], SampleLayout]) -> BatchPlan:
         """The plan of the global batch at positions [first_position, first_position + global_batch)."""
-        costs = [tiled_cost(probe(first_position + i), self.tower_tokens) for i in range(global_batch)]
+        costs = [sample_cost(probe(first_position + i), self.tower_tokens) for i in range(global_batch)]
         split = balanced_split([self.weigh(c) for c in costs], dp_size, self.micro_batch_size)
         positions = [[[first_position + i for i in mb] for mb in rank] for rank in split]
         return BatchPlan(positions, Imbalance.of(costs, split),

@@ -15,10 +15,15 @@ Sample types, mapped to records:
 * `VQASample` (image, context, answers, answer_weights): human context (the image placeholder is
   prepended when the context has none), gpt the answer of largest weight (the first one without
   weights).
+* `VidQASample` (video, context, answers, answer_weights): as VQA with the video (kept encoded, decoded
+  by megamm.data.video with PyAV, not by Energon's AVDecoder) in place of the image; a context
+  without a "<video>" placeholder gets one prepended.
 * `CrudeWebdataset` samples: the dataset's own parts, read as megamm's tar shards are: a `json` part with
-  a LLaVA row (multi-turn `conversations`) or a caption row, and image parts `<key>.jpg` or
-  `<key>.0.jpg`, `<key>.1.jpg`, ... Energon has no multi-turn conversation type of its own; this is the
-  form Megatron's conversation datasets take before their task encoder's cooker.
+  a LLaVA row (multi-turn `conversations`) or a caption row, image parts `<key>.jpg` or
+  `<key>.0.jpg`, `<key>.1.jpg`, ..., and video parts (`<key>.mp4`, or frame images
+  `<key>.frames.0.jpg`, ...; megamm.data.tar_shards.video_parts). Energon has no multi-turn
+  conversation type of its own; this is the form Megatron's conversation datasets take before their
+  task encoder's cooker.
 
 Index i is Energon's order: the split's shards in `split.yaml` order, samples in tar order. Datasets
 whose split excludes single samples (`exclude` entries naming keys, not shards) are refused, since the
@@ -43,10 +48,10 @@ from megamm.data.sources import (
     _check_conversations,
     _Invalid,
 )
-from megamm.data.tar_shards import image_parts, sample_record
+from megamm.data.tar_shards import image_parts, sample_record, video_parts
 
 INSTALL_HINT = "pip install megamm[energon]"
-SUPPORTED_TYPES = ("CaptioningSample", "VQASample", "CrudeSample")
+SUPPORTED_TYPES = ("CaptioningSample", "VQASample", "VidQASample", "CrudeSample")
 
 
 def _energon(path: str) -> Any:
@@ -171,14 +176,12 @@ class EnergonSource:
 
     def _record(self, sample: Any, shard: str, index: int, key: str) -> Record:
         if self.sample_type == "CrudeSample":
-            parts = {name: f"{key}.{name}" for name in sample if not name.startswith("__")}
-            if "json" not in parts:
-                raise _Invalid("member", f"no {key}.json part")
-            images = image_parts(parts)
-            return sample_record(
-                sample["json"], parts["json"], [parts[s] for s in images], [_bytes(sample[s], parts[s]) for s in images],
-                shard, index, key,
-            )
+            return _crude_record(sample, shard, index, key)
+        if self.sample_type == "VidQASample":
+            video = _bytes(sample.video, f"{key} video")
+            turns = [{"from": "human", "value": sample.context}, {"from": "gpt", "value": _answer(sample)}]
+            return Record(shard, index, key, _check_conversations(turns, 0, 1), [], None, "conversation",
+                          videos=[f"{key} video"], video_bytes=[video])
         image = _bytes(sample.image, f"{key} image")
         if self.sample_type == "CaptioningSample":
             conversations = _caption_conversations({"caption": sample.caption})
@@ -191,9 +194,24 @@ class EnergonSource:
         return Record(shard, index, key, conversations, [f"{key} image"], [image], kind)
 
 
+def _crude_record(sample: dict[str, Any], shard: str, index: int, key: str) -> Record:
+    """A crude sample's parts read as a tar shard's members: its json row, images and videos."""
+    parts = {name: f"{key}.{name}" for name in sample if not name.startswith("__")}
+    if "json" not in parts:
+        raise _Invalid("member", f"no {key}.json part")
+    images, videos = image_parts(parts), video_parts(parts)
+    return sample_record(
+        sample["json"], parts["json"], [parts[s] for s in images], [_bytes(sample[s], parts[s]) for s in images],
+        shard, index, key,
+        [parts[v] if isinstance(v, str) else [parts[f] for f in v] for v in videos],
+        [_bytes(sample[v], parts[v]) if isinstance(v, str) else [_bytes(sample[f], parts[f]) for f in v]
+         for v in videos],
+    )
+
+
 def _bytes(value: Any, name: str) -> bytes:
     if not isinstance(value, bytes):
-        raise _Invalid("member", f"{name} is a {type(value).__name__}, not an encoded image")
+        raise _Invalid("member", f"{name} is a {type(value).__name__}, not an encoded image or video")
     return value
 
 

@@ -117,6 +117,13 @@ def smart_resize(height: int, width: int, resolution: NativeResolution) -> tuple
     return h_bar, w_bar
 
 
+def image_grid(height: int, width: int, resolution: NativeResolution) -> tuple[int, int, int]:
+    """The (1, h, w) patch grid `preprocess_image` gives an image of `height x width`, from its size
+    alone (the probe that weighs a sample before decoding it, megamm.data.balance)."""
+    resized_height, resized_width = smart_resize(height, width, resolution)
+    return 1, resized_height // resolution.patch_size, resized_width // resolution.patch_size
+
+
 def resize_and_normalize(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """An RGB image -> `[3, height, width]` float32, resized to `size` = (height, width), CLIP-normalized.
 
@@ -195,6 +202,7 @@ __all__ = [
     "VIDEO_RESOLUTION",
     "NativeResolution",
     "VisionInput",
+    "image_grid",
     "num_vision_tokens",
     "patchify",
     "preprocess_image",

@@ -14,6 +14,12 @@ makes the sample `too_long` (skipped and counted): the model needs every token o
 and moving the cut before the image would train on a different sample than the one written. Images
 and videos wholly after the cut are dropped with their patches.
 
+Videos come as files or frame lists, either on disk (JSON rows: resolved paths) or in memory (tar
+members, table cells, Energon parts: `Record.video_bytes`); both decode through `megamm.data.video`
+to the same patches. `probe` gives the counts `build` would (each image's and video's grid, the
+tokens) from image headers, a frame list's first frame and a video file's container header, without
+decoding, for --balance-vision-work (megamm.data.balance).
+
 Bad input is `BadSample` as in `megamm.data.samples`: "image" (an image or a frame file),
 "video" (a video that cannot be decoded, has too few frames, frames of different sizes, an aspect
 ratio above 200), "schema", "all_masked", "too_long". A video file without PyAV installed is not a bad
@@ -23,21 +29,39 @@ sample but an ImportError naming the file and the package, since every video of 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from megamm.config.constants import VIDEO_FPS
-from megamm.data.images import DEFAULT_MAX_PIXELS, ImageError
+from megamm.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size, resolve_image_path
 from megamm.data.mrope import mrope_position_ids
-from megamm.data.native_resolution import VIDEO_RESOLUTION, NativeResolution, VisionInput, preprocess_image
+from megamm.data.native_resolution import (
+    VIDEO_RESOLUTION,
+    NativeResolution,
+    VisionInput,
+    image_grid,
+    num_vision_tokens,
+    preprocess_image,
+)
 from megamm.data.qwen_template import VIDEO_PAD, Qwen2VLTemplate, QwenTokenized, render_qwen2_vl
-from megamm.data.samples import NativeVision, Sample, load_record_image
+from megamm.data.samples import NativeVision, Sample, SampleLayout, load_record_image, record_image_size
 from megamm.data.sources import BadSample, Record
 from megamm.data.templates import AllLabelsMaskedError, ChatTemplate, get_template
 from megamm.data.tokenizer import Tokenizer
-from megamm.data.video import MAX_FRAMES, VideoInput, load_frame_list, load_video_file
+from megamm.data.video import (
+    MAX_FRAMES,
+    VideoInput,
+    frame_list_grid,
+    load_frame_bytes,
+    load_frame_list,
+    load_video_bytes,
+    load_video_file,
+    video_file_grid,
+)
 
 if TYPE_CHECKING:
     from megamm.config import VisionConfig
@@ -92,6 +116,15 @@ def native_settings(vision: VisionConfig, training: TrainingConfig) -> NativeSet
     )
 
 
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+def _frames_root(frames: Sequence[str]) -> str:
+    """The folder a JSON row's resolved frame files are read under: their common directory."""
+    return os.path.commonpath([os.path.dirname(frame) for frame in frames])
+
+
 def vision_spans(tokenized: QwenTokenized) -> list[tuple[int, int]]:
     """[start, end) of every image and video with its `<|vision_start|>` and `<|vision_end|>` markers."""
     return sorted((start - 1, end + 1) for start, end in tokenized.image_spans + tokenized.video_spans)
@@ -127,22 +160,44 @@ class NativeSampleBuilder:
                 raise ImageError(f"image {record.images[number]!r}: {error}") from None
         return inputs
 
-    def _video(self, video: str | list[str], frame_rate: float) -> VideoInput:
-        settings = self.settings
+    def _video(self, record: Record, number: int) -> VideoInput:
+        """Video `number` of `record`: decoded from its bytes (tar, Parquet, Energon) or its files."""
+        settings, video = self.settings, record.videos[number]
+        sampling = (settings.fps, settings.video, settings.max_frames)
+        if record.video_bytes is not None:
+            data = record.video_bytes[number]
+            if isinstance(data, bytes):
+                return load_video_bytes(data, f"{record.source}:{video}", *sampling)
+            names = [f"{record.source}:{frame}" for frame in video]
+            return load_frame_bytes(data, names, record.frame_rate, *sampling)
         if isinstance(video, str):
-            return load_video_file(video, settings.fps, settings.video, settings.max_frames)
-        root = os.path.commonpath([os.path.dirname(frame) for frame in video])
-        return load_frame_list(video, root, frame_rate, settings.fps, settings.video, settings.max_frames)
+            return load_video_file(video, *sampling)
+        return load_frame_list(video, _frames_root(video), record.frame_rate, *sampling)
 
-    def _videos(self, record: Record) -> list[VideoInput]:
-        inputs = []
+    def _video_grid(self, record: Record, number: int) -> tuple[int, int, int]:
+        """The grid `_video` gives, from the video's header or its first frame's (no frame decoded)."""
+        settings, video = self.settings, record.videos[number]
+        sampling = (settings.fps, settings.video, settings.max_frames)
+        if isinstance(video, str):
+            if record.video_bytes is None:
+                return video_file_grid(Path(video), video, *sampling)
+            return video_file_grid(record.video_bytes[number], f"{record.source}:{video}", *sampling)
+        if record.video_bytes is None:
+            first = image_size(resolve_image_path(video[0], _frames_root(video)), repr(video[0]))
+        else:
+            first = image_size(record.video_bytes[number][0], f"{record.source}:{video[0]}")
+        return frame_list_grid(len(video), first, record.frame_rate, *sampling)
+
+    def _videos(self, record: Record, read: Callable[[Record, int], T]) -> list[T]:
+        """`read` of every video of `record`; ValueError naming the video when one cannot be used."""
+        results = []
         for number, video in enumerate(record.videos):
             try:
-                inputs.append(self._video(video, record.frame_rate))
+                results.append(read(record, number))
             except (ValueError, OSError) as error:  # ImageError (a frame file) is a ValueError
                 name = video if isinstance(video, str) else f"of {len(video)} frames from {video[0]!r}"
                 raise ValueError(f"video {number} {name}: {error}") from None
-        return inputs
+        return results
 
     def _truncate(self, tokenized: QwenTokenized, where: str, source: str) -> QwenTokenized:
         """At most seq_length tokens, cut in text only (see the module docstring)."""
@@ -168,29 +223,63 @@ class NativeSampleBuilder:
                             f"all labels are masked after truncating {length} tokens to {cut}")
         return kept
 
-    def build(self, record: Record) -> Sample:
-        """The sample for `record`, or BadSample naming it and what is wrong."""
-        where = f"sample {record.index} (id {record.sample_id!r})"
+    def _read(self, record: Record, where: str, images: Callable[[Record], list[T]],
+              videos: Callable[[Record, int], U]) -> tuple[list[T], list[U]]:
+        """`images(record)` and `videos` of each video, their failures as BadSample "image" / "video"."""
         try:
-            images = self._images(record)
+            image_items = images(record)
         except ImageError as error:
             raise BadSample(record.source, where, "image", str(error)) from None
         try:
-            videos = self._videos(record)
+            video_items = self._videos(record, videos)
         except ValueError as error:
             raise BadSample(record.source, where, "video", str(error)) from None
+        return image_items, video_items
+
+    def _tokens(self, record: Record, where: str, image_tokens: list[int], video_tokens: list[int]) -> QwenTokenized:
+        """The conversation rendered with these token counts per image and video and truncated, or BadSample."""
         try:
-            tokenized = render_qwen2_vl(
-                record.conversations, self.tokenizer,
-                [item.num_tokens for item in images], [item.num_tokens for item in videos], self.template,
-            )
+            tokenized = render_qwen2_vl(record.conversations, self.tokenizer, image_tokens, video_tokens, self.template)
         except AllLabelsMaskedError as error:
             raise BadSample(record.source, where, "all_masked", str(error)) from None
         except (ValueError, TypeError) as error:
             raise BadSample(record.source, where, "schema", str(error)) from None
-        kept = self._truncate(tokenized, where, record.source)
+        return self._truncate(tokenized, where, record.source)
+
+    def build(self, record: Record) -> Sample:
+        """The sample for `record`, or BadSample naming it and what is wrong."""
+        where = f"sample {record.index} (id {record.sample_id!r})"
+        images, videos = self._read(record, where, self._images, self._video)
+        kept = self._tokens(record, where, [item.num_tokens for item in images], [item.num_tokens for item in videos])
         images, videos = images[: len(kept.image_spans)], videos[: len(kept.video_spans)]
         return self._sample(record, kept, images, videos)
+
+    def _image_grids(self, record: Record) -> list[tuple[int, int, int]]:
+        """The grid of each image of `record` from its header (`native_resolution.image_grid`)."""
+        grids = []
+        for number in range(len(record.images)):
+            width, height = record_image_size(record, number)
+            try:
+                grids.append(image_grid(height, width, self.settings.image))
+            except ValueError as error:  # an aspect ratio smart_resize refuses, as in `_images`
+                raise ImageError(f"image {record.images[number]!r}: {error}") from None
+        return grids
+
+    def probe(self, record: Record) -> SampleLayout:
+        """The counts `build(record)` gives (the (t, h, w) grid of each kept image and video and the
+        tokens), reading image headers, the first frame's header of a frame-list video and a video
+        file's container header instead of decoding anything; the same BadSample for a bad
+        conversation, a missing file, an aspect ratio out of range or a cut through a vision span.
+        What only decoding finds (a corrupt image or frame, frames of different sizes, an image above
+        max_decoded_pixels, a container whose recorded frame count is wrong) is found by `build` alone,
+        so there the counts are the probed record's, not those of the record that replaces it."""
+        where = f"sample {record.index} (id {record.sample_id!r})"
+        image_grids, video_grids = self._read(record, where, self._image_grids, self._video_grid)
+        merge = self.settings.image.merge_size
+        kept = self._tokens(record, where, [num_vision_tokens(grid, merge) for grid in image_grids],
+                            [num_vision_tokens(grid, merge) for grid in video_grids])
+        images, videos = image_grids[: len(kept.image_spans)], video_grids[: len(kept.video_spans)]
+        return SampleLayout((1,) * len(images), len(kept.input_ids), tuple(images + videos))
 
     def _sample(
         self, record: Record, kept: QwenTokenized, images: list[VisionInput], videos: list[VideoInput]

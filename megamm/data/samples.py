@@ -151,13 +151,27 @@ def load_record_image(record: Record, number: int, max_pixels: int | None) -> Im
     return load_image(name, os.path.dirname(name) or ".", max_pixels)
 
 
+def record_image_size(record: Record, number: int) -> tuple[int, int]:
+    """(width, height) of image `number` of `record` from its header alone (the probes' read);
+    ImageError naming it when the header is unreadable or the file missing."""
+    name = record.images[number]
+    if record.image_bytes is not None:
+        return image_size(record.image_bytes[number], f"{record.source}:{name}")
+    return image_size(resolve_image_path(name, os.path.dirname(name) or "."), repr(name))
+
+
 @dataclass(frozen=True)
 class SampleLayout:
-    """What `SampleBuilder.build` would give, in counts: vision-tower inputs of each kept image
-    (tiles included) and the sample's tokens (image tokens included)."""
+    """What `build` would give, in counts: vision-tower inputs of each kept image (tiles included;
+    1 per image for the native-resolution family) and the sample's tokens (image tokens included).
+
+    grids: the native-resolution family's (t, h, w) patch grid of each kept image, then of each kept
+    video (one tower sequence each; `NativeSampleBuilder.probe`); empty for the fixed-size towers.
+    """
 
     tiles_per_image: tuple[int, ...]
     tokens: int
+    grids: tuple[tuple[int, int, int], ...] = ()
 
 
 def _refuse_videos(record: Record) -> str:
@@ -213,11 +227,8 @@ class SampleBuilder:
     def _tiles(self, record: Record) -> list[int]:
         """Tower inputs of each image from its header alone (the grid `preprocess_tiles` picks)."""
         settings, tiles = self.images, []
-        for number, name in enumerate(record.images):
-            if record.image_bytes is not None:
-                size = image_size(record.image_bytes[number], f"{record.source}:{name}")
-            else:
-                size = image_size(resolve_image_path(name, os.path.dirname(name) or "."), repr(name))
+        for number in range(len(record.images)):
+            size = record_image_size(record, number)
             if settings.max_tiles == 1:
                 tiles.append(1)
             else:

@@ -15,7 +15,8 @@ Sources (all random access: `len(source)`, `source[i]`):
 * `CaptionSource` - image-caption pairs, `{"image": str, "caption" | "text": str}` per row, turned into a
   two-turn conversation (human "<image>", gpt caption).
 * `TarShardSource` (megamm.data.tar_shards) - webdataset-style uncompressed tar shards, `<key>.json`
-  plus image members.
+  plus image and video members; Parquet / Arrow tables (megamm.data.arrow_tables) and Energon
+  datasets (megamm.data.energon) likewise hold their images and videos inside.
 
 `BlendedSource` mixes several sources with given weights, deterministically (Megatron's blending).
 
@@ -78,8 +79,10 @@ class Record:
 
     `images` holds resolved absolute paths for file sources and tar member names for shards; in the
     latter case `image_bytes` holds the encoded image files in the same order (None otherwise).
-    `videos` (JSON rows only) holds one entry per "<video>" in order: a resolved video file path, or
-    the resolved paths of its frame files, extracted at `frame_rate` frames per second.
+    `videos` holds one entry per "<video>" in order: a video file, or its frame images (a list, in
+    order, extracted at `frame_rate` frames per second); as resolved paths for JSON rows, as names
+    (tar members, table cells) with the encoded files in `video_bytes` (the same nesting: an encoded
+    video, or a list of encoded frames) for the formats that hold their videos inside.
     """
 
     source: str
@@ -91,6 +94,7 @@ class Record:
     kind: RecordKind = "conversation"
     videos: list[str | list[str]] = field(default_factory=list)
     frame_rate: float = DEFAULT_FRAME_RATE
+    video_bytes: list[bytes | list[bytes]] | None = None
 
 
 class RecordSource(Protocol):
@@ -146,10 +150,18 @@ def _row_videos(row: dict[str, Any]) -> tuple[list[str | list[str]], float]:
         if not (isinstance(video, str) and video) and not frames:
             raise _Invalid("schema", f"video {number} must be a video file path or a non-empty list of frame "
                                      f"paths, got {video!r}")
-    rate = row.get("frame_rate", DEFAULT_FRAME_RATE)
+    return videos, _frame_rate(row)
+
+
+def _frame_rate(row: dict[str, Any]) -> float:
+    """The row's "frame_rate": frames per second its frame-list videos were extracted at (positive;
+    default DEFAULT_FRAME_RATE, also for a null table cell)."""
+    rate = row.get("frame_rate")
+    if rate is None:
+        return DEFAULT_FRAME_RATE
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
         raise _Invalid("schema", f"'frame_rate' must be a positive number of frames per second, got {rate!r}")
-    return videos, float(rate)
+    return float(rate)
 
 
 def _check_conversations(conversations: Any, num_images: int, num_videos: int = 0) -> list[dict[str, str]]:
@@ -204,17 +216,17 @@ def _caption_conversations(row: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def _row_conversations(
-    row: dict[str, Any], conversations: Any, num_images: int, llava: bool
+    row: dict[str, Any], conversations: Any, num_images: int, llava: bool, num_videos: int = 0
 ) -> tuple[list[dict[str, str]], RecordKind]:
-    """A row's turns and kind: its checked LLaVA `conversations` when `llava`, else the caption row's two
-    turns (a caption row takes exactly one image). Shared by the formats whose rows may be either,
-    none of which carries videos (those are JSON rows' files)."""
-    if "video" in row or "videos" in row:
-        raise _Invalid("schema", "videos are read from JSON / JSONL rows only (files under --image-folder)")
+    """A row's turns and kind: its checked LLaVA `conversations` (placeholders counted against the
+    images and videos) when `llava`, else the caption row's two turns (a caption row takes exactly one
+    image and no video). Shared by the formats whose rows may be either (tar shards, tables, Energon)."""
     if llava:
-        return _check_conversations(conversations, num_images), "conversation" if num_images else "text"
-    if num_images != 1:
-        raise _Invalid("schema", f"a caption row needs exactly one image, got {num_images}")
+        kind: RecordKind = "conversation" if num_images or num_videos else "text"
+        return _check_conversations(conversations, num_images, num_videos), kind
+    if num_images != 1 or num_videos:
+        raise _Invalid("schema", f"a caption row needs exactly one image and no video, got {num_images} "
+                                 f"image(s) and {num_videos} video(s)")
     return _caption_conversations(row), "caption"
 
 

@@ -1,7 +1,8 @@
 """Webdataset-style tar shards as a record source (see megamm.data.sources for the other sources).
 
 A sample is the members sharing a key (the member path up to the first "." of its file name):
-`<key>.json` (a LLaVA row or a caption row) plus its images. Shards are indexed once by scanning the
+`<key>.json` (a LLaVA row or a caption row) plus its images (`image_parts`) and videos
+(`video_parts`: video files, or frame images of a video). Shards are indexed once by scanning the
 tar headers; a sample is then read by seeking to its members' stored offsets, so only uncompressed
 tars are supported.
 """
@@ -20,12 +21,16 @@ from megamm.data.sources import (
     BadSample,
     Record,
     SourceError,
+    _frame_rate,
     _Invalid,
     _row_conversations,
     _sample_id,
 )
 
 TAR_IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
+TAR_VIDEO_EXTENSIONS = frozenset({"mp4", "webm", "mkv", "mov", "avi"})
+# The suffix part marking a video's frame images: <key>.frames.<f>.<image ext>.
+FRAMES_PART = "frames"
 _TAR_BLOCK = 512
 
 
@@ -92,17 +97,93 @@ def image_parts(parts: Mapping[str, str]) -> list[str]:
     return single or [numbered[n] for n in sorted(numbered)]
 
 
-def sample_record(
-    row: Any, meta_name: str, images: list[str], image_bytes: list[bytes], source: str, index: int, key: str
-) -> Record:
-    """The record of a `<key>.json` row and its image members (names, bytes); _Invalid if unusable.
+def _video_part(suffix: str) -> tuple[int | None, int | None] | None:
+    """(video number, frame number) of a video part's suffix: `mp4` (None, None), `2.mp4` (2, None),
+    `frames.7.jpg` (None, 7), `2.frames.7.jpg` (2, 7); None for any other suffix."""
+    pieces = suffix.split(".")
+    ext = pieces[-1].lower()
+    if ext in TAR_VIDEO_EXTENSIONS and len(pieces) <= 2:
+        head = pieces[:-1]
+        frame = None
+    elif ext in TAR_IMAGE_EXTENSIONS and len(pieces) in (3, 4) and pieces[-3] == FRAMES_PART and pieces[-2].isdigit():
+        head = pieces[:-3]
+        frame = int(pieces[-2])
+    else:
+        return None
+    if head and not head[0].isdigit():
+        return None
+    return (int(head[0]) if head else None), frame
 
-    A row with "conversations" is a LLaVA row, any other a caption row (one image); an "image" field in
-    the row is ignored, since the images are the members.
+
+def video_parts(parts: Mapping[str, str]) -> list[str | list[str]]:
+    """The video parts of a sample, in order: suffix -> member name in; out, per video, the suffix of
+    its video file or the suffixes of its frame images in frame order.
+
+    Convention: a single video is `<key>.<ext>` (ext mp4, webm, mkv, mov or avi) or its frames
+    `<key>.frames.<f>.<image ext>`; several are `<key>.<n>.<ext>` / `<key>.<n>.frames.<f>.<image ext>`
+    with n = 0, 1, ... (numerically, as for images). Frames f count 0, 1, ... in order. Mixing the
+    numbered and unnumbered forms, a gap in n or f, a video both a file and frames, or two members for
+    one video file or frame is refused. Frame images never count as the sample's images
+    (`image_parts` takes only `<key>.<ext>` and `<key>.<n>.<ext>`).
+    """
+    files: dict[int | None, str] = {}
+    frames: dict[int | None, dict[int, str]] = {}
+    for suffix in parts:
+        found = _video_part(suffix)
+        if found is None:
+            continue
+        video, frame = found
+        label = "the video" if video is None else f"video {video}"
+        if frame is None:
+            if video in files:
+                raise _Invalid("member", f"two members for {label}: {parts[files[video]]}, {parts[suffix]}")
+            files[video] = suffix
+            continue
+        taken = frames.setdefault(video, {})
+        if frame in taken:
+            raise _Invalid("member", f"two members for frame {frame} of {label}: {parts[taken[frame]]}, {parts[suffix]}")
+        taken[frame] = suffix
+    both = files.keys() & frames.keys()
+    if both:
+        video = next(iter(both))
+        raise _Invalid("member", f"{'the video' if video is None else f'video {video}'} is both a file "
+                                 f"({parts[files[video]]}) and frames")
+    numbers = set(files) | set(frames)
+    if None in numbers and len(numbers) > 1:
+        raise _Invalid("member", "mixes <key>.<ext> and <key>.<n>.<ext> video members")
+    numbered = sorted(n for n in numbers if n is not None)
+    if numbered != list(range(len(numbered))):
+        raise _Invalid("member", f"video numbers must be 0..n-1, got {numbered}")
+    videos: list[str | list[str]] = []
+    for video in [None] if None in numbers else numbered:
+        if video in files:
+            videos.append(files[video])
+            continue
+        order = sorted(frames[video])
+        if order != list(range(len(order))):
+            raise _Invalid("member", f"frame numbers of {'the video' if video is None else f'video {video}'} "
+                                     f"must be 0..f-1, got {order}")
+        videos.append([frames[video][f] for f in order])
+    return videos
+
+
+def sample_record(
+    row: Any, meta_name: str, images: list[str], image_bytes: list[bytes], source: str, index: int, key: str,
+    videos: list[str | list[str]] | None = None, video_bytes: list[bytes | list[bytes]] | None = None,
+) -> Record:
+    """The record of a `<key>.json` row and its image and video members (names, bytes, in the nesting
+    of `video_parts`); _Invalid if unusable.
+
+    A row with "conversations" is a LLaVA row, any other a caption row (one image, no video); "image" /
+    "video" fields in the row are ignored, since the images and videos are the members. The row's
+    "frame_rate" is the rate the frame-image videos were extracted at (default 2 per second).
     """
     if not isinstance(row, dict):
         raise _Invalid("schema", f"{meta_name} holds a {type(row).__name__}, not an object")
-    conversations, kind = _row_conversations(row, row.get("conversations"), len(images), "conversations" in row)
+    videos = videos or []
+    conversations, kind = _row_conversations(
+        row, row.get("conversations"), len(images), "conversations" in row, len(videos)
+    )
     return Record(
         source=source,
         index=index,
@@ -111,6 +192,9 @@ def sample_record(
         images=images,
         image_bytes=image_bytes,
         kind=kind,
+        videos=videos,
+        frame_rate=_frame_rate(row),
+        video_bytes=video_bytes if videos else None,
     )
 
 
@@ -119,8 +203,9 @@ class TarShardSource:
 
     Members are grouped by key (see `_split_member_name`); a sample is `<key>.json`, holding a LLaVA row
     (with "conversations") or a caption row (with "caption" / "text"), plus its image members in the
-    order given by `image_parts`. Any "image" field inside the JSON is ignored: the images are the
-    members. Records carry the member names in `images` and their bytes in `image_bytes`
+    order given by `image_parts` and its video members in the order given by `video_parts`. Any
+    "image" / "video" field inside the JSON is ignored: the images and videos are the members. Records
+    carry the member names in `images` / `videos` and their bytes in `image_bytes` / `video_bytes`
     (`sample_record`).
 
     The index is built once, at construction, from the tar headers (tarfile); samples are in order of
@@ -222,16 +307,22 @@ class TarShardSource:
             raise _Invalid("member", f"no {sample.key}.json member")
         names = {suffix: member.name for suffix, member in sample.members.items()}
         images = [sample.members[suffix] for suffix in image_parts(names)]
+        videos = video_parts(names)
         try:
             with open(path, "rb") as f:
                 raw = [self._read_member(f, m) for m in [meta, *images]]
+                video_bytes = [self._read_member(f, sample.members[video]) if isinstance(video, str)
+                               else [self._read_member(f, sample.members[frame]) for frame in video]
+                               for video in videos]
         except OSError as e:
             raise _Invalid("member", f"cannot read members: {e}") from e
         try:
             row = json.loads(raw[0])
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _Invalid("json", f"malformed {meta.name}: {e}") from e
-        return sample_record(row, meta.name, [m.name for m in images], raw[1:], path, index, sample.key)
+        video_names = [names[video] if isinstance(video, str) else [names[frame] for frame in video] for video in videos]
+        return sample_record(row, meta.name, [m.name for m in images], raw[1:], path, index, sample.key,
+                             video_names, video_bytes)
 
     @staticmethod
     def _read_member(f: Any, member: _Member) -> bytes:

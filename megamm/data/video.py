@@ -20,17 +20,19 @@ can differ by a few 8-bit levels per pixel; the grid and the patch layout are th
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 from megamm.config.constants import VIDEO_MAX_FRAMES
-from megamm.data.images import load_image
+from megamm.data.images import load_image, load_image_bytes
 from megamm.data.native_resolution import (
     VIDEO_RESOLUTION,
     NativeResolution,
@@ -119,6 +121,15 @@ def preprocess_video(
     )
 
 
+def video_grid(num_frames: int, height: int, width: int, resolution: NativeResolution) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid `preprocess_video` gives `num_frames` sampled frames of `height x
+    width`, from the counts alone (the probe, megamm.data.balance); the frames are padded to a
+    multiple of `temporal_patch_size` as `preprocess_video` pads them."""
+    resized_height, resized_width = smart_resize(height, width, resolution)
+    return (math.ceil(num_frames / resolution.temporal_patch_size), resized_height // resolution.patch_size,
+            resized_width // resolution.patch_size)
+
+
 def load_frame_list(
     paths: Sequence[str | os.PathLike[str]],
     image_root: str | os.PathLike[str],
@@ -139,29 +150,121 @@ def load_frame_list(
     return preprocess_video(frames, sampled_rate(len(indices), len(paths), frame_rate), resolution)
 
 
-def _decode_video(path: Path) -> tuple[list[Image.Image], float]:
-    """All frames of a video file as RGB images, and its average frame rate (PyAV)."""
+def load_frame_bytes(
+    frames: Sequence[bytes],
+    names: Sequence[str],
+    frame_rate: float,
+    fps: float,
+    resolution: NativeResolution = VIDEO_RESOLUTION,
+    max_frames: int = MAX_FRAMES,
+) -> VideoInput:
+    """`load_frame_list` for encoded frame images held in memory (tar members, Parquet cells); `names`
+    name them in errors."""
+    indices = sample_frame_indices(
+        len(frames), frame_rate, fps, resolution.temporal_patch_size, max_frames=max_frames
+    )
+    decoded = [load_image_bytes(frames[index], names[index]) for index in indices]
+    return preprocess_video(decoded, sampled_rate(len(indices), len(frames), frame_rate), resolution)
+
+
+def frame_list_grid(
+    num_frames: int,
+    first_frame: tuple[int, int],
+    frame_rate: float,
+    fps: float,
+    resolution: NativeResolution = VIDEO_RESOLUTION,
+    max_frames: int = MAX_FRAMES,
+) -> tuple[int, int, int]:
+    """The grid `load_frame_list` / `load_frame_bytes` give a video of `num_frames` frames whose first
+    frame is `first_frame` = (width, height): the first frame is always sampled and sets the size."""
+    indices = sample_frame_indices(
+        num_frames, frame_rate, fps, resolution.temporal_patch_size, max_frames=max_frames
+    )
+    width, height = first_frame
+    return video_grid(len(indices), height, width, resolution)
+
+
+VideoSource = Path | bytes
+
+
+def _av(name: str) -> Any:
+    """The PyAV module, or an ImportError naming the video and the extra to install."""
     try:
         import av
     except ImportError as error:
         raise ImportError(
-            f"cannot decode video {path}: reading video files needs the 'av' package (PyAV); "
+            f"cannot decode video {name}: reading video files needs the 'av' package (PyAV); "
             'install it with `pip install "megamm[video]"`, or give the video as a list of frame files'
         ) from error
-    if not path.is_file():
-        raise FileNotFoundError(f"video file not found: {path}")
+    return av
+
+
+def _open_video(source: VideoSource, name: str) -> Any:
+    """The PyAV container of a video file path or of an encoded video in memory."""
+    av = _av(name)
+    if isinstance(source, Path) and not source.is_file():
+        raise FileNotFoundError(f"video file not found: {source}")
+    return av.open(str(source) if isinstance(source, Path) else io.BytesIO(source))
+
+
+def _video_stream(container: Any, name: str) -> Any:
+    if not container.streams.video:
+        raise ValueError(f"video {name}: the file has no video stream")
+    stream = container.streams.video[0]
+    if stream.average_rate is None:
+        raise ValueError(f"video {name}: the stream has no frame rate")
+    return stream
+
+
+def _decode_video(source: VideoSource, name: str) -> tuple[list[Image.Image], float]:
+    """All frames of a video as RGB images, and its average frame rate (PyAV)."""
+    av = _av(name)
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError(f"video {path}: the file has no video stream")
-            stream = container.streams.video[0]
-            if stream.average_rate is None:
-                raise ValueError(f"video {path}: the stream has no frame rate")
+        with _open_video(source, name) as container:
+            stream = _video_stream(container, name)
             frame_rate = float(stream.average_rate)
             frames = [frame.to_image().convert("RGB") for frame in container.decode(stream)]
     except av.error.FFmpegError as error:  # a corrupt or truncated file: a bad sample, not a crash
-        raise ValueError(f"video {path} cannot be decoded: {error}") from error
+        raise ValueError(f"video {name} cannot be decoded: {error}") from error
     return frames, frame_rate
+
+
+@dataclass(frozen=True)
+class VideoHeader:
+    """What a video file's container says without decoding a frame: frames, frames per second, size."""
+
+    frames: int
+    frame_rate: float
+    width: int
+    height: int
+
+
+def read_video_header(source: VideoSource, name: str) -> VideoHeader:
+    """The header of a video file path or of an encoded video in memory (PyAV), no frame decoded.
+
+    The frame count is the stream's, or, when the container does not record one (0), the number of
+    its non-empty packets, read without decoding. Either can differ from the frames a decode yields
+    for a damaged file; the probe that uses it only weighs the sample (megamm.data.balance).
+    """
+    av = _av(name)
+    try:
+        with _open_video(source, name) as container:
+            stream = _video_stream(container, name)
+            frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            context = stream.codec_context
+            return VideoHeader(frames, float(stream.average_rate), context.width, context.height)
+    except av.error.FFmpegError as error:
+        raise ValueError(f"video {name} cannot be read: {error}") from error
+
+
+def _sample_decoded(
+    frames: list[Image.Image], frame_rate: float, fps: float, resolution: NativeResolution, max_frames: int
+) -> VideoInput:
+    indices = sample_frame_indices(
+        len(frames), frame_rate, fps, resolution.temporal_patch_size, max_frames=max_frames
+    )
+    rate = sampled_rate(len(indices), len(frames), frame_rate)
+    return preprocess_video([frames[index] for index in indices], rate, resolution)
 
 
 def load_video_file(
@@ -176,21 +279,52 @@ def load_video_file(
     ones are kept, so memory grows with the video's length; long videos are better extracted to
     frame files first.
     """
-    frames, frame_rate = _decode_video(Path(path))
+    frames, frame_rate = _decode_video(Path(path), os.fspath(path))
+    return _sample_decoded(frames, frame_rate, fps, resolution, max_frames)
+
+
+def load_video_bytes(
+    data: bytes,
+    name: str,
+    fps: float,
+    resolution: NativeResolution = VIDEO_RESOLUTION,
+    max_frames: int = MAX_FRAMES,
+) -> VideoInput:
+    """`load_video_file` for an encoded video held in memory (a tar member, a Parquet cell); `name`
+    names it in errors."""
+    frames, frame_rate = _decode_video(data, name)
+    return _sample_decoded(frames, frame_rate, fps, resolution, max_frames)
+
+
+def video_file_grid(
+    source: VideoSource,
+    name: str,
+    fps: float,
+    resolution: NativeResolution = VIDEO_RESOLUTION,
+    max_frames: int = MAX_FRAMES,
+) -> tuple[int, int, int]:
+    """The grid `load_video_file` / `load_video_bytes` give, from the header (`read_video_header`)."""
+    header = read_video_header(source, name)
     indices = sample_frame_indices(
-        len(frames), frame_rate, fps, resolution.temporal_patch_size, max_frames=max_frames
+        header.frames, header.frame_rate, fps, resolution.temporal_patch_size, max_frames=max_frames
     )
-    rate = sampled_rate(len(indices), len(frames), frame_rate)
-    return preprocess_video([frames[index] for index in indices], rate, resolution)
+    return video_grid(len(indices), header.height, header.width, resolution)
 
 
 __all__ = [
     "MAX_FRAMES",
     "MIN_FRAMES",
+    "VideoHeader",
     "VideoInput",
+    "frame_list_grid",
+    "load_frame_bytes",
     "load_frame_list",
+    "load_video_bytes",
     "load_video_file",
     "preprocess_video",
+    "read_video_header",
     "sample_frame_indices",
     "sampled_rate",
+    "video_file_grid",
+    "video_grid",
 ]

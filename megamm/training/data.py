@@ -128,13 +128,15 @@ def vision_input_shape(config: ResolvedConfig) -> tuple[int, ...]:
 
 
 def vision_work_balancer(config: ResolvedConfig) -> Balancer | None:
-    """--balance-vision-work: each sample weighed by its training FLOPs (tiles as tower sequences;
-    the language model's row is the full --seq-length unless rows are packed)."""
-    t = config.training
+    """--balance-vision-work: each sample weighed by its training FLOPs (tiles as tower sequences of
+    the tower's length; a native-resolution tower's images and videos by their grids; the language
+    model's row is the full --seq-length unless rows are packed)."""
+    t, vision = config.training, config.model.vision
     if not t.balance_vision_work:
         return None
     padded_length = None if t.pack_sequences else t.seq_length
-    return Balancer(t.micro_batch_size, config.model.vision.seq_length,
+    tower_tokens = None if vision.native_resolution is not None else vision.seq_length
+    return Balancer(t.micro_batch_size, tower_tokens,
                     functools.partial(sample_flops, config.model, padded_length=padded_length))
 
 

@@ -141,16 +141,20 @@ def step_flops(config: LlavaConfig, seq_length: int, samples: int, images: int |
 
 def sample_flops(config: LlavaConfig, cost: SampleCost, padded_length: int | None) -> float:
     """Model FLOPs of training one sample (the weight of --balance-vision-work, megamm.data.balance):
-    each tower input is its own sequence, so its attention is quadratic in its own length (a tile,
-    or a native-resolution image); the language model runs `padded_length` tokens per sample for
-    padded rows, else (packed rows) the sample's own tokens, attending within the sample. Pass
-    factors as `step_flops`; the projector is left out (a few percent of the tower)."""
+    each tower input is its own sequence, so its attention is quadratic in its own length (a tile;
+    a native-resolution image or video, counted from its grid by `native_vision_flops`, patch merger
+    included); the language model runs `padded_length` tokens per sample for padded rows, else
+    (packed rows) the sample's own tokens, attending within the sample. Pass factors as
+    `step_flops`; the fixed-size towers' projector is left out (a few percent of the tower)."""
     vision, language = config.vision, config.language
     vt, lt = vision.transformer, language.transformer
-    patch = 2 * vision.num_channels * vision.patch_size**2 * vt.hidden_size
-    extra = vision.seq_length - vision.num_patches  # a class token is no patch
-    vision_forward = sum(n * vision.num_layers_used * layer_flops_per_token(vt, n) + (n - extra) * patch
-                         for n in cost.vision)
+    if vision.native_resolution is not None:
+        vision_forward = native_vision_flops(config, cost.grids)
+    else:
+        patch = 2 * vision.num_channels * vision.patch_size**2 * vt.hidden_size
+        extra = vision.seq_length - vision.num_patches  # a class token is no patch
+        vision_forward = sum(n * vision.num_layers_used * layer_flops_per_token(vt, n) + (n - extra) * patch
+                             for n in cost.vision)
     tokens = padded_length if padded_length is not None else cost.text
     language_forward = tokens * (lt.num_layers * layer_flops_per_token(lt, tokens) + 2 * lt.hidden_size * language.vocab_size)
     projector_or_vision_trains = not (config.freeze_projector and config.freeze_vision)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -221,3 +222,83 @@ def test_missing_pyarrow_names_the_path_and_the_extra(
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(ImportError, match=r"rows\.parquet: reading Parquet/Arrow data needs pyarrow .*megamm\[parquet\]"):
         open_source(str(path), None)
+
+
+# --- Videos (the native-resolution family): a `videos` column of frame lists, a `video` column of files.
+
+
+def _video_tables(root: Path) -> tuple[Path, Path]:
+    """VIDEO_ROWS' twins: `frames.parquet` with `images` (binary list) and `videos` (frame lists) and a
+    `frame_rate` column; `files.arrow` (Arrow IPC) with one `video` file a row, as bytes or a path."""
+    from tests.data.test_native_samples import VIDEO_ROWS
+
+    def read(name: str) -> bytes:
+        return (root / name).read_bytes()
+
+    full, one_file = VIDEO_ROWS[0], VIDEO_ROWS[1]
+    frames = pa.Table.from_pylist(
+        [{"id": full["id"], "images": [read(name) for name in full["images"]],
+          "videos": [[read(frame) for frame in full["videos"][0]]], "frame_rate": 4.0,
+          "conversations": full["conversations"]},
+         {"id": "text", "images": None, "videos": None, "frame_rate": None,
+          "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yes."}]}],
+        schema=pa.schema([("id", pa.string()), ("images", pa.list_(pa.binary())),
+                          ("videos", pa.list_(pa.list_(pa.binary()))), ("frame_rate", pa.float64()),
+                          ("conversations", TURN_TYPE)]))
+    pq.write_table(frames, root / "frames.parquet")
+    files = pa.Table.from_pylist(
+        [{"id": one_file["id"], "video": {"bytes": read("clip.mp4"), "path": "clip.mp4"},
+          "conversations": one_file["conversations"]},
+         {"id": one_file["id"], "video": {"bytes": None, "path": "clip.mp4"}, "conversations": one_file["conversations"]}],
+        schema=pa.schema([("id", pa.string()), ("video", IMAGE_TYPE), ("conversations", TURN_TYPE)]))
+    with pa.ipc.new_file(str(root / "files.arrow"), files.schema) as writer:
+        writer.write_table(files)
+    return root / "frames.parquet", root / "files.arrow"
+
+
+def test_videos_in_tables_build_the_json_rows_samples(tmp_path: Path) -> None:
+    """Frame lists and video files (bytes, or a path under --image-folder) in table cells: the samples
+    equal the JSON rows' and the probe gives their counts; bad video cells and columns named."""
+    pytest.importorskip("av")
+    from megamm.data.native_samples import NativeSampleBuilder
+    from tests.data.test_native_samples import (
+        SETTINGS,
+        VIDEO_ROWS,
+        assert_same_sample,
+        json_rows,
+        qwen_tokenizer,
+        write_video_files,
+    )
+
+    root = write_video_files(tmp_path)
+    frames_path, files_path = _video_tables(root)
+    frames, files = open_source(str(frames_path), str(root)), ArrowTableSource([files_path], root)
+    assert frames.video_frames and not files.video_frames
+    rows = json_rows(root, VIDEO_ROWS)
+    builder = NativeSampleBuilder(qwen_tokenizer(root), "qwen2_vl", SETTINGS, 512)
+    assert frames[0].videos == [[f"videos[0][{f}]" for f in range(12)]] and frames[0].frame_rate == 4.0
+    assert frames[1].videos == [] and frames[1].kind == "text" and frames[1].frame_rate == 2.0
+    for table, index, twin in ((frames, 0, 0), (files, 0, 1), (files, 1, 1)):
+        assert_same_sample(builder.build(table[index]), builder.build(rows[twin]))
+        assert builder.probe(table[index]) == builder.probe(rows[twin])
+    # Bad cells are bad samples of their row; a column of another type refuses the file.
+    clip = (root / "clip.mp4").read_bytes()
+    turns = VIDEO_ROWS[1]["conversations"]
+    bad = pa.Table.from_pylist(
+        [{"videos": [None], "conversations": turns}, {"videos": [[]], "conversations": turns},
+         {"videos": [[clip]], "conversations": [{"from": "human", "value": "<video><video>"}, {"from": "gpt", "value": "A"}]}],
+        schema=pa.schema([("videos", pa.list_(pa.list_(pa.binary()))), ("conversations", TURN_TYPE)]))
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    source = open_source(str(tmp_path / "bad.parquet"), None)
+    for row, (kind, message) in enumerate([("video", "videos[0] is null"), ("video", "videos[0] holds no frames"),
+                                           ("placeholders", "2 '<video>' placeholder(s) in the turns but 1 video")]):
+        with pytest.raises(BadSample, match=rf"bad\.parquet: row {row}: {re.escape(message)}") as raised:
+            source[row]
+        assert raised.value.kind == kind
+    pq.write_table(pa.table({"video": [1], "conversations": [json.dumps(turns)]}), tmp_path / "int.parquet")
+    with pytest.raises(SourceError, match="column 'video' has type int64; a video is a file"):
+        open_source(str(tmp_path / "int.parquet"), None)
+    pq.write_table(pa.table({"video": [clip], "videos": [[clip]], "conversations": [json.dumps(turns)]}),
+                   tmp_path / "both.parquet")
+    with pytest.raises(SourceError, match="has both 'video' and 'videos' columns"):
+        open_source(str(tmp_path / "both.parquet"), None)

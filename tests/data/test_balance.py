@@ -6,6 +6,7 @@ global batch covered once over the ranks, a resumed run assigns the same)."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -19,7 +20,7 @@ from megamm.data.balance import (
     contiguous_split,
     interval_imbalance,
     longest_first,
-    tiled_cost,
+    sample_cost,
 )
 from megamm.data.datasets import open_source
 from megamm.data.images import choose_grid, tile_count, tile_image
@@ -145,10 +146,45 @@ def test_the_balanced_loader_reads_its_plan_and_evens_vision_tokens(clean: Datas
             expected = [dataset[p].sample.sample_id for mb in plans[it].positions[rank] for p in mb]
             assert read[rank][it] == expected
         assert plans[it] == plans[3 + it]  # both ranks computed the same plan
-    costs_per_step = [[tiled_cost(dataset.probe(p), TOWER_TOKENS) for p in range(8 * it, 8 * it + 8)]
+    costs_per_step = [[sample_cost(dataset.probe(p), TOWER_TOKENS) for p in range(8 * it, 8 * it + 8)]
                       for it in range(3)]
     for it, plan in enumerate(plans[:3]):
         split = [[[p - 8 * it for p in mb] for mb in rank] for rank in plan.positions]
         assert plan.imbalance == Imbalance.of(costs_per_step[it], split)
         assert plan.contiguous == Imbalance.of(costs_per_step[it], contiguous_split(8, 2, 2))
     assert sum(p.imbalance.vision for p in plans[:3]) < sum(p.contiguous.vision for p in plans[:3])
+
+
+def test_native_resolution_samples_are_weighed_by_their_grids(tmp_path: Path) -> None:
+    """A native-resolution dataset (images of several sizes, a frame-list video): the balancer weighs
+    each sample by its probed grids, every global batch is covered once and a resumed run assigns
+    the same; the loader's samples are those of its plan."""
+    from megamm.data.native_samples import NativeSampleBuilder
+    from tests.data.test_native_samples import FRAMES, SETTINGS, json_rows, qwen_tokenizer, write_native_files
+
+    root = write_native_files(tmp_path)
+    for name, side in (("big", 200), ("small", 20)):
+        Image.new("RGB", (side, side)).save(root / f"{name}.png")
+    turns = [{"from": "human", "value": "<image>What?"}, {"from": "gpt", "value": "A cat."}]
+    rows = [{"id": str(i), "image": ("big.png", "small.png", "image0.png", "small.png")[i % 4], "conversations": turns}
+            for i in range(12)]
+    rows += [{"id": "v", "video": FRAMES, "frame_rate": 4,
+              "conversations": [{"from": "human", "value": "<video>What?"}, turns[1]]}]
+    builder = NativeSampleBuilder(qwen_tokenizer(root), "qwen2_vl", SETTINGS, 512)
+    dataset = PositionDataset(json_rows(root, rows), builder, seed=1)
+    balancer = Balancer(micro_batch_size=2, tower_tokens=None, weigh=_by_vision)
+    balance = (balancer, dataset.probe)
+    plans = [balancer.plan(8 * it, 8, 2, dataset.probe) for it in range(3)]
+    for it, plan in enumerate(plans):
+        ranks = [rank_positions(it, 8, r, 2, balance=balance) for r in range(2)]
+        assert sorted(ranks[0] + ranks[1]) == list(range(8 * it, 8 * it + 8))
+        assert ranks == [[p for mb in rank for p in mb] for rank in plan.positions]
+        costs = [sample_cost(dataset.probe(p), None) for p in range(8 * it, 8 * it + 8)]
+        assert all(cost.grids and cost.vision == tuple(t * h * w for t, h, w in cost.grids) for cost in costs)
+        assert plan.imbalance == Imbalance.of(costs, [[[p - 8 * it for p in mb] for mb in r] for r in plan.positions])
+    assert sum(p.imbalance.vision for p in plans) < sum(p.contiguous.vision for p in plans)
+    assert rank_positions(1, 8, 1, 2, ResumePoint(1, 8), balance) == [p for mb in plans[1].positions[1] for p in mb]
+    assert any(cost.grids[0][0] > 1 for p in range(24) for cost in [sample_cost(dataset.probe(p), None)])  # the video
+    loader = RankLoader(dataset, 8, 1, 2, 0, 1, balancer=balancer)
+    assert [s.sample_id for s in next(loader)] == [dataset[p].sample.sample_id for mb in plans[0].positions[1] for p in mb]
+    assert loader.plan == plans[0]

@@ -193,3 +193,43 @@ def test_missing_energon_names_the_path_and_the_extra(crude: Path, monkeypatch: 
     monkeypatch.setitem(sys.modules, "megatron.energon", None)
     with pytest.raises(ImportError, match=r"crude: reading an Energon dataset needs .*megamm\[energon\]"):
         open_source(str(crude), None)
+
+
+def test_videos_vidqa_and_crude_samples(tmp_path: Path) -> None:
+    """Energon's video QA type (its video part kept encoded) and crude samples with video parts
+    (`<key>.mp4`, frame images): the native-resolution samples of the equivalent JSON rows."""
+    pytest.importorskip("av")
+    from megamm.data.native_samples import NativeSampleBuilder
+    from tests.data.test_native_samples import (
+        SETTINGS,
+        VIDEO_ROWS,
+        assert_same_sample,
+        json_rows,
+        qwen_tokenizer,
+        write_video_files,
+    )
+    from tests.data.test_tar_shards import video_members
+
+    root = tmp_path / "files"
+    root.mkdir()
+    write_video_files(root)
+    rows, clip = json_rows(root, VIDEO_ROWS), (root / "clip.mp4").read_bytes()
+    builder = NativeSampleBuilder(qwen_tokenizer(root), "qwen2_vl", SETTINGS, 512)
+    crude_root = tmp_path / "crude"
+    _write_shards(crude_root, [(f"k{i}", video_members(root, row)) for i, row in enumerate(VIDEO_ROWS)], per_shard=2)
+    crude = open_source(str(_prepare(crude_root, "CrudeWebdataset")), None)
+    assert crude[0].videos == [[f"k0.frames.{f}.png" for f in range(12)]] and crude[1].video_bytes == [clip]
+    for index in range(len(VIDEO_ROWS)):
+        assert_same_sample(builder.build(crude[index]), builder.build(rows[index]))
+    question = VIDEO_ROWS[1]["conversations"]
+    vidqa_root = tmp_path / "vidqa"
+    _write_shards(vidqa_root, [("file", {"mp4": clip, "json": json.dumps(
+        {"q": question[0]["value"].replace("<video>", ""), "a": [question[1]["value"]]}).encode()})], per_shard=1)
+    vidqa = open_source(str(_prepare(vidqa_root, "VidQASample", {"video": "mp4", "context": "json[q]",
+                                                                  "answers": "json[a]"})), None)
+    record = vidqa[0]
+    assert record.videos == ["file video"] and record.video_bytes == [clip] and record.images == []
+    # No "<video>" in the context: it goes before the question, as the JSON row has it.
+    assert record.conversations[0]["value"] == "<video>\n" + question[0]["value"].replace("<video>", "")
+    reference = json_rows(root, [{**VIDEO_ROWS[1], "conversations": record.conversations}])[0]
+    assert_same_sample(builder.build(record), builder.build(reference))

@@ -26,7 +26,7 @@ from megamm.data.tokenizer import Tokenizer, load_tokenizer
 from megamm.data.video import load_frame_list
 from tests.data.test_mrope import QWEN2, QWEN25, Host
 from tests.data.test_qwen_template import CORPUS, reference_ids
-from tests.data_fixtures import write_qwen_tokenizer
+from tests.data_fixtures import write_mp4, write_qwen_tokenizer
 
 qwen2_vl_pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
 
@@ -218,3 +218,76 @@ def test_tokenizer_video_token_must_match_the_model(tokenizer: Tokenizer) -> Non
     with pytest.raises(ValueError, match=rf"video token '<\|video_pad\|>' id {video_id} but "
                                          rf"model.language.video_token_id is {video_id + 1}"):
         check_tokenizer(tokenizer, replace(language, video_token_id=video_id + 1), "tok", (), VIDEO_PAD)
+
+
+# (height, width) beside the full row's wide and tall images: one scaled down to max_pixels, one scaled
+# up to min_pixels, a square within the range.
+PROBE_SIZES = [(300, 400), (10, 12), (84, 84)]
+
+
+def test_probe_gives_the_built_counts(root: Path, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe that weighs a sample for --balance-vision-work: for images of several sizes, a
+    frame-list video and a video file, the grids and token count of the built sample (truncation
+    included), the same bad-sample kinds, and no pixel decoded."""
+    av = pytest.importorskip("av")
+    for seed, (height, width) in enumerate(PROBE_SIZES):
+        _image(height, width, 20 + seed).save(root / f"probe{seed}.png")
+    _image(3, 700, 30).save(root / "thin.png")
+    write_mp4(root / "probe.mp4", [_image(40, 72, 40 + seed) for seed in range(16)], rate=8)
+    turns = [{"from": "human", "value": "<image>What?"}, {"from": "gpt", "value": "A cat."}]
+    rows = [full_row(), {"images": ["image0.png", "image1.png"], "video": "probe.mp4", "conversations": CONVERSATION},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yes."}]}]
+    rows += [{"image": f"probe{seed}.png", "conversations": turns} for seed in range(len(PROBE_SIZES))]
+    source = json_rows(root, [*rows, {"image": "thin.png", "conversations": turns}])
+    builder = NativeSampleBuilder(tokenizer, "qwen2_vl", SETTINGS, 512)
+    built = [builder.build(source[index]) for index in range(len(rows))]
+    truncated = NativeSampleBuilder(tokenizer, "qwen2_vl", SETTINGS, built[1].native.video_spans[0][0] - 2)
+    cases = [(builder, record, sample) for record, sample in zip((source[i] for i in range(len(rows))), built)]
+    cases.append((truncated, source[1], truncated.build(source[1])))  # the video cut off, the images kept
+    with monkeypatch.context() as patched:  # the probe decodes nothing: no image pixels, no video frame
+        patched.setattr(Image.Image, "load", lambda self: pytest.fail("the probe decoded an image"))
+        patched.setattr(av.container.InputContainer, "decode", lambda *a, **k: pytest.fail("the probe decoded"))
+        layouts = [probe.probe(record) for probe, record, _ in cases]
+        with pytest.raises(BadSample) as thin:
+            builder.probe(source[len(rows)])
+        with pytest.raises(BadSample) as too_long:
+            NativeSampleBuilder(tokenizer, "qwen2_vl", SETTINGS, built[0].image_spans[0][0]).probe(source[0])
+    for layout, (_, _, sample) in zip(layouts, cases):
+        native = sample.native
+        grids = native.image_grid_thw.tolist() + native.video_grid_thw.tolist()
+        assert layout.grids == tuple(tuple(grid) for grid in grids), sample.sample_id
+        assert layout.tokens == len(sample) and layout.tiles_per_image == tuple(sample.tiles_per_image)
+    assert layouts[-1].grids == layouts[1].grids[:2] and cases[-1][2].num_videos == 0
+    assert layouts[1].grids[2][0] == 2 and layouts[2].grids == ()  # the mp4: 4 of 16 frames at 2 fps
+    assert len({grid for layout in layouts[3:6] for grid in layout.grids}) == 3  # the sizes differ
+    with pytest.raises(BadSample) as built_thin:
+        builder.build(source[len(rows)])
+    assert thin.value.kind == built_thin.value.kind == "image" and "aspect ratio" in str(thin.value)
+    assert too_long.value.kind == "too_long"
+
+
+def assert_same_sample(ours, theirs) -> None:
+    """Two native samples are the same to the model: ids, labels, patches, grids, videos, positions."""
+    assert ours.input_ids == theirs.input_ids and ours.labels == theirs.labels
+    assert torch.equal(ours.pixel_values, theirs.pixel_values)
+    a, b = ours.native, theirs.native
+    assert torch.equal(a.image_grid_thw, b.image_grid_thw) and torch.equal(a.video_grid_thw, b.video_grid_thw)
+    assert torch.equal(a.pixel_values_videos, b.pixel_values_videos) and a.second_per_grid == b.second_per_grid
+    assert torch.equal(a.position_ids, b.position_ids)
+
+
+def write_video_files(root: Path) -> Path:
+    """The native files plus `clip.mp4`: a 2-second 8 fps video of 40x72 frames (PyAV)."""
+    write_native_files(root)
+    write_mp4(root / "clip.mp4", [_image(40, 72, 40 + seed) for seed in range(16)], rate=8)
+    return root
+
+
+# Rows whose videos the other formats carry inside: two images and a frame-list video; a video file;
+# a video file and a frame-list video (each JSON row here has its tar / table / Energon twin).
+VIDEO_ROWS = [
+    full_row(),
+    {"id": "file", "video": "clip.mp4", "conversations": CONVERSATION[2:]},
+    {"id": "both", "videos": ["clip.mp4", FRAMES], "frame_rate": 4,
+     "conversations": [{"from": "human", "value": "<video> or <video>?"}, {"from": "gpt", "value": "The first."}]},
+]

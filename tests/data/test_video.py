@@ -22,12 +22,19 @@ from megamm.models.towers.clip import CLIP
 CLIP_MEAN, CLIP_STD = CLIP.image_mean, CLIP.image_std
 from megamm.data.native_resolution import NativeResolution, preprocess_image
 from megamm.data.video import (
+    VideoHeader,
+    frame_list_grid,
+    load_frame_bytes,
     load_frame_list,
+    load_video_bytes,
     load_video_file,
     preprocess_video,
+    read_video_header,
     sample_frame_indices,
     sampled_rate,
+    video_file_grid,
 )
+from tests.data_fixtures import write_mp4
 
 SMALL = NativeResolution(min_pixels=28 * 28 * 2, max_pixels=28 * 28 * 6)
 
@@ -125,6 +132,13 @@ def test_frame_list(tmp_path: Path) -> None:
     short = load_frame_list(paths[:6], tmp_path, frame_rate=4.0, fps=2.0, resolution=SMALL)
     assert short.grid_thw[0] == 2
     assert short.second_per_grid == pytest.approx(0.75)
+    # The same frames held in memory (tar members, table cells), and the grid from the first frame's size.
+    encoded = [(tmp_path / path).read_bytes() for path in paths]
+    in_memory = load_frame_bytes(encoded, paths, frame_rate=4.0, fps=2.0, resolution=SMALL)
+    assert torch.equal(in_memory.pixel_values, video.pixel_values) and in_memory.grid_thw == video.grid_thw
+    assert in_memory.second_per_grid == video.second_per_grid
+    assert frame_list_grid(12, frames[0].size, 4.0, 2.0, SMALL) == video.grid_thw
+    assert frame_list_grid(6, frames[0].size, 4.0, 2.0, SMALL) == short.grid_thw
 
 
 def test_video_file_without_pyav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,15 +150,19 @@ def test_video_file_without_pyav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_video_file_with_pyav(tmp_path: Path) -> None:
     """Runs where PyAV is installed (the "video" extra): a 2-second 8 fps clip sampled at 2 fps."""
-    av = pytest.importorskip("av")
-    path = tmp_path / "clip.mp4"
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for seed in range(16):
-            frame = av.VideoFrame.from_image(random_frame(seed, (48, 64)))
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    pytest.importorskip("av")
+    path = write_mp4(tmp_path / "clip.mp4", [random_frame(seed, (48, 64)) for seed in range(16)], rate=8)
     video = load_video_file(path, fps=2.0, resolution=SMALL)
     assert video.grid_thw[0] == 2  # 4 frames sampled, 2 temporal patches
     assert video.second_per_grid == 1.0
+    # The encoded file in memory decodes alike; its header (no frame decoded) gives the same grid.
+    in_memory = load_video_bytes(path.read_bytes(), "shard.tar:clip.mp4", fps=2.0, resolution=SMALL)
+    assert torch.equal(in_memory.pixel_values, video.pixel_values) and in_memory.grid_thw == video.grid_thw
+    assert read_video_header(path, "clip.mp4") == VideoHeader(16, 8.0, 64, 48)
+    assert video_file_grid(path.read_bytes(), "clip.mp4", fps=2.0, resolution=SMALL) == video.grid_thw
+    # 2 s at 6 fps: 12 frames, 6 temporal patches; 48x64 rounds to 56x56 (2 x 28 per side): 4x4 patches.
+    assert video_file_grid(path, "clip.mp4", fps=6.0, resolution=SMALL) == (6, 4, 4)
+    with pytest.raises(ValueError, match="video shard.tar:broken.mp4 cannot be"):
+        load_video_bytes(b"not a video", "shard.tar:broken.mp4", fps=2.0, resolution=SMALL)
+    with pytest.raises(ValueError, match="video broken.mp4 cannot be read"):
+        read_video_header(b"not a video", "broken.mp4")

@@ -1,7 +1,8 @@
 """Training on dataset files end to end: a corrupted dataset is trained through with every bad record
 skipped and counted, packed rows (here through a 2-stage pipeline) train exactly like padded ones, a
-global batch balanced over dp ranks trains like the contiguous split, and the native-resolution
-family's batches are as each pipeline stage receives them."""
+global batch balanced over dp ranks trains like the contiguous split (tiles, and native-resolution
+images and videos), and the native-resolution family's batches are as each pipeline stage receives
+them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 from megamm.config.resolved import ResolvedConfig, resolve
 from megamm.config.run import RunConfig, TrainingConfig
@@ -19,7 +21,7 @@ from megamm.data.loader import ResumePoint
 from megamm.data.templates import template_tokenizer
 from megamm.data.tokenizer import load_tokenizer
 from megamm.training.data import FileData, SyntheticData, build_sample_builder, vision_inputs
-from tests.data.test_native_samples import full_row, write_native_files
+from tests.data.test_native_samples import FRAMES, full_row, write_native_files
 from tests.data_fixtures import DatasetFiles, write_dataset, write_qwen_tokenizer
 from tests.distributed import run_distributed
 from tests.tiny import language_config, llava_config, native_vision_config
@@ -198,3 +200,66 @@ def test_balanced_vision_work_trains_like_the_contiguous_split(tmp_path: Path) -
     balanced = run_distributed(_run, 2, balanced_argv, 2)[0]
     assert abs(balanced["first_loss"] - plain["first_loss"]) <= 1e-5 * abs(plain["first_loss"])
     assert balanced["data"] == plain["data"]
+
+
+NATIVE_EXAMPLE = str(ROOT / "examples" / "qwen2_vl_tiny_cpu.yaml")
+
+
+def write_skewed_native(root: Path, rows: int) -> tuple[Path, Path]:
+    """(rows.jsonl, tokenizer.json) of a native-resolution dataset skewed in vision tokens: of every
+    four rows one holds a 64x96 image (16 x 24 patches of 4 px), one a 32x48 (8 x 12), two a 16x16
+    (4 x 4); every fifth row a frame-list video instead; the tokenizer the native sample tests use."""
+    write_native_files(root)
+    for name, shape, color in (("big", (64, 96), (200, 40, 40)), ("middle", (32, 48), (40, 200, 40)),
+                               ("small", (16, 16), (40, 40, 200))):
+        Image.new("RGB", shape[::-1], color).save(root / f"{name}.png")
+    lines = []
+    for index in range(rows):
+        row: dict = {"id": str(index), "conversations": [{"from": "human", "value": "<image>What?"},
+                                                         {"from": "gpt", "value": "A cat." * (1 + index % 3)}]}
+        if index % 5 == 4:
+            row["video"] = FRAMES
+            row["conversations"][0]["value"] = "<video>What?"
+        else:
+            row["image"] = ("big.png", "middle.png", "small.png", "small.png")[index % 4]
+        lines.append(json.dumps(row) + "\n")
+    (root / "rows.jsonl").write_text("".join(lines))
+    return root / "rows.jsonl", root / "tokenizer.json"
+
+
+@pytest.mark.slow
+def test_balanced_native_resolution_work_trains_like_the_contiguous_split(tmp_path: Path) -> None:
+    """dp=2 with native-resolution images of two sizes and videos: the probed plan moves samples off
+    the contiguous split, every position of a global batch goes to one rank once, and the first
+    step's loss and the data counts equal the unbalanced run's."""
+    from megamm.data.datasets import build_source
+    from megamm.data.loader import PositionDataset, rank_positions
+    from megamm.train import read_config
+    from megamm.training.data import vision_work_balancer
+
+    data, tokenizer_path = write_skewed_native(tmp_path, rows=24)
+    tokenizer = template_tokenizer(tokenizer_path, "qwen2_vl")
+    argv = ["--config", NATIVE_EXAMPLE, "--no-mock-data", "--data-path", str(data), "--image-folder", str(tmp_path),
+            "--tokenizer-model", str(tokenizer_path), "--chat-template", "qwen2_vl", "--seq-length", "192",
+            "--set", f"model.language.vocab_size={tokenizer.vocab_size}",
+            "--set", f"model.language.image_token_id={tokenizer.image_token_id}",
+            "--set", f"model.language.video_token_id={tokenizer.token_id('<|video_pad|>')}",
+            "--min-pixels", "256", "--max-pixels", "6144", "--video-min-pixels", "256", "--video-max-pixels", "768",
+            "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "1", "--num-workers", "0",
+            "--log-interval", "1", "--eval-iters", "0", "--lr-warmup-iters", "1"]
+    balanced_argv = [*argv, "--balance-vision-work"]
+    config = read_config(balanced_argv, 2)
+    t = config.training
+    source, _ = build_source(t.data_path, t.image_folder, t.seed, 24)
+    dataset = PositionDataset(source, build_sample_builder(config), t.seed)
+    balance = (vision_work_balancer(config), dataset.probe)
+    for iteration in range(3):
+        ranks = [rank_positions(iteration, 8, rank, 2, balance=balance) for rank in range(2)]
+        assert sorted(ranks[0] + ranks[1]) == list(range(8 * iteration, 8 * iteration + 8))
+    assert rank_positions(0, 8, 0, 2, balance=balance) != rank_positions(0, 8, 0, 2)
+    plans = [balance[0].plan(8 * iteration, 8, 2, dataset.probe) for iteration in range(3)]
+    assert sum(p.imbalance.vision for p in plans) < sum(p.contiguous.vision for p in plans)
+    plain = run_distributed(_run, 2, argv, 2)[0]
+    balanced = run_distributed(_run, 2, balanced_argv, 2)[0]
+    assert abs(balanced["first_loss"] - plain["first_loss"]) <= 1e-5 * abs(plain["first_loss"])
+    assert balanced["data"] == plain["data"] and plain["data"]["bad"] == 0

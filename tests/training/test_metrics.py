@@ -26,7 +26,8 @@ import torch
 from megamm import train as train_module
 from megamm.config import LlavaConfig, ProjectorConfig, TransformerConfig
 from megamm.config.run import RunConfig, TrainingConfig
-from megamm.data.balance import SampleCost
+from megamm.data.balance import SampleCost, sample_cost
+from megamm.data.samples import SampleLayout
 from megamm.training.metrics import (
     layer_flops_per_token,
     native_vision_flops,
@@ -192,8 +193,16 @@ def test_native_vision_flops_by_hand() -> None:
         assert step_flops(config, SEQ, SAMPLES, NATIVE_GRIDS) == 3 * (vision + LANGUAGE_FWD)
         frozen = replace(config, freeze_vision=True)
         assert step_flops(frozen, SEQ, SAMPLES, NATIVE_GRIDS) == vision + 3 * LANGUAGE_FWD
+        # One sample holding that image and video, as --balance-vision-work weighs it (its grids, not
+        # tiles of the tower's fixed length), padded to SEQ; frozen, the tower runs once.
+        cost = sample_cost(SampleLayout((1,), 40, tuple(NATIVE_GRIDS)), tower_tokens=None)
+        assert cost.vision == (24, 32)
+        assert sample_flops(config, cost, padded_length=SEQ) == 3 * (vision + SEQ * LM_TOKEN)
+        assert sample_flops(frozen, cost, padded_length=SEQ) == vision + 3 * SEQ * LM_TOKEN
     with pytest.raises(TypeError, match="a qwen2_vl tower counts grids of its images and videos"):
         step_flops(llava_config(vision=native_vision_config()), SEQ, SAMPLES, IMAGES)
+    with pytest.raises(ValueError, match="a native-resolution sample .* weighed as tiles of 17 tokens"):
+        sample_cost(SampleLayout((1,), 40, tuple(NATIVE_GRIDS)), tower_tokens=17)
     with pytest.raises(TypeError, match="a clip tower counts its tower inputs"):
         step_flops(llava_config(), SEQ, SAMPLES, NATIVE_GRIDS)
 
