@@ -230,7 +230,11 @@ def import_llava_hf(directory: str | Path, save: str | Path, tp: int = 1, pp: in
     directory = Path(directory)
     tree = read_json(directory / "config.json")
     adapters = {adapter.model_type: adapter for adapter in map(HF_ARCHITECTURES.get, LLAVA_ADAPTERS)}
-    adapter = adapters.get(tree.get("model_type"), adapters["llava"])
+    adapter = adapters.get(tree.get("model_type"))
+    if adapter is None:
+        raise ConversionError(f"{directory / 'config.json'}: model_type {tree.get('model_type')!r} is not one of "
+                              f"{', '.join(sorted(adapters))} (LlavaForConditionalGeneration / "
+                              f"LlavaNextForConditionalGeneration)")
     config, extras = adapter.config_from_hf(tree, str(directory / "config.json"))
     source = CanonicalTensors()
     source.add(WeightFiles(directory), adapter, directory)
