@@ -43,7 +43,7 @@ from megamm.convert.importer import (
     import_towers,
 )
 
-EXPORT_ARCHITECTURES = ("llava-hf", "llava-next-hf", *QWEN2_VL_ADAPTERS)
+EXPORT_ARCHITECTURES = ("llava-hf", "llava-next-hf", "llava-onevision-hf", *QWEN2_VL_ADAPTERS)
 TOWER_ONLY = ("projector_type", "vision_feature_layer", "vision_feature_select_strategy", "max_position_embeddings")
 NEW_TOKENS = ("image_token_id", "pad_token_id", "vocab_multiple")
 
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = imp.add_argument_group("source (one of: --llava; --qwen2-vl; --vision and --text; --original-llava "
                                     "and --vision)")
     source.add_argument("--llava", metavar="DIR", help="llava-hf LlavaForConditionalGeneration or "
-                                                       "LlavaNextForConditionalGeneration directory")
+                                                       "LlavaNextForConditionalGeneration or "
+                                                       "LlavaOnevisionForConditionalGeneration directory")
     source.add_argument("--qwen2-vl", metavar="DIR", help="Qwen2VLForConditionalGeneration or "
                                                           "Qwen2_5_VLForConditionalGeneration directory")
     source.add_argument("--original-llava", metavar="DIR", help="original LLaVA directory (model.mm_projector)")
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--architecture", choices=EXPORT_ARCHITECTURES, default="llava-hf",
                      help="the Hugging Face layout to write: llava-hf (LlavaForConditionalGeneration), "
                           "llava-next-hf (LlavaNextForConditionalGeneration), "
+                          "llava-onevision-hf (LlavaOnevisionForConditionalGeneration), "
                           f"{' / '.join(QWEN2_VL_ADAPTERS)} (Qwen2-VL / Qwen2.5-VL) (default llava-hf)")
     return parser
 

@@ -5,14 +5,18 @@ An image of any size is resized (aspect kept) and padded to the best of a list o
 tower's size, and preceded by a base image (the whole image squashed to one tile). The tower
 encodes every tile; the tile features are laid back out as one `g*rows x g*cols` grid (g: the
 tower's patch grid), the rows and columns that only hold padding are cut off (the spatial unpad),
-and a learned newline embedding ends each remaining row. The data pipeline (how many tiles, how
+and a learned newline embedding ends each remaining row. LLaVA-OneVision (`anyres_max_N`) then
+shrinks a grid that holds more than about N tiles' worth of features, bilinearly, before the
+newlines are added. The data pipeline (how many tiles, how
 many image tokens to expand) and the model (how to lay the features out, the per-sample token
 check) compute the same numbers, so they are written once, here: transformers'
-`select_best_resolution`, `get_anyres_image_grid_shape` and LlavaNextProcessor's token rule.
+`select_best_resolution`, `get_anyres_image_grid_shape` and LlavaNextProcessor's (and
+LlavaOnevisionProcessor's) token rule.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # A (height, width) image size.
@@ -24,9 +28,13 @@ class AnyResConfig:
     """LLaVA-NeXT's any-resolution image layout (`LlavaConfig.anyres`; None: one tile per image).
 
     image_grid_pinpoints: the resolutions (height, width) in pixels an image may be tiled at, each
-    a multiple of `vision.image_size` (transformers' `image_grid_pinpoints`)."""
+    a multiple of `vision.image_size` (transformers' `image_grid_pinpoints`).
+    max_num_patches: LLaVA-OneVision's `anyres_max_N`: an unpadded feature grid of more than
+    N * g^2 features (by a factor over 1.1^2) is downsampled bilinearly to about N * g^2; None:
+    never (LLaVA-NeXT)."""
 
     image_grid_pinpoints: tuple[tuple[int, ...], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+    max_num_patches: int | None = None
 
     @property
     def pinpoints(self) -> list[Size]:
@@ -38,6 +46,8 @@ class AnyResConfig:
         if not self.image_grid_pinpoints:
             return [f"{where}: empty; give at least one (height, width) resolution"]
         found = []
+        if self.max_num_patches is not None and self.max_num_patches < 1:
+            found.append(f"anyres.max_num_patches must be >= 1 (anyres_max_N), got {self.max_num_patches}")
         for point in self.image_grid_pinpoints:
             if len(point) != 2 or min(point) < 1:
                 found.append(f"{where}: {list(point)} is not a (height, width) pair of positive sizes")
@@ -89,11 +99,26 @@ def unpadded_grid(size: Size, rows: int, cols: int) -> tuple[int, int, int, int]
     return 0, rows, pad, cols - pad
 
 
-def image_tokens(size: Size, pinpoints: list[Size], tile: int, grid: int) -> int:
+def downsampled_grid(rows: int, cols: int, grid: int, max_num_patches: int | None) -> Size | None:
+    """The (rows, cols) an unpadded `rows x cols` feature grid is shrunk to under `anyres_max_N`
+    (N = max_num_patches), or None when it is kept: shrunk when its side ratio to an N-tile grid,
+    sqrt(rows * cols / (N * grid^2)), exceeds 1.1, each side floor-divided by that ratio
+    (transformers' float arithmetic, so the sizes agree exactly)."""
+    if max_num_patches is None:
+        return None
+    ratio = math.sqrt(rows * cols / (max_num_patches * grid**2))
+    if ratio <= 1.1:
+        return None
+    return int(rows // ratio), int(cols // ratio)
+
+
+def image_tokens(size: Size, pinpoints: list[Size], tile: int, grid: int, max_num_patches: int | None = None) -> int:
     """Image tokens of one image of `size` (height, width): the base tile's `grid^2` features, then the
-    unpadded tile features with one newline per row (LlavaNextProcessor's count for a tower whose
-    class token is dropped, or which has none)."""
+    unpadded (and, under anyres_max_N, downsampled) tile features with one newline per row
+    (LlavaNextProcessor's and LlavaOnevisionProcessor's count for a tower whose class token is
+    dropped, or which has none)."""
     rows, cols = tile_grid(size, pinpoints, tile)
     top, bottom, left, right = unpadded_grid(size, grid * rows, grid * cols)
     kept_rows, kept_cols = bottom - top, right - left
+    kept_rows, kept_cols = downsampled_grid(kept_rows, kept_cols, grid, max_num_patches) or (kept_rows, kept_cols)
     return grid * grid + kept_rows * (kept_cols + 1)

@@ -12,7 +12,7 @@ corrupt or a decompression bomb ("image"); a conversation whose placeholders, ro
 wrong ("schema"); a sample in which nothing would be trained ("all_masked", the silent loss-0 bug);
 a sample too long even without its text ("too_long").
 
-An any-resolution model (LLaVA-NeXT, `ImageSettings.pinpoints`) tiles each image by
+An any-resolution model (LLaVA-NeXT, `ImageSettings.anyres`) tiles each image by
 `megamm.data.anyres_images` and expands its placeholder to the image's own token count
 (`megamm.config.anyres.image_tokens`, from its size); the sample keeps each image's size, which the
 model needs to lay the tiles out.
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from megamm.config.anyres import Size, image_tokens, tiles_per_image
+from megamm.config.anyres import AnyResConfig, Size, image_tokens, tiles_per_image
 from megamm.data.anyres_images import preprocess_anyres
 from megamm.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -67,9 +67,9 @@ class ImageSettings:
     statistics apply; max_tiles: 1 for one input per image, more for dynamic tiling (a grid of
     `size` tiles chosen by aspect ratio, plus a thumbnail when there is more than one tile; tiles
     are cut from the image resized to the grid, so `mode` does not apply to them); max_pixels:
-    larger images are refused before decoding. pinpoints: LLaVA-NeXT any-resolution tiling at these
-    (height, width) resolutions (megamm.config.anyres), a base image plus tiles per image; then
-    `mode`, `max_tiles` and `thumbnail` do not apply.
+    larger images are refused before decoding. anyres: LLaVA-NeXT any-resolution tiling (the model's
+    `anyres` section, megamm.config.anyres), a base image plus tiles per image; then `mode`,
+    `max_tiles` and `thumbnail` do not apply.
     """
 
     size: int
@@ -78,7 +78,7 @@ class ImageSettings:
     max_tiles: int = 1
     thumbnail: bool = True
     max_pixels: int | None = DEFAULT_MAX_PIXELS
-    pinpoints: tuple[Size, ...] | None = None
+    anyres: AnyResConfig | None = None
 
 
 @dataclass
@@ -209,17 +209,18 @@ class SampleBuilder:
         self.tokens_per_tile = tokens_per_tile
         self.seq_length = seq_length
         self.grid = math.isqrt(tokens_per_tile)
-        if images.pinpoints is not None and self.grid**2 != tokens_per_tile:
+        if images.anyres is not None and self.grid**2 != tokens_per_tile:
             raise ValueError(f"any-resolution tiling lays {tokens_per_tile} tokens per tile out as a square patch "
                              f"grid, but {tokens_per_tile} is not a square")
 
     def _image_tokens(self, tiles: list[int], sizes: list[Size]) -> list[int]:
         """Image tokens of each image: its tower inputs times the tokens of one, or (any-resolution) the
         count from its size."""
-        pinpoints = self.images.pinpoints
-        if pinpoints is None:
+        anyres = self.images.anyres
+        if anyres is None:
             return [n * self.tokens_per_tile for n in tiles]
-        return [image_tokens(size, list(pinpoints), self.images.size, self.grid) for size in sizes]
+        return [image_tokens(size, anyres.pinpoints, self.images.size, self.grid, anyres.max_num_patches)
+                for size in sizes]
 
     def _pixels(self, record: Record) -> tuple[list[torch.Tensor], list[tuple[int, int]], list[Size]]:
         settings = self.images
@@ -227,8 +228,8 @@ class SampleBuilder:
         for number in range(len(record.images)):
             img = load_record_image(record, number, settings.max_pixels)
             sizes.append((img.height, img.width))
-            if settings.pinpoints is not None:
-                pixels.append(preprocess_anyres(img, settings.size, list(settings.pinpoints), settings.normalization)[0])
+            if settings.anyres is not None:
+                pixels.append(preprocess_anyres(img, settings.size, settings.anyres.pinpoints, settings.normalization)[0])
                 grids.append((1, 1))
             elif settings.max_tiles == 1:
                 pixels.append(preprocess(img, settings.size, settings.mode, settings.normalization)[None])
@@ -251,8 +252,8 @@ class SampleBuilder:
             else:
                 size = image_size(resolve_image_path(name, os.path.dirname(name) or "."), repr(name))
             sizes.append((size[1], size[0]))
-            if settings.pinpoints is not None:
-                tiles.append(tiles_per_image(sizes[-1], list(settings.pinpoints), settings.size))
+            if settings.anyres is not None:
+                tiles.append(tiles_per_image(sizes[-1], settings.anyres.pinpoints, settings.size))
             elif settings.max_tiles == 1:
                 tiles.append(1)
             else:
@@ -313,5 +314,5 @@ class SampleBuilder:
             image_spans=list(kept.image_spans),
             text=kept.text,
             truncated_from=kept.truncated_from,
-            image_sizes=sizes[:images_kept] if self.images.pinpoints is not None else None,
+            image_sizes=sizes[:images_kept] if self.images.anyres is not None else None,
         )

@@ -203,7 +203,7 @@ class InferenceSession:
         if anyres is not None:
             vision = self.model.config.vision
             tiles, size = preprocess_anyres(image, vision.image_size, anyres.pinpoints, self.settings.normalization)
-            tokens = image_tokens(size, anyres.pinpoints, vision.image_size, vision.grid_size)
+            tokens = image_tokens(size, anyres.pinpoints, vision.image_size, vision.grid_size, anyres.max_num_patches)
             rendered = render_prompt(turns, self.settings.chat_template, self.tokenizer, [tokens])
             return Prompt(rendered.input_ids, tiles, image_sizes=torch.tensor([size]))
         pixel_values = self.image_inputs(image)

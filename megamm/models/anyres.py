@@ -5,6 +5,7 @@ The tower and projector run on every tower input of the batch (each image's base
 grid). For each image, in batch order, this module lays the tile features out as one
 `(g*rows) x (g*cols)` grid, cuts away the rows or columns that only cover the padding the
 preprocessing added around the resized image (the spatial unpad, megamm.config.anyres), appends
+(LLaVA-OneVision's anyres_max_N) shrinks a grid larger than N tiles' worth bilinearly, appends
 the learned `image_newline` embedding after each remaining row, and puts the base image's `g*g`
 features first: `g*g + kept_rows * (kept_cols + 1)` embeddings, the count the data pipeline
 expanded the image's placeholder to (transformers' `pack_image_features`, `spatial_unpad`).
@@ -19,10 +20,11 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megamm.config import LlavaConfig
-from megamm.config.anyres import Size, image_tokens, tile_grid, unpadded_grid
+from megamm.config.anyres import Size, downsampled_grid, image_tokens, tile_grid, unpadded_grid
 from megamm.parallel.params import ParamOwner, ParamSpec
 from megamm.parallel.sharding import ParamLayout, normal_init
 from megamm.parallel.state import ParallelState
@@ -43,6 +45,7 @@ class AnyResLayout(ParamOwner):
         self.pinpoints = config.anyres.pinpoints
         self.tile = config.vision.image_size
         self.grid = config.vision.grid_size
+        self.max_num_patches = config.anyres.max_num_patches
         hidden = language.hidden_size
         # transformers draws it with std 1 / sqrt(hidden): an embedding-sized vector.
         spec = ParamSpec(ParamLayout((hidden,), normal_init(1 / math.sqrt(hidden))))
@@ -54,7 +57,7 @@ class AnyResLayout(ParamOwner):
 
     def token_counts(self, sizes: list[Size]) -> list[int]:
         """Image tokens of each image (megamm.config.anyres.image_tokens)."""
-        return [image_tokens(size, self.pinpoints, self.tile, self.grid) for size in sizes]
+        return [image_tokens(size, self.pinpoints, self.tile, self.grid, self.max_num_patches) for size in sizes]
 
     def forward(self, features: torch.Tensor, sizes: list[Size]) -> torch.Tensor:
         """features `[tiles, g*g, h]` (every image's base image then its tiles, images in batch order) ->
@@ -71,6 +74,10 @@ class AnyResLayout(ParamOwner):
             grid = tiles.view(rows, cols, g, g, hidden).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, hidden)
             top, bottom, left, right = unpadded_grid(size, rows * g, cols * g)
             grid = grid[top:bottom, left:right]
+            shrunk = downsampled_grid(bottom - top, right - left, g, self.max_num_patches)
+            if shrunk is not None:
+                # transformers' interpolation on [1, h, rows, cols] (bilinear, corners not aligned).
+                grid = F.interpolate(grid.permute(2, 0, 1)[None], list(shrunk), mode="bilinear")[0].permute(1, 2, 0)
             ends = newline.expand(grid.shape[0], 1, hidden)
             out += [base, torch.cat([grid, ends], dim=1).reshape(-1, hidden)]
         if offset != features.shape[0]:

@@ -115,9 +115,8 @@ class SyntheticData:
 def _image_settings(config: ResolvedConfig) -> ImageSettings:
     t, vision = config.training, config.model.vision
     normalization = image_normalization(vision, t.image_normalization)
-    anyres = config.model.anyres
-    pinpoints = None if anyres is None else tuple(anyres.pinpoints)
-    return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles, pinpoints=pinpoints)
+    return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles,
+                         anyres=config.model.anyres)
 
 
 def vision_input_shape(config: ResolvedConfig) -> tuple[int, ...]:

@@ -34,7 +34,7 @@ def anyres_model(files: DatasetFiles) -> LlavaConfig:
 
 
 def build_samples(files: DatasetFiles) -> tuple[list[Sample], SampleBuilder, LlavaJsonSource]:
-    builder = SampleBuilder(load_tokenizer(files.tokenizer), "plain", ImageSettings(TILE, pinpoints=PINPOINTS),
+    builder = SampleBuilder(load_tokenizer(files.tokenizer), "plain", ImageSettings(TILE, anyres=AnyResConfig(PINPOINTS)),
                             GRID * GRID, SEQ)
     source = LlavaJsonSource(files.train, files.images)
     return [builder.build(source[i]) for i in range(len(source))], builder, source
