@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from megamm.config.anyres import AnyResConfig, Size, image_tokens, tiles_per_image
+from megamm.config.anyres import AnyResConfig, Size, image_tokens, tile_grid, tiles_per_image
 from megamm.data.anyres_images import preprocess_anyres
 from megamm.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -123,7 +123,8 @@ class Sample:
     model shifts them). pixel_values: `[n, 3, size, size]` float32, n = sum(tiles_per_image), in the
     order the image tokens appear; for the native-resolution family the images' patches
     `[patches, C * T * P * P]` (one tower input per image, `native` holds the grids). grids: (cols,
-    rows) of each image's tiles ((1, 1) untiled and for the native family). image_spans: [start, end)
+    rows) of each image's tiles ((1, 1) untiled and for the native family; any-resolution: the tiles
+    after the base image). image_spans: [start, end)
     of each image's tokens, as the template placed them. image_sizes: (height, width) of each image
     of an any-resolution sample (None for every other kind).
     """
@@ -229,8 +230,10 @@ class SampleBuilder:
             img = load_record_image(record, number, settings.max_pixels)
             sizes.append((img.height, img.width))
             if settings.anyres is not None:
-                pixels.append(preprocess_anyres(img, settings.size, settings.anyres.pinpoints, settings.normalization)[0])
-                grids.append((1, 1))
+                pinpoints = settings.anyres.pinpoints
+                pixels.append(preprocess_anyres(img, settings.size, pinpoints, settings.normalization)[0])
+                rows, cols = tile_grid(sizes[-1], pinpoints, settings.size)
+                grids.append((cols, rows))
             elif settings.max_tiles == 1:
                 pixels.append(preprocess(img, settings.size, settings.mode, settings.normalization)[None])
                 grids.append((1, 1))
