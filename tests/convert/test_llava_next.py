@@ -22,7 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    MistralConfig,
+)
 
 from megamm.checkpoint.model_weights import load_model_weights, read_run_config_tree
 from megamm.config.anyres import image_tokens, tiles_per_image
@@ -55,10 +61,13 @@ IMAGE_SIZES = [[(20, 50)], [(50, 20), (33, 33)]]
 SEQ = 176
 
 
-def build_hf(seed: int = 1, strategy: str = "default") -> LlavaNextForConditionalGeneration:
+def build_hf(seed: int = 1, strategy: str = "default", text: str = "llama") -> LlavaNextForConditionalGeneration:
+    """A random tiny LLaVA-NeXT: CLIP tower, LLaMA (or Mistral, LLaVA-1.6-Mistral's text model) decoder."""
+    text_kwargs_ = {**text_kwargs(), "max_position_embeddings": 256}
+    text_config = MistralConfig(**text_kwargs_, sliding_window=None) if text == "mistral" else LlamaConfig(**text_kwargs_)
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(**vision_kwargs()),
-        text_config=LlamaConfig(**{**text_kwargs(), "max_position_embeddings": 256}),
+        text_config=text_config,
         image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy=strategy,
         projector_hidden_act="gelu", image_grid_pinpoints=PINPOINTS,
     )
@@ -151,6 +160,18 @@ def test_import_matches_transformers_logits(converted: dict) -> None:
     assert model.config.anyres is not None and model.config.anyres.pinpoints == [tuple(p) for p in PINPOINTS]
     logits = _logits(model, converted["batch"])
     error = (logits - converted["hf_logits"]).abs().max().item()
+    assert error < LOGIT_TOLERANCE, f"max |megamm - transformers| logit difference {error:.2e}"
+
+
+def test_mistral_text_model_matches_transformers(tmp_path: Path) -> None:
+    hf = build_hf(seed=4, text="mistral")
+    import_llava_hf(save_hf(hf, tmp_path / "hf"), tmp_path / "imported")
+    model = _load(tmp_path / "imported", ParallelState.single())
+    assert model.config.language.family == "mistral"
+    batch = make_batch(seed=6)
+    with torch.no_grad():
+        expected = hf(**hf_inputs(batch)).logits
+    error = (_logits(model, batch) - expected).abs().max().item()
     assert error < LOGIT_TOLERANCE, f"max |megamm - transformers| logit difference {error:.2e}"
 
 
