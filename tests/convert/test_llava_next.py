@@ -30,9 +30,13 @@ from transformers import (
     MistralConfig,
 )
 
+from megamm.checkpoint import format
+from megamm.checkpoint.checkpointer import Checkpointer
 from megamm.checkpoint.model_weights import load_model_weights, read_run_config_tree
+from megamm.config import LlavaConfig
 from megamm.config.anyres import image_tokens, tiles_per_image
 from megamm.config.parsing import run_config_from_dict
+from megamm.config.resolved import resolve
 from megamm.convert import ConversionError
 from megamm.convert.exporter import export_hf
 from megamm.convert.importer import import_llava_hf
@@ -40,8 +44,8 @@ from megamm.data.anyres_images import preprocess_anyres
 from megamm.inference.generation import GenerationConfig, Prompt, generate
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState, initialize_parallel_state
+from megamm.pipeline.chunks import build_model_chunks
 from megamm.pipeline.schedules import PipelineSchedule
-from tests.convert.test_parity import _session
 from tests.convert.test_roundtrip import (
     IMAGE,
     IMAGE_TOKEN,
@@ -244,13 +248,14 @@ def test_full_strategy_with_a_class_token_is_refused(tmp_path: Path) -> None:
         import_llava_hf(directory, tmp_path / "out")
 
 
-def _split_rows(batch: dict) -> list[dict]:
+def _split_rows(batch: dict, config: LlavaConfig) -> list[dict]:
     """A microbatch per row, each with its own images (tiles counted by megamm.config.anyres)."""
     out, image, tile = [], 0, 0
+    pinpoints, side = config.anyres.pinpoints, config.vision.image_size
     for row in range(batch["input_ids"].shape[0]):
         count = int(batch["images_per_sample"][row])
         sizes = batch["image_sizes"][image:image + count]
-        tiles = sum(tiles_per_image(tuple(size), [tuple(p) for p in PINPOINTS], IMAGE) for size in sizes.tolist())
+        tiles = sum(tiles_per_image(tuple(size), pinpoints, side) for size in sizes.tolist())
         item = {k: batch[k][row:row + 1] for k in ("input_ids", "labels")}
         item.update(pixel_values=batch["pixel_values"][tile:tile + tiles], image_sizes=sizes,
                     images_per_sample=torch.tensor([count]))
@@ -259,29 +264,52 @@ def _split_rows(batch: dict) -> list[dict]:
     return out
 
 
+def _pipeline_stages(save: str) -> tuple[ParallelState, list[LlavaModel]]:
+    """This rank's pp=2 stage of `save`, built and loaded as a training run does (build_model_chunks,
+    Checkpointer.load). An any-resolution model trains on dataset files, not --mock-data, so the run
+    names existing files (the checkpoint's own); nothing is read from them."""
+    description = format.read_description(format.resolve(save))
+    tree = dict(description["config"])
+    tree["parallel"] = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2}
+    existing = str(format.resolve(save) / format.DESCRIPTION)
+    tree["training"] = {"micro_batch_size": 1, "global_batch_size": 2, "seq_length": 40, "data_path": [existing],
+                        "tokenizer_model": existing, "train_iters": 1, "seed": 11}
+    config = resolve(run_config_from_dict(tree, world_size=2), 2)
+    state = ParallelState.from_groups(tp=1, pp=2, device=torch.device("cpu"))
+    chunks = build_model_chunks(config, state)
+    Checkpointer(state, config, chunks, None, None, log=lambda _: None).load(save, load_optim=False)
+    return state, chunks
+
+
 def _layout_job(save: str, batch: dict) -> dict:
-    """tp=2 (sequence parallel) logits and the pp=2 loss of the imported checkpoint (2 processes)."""
+    """tp=2 (sequence parallel) logits and the pp=2 loss of the imported checkpoint (2 processes);
+    the LLaVA-OneVision test runs it too."""
     initialize_parallel_state()
     tp_state = ParallelState.from_groups(tp=2, pp=1, device=torch.device("cpu"))
     _, tree = read_run_config_tree(Path(save))
     model = LlavaModel(run_config_from_dict(tree).model, tp_state, sequence_parallel=True)
     load_model_weights(model, Path(save), tp_state)
     logits = _logits(model.eval(), batch)
-    pp_state, chunks, _, _, _ = _session(save, 1, 2)
+    pp_state, chunks = _pipeline_stages(save)
     hidden = chunks[0].config.language.transformer.hidden_size
     tokens = float((batch["labels"][:, 1:] != -100).sum())
-    microbatches = _split_rows(batch)
-    schedule = PipelineSchedule(pp_state, (SEQ, 1, hidden), torch.float32)
+    microbatches = _split_rows(batch, chunks[0].config)
+    schedule = PipelineSchedule(pp_state, (batch["input_ids"].shape[1], 1, hidden), torch.float32)
     loss = schedule(chunks, microbatches, tokens, None, forward_only=True)
     dist.broadcast(loss, src=pp_state.pp_ranks[-1], group=pp_state.pp_group)
     return {"logits": logits, "pp_loss": loss.item() / tokens}
 
 
-@pytest.mark.slow
-def test_imported_checkpoint_matches_transformers_at_tp2_and_pp2(converted: dict) -> None:
-    per_rank = run_distributed(_layout_job, 2, str(converted["save"]), converted["batch"])
-    hf_loss = _mean_loss(converted["hf_logits"], converted["batch"]["labels"])
+def check_layouts(save: Path, batch: dict, hf_logits: torch.Tensor) -> None:
+    """tp=2 logits and the pp=2 loss of `save` equal transformers' (one spawned run of 2 processes)."""
+    per_rank = run_distributed(_layout_job, 2, str(save), batch)
+    hf_loss = _mean_loss(hf_logits, batch["labels"])
     for rank, result in enumerate(per_rank):
-        error = (result["logits"] - converted["hf_logits"]).abs().max().item()
+        error = (result["logits"] - hf_logits).abs().max().item()
         assert error < LOGIT_TOLERANCE, f"tp=2 rank {rank}: logits off by {error:.2e}"
         assert abs(result["pp_loss"] - hf_loss) / hf_loss < 1e-5, f"pp=2 rank {rank}: {result['pp_loss']} vs {hf_loss}"
+
+
+@pytest.mark.slow
+def test_imported_checkpoint_matches_transformers_at_tp2_and_pp2(converted: dict) -> None:
+    check_layouts(converted["save"], converted["batch"], converted["hf_logits"])

@@ -2,7 +2,7 @@
 `LlavaOnevisionForConditionalGeneration` (SigLIP tower with the `full` feature strategy, tied Qwen2
 text model, `anyres_max_2`) imported into megamm gives transformers' logits (fp32, 1e-4) on a batch
 with a large square image (3 x 3 tiles, its features downsampled bilinearly) and a wide and a tall
-one; import then export is bit-exact and the export loads with `from_pretrained`; megamm's token
+one, at tp=1 and (one spawned run) at tp=2 with SP and pp=2; import then export is bit-exact and the export loads with `from_pretrained`; megamm's token
 count equals LlavaOnevisionProcessor's rule on images of several sizes.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
@@ -21,7 +22,7 @@ from megamm.convert.exporter import export_hf
 from megamm.convert.importer import import_llava_hf
 from megamm.data.anyres_images import preprocess_anyres
 from megamm.parallel.state import ParallelState
-from tests.convert.test_llava_next import _image, _load, _logits
+from tests.convert.test_llava_next import _image, _load, _logits, check_layouts
 from tests.convert.test_roundtrip import (
     IMAGE,
     IMAGE_TOKEN,
@@ -79,13 +80,20 @@ def _hf_inputs(batch: dict) -> dict:
             "pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"]}
 
 
-def test_onevision_import_logits_round_trip(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("onevision")
     hf = build_hf()
-    directory = save_hf(hf, tmp_path / "hf", shard_size="200KB")
-    import_llava_hf(directory, tmp_path / "imported")
+    directory = save_hf(hf, root / "hf", shard_size="200KB")
+    import_llava_hf(directory, root / "imported", tp=2, pp=2)
     batch = make_batch()
     with torch.no_grad():
         expected = hf(**_hf_inputs(batch)).logits
+    return {"root": root, "hf_dir": directory, "batch": batch, "hf_logits": expected}
+
+
+def test_onevision_import_logits_round_trip(converted: dict) -> None:
+    tmp_path, directory, batch, expected = (converted[k] for k in ("root", "hf_dir", "batch", "hf_logits"))
     model = _load(tmp_path / "imported", ParallelState.single())
     assert model.config.anyres.max_num_patches == MAX_PATCHES and model.config.vision.family == "siglip"
     error = (_logits(model, batch) - expected).abs().max().item()
@@ -125,3 +133,8 @@ def test_token_counts_match_the_processor_rule() -> None:
             expected = LlavaOnevisionProcessor._get_number_of_features(processor, height, width, IMAGE, IMAGE)
             ours = image_tokens((height, width), [tuple(p) for p in pinpoints], IMAGE, grid, limit)
             assert ours == expected, (height, width)
+
+
+@pytest.mark.slow
+def test_onevision_matches_transformers_at_tp2_and_pp2(converted: dict) -> None:
+    check_layouts(converted["root"] / "imported", converted["batch"], converted["hf_logits"])
