@@ -1,6 +1,6 @@
 """Convert checkpoints between Hugging Face (and original LLaVA / Meta LLaMA) weights and megamm.
 
-    # a llava-hf LlavaForConditionalGeneration directory (either key spelling)
+    # a llava-hf LlavaForConditionalGeneration or LlavaNextForConditionalGeneration directory (either key spelling)
     python tools/convert_checkpoint.py import-hf --llava llava-1.5-7b-hf --save ckpt/llava \\
         --tensor-model-parallel-size 4 --pipeline-model-parallel-size 2
     # separate towers (the projector starts from the training run's --seed); --text: LLaMA, Mistral, Qwen2
@@ -43,7 +43,7 @@ from megamm.convert.importer import (
     import_towers,
 )
 
-EXPORT_ARCHITECTURES = ("llava-hf", *QWEN2_VL_ADAPTERS)
+EXPORT_ARCHITECTURES = ("llava-hf", "llava-next-hf", "llava-onevision-hf", *QWEN2_VL_ADAPTERS)
 TOWER_ONLY = ("projector_type", "vision_feature_layer", "vision_feature_select_strategy", "max_position_embeddings")
 NEW_TOKENS = ("image_token_id", "pad_token_id", "vocab_multiple")
 
@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "directory + a LLaMA/Mistral/Qwen2 directory (Hugging Face, or Meta format).")
     source = imp.add_argument_group("source (one of: --llava; --qwen2-vl; --vision and --text; --original-llava "
                                     "and --vision)")
-    source.add_argument("--llava", metavar="DIR", help="llava-hf LlavaForConditionalGeneration directory")
+    source.add_argument("--llava", metavar="DIR", help="llava-hf LlavaForConditionalGeneration or "
+                                                       "LlavaNextForConditionalGeneration or "
+                                                       "LlavaOnevisionForConditionalGeneration directory")
     source.add_argument("--qwen2-vl", metavar="DIR", help="Qwen2VLForConditionalGeneration or "
                                                           "Qwen2_5_VLForConditionalGeneration directory")
     source.add_argument("--original-llava", metavar="DIR", help="original LLaVA directory (model.mm_projector)")
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--pad-token-id", type=int, help="pad_token_id for config.json (default: the imported one)")
     exp.add_argument("--architecture", choices=EXPORT_ARCHITECTURES, default="llava-hf",
                      help="the Hugging Face layout to write: llava-hf (LlavaForConditionalGeneration), "
+                          "llava-next-hf (LlavaNextForConditionalGeneration), "
+                          "llava-onevision-hf (LlavaOnevisionForConditionalGeneration), "
                           f"{' / '.join(QWEN2_VL_ADAPTERS)} (Qwen2-VL / Qwen2.5-VL) (default llava-hf)")
     return parser
 

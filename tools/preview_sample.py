@@ -5,6 +5,8 @@
         [--max-image-tiles 6] [--index 0 5 17 | --count 3] [--tokens]
 
 or take every data setting from a training config: `--config run.yaml` (flags given here win).
+An any-resolution model (LLaVA-NeXT, `model.anyres`) is previewed from its config too: each image is
+its base image plus the tiles of its grid, and its size is listed.
 A native-resolution model (the Qwen2-VL family, `model.vision.native_resolution`) is previewed from its
 config: its patch sizes come from the model section, the pixel ranges and video sampling from the
 training section (--min-pixels, ..., --video-max-frames).
@@ -70,6 +72,7 @@ def _fill_from_config(args: argparse.Namespace) -> None:
     """Missing flags from --config; the image geometry from its model section (a native-resolution
     tower's patch settings as `args.native`, None otherwise)."""
     args.native = None
+    args.anyres = None
     if not args.config:
         return
     # Read without the run's semantic checks: the data flags may come from this command line instead.
@@ -82,8 +85,9 @@ def _fill_from_config(args: argparse.Namespace) -> None:
         return
     if args.image_size is None:
         args.image_size = config.model.vision.image_size
+    args.anyres = config.model.anyres
     if args.image_tokens is None:
-        args.image_tokens = config.model.image_tokens_per_image
+        args.image_tokens = config.model.tile_tokens
 
 
 def _missing(args: argparse.Namespace) -> list[str]:
@@ -146,8 +150,11 @@ def render_sample(sample: Sample, tokenizer: Tokenizer, with_tokens: bool, merge
     else:
         for number, (start, end) in enumerate(spans):
             cols, rows = sample.grids[number]
+            size = "" if sample.image_sizes is None else (
+                f" (base image + tiles; image {sample.image_sizes[number][0]}x{sample.image_sizes[number][1]}, "
+                f"height x width)")
             lines.append(f"  image {number}: tokens [{start}, {end}), {sample.tiles_per_image[number]} tower "
-                         f"input(s), tile grid {cols}x{rows}")
+                         f"input(s), tile grid {cols}x{rows}{size}")
     video_id = tokenizer.token_id(VIDEO_PAD) if tokenizer.has_token(VIDEO_PAD) else None
     pieces = []
     trained_flips = [i for i in range(1, len(ids)) if (labels[i] != IGNORE_INDEX) != (labels[i - 1] != IGNORE_INDEX)]
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         builder = NativeSampleBuilder(tokenizer, template, args.native, args.seq_length)
     else:
         settings = ImageSettings(args.image_size, args.image_aspect_ratio or "pad",
-                                 max_tiles=args.max_image_tiles or 1)
+                                 max_tiles=args.max_image_tiles or 1, anyres=args.anyres)
         builder = SampleBuilder(tokenizer, template, settings, args.image_tokens, args.seq_length)
     merge = None if args.native is None else args.native.image.merge_size
     _, first = parse_data_path(args.data_path)[0]

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from megamm.config.anyres import AnyResConfig
 from megamm.config.registry import LANGUAGE_MODELS, PROJECTORS, VISION_TOWERS
 from megamm.config.unparsed import gather
 
@@ -409,14 +410,26 @@ class LlavaConfig:
     freeze_vision: bool = False
     freeze_projector: bool = False
     freeze_language: bool = False
+    # LLaVA-NeXT any-resolution tiling (megamm.config.anyres, megamm.models.anyres): each image is a
+    # base image plus tiles, its features unpadded and given newline embeddings; None: one tile.
+    anyres: AnyResConfig | None = None
 
     @property
     def image_tokens_per_image(self) -> int:
         """Image tokens of every image (a fixed-size tower); a native-resolution tower has no such
-        number (an image of grid (t, h, w) gives t * h * w / spatial_merge_size^2)."""
+        number (an image of grid (t, h, w) gives t * h * w / spatial_merge_size^2), nor has an
+        any-resolution model (megamm.config.anyres.image_tokens)."""
         if self.vision.native_resolution is not None or self.projector is None:
             raise ValueError(f"the {self.vision.family} tower gives each image its own number of tokens "
                              f"(t * h * w / spatial_merge_size^2 of its grid), not a fixed one")
+        if self.anyres is not None:
+            raise ValueError("an any-resolution (anyres) model gives each image its own number of tokens, from its "
+                             "size (megamm.config.anyres.image_tokens), not a fixed one")
+        return self.projector.output_tokens(self.vision.output_tokens)
+
+    @property
+    def tile_tokens(self) -> int:
+        """Embeddings one tower input (an image, a tile) yields through the projector."""
         return self.projector.output_tokens(self.vision.output_tokens)
 
     def problems(self, parallel: ParallelConfig, seq_length: int | None = None) -> list[str]:
@@ -425,7 +438,25 @@ class LlavaConfig:
             lambda: self.vision.problems(parallel), lambda: self.language.problems(parallel),
             lambda: [] if self.projector is None else self.projector.problems(), self._vision_problems,
             lambda: self._shape_problems(parallel, seq_length),
+            lambda: [] if self.anyres is None else self._anyres_problems(self.anyres, parallel),
         )
+
+    def _anyres_problems(self, anyres: AnyResConfig, parallel: ParallelConfig) -> list[str]:
+        """What any-resolution tiling asks of the tower, the projector and the layout."""
+        vision = self.vision
+        if vision.native_resolution is not None or self.projector is None:
+            return [(f"anyres: the {vision.family} tower takes images at their own resolution; any-resolution "
+                     f"tiling is for fixed-size towers")]
+        found = anyres.problems(vision.image_size)
+        if vision.output_tokens != vision.num_patches:
+            found.append("anyres: the tile features are laid out as a patch grid, so the class token must be dropped "
+                         "(vision.drop_class_token, Hugging Face's vision_feature_select_strategy 'default')")
+        if self.projector.pixel_shuffle:
+            found.append("anyres: projector.pixel_shuffle is not combined with any-resolution tiling")
+        if parallel.context_parallel_size > 1:
+            found.append(f"context-parallel size {parallel.context_parallel_size}: any-resolution models do not run "
+                         f"with context parallelism yet; use 1")
+        return found
 
     def _vision_problems(self) -> list[str]:
         """What the tower kind asks of the projector and the language model."""

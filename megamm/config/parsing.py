@@ -144,6 +144,10 @@ def _coerce(hint: Any, value: Any, where: str, problems: list[str]) -> Any:
         elif typing.get_origin(option) is tuple and typing.get_args(option)[1:] == (Ellipsis,):
             # JSON and YAML hold tuples as lists.
             item = typing.get_args(option)[0]
+            if typing.get_origin(item) is tuple and isinstance(value, (list, tuple)):
+                # Nested tuples (anyres.image_grid_pinpoints): each item checked alike.
+                inner = [_coerce(item, v, where, problems) for v in value]
+                return UNPARSED if any(v is UNPARSED for v in inner) else tuple(inner)
             if isinstance(value, (list, tuple)) and all(isinstance(v, item) and not isinstance(v, bool)
                                                          for v in value):
                 return tuple(value)

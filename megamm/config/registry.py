@@ -96,6 +96,8 @@ HF_ARCHITECTURES = Registry(
     "Hugging Face architecture",
     {
         "llava-hf": "megamm.convert.adapters.llava_hf:ADAPTER",
+        "llava-next-hf": "megamm.convert.adapters.llava_next_hf:ADAPTER",
+        "llava-onevision-hf": "megamm.convert.adapters.llava_onevision_hf:ADAPTER",
         "original-llava": "megamm.convert.adapters.original_llava:ADAPTER",
         "vision-tower": "megamm.convert.adapters.vision_tower:ADAPTER",
         "causal-lm": "megamm.convert.adapters.causal_lm:ADAPTER",

@@ -286,6 +286,7 @@ class RunConfig:
             if not (threshold := t.straggler_threshold) >= 1 else [],
             lambda: data_problems(t),
             lambda: native_data_problems(self),
+            lambda: anyres_data_problems(self),
             lambda: compile_problems(self),
             lambda: _trainable_problems(self),
             lambda: lora_problems(self),
@@ -469,6 +470,24 @@ def native_data_problems(run: RunConfig) -> list[str]:
     if t.image_normalization is not None:
         found.append(f"--image-normalization {t.image_normalization}: a native-resolution vision tower "
                      "normalizes with its own (CLIP) statistics")
+    return found
+
+
+def anyres_data_problems(run: RunConfig) -> list[str]:
+    """What an any-resolution model (model.anyres, LLaVA-NeXT) takes: dataset files, whose images it
+    tiles at its own pinpoints (not --max-image-tiles), and no probe-based balancing yet."""
+    t = run.training
+    if run.model.anyres is None:
+        return []
+    found = []
+    if t.mock_data:
+        found.append("--mock-data: the synthetic dataset gives every image the same tokens; an any-resolution "
+                     "model (model.anyres) trains on --data-path files")
+    if t.max_image_tiles != 1:
+        found.append(f"--max-image-tiles {t.max_image_tiles}: an any-resolution model tiles each image at its "
+                     f"model.anyres.image_grid_pinpoints, not by --max-image-tiles")
+    if t.balance_vision_work:
+        found.append("--balance-vision-work: not yet for an any-resolution model (model.anyres)")
     return found
 
 

@@ -4,6 +4,7 @@ Canonical names drop the nesting that differs between checkpoint layouts and tra
 
     vision.<CLIP/SigLIP vision key without "vision_model.">   vision.encoder.layers.0.self_attn.q_proj.weight
     projector.linear_<i>.weight|bias                           the i-th projector linear (1-based)
+    image_newline                                              LLaVA-NeXT's row-end embedding
     text.<causal LM key without "model.">, text.lm_head.weight  text.layers.3.mlp.gate_proj.weight
 
 Each adapter (megamm.convert.adapters) maps its layout's key spelling to these; each family maps
@@ -51,7 +52,9 @@ def model_entries(config: LlavaConfig, with_projector: bool = True) -> list[Entr
     """Every megamm parameter of a whole (all stages) LlavaModel, in a fixed order."""
     vision = tower_family(config.vision.family).entries(config.vision)
     language = decoder_family(config.language.family).entries(config.language)
-    return vision + (projector_entries(config) if with_projector else []) + language
+    # LLaVA-NeXT's newline embedding (megamm.models.anyres) sits on the first stage, after the projector.
+    anyres = [Entry("anyres.image_newline", ("image_newline",))] if config.anyres is not None else []
+    return vision + (projector_entries(config) if with_projector else []) + anyres + language
 
 
 def kept_aside(config: LlavaConfig, name: str) -> bool:

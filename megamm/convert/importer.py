@@ -1,7 +1,8 @@
 """Sources -> a megamm checkpoint, on one process, streaming tensor by tensor.
 
 Four kinds of input, each directory read through its adapter (megamm.convert.adapters):
-- a llava-hf directory (LlavaForConditionalGeneration: config.json + weights, either key spelling);
+- a llava-hf directory (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration or
+  LlavaOnevisionForConditionalGeneration: config.json + weights, either key spelling);
 - a Qwen2-VL or Qwen2.5-VL directory (Qwen2VLForConditionalGeneration /
   Qwen2_5_VLForConditionalGeneration, either key spelling);
 - an original LLaVA directory (LlavaLlamaForCausalLM with `model.mm_projector`) plus the CLIP
@@ -219,15 +220,26 @@ def _finish(config: LlavaConfig, extras: HfExtras, source: CanonicalTensors, sav
     return _save(config, extras, tensors, save, tp, pp, sources, summary)
 
 
+LLAVA_ADAPTERS = ("llava-hf", "llava-next-hf", "llava-onevision-hf")
+
+
 def import_llava_hf(directory: str | Path, save: str | Path, tp: int = 1, pp: int = 1, dtype: str | None = None
                     ) -> Summary:
-    """A llava-hf LlavaForConditionalGeneration directory -> megamm checkpoint."""
+    """A llava-hf LlavaForConditionalGeneration, LlavaNextForConditionalGeneration or
+    LlavaOnevisionForConditionalGeneration directory -> megamm checkpoint (the architecture is read
+    from config.json's model_type)."""
     directory = Path(directory)
-    adapter = HF_ARCHITECTURES.get("llava-hf")
-    config, extras = adapter.config_from_hf(read_json(directory / "config.json"), str(directory / "config.json"))
+    tree = read_json(directory / "config.json")
+    adapters = {adapter.model_type: adapter for adapter in map(HF_ARCHITECTURES.get, LLAVA_ADAPTERS)}
+    adapter = adapters.get(tree.get("model_type"))
+    if adapter is None:
+        raise ConversionError(f"{directory / 'config.json'}: model_type {tree.get('model_type')!r} is not one of "
+                              f"{', '.join(sorted(adapters))} (LlavaForConditionalGeneration / "
+                              f"LlavaNextForConditionalGeneration / LlavaOnevisionForConditionalGeneration)")
+    config, extras = adapter.config_from_hf(tree, str(directory / "config.json"))
     source = CanonicalTensors()
     source.add(WeightFiles(directory), adapter, directory)
-    return _finish(config, extras, source, save, tp, pp, dtype, {"llava-hf": str(directory)})
+    return _finish(config, extras, source, save, tp, pp, dtype, {adapter.name: str(directory)})
 
 
 QWEN2_VL_ADAPTERS = ("qwen2-vl-hf", "qwen2.5-vl-hf")

@@ -16,6 +16,11 @@ microbatches (the interleaved pipeline schedule needs a multiple of the pipeline
 Images stay in token order within a row: a packed row's images are its samples' images in the order
 the samples are placed in the row.
 
+Any-resolution samples (LLaVA-NeXT, `Sample.image_sizes`): pixel_values are every image's base image
+and tiles, image_sizes `[n_images, 2]` each image's (height, width) (None when the microbatch has no
+image), and images_per_sample counts images, not tiles (the model computes each image's tokens from
+its size).
+
 Native-resolution towers (the Qwen2-VL family; `image_shape` is then `(C * T * P * P,)`, one patch):
 pixel_values are the images' patches `[total image patches, C*T*P*P]`, with image_grid_thw
 `[n_images, 3]`; pixel_values_videos / video_grid_thw the same for videos (each None when the
@@ -78,8 +83,24 @@ def _native_inputs(rows: list[list[Sample]], seq_length: int, packed: bool, patc
     }
 
 
+def _anyres(rows: list[list[Sample]]) -> bool:
+    """Whether the rows hold any-resolution samples (a sample of another kind among them is refused)."""
+    kinds = {s.image_sizes is not None for row in rows for s in row}
+    if len(kinds) > 1:
+        raise ValueError("a microbatch mixes any-resolution samples (with image sizes) and samples of another kind")
+    return kinds == {True}
+
+
+def _image_sizes(rows: list[list[Sample]]) -> torch.Tensor | None:
+    """`[n_images, 2]` (height, width) of the rows' any-resolution images, None without images."""
+    sizes = [size for row in rows for s in row for size in s.image_sizes]
+    return torch.tensor(sizes, dtype=torch.long) if sizes else None
+
+
 def _images(rows: list[list[Sample]], image_shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor]:
-    per_row = torch.tensor([sum(s.num_images for s in row) for row in rows], dtype=torch.long)
+    anyres = _anyres(rows)
+    per_row = torch.tensor([sum(len(s.image_sizes) if anyres else s.num_images for s in row) for row in rows],
+                           dtype=torch.long)
     pixels = [s.pixel_values for row in rows for s in row if s.num_images]
     if not pixels:
         return None, per_row
@@ -102,6 +123,8 @@ def padded_batch(samples: list[Sample], seq_length: int, pad_id: int, image_shap
     batch = {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "images_per_sample": per_row}
     if is_native(image_shape):
         batch.update(_native_inputs([[s] for s in samples], seq_length, False, image_shape[0]))
+    if _anyres([[s] for s in samples]):
+        batch["image_sizes"] = _image_sizes([[s] for s in samples])
     return batch
 
 
@@ -145,5 +168,7 @@ def packed_microbatches(
         }
         if is_native(image_shape):
             batch.update(_native_inputs(group, seq_length, True, image_shape[0]))
+        if _anyres(group):
+            batch["image_sizes"] = _image_sizes(group)
         batches.append(batch)
     return batches

@@ -12,18 +12,26 @@ corrupt or a decompression bomb ("image"); a conversation whose placeholders, ro
 wrong ("schema"); a sample in which nothing would be trained ("all_masked", the silent loss-0 bug);
 a sample too long even without its text ("too_long").
 
+An any-resolution model (LLaVA-NeXT, `ImageSettings.anyres`) tiles each image by
+`megamm.data.anyres_images` and expands its placeholder to the image's own token count
+(`megamm.config.anyres.image_tokens`, from its size); the sample keeps each image's size, which the
+model needs to lay the tiles out.
+
 The native-resolution (Qwen2-VL) family builds its samples in `megamm.data.native_samples`, into the
 same `Sample` with its patches, grids and M-RoPE positions in `Sample.native`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
+from megamm.config.anyres import AnyResConfig, Size, image_tokens, tile_grid, tiles_per_image
+from megamm.data.anyres_images import preprocess_anyres
 from megamm.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -59,7 +67,9 @@ class ImageSettings:
     statistics apply; max_tiles: 1 for one input per image, more for dynamic tiling (a grid of
     `size` tiles chosen by aspect ratio, plus a thumbnail when there is more than one tile; tiles
     are cut from the image resized to the grid, so `mode` does not apply to them); max_pixels:
-    larger images are refused before decoding.
+    larger images are refused before decoding. anyres: LLaVA-NeXT any-resolution tiling (the model's
+    `anyres` section, megamm.config.anyres), a base image plus tiles per image; then `mode`,
+    `max_tiles` and `thumbnail` do not apply.
     """
 
     size: int
@@ -68,6 +78,7 @@ class ImageSettings:
     max_tiles: int = 1
     thumbnail: bool = True
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    anyres: AnyResConfig | None = None
 
 
 @dataclass
@@ -112,8 +123,10 @@ class Sample:
     model shifts them). pixel_values: `[n, 3, size, size]` float32, n = sum(tiles_per_image), in the
     order the image tokens appear; for the native-resolution family the images' patches
     `[patches, C * T * P * P]` (one tower input per image, `native` holds the grids). grids: (cols,
-    rows) of each image's tiles ((1, 1) untiled and for the native family). image_spans: [start, end)
-    of each image's tokens, as the template placed them.
+    rows) of each image's tiles ((1, 1) untiled and for the native family; any-resolution: the tiles
+    after the base image). image_spans: [start, end)
+    of each image's tokens, as the template placed them. image_sizes: (height, width) of each image
+    of an any-resolution sample (None for every other kind).
     """
 
     source: str
@@ -128,6 +141,7 @@ class Sample:
     text: str
     truncated_from: int | None = None
     native: NativeVision | None = None
+    image_sizes: list[Size] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -187,7 +201,9 @@ def _refuse_videos(record: Record) -> str:
 class SampleBuilder:
     """Turns records into samples for one model: its tokenizer, chat template, tower and sequence length.
 
-    `tokens_per_tile` is the model's `image_tokens_per_image` (embeddings one tower input yields).
+    `tokens_per_tile` is the model's `tile_tokens` (embeddings one tower input yields); with
+    any-resolution tiling it is the tower's patch grid squared (class token dropped, no pixel
+    shuffle: LlavaConfig checks), so the grid is its square root.
     """
 
     def __init__(
@@ -207,13 +223,32 @@ class SampleBuilder:
         self.images = images
         self.tokens_per_tile = tokens_per_tile
         self.seq_length = seq_length
+        self.grid = math.isqrt(tokens_per_tile)
+        if images.anyres is not None and self.grid**2 != tokens_per_tile:
+            raise ValueError(f"any-resolution tiling lays {tokens_per_tile} tokens per tile out as a square patch "
+                             f"grid, but {tokens_per_tile} is not a square")
 
-    def _pixels(self, record: Record) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    def _image_tokens(self, tiles: list[int], sizes: list[Size]) -> list[int]:
+        """Image tokens of each image: its tower inputs times the tokens of one, or (any-resolution) the
+        count from its size."""
+        anyres = self.images.anyres
+        if anyres is None:
+            return [n * self.tokens_per_tile for n in tiles]
+        return [image_tokens(size, anyres.pinpoints, self.images.size, self.grid, anyres.max_num_patches)
+                for size in sizes]
+
+    def _pixels(self, record: Record) -> tuple[list[torch.Tensor], list[tuple[int, int]], list[Size]]:
         settings = self.images
-        pixels, grids = [], []
+        pixels, grids, sizes = [], [], []
         for number in range(len(record.images)):
             img = load_record_image(record, number, settings.max_pixels)
-            if settings.max_tiles == 1:
+            sizes.append((img.height, img.width))
+            if settings.anyres is not None:
+                pinpoints = settings.anyres.pinpoints
+                pixels.append(preprocess_anyres(img, settings.size, pinpoints, settings.normalization)[0])
+                rows, cols = tile_grid(sizes[-1], pinpoints, settings.size)
+                grids.append((cols, rows))
+            elif settings.max_tiles == 1:
                 pixels.append(preprocess(img, settings.size, settings.mode, settings.normalization)[None])
                 grids.append((1, 1))
             else:
@@ -222,19 +257,23 @@ class SampleBuilder:
                 )
                 pixels.append(tiles)
                 grids.append(grid)
-        return pixels, grids
+        return pixels, grids, sizes
 
-    def _tiles(self, record: Record) -> list[int]:
-        """Tower inputs of each image from its header alone (the grid `preprocess_tiles` picks)."""
-        settings, tiles = self.images, []
+    def _tiles(self, record: Record) -> tuple[list[int], list[Size]]:
+        """Tower inputs and (height, width) of each image from its header alone (the grid
+        `preprocess_tiles` or the pinpoint `preprocess_anyres` picks)."""
+        settings, tiles, sizes = self.images, [], []
         for number in range(len(record.images)):
             size = record_image_size(record, number)
-            if settings.max_tiles == 1:
+            sizes.append((size[1], size[0]))
+            if settings.anyres is not None:
+                tiles.append(tiles_per_image(sizes[-1], settings.anyres.pinpoints, settings.size))
+            elif settings.max_tiles == 1:
                 tiles.append(1)
             else:
                 grid = choose_grid(*size, settings.max_tiles, tile_size=settings.size)
                 tiles.append(tile_count(grid, settings.thumbnail))
-        return tiles
+        return tiles, sizes
 
     def probe(self, record: Record) -> SampleLayout:
         """The counts `build(record)` gives, reading image headers instead of decoding the pixels; the
@@ -242,18 +281,16 @@ class SampleBuilder:
         max_pixels is found by `build` only, so there the counts are those of the record replaced)."""
         where = _refuse_videos(record)
         try:
-            tiles = self._tiles(record)
+            tiles, sizes = self._tiles(record)
         except ImageError as error:
             raise BadSample(record.source, where, "image", str(error)) from None
-        kept = self._tokens(record, where, tiles)
+        kept = self._tokens(record, where, self._image_tokens(tiles, sizes))
         return SampleLayout(tuple(tiles[: len(kept.image_spans)]), len(kept.input_ids))
 
-    def _tokens(self, record: Record, where: str, tiles: list[int]) -> Tokenized:
-        """The conversation rendered with `tiles` tower inputs per image and truncated, or BadSample."""
+    def _tokens(self, record: Record, where: str, tokens: list[int]) -> Tokenized:
+        """The conversation rendered with `tokens` image tokens per image and truncated, or BadSample."""
         try:
-            tokenized = render(
-                record.conversations, self.template, self.tokenizer, [n * self.tokens_per_tile for n in tiles]
-            )
+            tokenized = render(record.conversations, self.template, self.tokenizer, tokens)
             kept = truncate(tokenized, self.seq_length)
         except AllLabelsMaskedError as error:
             raise BadSample(record.source, where, "all_masked", str(error)) from None
@@ -271,11 +308,11 @@ class SampleBuilder:
         """The sample for `record`, or BadSample naming it and what is wrong."""
         where = _refuse_videos(record)
         try:
-            pixels, grids = self._pixels(record)
+            pixels, grids, sizes = self._pixels(record)
         except ImageError as error:
             raise BadSample(record.source, where, "image", str(error)) from None
         tiles = [p.shape[0] for p in pixels]
-        kept = self._tokens(record, where, tiles)
+        kept = self._tokens(record, where, self._image_tokens(tiles, sizes))
         images_kept = len(kept.image_spans)
         size = self.images.size
         pixel_values = torch.cat(pixels[:images_kept]) if images_kept else torch.zeros(0, 3, size, size)
@@ -291,4 +328,5 @@ class SampleBuilder:
             image_spans=list(kept.image_spans),
             text=kept.text,
             truncated_from=kept.truncated_from,
+            image_sizes=sizes[:images_kept] if self.images.anyres is not None else None,
         )

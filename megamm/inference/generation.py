@@ -54,7 +54,9 @@ class Prompt:
         thumbnails) in placeholder order, or None. A native-resolution tower (the Qwen2-VL family):
         `[image patches, C*T*P*P]` with image_grid_thw `[n, 3]`, and videos likewise
         (megamm.data.native_resolution, megamm.data.video); video_seconds_per_grid: each video's
-        `second_per_grid` (Qwen2.5-VL's M-RoPE counts video positions in seconds).
+        `second_per_grid` (Qwen2.5-VL's M-RoPE counts video positions in seconds). An any-resolution
+        model (LLaVA-NeXT): `[tiles, C, H, W]`, each image's base image and tiles, with image_sizes
+        `[n, 2]`, each image's original (height, width) (megamm.data.anyres_images).
     """
 
     input_ids: list[int]
@@ -63,6 +65,7 @@ class Prompt:
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
     video_seconds_per_grid: tuple[float, ...] = ()
+    image_sizes: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,11 @@ def _check(model: LlavaModel, prompts: Sequence[Prompt], config: GenerationConfi
                  if p.image_grid_thw is not None or p.pixel_values_videos is not None or p.video_grid_thw is not None]
         problems += [f"prompt {i}: grids and videos are inputs of a native-resolution tower; the "
                      f"{model.config.vision.family} tower takes images [n, C, H, W]" for i in given]
+    anyres = model.config.anyres is not None
+    problems += [f"prompt {i}: image_sizes is an input of an any-resolution model (config.anyres)"
+                 for i, p in enumerate(prompts) if p.image_sizes is not None and not anyres]
+    problems += [f"prompt {i}: an any-resolution model needs image_sizes with pixel_values (each image's size)"
+                 for i, p in enumerate(prompts) if anyres and (p.pixel_values is None) != (p.image_sizes is None)]
     limit = language.transformer.max_position_embeddings
     longest = max((len(p.input_ids) for p in prompts), default=0) + config.max_new_tokens
     if longest > limit:
@@ -180,6 +188,9 @@ def _vision_inputs(model: LlavaModel, prompts: Sequence[Prompt], device: torch.d
         "pixel_values": _concat([p.pixel_values for p in prompts], device),
         "images_per_sample": [0 if p.pixel_values is None else int(p.pixel_values.shape[0]) for p in prompts],
     }
+    if model.config.anyres is not None:
+        inputs["images_per_sample"] = [0 if p.image_sizes is None else int(p.image_sizes.shape[0]) for p in prompts]
+        inputs["image_sizes"] = _concat([p.image_sizes for p in prompts], device)
     if model.native:
         inputs["images_per_sample"] = [0 if p.image_grid_thw is None else int(p.image_grid_thw.shape[0])
                                        for p in prompts]

@@ -25,9 +25,11 @@ from PIL import Image
 
 from megamm.checkpoint.model_weights import load_model_weights, read_run_config_tree
 from megamm.config import LlavaConfig
+from megamm.config.anyres import image_tokens
 from megamm.config.parsing import run_config_from_dict
 from megamm.config.precision import dtype_named, precision_name
 from megamm.config.registry import VISION_TOWERS
+from megamm.data.anyres_images import preprocess_anyres
 from megamm.data.images import (
     ImageError,
     image_normalization,
@@ -197,6 +199,13 @@ class InferenceSession:
             patches = self.native_image_inputs(image)
             rendered = render_prompt(turns, self.settings.chat_template, self.tokenizer, [patches.num_tokens])
             return Prompt(rendered.input_ids, patches.pixel_values, torch.tensor([patches.grid_thw]))
+        anyres = self.model.config.anyres
+        if anyres is not None:
+            vision = self.model.config.vision
+            tiles, size = preprocess_anyres(image, vision.image_size, anyres.pinpoints, self.settings.normalization)
+            tokens = image_tokens(size, anyres.pinpoints, vision.image_size, vision.grid_size, anyres.max_num_patches)
+            rendered = render_prompt(turns, self.settings.chat_template, self.tokenizer, [tokens])
+            return Prompt(rendered.input_ids, tiles, image_sizes=torch.tensor([size]))
         pixel_values = self.image_inputs(image)
         tokens = pixel_values.shape[0] * self.model.image_tokens_per_image
         rendered = render_prompt(turns, self.settings.chat_template, self.tokenizer, [tokens])

@@ -18,6 +18,11 @@ Pipeline split: `pre_process` stages hold the vision tower, the projector and th
 `post_process` stages hold the final norm, the output layer and the loss. Position ids and the
 attention mask go to every stage (each stage rotates its own layers' queries and keys).
 
+Any-resolution (LLaVA-NeXT, `config.anyres`): a fixed-size tower encodes every image's base image
+and tiles `[tiles, C, H, W]`; with each image's original size `image_sizes [n, 2]` the tile
+features are unpadded and given newline embeddings (megamm.models.anyres), so an image gives a
+number of tokens that depends on its size.
+
 Context parallelism (fixed-size towers): every cp rank gets the whole microbatch, embeds only its own
 positions (megamm.parallel.context) and encodes only its share of the images
 (megamm.models.image_shares).
@@ -31,6 +36,7 @@ import torch
 from torch import nn
 
 from megamm.config import LlavaConfig, ParallelConfig
+from megamm.models.anyres import AnyResLayout, size_list
 from megamm.models.image_shares import image_share, local_image_embeddings
 from megamm.models.language import LanguageModel
 from megamm.models.native_vision import NativeResolutionTower
@@ -74,6 +80,8 @@ class LlavaModel(nn.Module):
         vision_t, language_t = config.vision.transformer, config.language.transformer
         self.native = config.vision.native_resolution is not None
         self.vision: VisionTower | NativeResolutionTower
+        # The any-resolution layout (its newline embedding) of a first stage with config.anyres.
+        self.anyres: AnyResLayout | None = None
         if pre_process and self.native:
             self.vision = NativeResolutionTower(config.vision, state, sequence_parallel)
         elif pre_process:
@@ -89,6 +97,8 @@ class LlavaModel(nn.Module):
                 language_t.init_method_std,
                 language_t.params_dtype,
             )
+            if config.anyres is not None:
+                self.anyres = AnyResLayout(config, state)
         self.language = LanguageModel(
             config.language, state, sequence_parallel, pre_process, post_process, language_layers
         )
@@ -106,6 +116,8 @@ class LlavaModel(nn.Module):
                     self.vision.merger.requires_grad_(not cfg.freeze_projector)
             if cfg.freeze_projector:
                 self._projector_module().requires_grad_(False)
+                if self.anyres is not None:
+                    self.anyres.requires_grad_(False)
         if cfg.freeze_language:
             self.language.requires_grad_(False)
 
@@ -113,8 +125,11 @@ class LlavaModel(nn.Module):
         return self.vision.merger if self.native else self.projector
 
     def _vision_modules(self) -> tuple[nn.Module, ...]:
-        """The modules of the image path (the merger is inside a native tower)."""
-        return (self.vision,) if self.native else (self.vision, self.projector)
+        """The modules of the image path (the merger is inside a native tower; the newline
+        embedding of an any-resolution model is on it)."""
+        if self.native:
+            return (self.vision,)
+        return (self.vision, self.projector) + ((self.anyres,) if self.anyres is not None else ())
 
     def initialize(self, seed: int) -> None:
         """Deterministic init from (seed, global parameter name), independent of the layout."""
@@ -152,13 +167,15 @@ class LlavaModel(nn.Module):
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
         videos_per_sample: PerSample = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image (and video) embeddings written into their token positions.
 
         input_ids `[b, s]`. Fixed-size tower: pixel_values `[n, C, H, W]` or None. Native-resolution
         tower: pixel_values `[image patches, C*T*P*P]` with image_grid_thw `[n, 3]`, and
-        pixel_values_videos / video_grid_thw for videos. images_per_sample / videos_per_sample `[b]`
-        (optional) enable the per-sample count check. Returns `[s, b, h]`, replicated across tp; with
+        pixel_values_videos / video_grid_thw for videos. Any-resolution: pixel_values `[tiles, C, H, W]`
+        (each image's base image and tiles) with image_sizes `[n, 2]` (height, width).
+        images_per_sample / videos_per_sample `[b]` (optional) enable the per-sample count check. Returns `[s, b, h]`, replicated across tp; with
         context parallelism (fixed-size towers) `[s/cp, b, h]`, this rank's positions, of which it
         encoded only its share of the images (the embeddings of the others come from their cp ranks).
         """
@@ -180,8 +197,18 @@ class LlavaModel(nn.Module):
                 if values is not None:
                     embeddings = embeddings.masked_scatter(positions.unsqueeze(-1), values.to(embeddings.dtype))
                     encoded.append(values)
+        elif self.anyres is not None:
+            self._refuse_native_inputs(image_grid_thw, pixel_values_videos, video_grid_thw, videos_per_sample)
+            embeddings = self.language.embed(input_ids)  # [b, s, h] (no context parallelism)
+            values = self._anyres_embeddings(image_positions, pixel_values, image_sizes, images_per_sample)
+            encoded = [] if values is None else [values]
+            if values is not None:
+                embeddings = embeddings.masked_scatter(image_positions.unsqueeze(-1), values.to(embeddings.dtype))
         else:
             self._refuse_native_inputs(image_grid_thw, pixel_values_videos, video_grid_thw, videos_per_sample)
+            if image_sizes is not None:
+                raise ValueError("image_sizes is an input of an any-resolution model (config.anyres); this model "
+                                 "takes images of one size")
             num_images = 0 if pixel_values is None else pixel_values.shape[0]
             check_fixed_tokens(image_positions, num_images, self.image_tokens_per_image, images_per_sample)
             embeddings = self.language.embed(split_sequence(input_ids, self.state))  # [b, s/cp, h]
@@ -210,6 +237,26 @@ class LlavaModel(nn.Module):
         if not tokens:
             return None
         return self.encode_native(patches, grids)
+
+    def _anyres_embeddings(self, positions: torch.Tensor, pixel_values: torch.Tensor | None,
+                           image_sizes: torch.Tensor | None, per_sample: PerSample) -> torch.Tensor | None:
+        """Check the image-token counts (from each image's size) and the tiles, encode the tiles and lay
+        them out (None: no image)."""
+        if (pixel_values is None) != (image_sizes is None):
+            given, missing = ("pixel_values", "image_sizes") if image_sizes is None else ("image_sizes", "pixel_values")
+            raise ValueError(f"{given} given without {missing}: an any-resolution model needs both (each image's "
+                             f"tiles and its original size)")
+        sizes = [] if image_sizes is None else size_list(image_sizes)
+        tokens = self.anyres.token_counts(sizes)
+        check_vision_tokens("image", positions, tokens, per_sample,
+                            f"give (base tile + unpadded tiles + a newline per row, per image: {tokens})")
+        if not tokens:
+            return None
+        tiles = self.anyres.tile_counts(sizes)
+        if sum(tiles) != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} tower inputs, but the image_sizes {sizes} "
+                             f"give {sum(tiles)} (base image + tiles each: {tiles})")
+        return self.anyres(self.encode_images(pixel_values), sizes)
 
     def _refuse_native_inputs(self, *inputs: object) -> None:
         if any(value is not None for value in inputs):
@@ -256,12 +303,14 @@ class LlavaModel(nn.Module):
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
         videos_per_sample: PerSample = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One stage's forward.
 
         First stage: input_ids `[b, s]` and pixel_values `[n, C, H, W]` (or None); a native-resolution
         tower takes pixel_values `[image patches, C*T*P*P]` + image_grid_thw `[n, 3]` and
-        pixel_values_videos + video_grid_thw (see `embed`).
+        pixel_values_videos + video_grid_thw; an any-resolution model tiles `[tiles, C, H, W]` + image_sizes
+        `[n, 2]` (see `embed`).
         Later stages: decoder_input, the previous stage's hidden states.
         Every stage: position_ids `[b, s]` (`[3, b, s]` with M-RoPE) and attention_mask `[b, 1, s, s]`
         (bool, True = may attend, combined with causality) for packed rows; None gives 0..s-1 (on
@@ -275,7 +324,7 @@ class LlavaModel(nn.Module):
             decoder_input = self.embed(
                 input_ids, pixel_values, images_per_sample, image_grid_thw=image_grid_thw,
                 pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                videos_per_sample=videos_per_sample,
+                videos_per_sample=videos_per_sample, image_sizes=image_sizes,
             )
         elif decoder_input is None:
             raise ValueError("a non-first pipeline stage needs decoder_input")

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 EVAL_SEED_OFFSET = 7919
 FIRST_STAGE_KEYS = (
     "input_ids", "pixel_values", "images_per_sample", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-    "videos_per_sample",
+    "videos_per_sample", "image_sizes",
 )
 LAST_STAGE_KEYS = ("labels", "images_per_sample", "image_grid_thw", "video_grid_thw", "videos_per_sample")
 EVERY_STAGE_KEYS = ("position_ids", "attention_mask")
@@ -115,7 +115,8 @@ class SyntheticData:
 def _image_settings(config: ResolvedConfig) -> ImageSettings:
     t, vision = config.training, config.model.vision
     normalization = image_normalization(vision, t.image_normalization)
-    return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles)
+    return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles,
+                         anyres=config.model.anyres)
 
 
 def vision_input_shape(config: ResolvedConfig) -> tuple[int, ...]:
@@ -151,7 +152,7 @@ def build_sample_builder(config: ResolvedConfig) -> SampleBuilder | NativeSample
         return NativeSampleBuilder(tokenizer, template, native_settings(model_config.vision, t), t.seq_length)
     return SampleBuilder(
         tokenizer, template, _image_settings(config),
-        model_config.image_tokens_per_image, t.seq_length,
+        model_config.tile_tokens, t.seq_length,
     )
 
 
@@ -248,6 +249,8 @@ def vision_inputs(microbatches: list[Batch], model: LlavaConfig) -> int | list[l
     """What the step's vision FLOPs follow (`megamm.training.metrics.step_flops`): the tower inputs
     (tiles) of a fixed-size tower, the (t, h, w) grids of the images and videos of a native one; none
     on a stage that holds neither (a middle stage)."""
+    if model.anyres is not None:  # images_per_sample counts images; the tiles are counted where they are (first stage)
+        return sum(int(mb["pixel_values"].shape[0]) for mb in microbatches if mb.get("pixel_values") is not None)
     if model.vision.native_resolution is None:
         return sum(int(mb["images_per_sample"].sum()) for mb in microbatches if "images_per_sample" in mb)
     return [grid for mb in microbatches for key in ("image_grid_thw", "video_grid_thw")

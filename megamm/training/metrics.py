@@ -126,7 +126,7 @@ def step_flops(config: LlavaConfig, seq_length: int, samples: int, images: int |
         )
         projector_in = vt.hidden_size * config.projector.merged_patches
         per_image_token = projector_class(config.projector).flops_per_token(projector_in, lt.hidden_size)
-        projector_forward = images * config.image_tokens_per_image * per_image_token
+        projector_forward = images * config.tile_tokens * per_image_token
     language_forward = samples * seq_length * (
         lt.num_layers * layer_flops_per_token(lt, seq_length) + 2 * lt.hidden_size * language.vocab_size
     )

@@ -257,9 +257,9 @@ def test_unsupported_architectures_are_named(hf_dir: Path, tmp_path: Path) -> No
     with pytest.raises(ConversionError, match="unsupported vision architecture 'vit'"):
         import_llava_hf(source, tmp_path / "c2")
     tree = _config(hf_dir)
-    tree["model_type"] = "llava_next"
+    tree["model_type"] = "mllama"
     _write_config(source, tree)
-    with pytest.raises(ConversionError, match="'llava_next' is not 'llava'"):
+    with pytest.raises(ConversionError, match="'mllama' is not one of llava, llava_next, llava_onevision"):
         import_llava_hf(source, tmp_path / "c3")
     tree = _config(hf_dir)
     tree["vision_feature_layer"] = [-2, -5]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -18,8 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
+from megamm.config.anyres import AnyResConfig, image_tokens, tiles_per_image
 from megamm.data.images import ImageError, mean_fill
 from megamm.inference import cli
+from megamm.inference.generation import GenerationConfig, generate
 from megamm.inference.session import Answer, DataSettings, InferenceSession, data_settings, stop_token_ids
 from megamm.inference.vqa import (
     OVERALL,
@@ -369,3 +372,18 @@ def test_untyped_questions_have_their_own_row(tmp_path: Path) -> None:
     table = format_score(score(["red", "blue", "red"], items)).splitlines()
     assert [row.split()[0] for row in table[1:]] == ["all", "(untyped)", "overall"]
     assert table[2].split()[1:] == ["50.00%", "1", "2", "0"] and table[3].split()[1:] == ["66.67%", "2", "3", "0"]
+
+
+def test_anyres_prompt_tiles_the_image_and_generates() -> None:
+    """An any-resolution (LLaVA-NeXT) model's prompt: the image's base image and tiles, its size, and
+    the image-token run of that size, which the model's per-sample check accepts when generating."""
+    session = _session()
+    pinpoints = ((16, 32), (32, 16), (32, 32))
+    model = LlavaModel(replace(session.model.config, anyres=AnyResConfig(pinpoints)), ParallelState.single())
+    model.initialize(0)
+    session = InferenceSession(model, session.tokenizer, session.settings)
+    prompt = session.prompt("What colour?", Image.new("RGB", (30, 20), (10, 200, 90)))
+    assert prompt.image_sizes.tolist() == [[20, 30]]
+    assert prompt.pixel_values.shape[0] == tiles_per_image((20, 30), list(pinpoints), 16)
+    assert prompt.input_ids.count(session.tokenizer.image_token_id) == image_tokens((20, 30), list(pinpoints), 16, 4)
+    assert len(generate(model, [prompt], GenerationConfig(max_new_tokens=2))[0].tokens) == 2

@@ -42,3 +42,34 @@ def test_preview_shows_grids_patches_and_tokens(tmp_path: Path, capsys: pytest.C
     # at most 768 pixels: 24x32, so 6x8 patches.
     assert "video 0: tokens [" in out and "grid (t, h, w) = (3, 6, 8), 144 patches, 36 tokens, 1 s per temporal patch" in out
     assert "<video x 36>" in out and "[[The first one, clearly.<|im_end|>]]" in out
+
+
+def test_preview_shows_anyres_tiles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An any-resolution (LLaVA-NeXT) model's config: each image's tile grid, tower inputs (base image +
+    tiles), size and token run, as megamm.config.anyres counts them."""
+    from dataclasses import replace
+
+    from megamm.config.anyres import AnyResConfig, image_tokens, tile_grid
+    from tests.data_fixtures import model_for, write_dataset
+
+    files = write_dataset(tmp_path / "data", rows=6)
+    pinpoints = ((16, 32), (32, 16), (32, 32), (48, 16), (16, 48))
+    model = replace(model_for(files.tokenizer), anyres=AnyResConfig(pinpoints))
+    run = RunConfig(model=model, training=TrainingConfig(
+        data_path=[str(files.train)], image_folder=str(files.images), tokenizer_model=str(files.tokenizer),
+        chat_template="plain", seq_length=256))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run_config_to_dict(run)))
+    spec = importlib.util.spec_from_file_location("preview_sample", ROOT / "tools" / "preview_sample.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--config", str(tmp_path / "run.yaml"), "--index", "0"]) == 0
+    out = capsys.readouterr().out
+    from PIL import Image
+
+    with Image.open(files.images / "img0.png") as img:
+        size = (img.height, img.width)
+    rows, cols = tile_grid(size, list(pinpoints), 16)
+    tokens = image_tokens(size, list(pinpoints), 16, 4)
+    assert f"{rows * cols + 1} tower input(s), tile grid {cols}x{rows} (base image + tiles; image " \
+           f"{size[0]}x{size[1]}, height x width)" in out, out
+    assert f"<image x {tokens}>" in out

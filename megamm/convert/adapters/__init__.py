@@ -7,6 +7,8 @@ megamm.models.projectors), which hold the component-level mapping. The importer 
 are loops over adapters and never name a layout's keys or fields themselves.
 
     llava-hf         LlavaForConditionalGeneration (both key spellings); import and export
+    llava-next-hf    LlavaNextForConditionalGeneration (llava-hf's layout + image_newline); import and export
+    llava-onevision-hf  LlavaOnevisionForConditionalGeneration (LLaVA-NeXT's + anyres_max_N); import and export
     original-llava   LLaVA's own LlavaLlamaForCausalLM (model.mm_projector); import
     vision-tower     a CLIP / SigLIP directory (vision model or full model); import
     causal-lm        a LLaMA / Mistral / Qwen2 causal LM directory; import

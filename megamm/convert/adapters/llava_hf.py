@@ -43,15 +43,18 @@ LEGACY_PREFIXES = (("text.lm_head.", "language_model.lm_head."), ("text.", "lang
 
 class LlavaHfAdapter(ExportAdapter):
     name = "llava-hf"
+    # config.json's model_type and the transformers class (LLaVA-NeXT subclasses this adapter).
+    model_type = "llava"
+    architecture = "LlavaForConditionalGeneration"
 
     def canonical_name(self, key: str) -> str | None:
         return rename(key, PREFIXES)
 
     def config_from_hf(self, tree: dict, where: str) -> tuple[LlavaConfig, HfExtras]:
         """config.json of a LlavaForConditionalGeneration -> (LlavaConfig, extras)."""
-        if tree.get("model_type") != "llava":
-            raise ConversionError(f"{where}: model_type {tree.get('model_type')!r} is not 'llava' "
-                                  f"(LlavaForConditionalGeneration)")
+        if tree.get("model_type") != self.model_type:
+            raise ConversionError(f"{where}: model_type {tree.get('model_type')!r} is not {self.model_type!r} "
+                                  f"({self.architecture})")
         cfg = hf_config(tree, where)
         problems = []
         layer = cfg.vision_feature_layer
@@ -86,7 +89,7 @@ class LlavaHfAdapter(ExportAdapter):
         if config.vision.native_resolution is not None or config.projector is None:
             return [(f"vision.family {config.vision.family!r}: LlavaForConditionalGeneration holds a fixed-size ViT "
                     f"and a projector; a native-resolution model exports as qwen2-vl-hf / qwen2.5-vl-hf")]
-        found = []
+        found = self.layout_problems(config)
         if config.projector.type != "mlp2x_gelu":
             found.append(f"projector.type {config.projector.type!r}: LlavaForConditionalGeneration has a two-layer "
                          f"GELU projector only (mlp2x_gelu)")
@@ -95,14 +98,20 @@ class LlavaHfAdapter(ExportAdapter):
         found += tower_family(config.vision.family).problems(config.vision)
         return found + decoder_family(config.language.family).problems(config.language)
 
+    def layout_problems(self, config: LlavaConfig) -> list[str]:
+        """What the image layout asks of the architecture (LLaVA: one tile per image)."""
+        if config.anyres is not None:
+            return ["anyres: LlavaForConditionalGeneration has no any-resolution tiling; export as llava-next-hf"]
+        return []
+
     def config_to_hf(self, config: LlavaConfig, extras: HfExtras, kept_aside: list[str]) -> dict:
-        raise_problems(self.export_problems(config), "the model cannot be written as LlavaForConditionalGeneration")
+        raise_problems(self.export_problems(config), f"the model cannot be written as {self.architecture}")
         v, lang = config.vision, config.language
         return {
-            "model_type": "llava",
-            "architectures": ["LlavaForConditionalGeneration"],
+            "model_type": self.model_type,
+            "architectures": [self.architecture],
             "image_token_index": lang.image_token_id,
-            "image_seq_length": config.image_tokens_per_image,
+            "image_seq_length": config.tile_tokens,
             "projector_hidden_act": "gelu",
             "vision_feature_select_strategy": "full" if (not v.class_token or not v.drop_class_token) else "default",
             "vision_feature_layer": v.select_layer,
@@ -114,7 +123,7 @@ class LlavaHfAdapter(ExportAdapter):
         }
 
     def installed_keys(self, hf_config: dict) -> dict[str, str]:
-        return installed_key_map("LlavaForConditionalGeneration", "llava", hf_config, self.canonical_name)
+        return installed_key_map(self.architecture, self.model_type, hf_config, self.canonical_name)
 
     def legacy_key(self, name: str) -> str:
         key = rename(name, LEGACY_PREFIXES)

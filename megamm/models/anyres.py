@@ -1,0 +1,86 @@
+"""LLaVA-NeXT's any-resolution image layout: tile features -> one image's embedding sequence.
+
+The tower and projector run on every tower input of the batch (each image's base image and its
+`rows x cols` tiles, megamm.data.anyres_images), giving `[tiles, g*g, h]` (g: the tower's patch
+grid). For each image, in batch order, this module lays the tile features out as one
+`(g*rows) x (g*cols)` grid, cuts away the rows or columns that only cover the padding the
+preprocessing added around the resized image (the spatial unpad, megamm.config.anyres), appends
+(LLaVA-OneVision's anyres_max_N) shrinks a grid larger than N tiles' worth bilinearly, appends
+the learned `image_newline` embedding after each remaining row, and puts the base image's `g*g`
+features first: `g*g + kept_rows * (kept_cols + 1)` embeddings, the count the data pipeline
+expanded the image's placeholder to (transformers' `pack_image_features`, `spatial_unpad`).
+
+`image_newline` `[h]` is replicated over tp: it is added after the projector, whose output is
+complete on every tp rank, so its gradient is complete too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamm.config import LlavaConfig
+from megamm.config.anyres import Size, downsampled_grid, image_tokens, tile_grid, unpadded_grid
+from megamm.parallel.params import ParamOwner, ParamSpec
+from megamm.parallel.sharding import ParamLayout, normal_init
+from megamm.parallel.state import ParallelState
+
+
+def size_list(image_sizes: torch.Tensor | Sequence[Sequence[int]]) -> list[Size]:
+    """`[n, 2]` (height, width) per image -> a list of int pairs."""
+    rows = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
+    return [(int(h), int(w)) for h, w in rows]
+
+
+class AnyResLayout(ParamOwner):
+    def __init__(self, config: LlavaConfig, state: ParallelState) -> None:
+        super().__init__()
+        if config.anyres is None:
+            raise ValueError("AnyResLayout needs config.anyres")
+        language = config.language.transformer
+        self.pinpoints = config.anyres.pinpoints
+        self.tile = config.vision.image_size
+        self.grid = config.vision.grid_size
+        self.max_num_patches = config.anyres.max_num_patches
+        hidden = language.hidden_size
+        # transformers draws it with std 1 / sqrt(hidden): an embedding-sized vector.
+        spec = ParamSpec(ParamLayout((hidden,), normal_init(1 / math.sqrt(hidden))))
+        self.image_newline: nn.Parameter = self.create_parameter("image_newline", spec, state, language.params_dtype)
+
+    def tile_counts(self, sizes: list[Size]) -> list[int]:
+        """Tower inputs of each image: base image + tiles."""
+        return [math.prod(tile_grid(size, self.pinpoints, self.tile)) + 1 for size in sizes]
+
+    def token_counts(self, sizes: list[Size]) -> list[int]:
+        """Image tokens of each image (megamm.config.anyres.image_tokens)."""
+        return [image_tokens(size, self.pinpoints, self.tile, self.grid, self.max_num_patches) for size in sizes]
+
+    def forward(self, features: torch.Tensor, sizes: list[Size]) -> torch.Tensor:
+        """features `[tiles, g*g, h]` (every image's base image then its tiles, images in batch order) ->
+        `[sum of token_counts(sizes), h]`, image after image."""
+        g, hidden = self.grid, features.shape[-1]
+        newline = self.image_newline.to(features.dtype)
+        out, offset = [], 0
+        for size in sizes:
+            rows, cols = tile_grid(size, self.pinpoints, self.tile)
+            base = features[offset]
+            tiles = features[offset + 1 : offset + 1 + rows * cols]
+            offset += 1 + rows * cols
+            # [rows * cols, g*g, h] -> [rows, g, cols, g, h] -> one [g*rows, g*cols, h] grid.
+            grid = tiles.view(rows, cols, g, g, hidden).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, hidden)
+            top, bottom, left, right = unpadded_grid(size, rows * g, cols * g)
+            grid = grid[top:bottom, left:right]
+            shrunk = downsampled_grid(bottom - top, right - left, g, self.max_num_patches)
+            if shrunk is not None:
+                # transformers' interpolation on [1, h, rows, cols] (bilinear, corners not aligned).
+                grid = F.interpolate(grid.permute(2, 0, 1)[None], list(shrunk), mode="bilinear")[0].permute(1, 2, 0)
+            ends = newline.expand(grid.shape[0], 1, hidden)
+            out += [base, torch.cat([grid, ends], dim=1).reshape(-1, hidden)]
+        if offset != features.shape[0]:
+            raise ValueError(f"{features.shape[0]} tower inputs, but the image sizes {sizes} give {offset} "
+                             f"(base image + tiles each)")
+        return torch.cat(out)

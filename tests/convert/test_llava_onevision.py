@@ -1,0 +1,140 @@
+"""LLaVA-OneVision conversion (images): a random tiny transformers
+`LlavaOnevisionForConditionalGeneration` (SigLIP tower with the `full` feature strategy, tied Qwen2
+text model, `anyres_max_2`) imported into megamm gives transformers' logits (fp32, 1e-4) on a batch
+with a large square image (3 x 3 tiles, its features downsampled bilinearly) and a wide and a tall
+one, at tp=1 and (one spawned run) at tp=2 with SP and pp=2; import then export is bit-exact and the export loads with `from_pretrained`; megamm's token
+count equals LlavaOnevisionProcessor's rule on images of several sizes.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+from megamm.config.anyres import image_tokens
+from megamm.config.registry import HF_ARCHITECTURES
+from megamm.convert.exporter import export_hf
+from megamm.convert.importer import import_llava_hf
+from megamm.data.anyres_images import preprocess_anyres
+from megamm.parallel.state import ParallelState
+from tests.convert.test_llava_next import _image, _load, _logits, check_layouts
+from tests.convert.test_roundtrip import (
+    IMAGE,
+    IMAGE_TOKEN,
+    PATCH,
+    randomize_,
+    save_hf,
+    text_config,
+    vision_kwargs,
+)
+
+LOGIT_TOLERANCE = 1e-4
+PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32], [16, 48], [48, 16], [48, 48]]
+MAX_PATCHES = 2
+VIDEO_TOKEN = 114
+IMAGE_SIZES = [(60, 60), (20, 50), (50, 20)]  # one image per sample
+SEQ = 96
+
+
+def build_hf(seed: int = 2) -> LlavaOnevisionForConditionalGeneration:
+    text = text_config("qwen2")
+    text.max_position_embeddings = 256
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**{**vision_kwargs(), "hidden_act": "gelu_pytorch_tanh"}),
+        text_config=text, image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=PINPOINTS,
+        vision_aspect_ratio=f"anyres_max_{MAX_PATCHES}", tie_word_embeddings=True,
+    )
+    config._attn_implementation = "eager"
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    randomize_(model, seed)
+    return model
+
+
+def _tokens(size: tuple[int, int]) -> int:
+    return image_tokens(size, [tuple(p) for p in PINPOINTS], IMAGE, IMAGE // PATCH, MAX_PATCHES)
+
+
+def make_batch(seed: int = 8) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, IMAGE_TOKEN, (len(IMAGE_SIZES), SEQ), generator=generator)
+    pixels, sizes = [], []
+    for row, (height, width) in enumerate(IMAGE_SIZES):
+        tiles, size = preprocess_anyres(_image(height, width, seed + row), IMAGE, [tuple(p) for p in PINPOINTS],
+                                        "siglip")
+        ids[row, 2:2 + _tokens(size)] = IMAGE_TOKEN
+        pixels.append(tiles)
+        sizes.append(size)
+    labels = ids.masked_fill(ids == IMAGE_TOKEN, -100)
+    return {"input_ids": ids, "labels": labels, "pixel_values": torch.cat(pixels), "image_sizes": torch.tensor(sizes),
+            "images_per_sample": torch.ones(len(IMAGE_SIZES), dtype=torch.long)}
+
+
+def _hf_inputs(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(batch["input_ids"]),
+            "pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"]}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("onevision")
+    hf = build_hf()
+    directory = save_hf(hf, root / "hf", shard_size="200KB")
+    import_llava_hf(directory, root / "imported", tp=2, pp=2)
+    batch = make_batch()
+    with torch.no_grad():
+        expected = hf(**_hf_inputs(batch)).logits
+    return {"root": root, "hf_dir": directory, "batch": batch, "hf_logits": expected}
+
+
+def test_onevision_import_logits_round_trip(converted: dict) -> None:
+    tmp_path, directory, batch, expected = (converted[k] for k in ("root", "hf_dir", "batch", "hf_logits"))
+    model = _load(tmp_path / "imported", ParallelState.single())
+    assert model.config.anyres.max_num_patches == MAX_PATCHES and model.config.vision.family == "siglip"
+    error = (_logits(model, batch) - expected).abs().max().item()
+    assert error < LOGIT_TOLERANCE, f"max |megamm - transformers| logit difference {error:.2e}"
+
+    out = tmp_path / "exported"
+    export_hf(tmp_path / "imported", out, architecture="llava-onevision-hf")
+    original, exported = {}, {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        original.update(load_file(shard))
+    for shard in sorted(out.glob("*.safetensors")):
+        exported.update(load_file(shard))
+    # Both spellings (transformers 5 saves vision_tower.* without vision_model.) by canonical name.
+    adapter = HF_ARCHITECTURES.get("llava-onevision-hf")
+    original = {adapter.canonical_name(k): v for k, v in original.items()}
+    exported = {adapter.canonical_name(k): v for k, v in exported.items()}
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert torch.equal(exported[key], tensor), key
+    reloaded = LlavaOnevisionForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
+    assert reloaded.config.video_token_index == VIDEO_TOKEN
+    with torch.no_grad():
+        assert torch.equal(reloaded(**_hf_inputs(batch)).logits, expected)
+
+
+def test_token_counts_match_the_processor_rule() -> None:
+    """LlavaOnevisionProcessor's own arithmetic (run on a stand-in holding the fields it reads) on a
+    grid of image sizes, with OneVision's 6 x 6 pinpoints scaled to 16-pixel tiles and anyres_max_9;
+    some sizes fall where the unpadded grid is between 1 and 1.1 times the limit (kept, not shrunk)."""
+    grid, limit = IMAGE // PATCH, 9
+    pinpoints = [[i * IMAGE, j * IMAGE] for i in range(1, 7) for j in range(1, 7)]
+    processor = SimpleNamespace(image_processor=SimpleNamespace(image_grid_pinpoints=pinpoints),
+                                num_image_tokens=grid * grid, vision_aspect_ratio=f"anyres_max_{limit}")
+    processor._get_unpadded_features = LlavaOnevisionProcessor._get_unpadded_features.__get__(processor)
+    for height in range(5, 200, 7):
+        for width in range(5, 200, 9):
+            expected = LlavaOnevisionProcessor._get_number_of_features(processor, height, width, IMAGE, IMAGE)
+            ours = image_tokens((height, width), [tuple(p) for p in pinpoints], IMAGE, grid, limit)
+            assert ours == expected, (height, width)
+
+
+@pytest.mark.slow
+def test_onevision_matches_transformers_at_tp2_and_pp2(converted: dict) -> None:
+    check_layouts(converted["root"] / "imported", converted["batch"], converted["hf_logits"])
