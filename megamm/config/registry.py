@@ -66,6 +66,7 @@ VISION_TOWERS = Registry(
         "siglip": "megamm.models.towers.siglip:SIGLIP",
         "qwen2_vl": "megamm.models.towers.qwen2_vl:QWEN2_VL",
         "qwen2_5_vl": "megamm.models.towers.qwen2_vl:QWEN2_5_VL",
+        "internvit": "megamm.models.towers.internvit:INTERNVIT",
     },
 )
 
@@ -75,6 +76,7 @@ PROJECTORS = Registry(
     {
         "linear": "megamm.models.projectors.linear:LinearProjector",
         "mlp2x_gelu": "megamm.models.projectors.mlp:Mlp2xGeluProjector",
+        "internvl_mlp": "megamm.models.projectors.internvl:InternVLProjector",
     },
 )
 
@@ -102,5 +104,6 @@ HF_ARCHITECTURES = Registry(
         "meta-llama": "megamm.convert.adapters.meta_llama:ADAPTER",
         "qwen2-vl-hf": "megamm.convert.adapters.qwen2_vl_hf:ADAPTER",
         "qwen2.5-vl-hf": "megamm.convert.adapters.qwen2_5_vl_hf:ADAPTER",
+        "internvl-hf": "megamm.convert.adapters.internvl_hf:ADAPTER",
     },
 )
