@@ -53,8 +53,11 @@ CHAT_TEMPLATES = Registry(
         "chatml": "megamm.data.templates:CHATML",
         "mistral": "megamm.data.templates:MISTRAL",
         "qwen2_vl": "megamm.data.qwen_template:QWEN2_VL",
+        "internvl": "megamm.data.internvl_template:INTERNVL",
     },
 )
+# Chat templates that can put NVLM-style tags before each tile (--tile-tags; `with_tile_tags`).
+TILE_TAG_TEMPLATES = ("internvl",)
 
 # Vision tower families (megamm.models.towers): the ViT conventions a VisionConfig's `family` names
 # (image statistics, Hugging Face model types, key map, defaults). qwen2_vl and qwen2_5_vl are

@@ -59,7 +59,8 @@ class ImageSettings:
     statistics apply; max_tiles: 1 for one input per image, more for dynamic tiling (a grid of
     `size` tiles chosen by aspect ratio, plus a thumbnail when there is more than one tile; tiles
     are cut from the image resized to the grid, so `mode` does not apply to them); max_pixels:
-    larger images are refused before decoding.
+    larger images are refused before decoding; float_ratios: choose the grid by float aspect ratios
+    (`megamm.data.images.float_tile_ratios`, the InternVL processors' rule).
     """
 
     size: int
@@ -68,6 +69,7 @@ class ImageSettings:
     max_tiles: int = 1
     thumbnail: bool = True
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    float_ratios: bool = False
 
 
 @dataclass
@@ -204,7 +206,8 @@ class SampleBuilder:
                 grids.append((1, 1))
             else:
                 tiles, grid = preprocess_tiles(
-                    img, settings.size, settings.max_tiles, settings.normalization, settings.thumbnail
+                    img, settings.size, settings.max_tiles, settings.normalization, settings.thumbnail,
+                    float_ratios=settings.float_ratios,
                 )
                 pixels.append(tiles)
                 grids.append(grid)
@@ -221,7 +224,8 @@ class SampleBuilder:
             if settings.max_tiles == 1:
                 tiles.append(1)
             else:
-                grid = choose_grid(*size, settings.max_tiles, tile_size=settings.size)
+                grid = choose_grid(*size, settings.max_tiles, tile_size=settings.size,
+                                   float_ratios=settings.float_ratios)
                 tiles.append(tile_count(grid, settings.thumbnail))
         return tiles
 

@@ -30,6 +30,7 @@ from megamm.config.precision import dtype_named, precision_name
 from megamm.config.registry import VISION_TOWERS
 from megamm.data.images import (
     ImageError,
+    float_tile_ratios,
     image_normalization,
     load_image,
     mean_fill,
@@ -164,7 +165,8 @@ class InferenceSession:
         """One image -> its vision-tower inputs `[n, C, H, W]` (n = 1, or tiles + thumbnail)."""
         vision, s = self.model.config.vision, self.settings
         if s.max_image_tiles > 1:
-            tiles, _ = preprocess_tiles(image, vision.image_size, s.max_image_tiles, s.normalization)
+            tiles, _ = preprocess_tiles(image, vision.image_size, s.max_image_tiles, s.normalization,
+                                        float_ratios=float_tile_ratios(vision))
             return tiles
         return preprocess(image, vision.image_size, s.image_aspect_ratio, s.normalization).unsqueeze(0)
 

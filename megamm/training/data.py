@@ -24,7 +24,7 @@ from megamm.config.resolved import ResolvedConfig
 from megamm.data.balance import Balancer, BatchPlan
 from megamm.data.batching import Batch, packed_microbatches, padded_microbatches
 from megamm.data.datasets import build_source
-from megamm.data.images import image_normalization
+from megamm.data.images import float_tile_ratios, image_normalization
 from megamm.data.loader import BAD_KINDS, PositionDataset, RankLoader, ResumePoint
 from megamm.data.native_samples import NativeSampleBuilder, native_settings
 from megamm.data.qwen_template import VIDEO_PAD
@@ -115,7 +115,8 @@ class SyntheticData:
 def _image_settings(config: ResolvedConfig) -> ImageSettings:
     t, vision = config.training, config.model.vision
     normalization = image_normalization(vision, t.image_normalization)
-    return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles)
+    return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles,
+                         float_ratios=float_tile_ratios(vision))
 
 
 def vision_input_shape(config: ResolvedConfig) -> tuple[int, ...]:

@@ -158,4 +158,5 @@ INTERNVIT = InternViTFamily(
     image_std=(0.229, 0.224, 0.225),
     hf_model_type="internvl_vision",
     hf_full_model_type="internvl",
+    float_tile_ratios=True,
 )
