@@ -10,7 +10,6 @@ video processor (its torchvision backend is not installed; images never use it).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from megamm.models.towers.internvit import INTERNVIT
 from tests.data_fixtures import write_qwen_tokenizer
 
 transformers = pytest.importorskip("transformers")
-from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil  # noqa: E402
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>",
             "<tile_1>", "<tile_2>", "<tile_3>", "<tile_4>", "<tile_5>", "<tile_6>", THUMBNAIL_TAG)
