@@ -143,6 +143,8 @@ def build_sample_builder(config: ResolvedConfig) -> SampleBuilder | NativeSample
     """The tokenizer, template and image settings of a run, checked against the model."""
     t, model_config = config.training, config.model
     template = get_template(t.chat_template)
+    if t.tile_tags:
+        template = template.with_tile_tags(model_config.image_tokens_per_image)
     tokenizer = template_tokenizer(t.tokenizer_model, template)
     check_tokenizer(tokenizer, model_config.language, f"--tokenizer-model {t.tokenizer_model}",
                     template.required_tokens, VIDEO_PAD)
