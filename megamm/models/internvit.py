@@ -108,7 +108,12 @@ class LayerScale(ParamOwner):
 
 
 class InternViTLayer(TransformerLayer):
-    """`x + lambda_1 * attn(norm(x))`, then `x + lambda_2 * mlp(norm(x))`, on `[s', b, h]`."""
+    """`x + lambda_1 * attn(norm(x))`, then `x + lambda_2 * mlp(norm(x))`, on `[s', b, h]`.
+
+    A TransformerLayer, so --torch-compile's regional compilation finds it like every layer, with
+    the same parts (norms, attention, MLP) under the same names; TransformerLayer.__init__ is not
+    called because it would build a plain attention only to replace it.
+    """
 
     def __init__(self, config: TransformerConfig, intern: InternViTConfig, state: ParallelState,
                  sequence_parallel: bool) -> None:
