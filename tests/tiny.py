@@ -257,3 +257,23 @@ def without_key_bias(name: str, tensor: torch.Tensor, config: TransformerConfig)
         return tensor
     q, kv = config.num_attention_heads * config.head_dim, config.query_groups * config.head_dim
     return torch.cat([tensor[:q], tensor[q + kv:]])
+
+
+def internvl_config(qk_norm: bool = True, vocab_size: int = 512, image_token_id: int = IMAGE_TOKEN_ID,
+                    **overrides) -> LlavaConfig:
+    """A tiny InternVL: an InternViT tower (16x16 tiles, 4x4 patches + class token = 17 positions,
+    odd for sequence parallelism), with QK norm and RMSNorm (`qk_norm`) or neither, LayerNorm and
+    q/k/v biases; pixel shuffle into 4 tokens per tile and InternVL's projector."""
+    from megamm.config import InternViTConfig
+
+    transformer = TransformerConfig(
+        hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
+        normalization="rmsnorm" if qk_norm else "layernorm", norm_epsilon=1e-6, activation="gelu",
+        add_bias_linear=True, position_embedding="learned", max_position_embeddings=17, causal=False,
+    )
+    vision = VisionConfig(transformer, family="internvit", image_size=16, patch_size=4, class_token=True,
+                          pre_norm=False, patch_bias=True, select_layer=-1,
+                          intern_vit=InternViTConfig(qk_norm=qk_norm, qkv_bias=not qk_norm))
+    language = replace(language_config(), vocab_size=vocab_size, image_token_id=image_token_id)
+    projector = ProjectorConfig(type="internvl_mlp", pixel_shuffle=True)
+    return replace(LlavaConfig(vision=vision, language=language, projector=projector), **overrides)

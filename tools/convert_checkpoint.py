@@ -13,9 +13,12 @@
         --save ckpt/llava
     # Qwen2-VL / Qwen2.5-VL (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
     python tools/convert_checkpoint.py import-hf --qwen2-vl Qwen2-VL-7B-Instruct --save ckpt/qwen2vl
+    # InternVL (InternVLForConditionalGeneration, e.g. InternVL3-1B-hf)
+    python tools/convert_checkpoint.py import-hf --internvl InternVL3-1B-hf --save ckpt/internvl
     # back to Hugging Face
     python tools/convert_checkpoint.py export-hf --load ckpt/run --out llava-hf-out --tokenizer llava-1.5-7b-hf
     python tools/convert_checkpoint.py export-hf --load ckpt/qwen2vl --out qwen2vl-out --architecture qwen2-vl-hf
+    python tools/convert_checkpoint.py export-hf --load ckpt/internvl --out internvl-out --architecture internvl-hf
 
 Conversion runs on one process whatever the target layout: the checkpoint holds global tensors
 that any --tensor-model-parallel-size / --pipeline-model-parallel-size loads (the sizes given here
@@ -37,13 +40,14 @@ from megamm.convert.exporter import KEY_STYLES, export_hf
 from megamm.convert.importer import (
     QWEN2_VL_ADAPTERS,
     Summary,
+    import_internvl_hf,
     import_llava_hf,
     import_original_llava,
     import_qwen2_vl_hf,
     import_towers,
 )
 
-EXPORT_ARCHITECTURES = ("llava-hf", "llava-next-hf", "llava-onevision-hf", *QWEN2_VL_ADAPTERS)
+EXPORT_ARCHITECTURES = ("llava-hf", "llava-next-hf", "llava-onevision-hf", *QWEN2_VL_ADAPTERS, "internvl-hf")
 TOWER_ONLY = ("projector_type", "vision_feature_layer", "vision_feature_select_strategy", "max_position_embeddings")
 NEW_TOKENS = ("image_token_id", "pad_token_id", "vocab_multiple")
 
@@ -63,13 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Write a megamm checkpoint (iteration 0, no optimizer state) from a llava-hf "
                                           "directory, an original LLaVA directory + its vision tower, or a CLIP/SigLIP "
                                           "directory + a LLaMA/Mistral/Qwen2 directory (Hugging Face, or Meta format).")
-    source = imp.add_argument_group("source (one of: --llava; --qwen2-vl; --vision and --text; --original-llava "
-                                    "and --vision)")
+    source = imp.add_argument_group("source (one of: --llava; --qwen2-vl; --internvl; --vision and --text; "
+                                    "--original-llava and --vision)")
     source.add_argument("--llava", metavar="DIR", help="llava-hf LlavaForConditionalGeneration or "
                                                        "LlavaNextForConditionalGeneration or "
                                                        "LlavaOnevisionForConditionalGeneration directory")
     source.add_argument("--qwen2-vl", metavar="DIR", help="Qwen2VLForConditionalGeneration or "
                                                           "Qwen2_5_VLForConditionalGeneration directory")
+    source.add_argument("--internvl", metavar="DIR", help="InternVLForConditionalGeneration directory")
     source.add_argument("--original-llava", metavar="DIR", help="original LLaVA directory (model.mm_projector)")
     source.add_argument("--vision", metavar="DIR", help="CLIP or SigLIP directory (vision model or full model)")
     source.add_argument("--text", metavar="DIR", help="causal LM directory (LLaMA, Mistral, Qwen2): Hugging Face "
@@ -111,24 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the Hugging Face layout to write: llava-hf (LlavaForConditionalGeneration), "
                           "llava-next-hf (LlavaNextForConditionalGeneration), "
                           "llava-onevision-hf (LlavaOnevisionForConditionalGeneration), "
-                          f"{' / '.join(QWEN2_VL_ADAPTERS)} (Qwen2-VL / Qwen2.5-VL) (default llava-hf)")
+                          f"{' / '.join(QWEN2_VL_ADAPTERS)} (Qwen2-VL / Qwen2.5-VL), internvl-hf "
+                          "(InternVLForConditionalGeneration) (default llava-hf)")
     return parser
 
 
 def _check_import_args(args: argparse.Namespace) -> str:
     """The source mode; raises ConversionError for a combination that does not fit it."""
-    sources = [name for name in ("llava", "qwen2_vl", "original_llava", "vision", "text") if getattr(args, name)]
+    sources = [name for name in ("llava", "qwen2_vl", "internvl", "original_llava", "vision", "text")
+               if getattr(args, name)]
     if sources == ["llava"]:
         mode = "llava"
     elif sources == ["qwen2_vl"]:
         mode = "qwen2_vl"
+    elif sources == ["internvl"]:
+        mode = "internvl"
     elif sorted(sources) == ["original_llava", "vision"]:
         mode = "original"
     elif sorted(sources) == ["text", "vision"]:
         mode = "towers"
     else:
-        raise ConversionError("give one source: --llava DIR; or --qwen2-vl DIR; or --vision DIR --text DIR; or "
-                              "--original-llava DIR --vision DIR")
+        raise ConversionError("give one source: --llava DIR; or --qwen2-vl DIR; or --internvl DIR; or --vision DIR "
+                              "--text DIR; or --original-llava DIR --vision DIR")
     given = {name for name in TOWER_ONLY + NEW_TOKENS if getattr(args, name) is not None}
     allowed = set(TOWER_ONLY + NEW_TOKENS) if mode == "towers" else set(NEW_TOKENS) if mode == "original" else set()
     wrong = sorted(given - allowed)
@@ -149,6 +158,8 @@ def _import(args: argparse.Namespace) -> Summary:
         return import_llava_hf(args.llava, args.save, tp, pp, args.dtype)
     if mode == "qwen2_vl":
         return import_qwen2_vl_hf(args.qwen2_vl, args.save, tp, pp, args.dtype)
+    if mode == "internvl":
+        return import_internvl_hf(args.internvl, args.save, tp, pp, args.dtype)
     if mode == "original":
         return import_original_llava(args.original_llava, args.vision, args.save, tp, pp, dtype=args.dtype, **tokens)
     return import_towers(

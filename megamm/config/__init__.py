@@ -7,6 +7,7 @@ anything may depend on it. The model dataclasses are re-exported here, the most 
 
 from megamm.config.model import (
     ConfigError,
+    InternViTConfig,
     LanguageConfig,
     LlavaConfig,
     ParallelConfig,
@@ -17,6 +18,7 @@ from megamm.config.model import (
 
 __all__ = [
     "ConfigError",
+    "InternViTConfig",
     "LanguageConfig",
     "LlavaConfig",
     "ParallelConfig",

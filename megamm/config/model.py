@@ -220,6 +220,40 @@ class NativeResolutionConfig:
 
 
 @dataclass
+class InternViTConfig:
+    """What an InternViT tower (InternVL's vision encoder) adds to the ViT layer.
+
+    Each layer scales its attention and MLP outputs by learned per-channel vectors (layer scale,
+    `lambda_1` / `lambda_2`, initialized to `layer_scale_init`) before the residual adds; `qk_norm`
+    RMS-normalizes the query and key projections over their full width (all heads, before the head
+    split, eps `qk_norm_epsilon`); `qkv_bias` is transformers' `attention_bias` (the output projection
+    and the MLP always have biases). The tower module is megamm.models.internvit.
+    """
+
+    qk_norm: bool = False
+    qk_norm_epsilon: float = 1e-6
+    qkv_bias: bool = True
+    layer_scale_init: float = 0.1
+
+    def problems(self, transformer: TransformerConfig) -> list[str]:
+        found = []
+        if self.qk_norm_epsilon <= 0:
+            found.append(f"vision.intern_vit.qk_norm_epsilon must be > 0, got {self.qk_norm_epsilon}")
+        if not transformer.add_bias_linear:
+            found.append("vision.transformer.add_bias_linear: an InternViT tower has biases on its output "
+                         "projection and MLP (vision.intern_vit.qkv_bias sets the q/k/v ones)")
+        if transformer.activation == "swiglu":
+            found.append("vision.transformer.activation: an InternViT MLP is fc1 -> activation -> fc2, not swiglu")
+        if transformer.hidden_dropout > 0:
+            found.append(f"vision.transformer.hidden_dropout {transformer.hidden_dropout}: an InternViT tower "
+                         f"runs without hidden dropout")
+        if transformer.query_groups != transformer.num_attention_heads or transformer.kv_channels is not None:
+            found.append("vision.transformer: an InternViT tower has plain multi-head attention (no GQA, "
+                         "no custom head dimension)")
+        return found
+
+
+@dataclass
 class VisionConfig:
     """A ViT: CLIP-style (class token, pre-norm) or SigLIP-style (neither, patch bias on).
 
@@ -246,6 +280,8 @@ class VisionConfig:
     # Set for the native-resolution (Qwen2-VL) family, whose tower is megamm.models.native_vision;
     # then image_size, class_token, pre_norm, patch_bias, select_layer and drop_class_token are unused.
     native_resolution: NativeResolutionConfig | None = None
+    # Set for an InternViT tower (layer scale, optional QK norm; megamm.models.internvit).
+    intern_vit: InternViTConfig | None = None
 
     def __post_init__(self) -> None:
         if self.family is None:
@@ -283,6 +319,8 @@ class VisionConfig:
             found.append(VISION_TOWERS.unknown(self.family, "vision.family"))
         if self.native_resolution is not None:
             return found + self._native_problems(self.native_resolution)
+        if self.intern_vit is not None:
+            found += self.intern_vit.problems(self.transformer)
         if self.image_size % self.patch_size:
             found.append(f"vision.image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         n = self.transformer.num_layers

@@ -53,8 +53,11 @@ CHAT_TEMPLATES = Registry(
         "chatml": "megamm.data.templates:CHATML",
         "mistral": "megamm.data.templates:MISTRAL",
         "qwen2_vl": "megamm.data.qwen_template:QWEN2_VL",
+        "internvl": "megamm.data.internvl_template:INTERNVL",
     },
 )
+# Chat templates that can put NVLM-style tags before each tile (--tile-tags; `with_tile_tags`).
+TILE_TAG_TEMPLATES = ("internvl",)
 
 # Vision tower families (megamm.models.towers): the ViT conventions a VisionConfig's `family` names
 # (image statistics, Hugging Face model types, key map, defaults). qwen2_vl and qwen2_5_vl are
@@ -66,6 +69,7 @@ VISION_TOWERS = Registry(
         "siglip": "megamm.models.towers.siglip:SIGLIP",
         "qwen2_vl": "megamm.models.towers.qwen2_vl:QWEN2_VL",
         "qwen2_5_vl": "megamm.models.towers.qwen2_vl:QWEN2_5_VL",
+        "internvit": "megamm.models.towers.internvit:INTERNVIT",
     },
 )
 
@@ -75,6 +79,7 @@ PROJECTORS = Registry(
     {
         "linear": "megamm.models.projectors.linear:LinearProjector",
         "mlp2x_gelu": "megamm.models.projectors.mlp:Mlp2xGeluProjector",
+        "internvl_mlp": "megamm.models.projectors.internvl:InternVLProjector",
     },
 )
 
@@ -104,5 +109,6 @@ HF_ARCHITECTURES = Registry(
         "meta-llama": "megamm.convert.adapters.meta_llama:ADAPTER",
         "qwen2-vl-hf": "megamm.convert.adapters.qwen2_vl_hf:ADAPTER",
         "qwen2.5-vl-hf": "megamm.convert.adapters.qwen2_5_vl_hf:ADAPTER",
+        "internvl-hf": "megamm.convert.adapters.internvl_hf:ADAPTER",
     },
 )

@@ -36,7 +36,7 @@ from megamm.config.lora import (
 )
 from megamm.config.model import LlavaConfig, ParallelConfig
 from megamm.config.precision import DTYPES, precision_name
-from megamm.config.registry import CHAT_TEMPLATES, VISION_TOWERS
+from megamm.config.registry import CHAT_TEMPLATES, TILE_TAG_TEMPLATES, VISION_TOWERS
 from megamm.config.unparsed import gather
 
 
@@ -126,6 +126,9 @@ class TrainingConfig:
         default_help="the model's vision.family"
     )
     max_image_tiles: int = _opt(1, "dynamic tiling: most tiles per image, plus a thumbnail (1: no tiling)")
+    tile_tags: bool = _opt(False, "NVLM-style tile tags: a tag before each tile's image tokens (<tile_1> ... "
+                                  "<tile_global_thumbnail>); with --chat-template " + ", ".join(TILE_TAG_TEMPLATES)
+                                  + " and --max-image-tiles > 1")
     # Native-resolution towers (vision.native_resolution, the Qwen2-VL family) resize each image into a
     # pixel range instead of to image_size; None: Qwen2-VL's processors' value.
     min_pixels: int | None = _opt(None, "native-resolution tower: fewest pixels an image is resized to",
@@ -424,10 +427,25 @@ def data_problems(t: TrainingConfig) -> list[str]:
         lambda: ["--balance-vision-work needs --data-path (it weighs the samples of dataset files)"]
         if t.balance_vision_work and not t.data_path else [],
         lambda: _at_least(t, "max_image_tiles", 1),
+        lambda: _tile_tag_problems(t),
         lambda: _at_least(t, "num_workers", 0),
         lambda: [f"--max-bad-sample-fraction must be in [0, 1], got {t.max_bad_sample_fraction}"]
         if not 0.0 <= t.max_bad_sample_fraction <= 1.0 else [],
     )
+
+
+def _tile_tag_problems(t: TrainingConfig) -> list[str]:
+    """--tile-tags tags the tiles of dynamic tiling, in a template that writes them."""
+    if not t.tile_tags:
+        return []
+    found = []
+    if t.chat_template not in TILE_TAG_TEMPLATES:
+        found.append(f"--tile-tags: --chat-template {t.chat_template} has no tile tags; use "
+                     f"{', '.join(TILE_TAG_TEMPLATES)}")
+    if t.max_image_tiles < 2:
+        found.append(f"--tile-tags tags the tiles of dynamic tiling; --max-image-tiles is {t.max_image_tiles} "
+                     f"(set it > 1)")
+    return found
 
 
 NATIVE_FLAGS = ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels", "video_fps", "video_max_frames")

@@ -43,9 +43,11 @@ def projector_entries(config: LlavaConfig) -> list[Entry]:
     if config.projector is None:
         return []
     kinds = ("weight", "bias") if config.projector.add_bias else ("weight",)
-    layers = projector_class(config.projector).layers
-    return [Entry(f"projector.{layer}.{k}", (f"projector.linear_{i}.{k}",))
-            for i, layer in enumerate(layers, start=1) for k in kinds]
+    projector = projector_class(config.projector)
+    norms = [Entry(f"projector.{norm}.{k}", (f"projector.{norm}.{k}",)) for norm in projector.norms
+             for k in ("weight", "bias")]
+    return norms + [Entry(f"projector.{layer}.{k}", (f"projector.linear_{i}.{k}",))
+                    for i, layer in enumerate(projector.layers, start=1) for k in kinds]
 
 
 def model_entries(config: LlavaConfig, with_projector: bool = True) -> list[Entry]:

@@ -242,6 +242,17 @@ def import_llava_hf(directory: str | Path, save: str | Path, tp: int = 1, pp: in
     return _finish(config, extras, source, save, tp, pp, dtype, {adapter.name: str(directory)})
 
 
+def import_internvl_hf(directory: str | Path, save: str | Path, tp: int = 1, pp: int = 1, dtype: str | None = None
+                       ) -> Summary:
+    """An InternVLForConditionalGeneration directory -> megamm checkpoint."""
+    directory = Path(directory)
+    adapter = HF_ARCHITECTURES.get("internvl-hf")
+    config, extras = adapter.config_from_hf(read_json(directory / "config.json"), str(directory / "config.json"))
+    source = CanonicalTensors()
+    source.add(WeightFiles(directory), adapter, directory)
+    return _finish(config, extras, source, save, tp, pp, dtype, {adapter.name: str(directory)})
+
+
 QWEN2_VL_ADAPTERS = ("qwen2-vl-hf", "qwen2.5-vl-hf")
 
 

@@ -75,6 +75,12 @@ def image_normalization(vision: VisionConfig, requested: str | None) -> Normaliz
     return requested or vision.family
 
 
+def float_tile_ratios(vision: VisionConfig) -> bool:
+    """Whether tiles are chosen by float ratios (`choose_grid`), as the tower family's Hugging Face
+    image processor does (InternViT: transformers' GotOcr2 processor), rather than exactly."""
+    return tower_family(vision.family).float_tile_ratios
+
+
 def _mean_std(normalization: Normalization) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """The mean and std of the vision tower family named `normalization`."""
     if normalization not in VISION_TOWERS:
@@ -305,6 +311,7 @@ def choose_grid(
     min_tiles: int = 1,
     *,
     tile_size: int = DEFAULT_TILE_SIZE,
+    float_ratios: bool = False,
 ) -> tuple[int, int]:
     """The (cols, rows) tile grid whose aspect ratio best matches a width x height image (InternVL's rule).
 
@@ -322,6 +329,11 @@ def choose_grid(
     deterministic: ratios are compared as exact fractions (no float ties), and grids with the same tile
     count are ordered by cols (InternVL's order there depends on set iteration).
 
+    `float_ratios` compares the ratios as floats instead, as transformers' GotOcr2 / InternVL image
+    processors do (`get_optimal_tiled_canvas`), so a model converted from them sees their grids: float
+    rounding breaks some exact ties (a 700x600 image with up to 12 tiles: 7/6 is 1/6 from both 1/1 and
+    4/3, but in floats 4/3 is nearer, so 4x3 wins where the exact rule gives 2x2).
+
     Returns:
         (cols, rows): the image is later resized to (cols * tile_size, rows * tile_size).
     """
@@ -333,7 +345,8 @@ def choose_grid(
         )
     if tile_size < 1:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
-    aspect = Fraction(width, height)
+    aspect = width / height if float_ratios else Fraction(width, height)
+    ratio = (lambda cols, rows: cols / rows) if float_ratios else Fraction
     candidates = sorted(
         (
             (cols, rows)
@@ -344,9 +357,9 @@ def choose_grid(
         key=lambda grid: (grid[0] * grid[1], grid[0]),
     )
     best = candidates[0]
-    best_diff = abs(aspect - Fraction(*best))
+    best_diff = abs(aspect - ratio(*best))
     for cols, rows in candidates[1:]:
-        diff = abs(aspect - Fraction(cols, rows))
+        diff = abs(aspect - ratio(cols, rows))
         # Integer form of width * height > 0.5 * tile_size**2 * cols * rows.
         if diff < best_diff or (diff == best_diff and 2 * width * height > tile_size**2 * cols * rows):
             best, best_diff = (cols, rows), diff
@@ -379,6 +392,7 @@ def tile_image(
     max_tiles: int,
     thumbnail: bool = True,
     min_tiles: int = 1,
+    float_ratios: bool = False,
 ) -> list[Image.Image]:
     """Cut `img` into a dynamic grid of tile_size x tile_size tiles (InternVL / LLaVA-NeXT style).
 
@@ -389,7 +403,7 @@ def tile_image(
     resized to tile_size x tile_size is appended last, giving the model global context that single tiles
     lack. Returns cols * rows (+ 1) images.
     """
-    grid = choose_grid(img.width, img.height, max_tiles, min_tiles, tile_size=tile_size)
+    grid = choose_grid(img.width, img.height, max_tiles, min_tiles, tile_size=tile_size, float_ratios=float_ratios)
     return _cut_tiles(img, grid, tile_size, thumbnail)
 
 
@@ -400,6 +414,7 @@ def preprocess_tiles(
     normalization: Normalization,
     thumbnail: bool = True,
     min_tiles: int = 1,
+    float_ratios: bool = False,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Tile `img` (see `tile_image`) and normalize every tile.
 
@@ -408,6 +423,6 @@ def preprocess_tiles(
         grid: (cols, rows), needed to lay the tiles' features back out (e.g. LLaVA-NeXT's newline tokens).
     """
     img = img if img.mode == "RGB" else to_rgb(img)
-    grid = choose_grid(img.width, img.height, max_tiles, min_tiles, tile_size=tile_size)
+    grid = choose_grid(img.width, img.height, max_tiles, min_tiles, tile_size=tile_size, float_ratios=float_ratios)
     tiles = _cut_tiles(img, grid, tile_size, thumbnail)
     return torch.stack([to_tensor(tile, tile_size, normalization) for tile in tiles]), grid

@@ -69,7 +69,8 @@ class ImageSettings:
     are cut from the image resized to the grid, so `mode` does not apply to them); max_pixels:
     larger images are refused before decoding. anyres: LLaVA-NeXT any-resolution tiling (the model's
     `anyres` section, megamm.config.anyres), a base image plus tiles per image; then `mode`,
-    `max_tiles` and `thumbnail` do not apply.
+    `max_tiles` and `thumbnail` do not apply. float_ratios: choose the grid by float aspect ratios
+    (`megamm.data.images.float_tile_ratios`, the InternVL processors' rule).
     """
 
     size: int
@@ -79,6 +80,7 @@ class ImageSettings:
     thumbnail: bool = True
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     anyres: AnyResConfig | None = None
+    float_ratios: bool = False
 
 
 @dataclass
@@ -253,7 +255,8 @@ class SampleBuilder:
                 grids.append((1, 1))
             else:
                 tiles, grid = preprocess_tiles(
-                    img, settings.size, settings.max_tiles, settings.normalization, settings.thumbnail
+                    img, settings.size, settings.max_tiles, settings.normalization, settings.thumbnail,
+                    float_ratios=settings.float_ratios,
                 )
                 pixels.append(tiles)
                 grids.append(grid)
@@ -271,7 +274,8 @@ class SampleBuilder:
             elif settings.max_tiles == 1:
                 tiles.append(1)
             else:
-                grid = choose_grid(*size, settings.max_tiles, tile_size=settings.size)
+                grid = choose_grid(*size, settings.max_tiles, tile_size=settings.size,
+                                   float_ratios=settings.float_ratios)
                 tiles.append(tile_count(grid, settings.thumbnail))
         return tiles, sizes
 

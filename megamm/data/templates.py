@@ -158,12 +158,16 @@ class _Builder:
             self._started = True
             self._append([token_id], trained, token)
 
-    def image(self) -> None:
-        """The next image: `tokens_per_image[i]` image-token ids, untrained."""
+    def next_image_tokens(self) -> int:
+        """The token count of the next image (ValueError past the last image given)."""
         index = len(self.spans)
         if index >= len(self._tokens_per_image):
             raise ValueError(f"more image placeholders than the {len(self._tokens_per_image)} images given")
-        count = self._tokens_per_image[index]
+        return self._tokens_per_image[index]
+
+    def image(self) -> None:
+        """The next image: `tokens_per_image[i]` image-token ids, untrained."""
+        count = self.next_image_tokens()
         start = len(self.ids)
         self._append([self.tokenizer.image_token_id] * count, False, IMAGE_PLACEHOLDER)
         self.spans.append((start, len(self.ids)))
@@ -204,6 +208,10 @@ class ChatTemplate(ABC):
     @abstractmethod
     def build(self, b: _Builder, turns: list[Turn]) -> None:
         """Append the turns' ids and labels."""
+
+    def builder(self, tokenizer: Tokenizer, tokens_per_image: Sequence[int]) -> _Builder:
+        """The builder `render` fills; a template that writes images its own way returns its own."""
+        return _Builder(tokenizer, tokens_per_image)
 
 
 def _system_first(turns: list[Turn], name: str) -> tuple[str | None, list[Turn]]:
@@ -398,7 +406,7 @@ def render(
     chat = get_template(template) if isinstance(template, str) else template
     turns = normalize_conversation(conversation)
     _check_images(turns, tokens_per_image)
-    builder = _Builder(tokenizer, tokens_per_image)
+    builder = chat.builder(tokenizer, tokens_per_image)
     chat.build(builder, turns)
     tokenized = builder.result()
     if tokenized.num_trained == 0:
@@ -430,7 +438,7 @@ def render_prompt(
         roles = [turn.role for turn in turns]
         raise ValueError(f"a generation prompt must end with a user turn, got the roles {roles}")
     _check_images(turns, tokens_per_image)
-    builder = _Builder(tokenizer, tokens_per_image)
+    builder = chat.builder(tokenizer, tokens_per_image)
     chat.build(builder, [*turns, Turn("assistant", "")])
     return builder.result()
 

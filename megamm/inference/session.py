@@ -4,7 +4,7 @@ Everything the training data pipeline decided must be decided the same way here,
 inputs it never saw: the chat template (the prompt is `render_prompt`, the prefix training put before
 every answer), the tokenizer, the image preprocessing mode and normalization, and tiling. They come
 from the checkpoint's run config (training section: tokenizer_model, chat_template,
-image_aspect_ratio, image_normalization, max_image_tiles; without a normalization the vision tower
+image_aspect_ratio, image_normalization, max_image_tiles, tile_tags; without a normalization the vision tower
 decides, as in training: SigLIP-style towers have no class token), and explicit overrides win (a
 tokenizer file moved since training).
 
@@ -28,10 +28,11 @@ from megamm.config import LlavaConfig
 from megamm.config.anyres import image_tokens
 from megamm.config.parsing import run_config_from_dict
 from megamm.config.precision import dtype_named, precision_name
-from megamm.config.registry import VISION_TOWERS
+from megamm.config.registry import TILE_TAG_TEMPLATES, VISION_TOWERS
 from megamm.data.anyres_images import preprocess_anyres
 from megamm.data.images import (
     ImageError,
+    float_tile_ratios,
     image_normalization,
     load_image,
     mean_fill,
@@ -39,7 +40,7 @@ from megamm.data.images import (
     preprocess_tiles,
 )
 from megamm.data.native_resolution import NativeResolution, VisionInput, preprocess_image
-from megamm.data.templates import IMAGE_PLACEHOLDER, get_template, render_prompt
+from megamm.data.templates import IMAGE_PLACEHOLDER, ChatTemplate, get_template, render_prompt
 from megamm.data.tokenizer import Tokenizer, check_tokenizer, load_tokenizer
 from megamm.inference.generation import GenerationConfig, Prompt, generate
 from megamm.models.llava import LlavaModel
@@ -58,6 +59,8 @@ class DataSettings:
     image_aspect_ratio: str = "pad"
     max_image_tiles: int = 1
     normalization: str = "clip"
+    # NVLM tile tags (--tile-tags, megamm.data.internvl_template): a tag before each tile's tokens.
+    tile_tags: bool = False
 
 
 @dataclass
@@ -86,6 +89,7 @@ def data_settings(tree: dict, model_config: LlavaConfig, **overrides: object) ->
         "image_aspect_ratio": training.get("image_aspect_ratio") or "pad",
         "max_image_tiles": training.get("max_image_tiles") or 1,
         "normalization": image_normalization(model_config.vision, training.get("image_normalization")),
+        "tile_tags": bool(training.get("tile_tags")),
     }
     values.update({key: value for key, value in overrides.items() if value is not None})
     problems = []
@@ -104,6 +108,9 @@ def data_settings(tree: dict, model_config: LlavaConfig, **overrides: object) ->
         problems.append(VISION_TOWERS.unknown(values["normalization"], "image normalization"))
     if not isinstance(values["max_image_tiles"], int) or values["max_image_tiles"] < 1:
         problems.append(f"max image tiles must be an integer >= 1, got {values['max_image_tiles']!r}")
+    if values["tile_tags"] and values["chat_template"] not in TILE_TAG_TEMPLATES:
+        problems.append(f"tile tags need the chat template {', '.join(TILE_TAG_TEMPLATES)}, got "
+                        f"{values['chat_template']!r}")
     if problems:
         raise ValueError("cannot prepare inputs:\n  - " + "\n  - ".join(problems))
     return DataSettings(**values)  # type: ignore[arg-type]
@@ -166,7 +173,8 @@ class InferenceSession:
         """One image -> its vision-tower inputs `[n, C, H, W]` (n = 1, or tiles + thumbnail)."""
         vision, s = self.model.config.vision, self.settings
         if s.max_image_tiles > 1:
-            tiles, _ = preprocess_tiles(image, vision.image_size, s.max_image_tiles, s.normalization)
+            tiles, _ = preprocess_tiles(image, vision.image_size, s.max_image_tiles, s.normalization,
+                                        float_ratios=float_tile_ratios(vision))
             return tiles
         return preprocess(image, vision.image_size, s.image_aspect_ratio, s.normalization).unsqueeze(0)
 
@@ -208,8 +216,15 @@ class InferenceSession:
             return Prompt(rendered.input_ids, tiles, image_sizes=torch.tensor([size]))
         pixel_values = self.image_inputs(image)
         tokens = pixel_values.shape[0] * self.model.image_tokens_per_image
-        rendered = render_prompt(turns, self.settings.chat_template, self.tokenizer, [tokens])
+        rendered = render_prompt(turns, self.template(), self.tokenizer, [tokens])
         return Prompt(rendered.input_ids, pixel_values)
+
+    def template(self) -> ChatTemplate:
+        """The chat template as training rendered images with it (tile tags when it tagged tiles)."""
+        template = get_template(self.settings.chat_template)
+        if self.settings.tile_tags:
+            return template.with_tile_tags(self.model.image_tokens_per_image)
+        return template
 
     # ---- answers ---------------------------------------------------------------------------------
 

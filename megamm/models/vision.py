@@ -1,4 +1,4 @@
-"""A CLIP/SigLIP-style ViT vision tower.
+"""A CLIP/SigLIP-style ViT vision tower (InternViT: the same tower with megamm.models.internvit's layer).
 
 pixels `[n, C, H, W]` -> conv patch embedding [+ bias] -> [class token] -> + learned positions ->
 [pre-norm] -> the first `num_layers_used` layers -> `[tokens, n, h]` (sequence first).
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamm.config import VisionConfig
+from megamm.models.internvit import internvit_layer
 from megamm.parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
@@ -21,7 +22,7 @@ from megamm.parallel.mappings import (
 from megamm.parallel.params import ParamOwner, ParamSpec
 from megamm.parallel.sharding import ParamLayout, constant_init, normal_init
 from megamm.parallel.state import ParallelState
-from megamm.transformer.layer import TransformerBlock
+from megamm.transformer.layer import TransformerBlock, TransformerLayer
 from megamm.transformer.norm import build_norm
 
 
@@ -43,11 +44,15 @@ class VisionTower(ParamOwner):
             if config.patch_bias
             else None
         )
-        self.class_embedding = replicated("class_embedding", (h,)) if config.class_token else None
-        self.position_embedding = replicated("position_embedding", (config.seq_length, h))
+        # InternViT's Hugging Face tensors are [1, 1, h] and [1, s, h]; they are kept in that shape
+        # (both broadcast alike), so conversion copies them unchanged.
+        lead = (1, 1) if config.intern_vit is not None else ()
+        self.class_embedding = replicated("class_embedding", (*lead, h)) if config.class_token else None
+        self.position_embedding = replicated("position_embedding", (*lead[1:], config.seq_length, h))
         # The pre-norm runs on the full, replicated sequence, before any sequence split.
         self.pre_norm = build_norm(tcfg, state, sequence_parallel=False) if config.pre_norm else None
-        self.encoder = TransformerBlock(tcfg, state, sequence_parallel, range(tcfg.num_layers))
+        layer = TransformerLayer if config.intern_vit is None else internvit_layer(config)
+        self.encoder = TransformerBlock(tcfg, state, sequence_parallel, range(tcfg.num_layers), layer=layer)
         for position, layer in enumerate(self.encoder.layers.values()):
             if position >= config.num_layers_used:
                 layer.requires_grad_(False)

@@ -24,7 +24,7 @@ from megamm.config.resolved import ResolvedConfig
 from megamm.data.balance import Balancer, BatchPlan
 from megamm.data.batching import Batch, packed_microbatches, padded_microbatches
 from megamm.data.datasets import build_source
-from megamm.data.images import image_normalization
+from megamm.data.images import float_tile_ratios, image_normalization
 from megamm.data.loader import BAD_KINDS, PositionDataset, RankLoader, ResumePoint
 from megamm.data.native_samples import NativeSampleBuilder, native_settings
 from megamm.data.qwen_template import VIDEO_PAD
@@ -116,7 +116,7 @@ def _image_settings(config: ResolvedConfig) -> ImageSettings:
     t, vision = config.training, config.model.vision
     normalization = image_normalization(vision, t.image_normalization)
     return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles,
-                         anyres=config.model.anyres)
+                         anyres=config.model.anyres, float_ratios=float_tile_ratios(vision))
 
 
 def vision_input_shape(config: ResolvedConfig) -> tuple[int, ...]:
@@ -145,6 +145,8 @@ def build_sample_builder(config: ResolvedConfig) -> SampleBuilder | NativeSample
     """The tokenizer, template and image settings of a run, checked against the model."""
     t, model_config = config.training, config.model
     template = get_template(t.chat_template)
+    if t.tile_tags:
+        template = template.with_tile_tags(model_config.image_tokens_per_image)
     tokenizer = template_tokenizer(t.tokenizer_model, template)
     check_tokenizer(tokenizer, model_config.language, f"--tokenizer-model {t.tokenizer_model}",
                     template.required_tokens, VIDEO_PAD)

@@ -28,7 +28,10 @@ from megamm.transformer.segments import Segments
 class SelfAttention(nn.Module):
     """`[s', b, h] -> [s', b, h]` where s' is s, or s/tp under sequence parallelism."""
 
-    def __init__(self, config: TransformerConfig, state: ParallelState, sequence_parallel: bool) -> None:
+    def __init__(self, config: TransformerConfig, state: ParallelState, sequence_parallel: bool,
+                 qkv_bias: bool | None = None) -> None:
+        """qkv_bias: a bias on the QKV projection alone (None: `add_bias_linear or add_qkv_bias`);
+        InternViT sets it apart from the output projection's (`add_bias_linear`)."""
         super().__init__()
         tp = state.tp_size
         self.config = config
@@ -43,7 +46,7 @@ class SelfAttention(nn.Module):
             q_width + 2 * kv_width,
             state=state,
             init=normal_init(config.init_method_std),
-            bias=config.add_bias_linear or config.add_qkv_bias,
+            bias=(config.add_bias_linear or config.add_qkv_bias) if qkv_bias is None else qkv_bias,
             sequence_parallel=sequence_parallel,
             fused_parts=(q_width, kv_width, kv_width),
             dtype=config.params_dtype,

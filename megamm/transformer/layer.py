@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
@@ -68,13 +68,15 @@ class TransformerBlock(nn.Module):
         state: ParallelState,
         sequence_parallel: bool,
         layer_numbers: Iterable[int],
+        layer: Callable[[TransformerConfig, ParallelState, bool], nn.Module] = TransformerLayer,
     ) -> None:
+        """layer: builds one layer from (config, state, sequence_parallel); a tower whose layer
+        differs (InternViT's layer scale and QK norm) passes its own, and keeps recompute and the
+        global layer numbering of this block."""
         super().__init__()
         self.config = config
         self.state = state
-        self.layers = nn.ModuleDict(
-            {str(i): TransformerLayer(config, state, sequence_parallel) for i in layer_numbers}
-        )
+        self.layers = nn.ModuleDict({str(i): layer(config, state, sequence_parallel) for i in layer_numbers})
 
     def forward(
         self,

@@ -99,3 +99,11 @@ def test_a_missing_wandb_package_names_the_flag(monkeypatch: pytest.MonkeyPatch,
 def test_balancing_vision_work_needs_dataset_files() -> None:
     assert _flag_problems("--balance-vision-work") == [
         "--balance-vision-work needs --data-path (it weighs the samples of dataset files)"]
+
+
+def test_tile_tags_need_a_tagging_template_and_tiles() -> None:
+    assert _flag_problems("--tile-tags") == [
+        "--tile-tags: --chat-template llava_v1 has no tile tags; use internvl",
+        "--tile-tags tags the tiles of dynamic tiling; --max-image-tiles is 1 (set it > 1)",
+    ]
+    assert _flag_problems("--tile-tags", "--chat-template", "internvl", "--max-image-tiles", "6") == []

@@ -39,6 +39,8 @@ CHAT_TOKENS = (
     "[/INST]",
     "<|vision_start|>",
     "<|vision_end|>",
+    "<img>",
+    "</img>",
 )
 CHAR_OFFSET = 1000
 
@@ -162,6 +164,15 @@ GOLDEN["qwen2_vl"] = (
     ["Paris.<|im_end|>", "Berlin.<|im_end|>"],
 )
 
+# ChatML, the image wrapped in <img> ... </img> (megamm.data.internvl_template).
+GOLDEN["internvl"] = (
+    (
+        f"<s><|im_start|>user\n{Q1.replace('<image>', '<img><image></img>')}<|im_end|>\n"
+        "<|im_start|>assistant\nParis.<|im_end|>\n"
+        f"<|im_start|>user\n{Q2}<|im_end|>\n<|im_start|>assistant\nBerlin.<|im_end|>\n"
+    ),
+    ["Paris.<|im_end|>", "Berlin.<|im_end|>"],
+)
 
 def sample_for(name: str) -> list[dict[str, str]]:
     return CAPTION if name == "plain" else TWO_TURNS
@@ -435,7 +446,8 @@ def test_sentencepiece_trained_positions_are_the_answers(sp: Tokenizer, name: st
             assert sp.token_id(chat_token) in t.input_ids  # a single id, not characters
     answers = ["A cat sat on the mat."] if name == "plain" else ["Paris.", "Berlin."]
     runs = trained_runs(t)
-    end_token = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "qwen2_vl": "<|im_end|>"}.get(name)
+    end_token = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "qwen2_vl": "<|im_end|>",
+                 "internvl": "<|im_end|>"}.get(name)
     end_id = sp.eos_id if end_token is None else sp.token_id(end_token)
     assert [run[-1] for run in runs] == [end_id] * len(answers)
     assert [sp.decode(run[:-1]).strip() for run in runs] == answers

@@ -468,3 +468,34 @@ def test_session_prompts_a_native_resolution_model(tmp_path: Path) -> None:
     config = GenerationConfig(max_new_tokens=5)
     (answer,) = session.answer([(image, "Describe both pictures.")], config)
     assert answer.tokens == generate(model, [prompt], config, pad_id=tokenizer.pad_id)[0].tokens
+
+
+def test_session_prompts_carry_the_tile_tags_training_used(tmp_path: Path) -> None:
+    """A run trained with --tile-tags: the session reads the setting from the run config and its
+    prompt puts a tag before each tile's image tokens, as the training samples did; the setting with
+    another template is refused."""
+    from megamm.data.internvl_template import tile_tags
+    from megamm.data.templates import template_tokenizer
+    from megamm.inference.session import data_settings
+    from tests.models.test_internvit import internvl_microbatches
+    from tests.tiny import internvl_config
+
+    internvl_microbatches(tmp_path)  # the tokenizer and images 16x16, 40x16, 16x32
+    tokenizer = template_tokenizer(tmp_path / "tokenizer.json", "internvl")
+    config = internvl_config(vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id)
+    training = {"tokenizer_model": str(tmp_path / "tokenizer.json"), "chat_template": "internvl",
+                "image_aspect_ratio": "resize", "max_image_tiles": 4, "tile_tags": True}
+    settings = data_settings({"training": training}, config)
+    assert settings.tile_tags and settings.normalization == "internvit"
+    with pytest.raises(ValueError, match="tile tags need the chat template internvl, got 'chatml'"):
+        data_settings({"training": {**training, "chat_template": "chatml"}}, config)
+    model = LlavaModel(config, ParallelState.single())
+    model.initialize(0)
+    session = InferenceSession(model, tokenizer, settings)
+    prompt = session.prompt("Describe it.", Image.open(tmp_path / "image1.png"))
+    tiles = prompt.pixel_values.shape[0]
+    tags = [tokenizer.token_id(tag) for tag in tile_tags(tiles)]
+    assert tiles == 4 and [token for token in prompt.input_ids if token in tags] == tags
+    assert prompt.input_ids.count(tokenizer.image_token_id) == tiles * model.image_tokens_per_image
+    (generation,) = generate(model, [prompt], GenerationConfig(max_new_tokens=2))
+    assert len(generation.tokens) == 2

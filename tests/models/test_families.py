@@ -33,7 +33,7 @@ def test_unknown_family_names_are_config_problems() -> None:
     config = llava_config(vision=replace(vision_config(), family="vit"),
                           language=replace(language_config(), family="gpt2"))
     problems = config.problems(ParallelConfig())
-    assert "vision.family: unknown vision tower family 'vit'; known: clip, qwen2_5_vl, qwen2_vl, siglip" in problems
+    assert "vision.family: unknown vision tower family 'vit'; known: clip, internvit, qwen2_5_vl, qwen2_vl, siglip" in problems
     assert "language.family: unknown language-model family 'gpt2'; known: llama, mistral, qwen2" in problems
 
 

@@ -263,3 +263,42 @@ def test_balanced_native_resolution_work_trains_like_the_contiguous_split(tmp_pa
     balanced = run_distributed(_run, 2, balanced_argv, 2)[0]
     assert abs(balanced["first_loss"] - plain["first_loss"]) <= 1e-5 * abs(plain["first_loss"])
     assert balanced["data"] == plain["data"] and plain["data"]["bad"] == 0
+
+
+def test_tile_tags_reach_the_samples_and_train(tmp_path: Path) -> None:
+    """--tile-tags with the internvl template: the run's samples hold a tag before each tile's
+    image tokens, and three training steps on them (one process) lower the loss."""
+    from megamm.data.internvl_template import tile_tags
+    from megamm.parallel.state import ParallelState
+    from megamm.pipeline.chunks import build_model_chunks
+    from megamm.training.step import build_trainer, train_step
+    from tests.models.test_internvit import internvl_microbatches
+    from tests.tiny import internvl_config
+
+    internvl_microbatches(tmp_path)  # writes the tokenizer and three images
+    tokenizer = template_tokenizer(tmp_path / "tokenizer.json", "internvl")
+    vocab, image_token = tokenizer.vocab_size, tokenizer.image_token_id
+    rows = [{"image": f"image{n}.png", "conversations": [{"from": "human", "value": "<image>\nDescribe it."},
+                                                         {"from": "gpt", "value": "A red square."}]}
+            for n in range(3)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model = internvl_config(vocab_size=vocab, image_token_id=image_token)
+    flags = {"mock_data": False, "data_path": [str(tmp_path / "rows.jsonl")], "image_folder": str(tmp_path),
+             "tokenizer_model": str(tmp_path / "tokenizer.json"), "chat_template": "internvl", "max_image_tiles": 4,
+             "image_aspect_ratio": "resize", "tile_tags": True, "seq_length": 96, "global_batch_size": 3,
+             "micro_batch_size": 3, "train_iters": 3, "num_workers": 0, "lr": 3e-3, "lr_warmup_iters": 0,
+             "clip_grad": 0.0}
+    config = resolve(RunConfig(model=model, training=TrainingConfig(**flags)), 1)
+    (batch,) = FileData(config, _stage(True, True), ResumePoint()).microbatches(0)
+    tiles = batch["images_per_sample"].tolist()
+    assert sorted(tiles) == [1, 3, 4]
+    for row, count in zip(batch["input_ids"].tolist(), tiles, strict=True):
+        tags = [tokenizer.token_id(tag) for tag in tile_tags(count)]
+        assert [token for token in row if token in tags] == tags
+        assert row.count(image_token) == count * config.model.image_tokens_per_image
+    state = ParallelState.single()
+    state.seed(config.training.seed)
+    chunks = build_model_chunks(config, state)
+    trainer = build_trainer(config, state, chunks)
+    losses = [train_step(trainer, [batch], iteration).loss for iteration in range(3)]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0], losses

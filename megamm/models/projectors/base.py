@@ -18,9 +18,11 @@ class Projector(nn.Module, ABC):
 
     layers: the linear layers in order (parameter names `projector.<layer>.weight|bias`); converters
     map the i-th to a LLaVA checkpoint's i-th projector linear.
+    norms: LayerNorms (weight and bias) a checkpoint names as megamm does, `projector.<norm>.*`.
     """
 
     layers: ClassVar[tuple[str, ...]]
+    norms: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ProjectorConfig, vision_hidden: int, language_hidden: int, grid_size: int,
                  state: ParallelState, init_std: float, dtype: torch.dtype) -> None:

@@ -46,6 +46,9 @@ class VisionTowerFamily:
     hf_full_model_type: str
     # Fields of the Hugging Face vision config an export writes besides the shared ones.
     hf_export_fields: Mapping[str, Any] = field(default_factory=dict)
+    # Tiles are chosen by float aspect ratios, as the family's Hugging Face processor does
+    # (megamm.data.images.choose_grid); False: exact ratios.
+    float_tile_ratios: bool = False
 
     def config(self, transformer: TransformerConfig, **fields: Any) -> VisionConfig:
         """A VisionConfig of this family: its architecture flags, the rest from `fields`."""

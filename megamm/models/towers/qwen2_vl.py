@@ -45,6 +45,8 @@ class NativeTowerFamily:
     image_std: RGB
     hf_model_type: str
     hf_full_model_type: str
+    # Native resolution: images are never tiled.
+    float_tile_ratios = False
 
     @property
     def normalization(self) -> str:
