@@ -24,21 +24,12 @@ from megamm.config.model import PIXEL_SHUFFLE_BLOCK
 from megamm.convert import ConversionError
 from megamm.convert.adapters.base import ExportAdapter
 from megamm.convert.adapters.causal_lm import language_config_from_hf
+from megamm.convert.adapters.llava_hf import PREFIXES
 from megamm.convert.hf_config import HfExtras, hf_config, raise_problems
 from megamm.convert.hf_keys import installed_key_map, rename
 from megamm.models.decoders import decoder_family
 from megamm.models.towers.internvit import INTERNVIT
 
-PREFIXES = (
-    ("model.language_model.", "text."),
-    ("language_model.model.", "text."),
-    ("language_model.lm_head.", "text.lm_head."),
-    ("lm_head.", "text.lm_head."),
-    ("model.vision_tower.", "vision."),
-    ("vision_tower.", "vision."),
-    ("model.multi_modal_projector.", "projector."),
-    ("multi_modal_projector.", "projector."),
-)
 LEGACY_PREFIXES = (("text.lm_head.", "language_model.lm_head."), ("text.", "language_model.model."),
                    ("vision.", "vision_tower."), ("projector.", "multi_modal_projector."))
 # The one downsample ratio megamm's pixel shuffle has: a 2x2 block per token.
