@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from megamm.config.constants import VIDEO_FPS
-from megamm.data.images import DEFAULT_MAX_PIXELS, ImageError
+from megamm.data.images import DEFAULT_MAX_PIXELS, ImageError, resolve_image_path
 from megamm.data.mrope import mrope_position_ids
 from megamm.data.native_resolution import VIDEO_RESOLUTION, NativeResolution, VisionInput, preprocess_image
 from megamm.data.qwen_template import VIDEO_PAD, Qwen2VLTemplate, QwenTokenized, render_qwen2_vl
@@ -92,6 +92,26 @@ def native_settings(vision: VisionConfig, training: TrainingConfig) -> NativeSet
     )
 
 
+def load_video(
+    video: str | os.PathLike[str] | list[str], frame_rate: float, settings: NativeSettings,
+    root: str | os.PathLike[str] | None = None,
+) -> VideoInput:
+    """One video's patches and grid: a video file (PyAV) or its frame files in order, taken at
+    `frame_rate` frames per second (a file's own rate is read from it), sampled at `settings.fps`.
+
+    root: the directory the paths must resolve into (relative paths are relative to it); None takes
+    the paths as given (a data source's, already resolved). ImageError for a frame file, ValueError or
+    OSError for a video file that cannot be read; ImportError naming the file without PyAV.
+    Training samples (`NativeSampleBuilder`) and generation prompts (`megamm.inference.session`) both
+    read their videos here, so a prompt's video gets the patches training would have given it."""
+    if isinstance(video, (str, os.PathLike)):
+        path = video if root is None else resolve_image_path(video, root)
+        return load_video_file(path, settings.fps, settings.video, settings.max_frames)
+    if root is None:
+        root = os.path.commonpath([os.path.dirname(frame) for frame in video])
+    return load_frame_list(video, root, frame_rate, settings.fps, settings.video, settings.max_frames)
+
+
 def vision_spans(tokenized: QwenTokenized) -> list[tuple[int, int]]:
     """[start, end) of every image and video with its `<|vision_start|>` and `<|vision_end|>` markers."""
     return sorted((start - 1, end + 1) for start, end in tokenized.image_spans + tokenized.video_spans)
@@ -127,18 +147,11 @@ class NativeSampleBuilder:
                 raise ImageError(f"image {record.images[number]!r}: {error}") from None
         return inputs
 
-    def _video(self, video: str | list[str], frame_rate: float) -> VideoInput:
-        settings = self.settings
-        if isinstance(video, str):
-            return load_video_file(video, settings.fps, settings.video, settings.max_frames)
-        root = os.path.commonpath([os.path.dirname(frame) for frame in video])
-        return load_frame_list(video, root, frame_rate, settings.fps, settings.video, settings.max_frames)
-
     def _videos(self, record: Record) -> list[VideoInput]:
         inputs = []
         for number, video in enumerate(record.videos):
             try:
-                inputs.append(self._video(video, record.frame_rate))
+                inputs.append(load_video(video, record.frame_rate, self.settings))
             except (ValueError, OSError) as error:  # ImageError (a frame file) is a ValueError
                 name = video if isinstance(video, str) else f"of {len(video)} frames from {video[0]!r}"
                 raise ValueError(f"video {number} {name}: {error}") from None
@@ -233,4 +246,4 @@ class NativeSampleBuilder:
         )
 
 
-__all__ = ["NativeSampleBuilder", "NativeSettings", "native_settings", "vision_spans"]
+__all__ = ["NativeSampleBuilder", "NativeSettings", "load_video", "native_settings", "vision_spans"]

@@ -272,8 +272,7 @@ def test_summary_and_text_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     [
         (["--max-shapes", "5"], "--max-shapes must be between 1 and 4"),
         (["--image-size", "16"], "--image-size must be at least 32"),
-        (["--image-size", "64,48x16"], "--image-size must be at least 32 a side (smaller shapes are not "
-                                       "recognizable), got 48x16"),
+        (["--image-size", "64,48x16"], "at least 32 a side (smaller shapes are not recognizable), got 48x16"),
         (["--image-size", "64,4x4x4"], "--image-size entry '4x4x4' is neither"),
         (["--questions-per-image", "7"], "--questions-per-image must be between 1 and 6"),
         (["--seed", "-1"], "--seed must be non-negative"),
