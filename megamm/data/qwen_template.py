@@ -18,7 +18,8 @@ The image tokens are the tokenizer's `image_token_id`: the template's `image_tok
 must be single vocabulary entries (`required_tokens`, checked by `check_tokenizer`).
 `render(..., "qwen2_vl", ...)` renders conversations with images; `render_qwen2_vl` also takes
 `tokens_per_video` (the native-resolution training samples, `megamm.data.native_samples`, which also
-truncate without cutting a video).
+truncate without cutting a video), and `render_qwen2_vl_prompt` the generation prompt of such a
+conversation (`megamm.inference.session`: a question with a video).
 """
 
 from __future__ import annotations
