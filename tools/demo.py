@@ -26,8 +26,8 @@ linear, the projector trained fully, the language model and vision tower frozen)
 (`tools/merge_lora.py merge`) and evaluates it beside the full stage 2.
 
 `--family qwen2-vl` runs the same steps for the native-resolution family
-(`examples/demo/qwen2_vl_*.yaml`): the images come in three sizes and aspect ratios (32x32, 48x32,
-32x56 pixels), each taken at its own size (16, 24 or 28 image tokens), the tokenizer gets the Qwen
+(`examples/demo/qwen2_vl_*.yaml`): the images come in four sizes and aspect ratios (32x32, 64x32,
+32x64, 64x64 pixels), each taken at its own size (4, 8, 8 or 16 image tokens), the tokenizer gets the Qwen
 chat markers and the one training phase trains tower, patch merger and language model together on
 captions and questions with the `qwen2_vl` template. There is no LLaVA stage 1 (its `plain`
 template has no vision markers, which this family's M-RoPE positions need); the evaluation and its
@@ -70,7 +70,7 @@ class Schedule:
 FULL = Schedule(train_images=6000, test_images=200, phase0_iters=1800, stage1_iters=60, stage2_iters=300)
 QUICK = Schedule(train_images=600, test_images=60, phase0_iters=200, stage1_iters=10, stage2_iters=40)
 QWEN_FULL = Schedule(train_images=6000, test_images=200, phase0_iters=1500)
-QWEN_QUICK = Schedule(train_images=600, test_images=60, phase0_iters=120)
+QWEN_QUICK = Schedule(train_images=600, test_images=60, phase0_iters=300)
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ FAMILIES = {
     "llava": Family("mistral", TEMPLATE_MARKERS, "", "32", FULL, QUICK, phases),
     "qwen2-vl": Family(
         "qwen2_vl", f"{IMAGE_PAD},<pad>,<|im_start|>,<|im_end|>,{VISION_START},{VISION_END},{VIDEO_PAD}",
-        QWEN_SYSTEM, "32,48x32,32x56", QWEN_FULL, QWEN_QUICK, qwen2_vl_phases,
+        QWEN_SYSTEM, "32,64x32,32x64,64", QWEN_FULL, QWEN_QUICK, qwen2_vl_phases,
     ),
 }
 
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", action="store_true", help="also a LoRA stage 2, merged and evaluated beside it")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="llava",
                         help="llava: a CLIP-style tower on 32x32 images; qwen2-vl: a native-resolution tower on "
-                        "images of three sizes")
+                        "images of four sizes")
     args = parser.parse_args(argv)
     family = FAMILIES[args.family]
     schedule = family.quick if args.quick else family.full

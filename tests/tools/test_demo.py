@@ -43,8 +43,8 @@ def test_quick_demo_learns_to_see(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # ~3 minutes on 2 quiet cores; a loaded machine takes several times that
 def test_quick_qwen2_vl_demo_learns_to_see(tmp_path: Path) -> None:
-    """`--family qwen2-vl --quick`: shapes images of three sizes and aspect ratios, each taken at its
-    own size by the native-resolution tower (16, 24 and 28 image tokens), trained from scratch at
+    """`--family qwen2-vl --quick`: shapes images of four sizes and aspect ratios, each taken at its
+    own size by the native-resolution tower (4, 8, 8 and 16 image tokens), trained from scratch at
     tp=2 with packed rows; evaluate_vqa.py on the checkpoint (the session prepares each image as
     training did) scores clearly above the same model given blank images."""
     out = tmp_path / "demo"
@@ -55,7 +55,7 @@ def test_quick_qwen2_vl_demo_learns_to_see(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     scenes = json.loads((out / "data" / "scenes.json").read_text())
     sizes = {(scene["width"], scene["height"]) for split in scenes.values() for scene in split.values()}
-    assert sizes == {(32, 32), (48, 32), (32, 56)}
+    assert sizes == {(32, 32), (64, 32), (32, 64), (64, 64)}
     results = json.loads((out / "results.json").read_text())
     seeing, blank = results["with_image"], results["blank_image"]
     assert seeing["errors"] == blank["errors"] == 0
