@@ -160,7 +160,7 @@ def qwen2_vl_phases(out: Path, schedule: Schedule, vocab: list[str], lora: bool 
         "--tensor-model-parallel-size", "2", "--sequence-parallel",
         "--image-folder", str(data), "--tokenizer-model", str(out / "tokenizer.model"),
         "--data-path", str(data / "train.json"),
-        "--train-iters", str(schedule.phase0_iters), "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "20",
+        "--train-iters", str(schedule.phase0_iters), "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "20",
         "--save", str(out / "checkpoints" / "phase0"), "--tensorboard-dir", str(out / "tensorboard" / "phase0"),
     ])]
 
