@@ -1,6 +1,7 @@
 """The demo behind `make demo`: train a small vision-language model on CPU that learns to see.
 
-    python tools/demo.py [--out demo_out] [--quick]
+    python tools/demo.py [--out demo_out] [--quick] [--lora]
+    python tools/demo.py --family qwen2-vl [--out demo_out] [--quick]
 
 Every step is an ordinary megamm command, printed before it runs, so it can be copied and changed:
 
@@ -23,6 +24,14 @@ Every step is an ordinary megamm command, printed before it runs, so it can be c
 2 with LoRA from the same stage-1 checkpoint (`--pretrained-checkpoint`; rank 8 on every decoder
 linear, the projector trained fully, the language model and vision tower frozen), merges it
 (`tools/merge_lora.py merge`) and evaluates it beside the full stage 2.
+
+`--family qwen2-vl` runs the same steps for the native-resolution family
+(`examples/demo/qwen2_vl_*.yaml`): the images come in four sizes and aspect ratios (32x32, 64x32,
+32x64, 64x64 pixels), each taken at its own size (4, 8, 8 or 16 image tokens), the tokenizer gets the Qwen
+chat markers and the one training phase trains tower, patch merger and language model together on
+captions and questions with the `qwen2_vl` template. There is no LLaVA stage 1 (its `plain`
+template has no vision markers, which this family's M-RoPE positions need); the evaluation and its
+blank-image baseline are the same.
 """
 
 from __future__ import annotations
@@ -33,28 +42,50 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from megamm.data.qwen_template import IMAGE_PAD, QWEN_SYSTEM, VIDEO_PAD, VISION_END, VISION_START
+
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_CONFIG = ROOT / "examples" / "demo" / "model.yaml"
-TRAINING_CONFIG = ROOT / "examples" / "demo" / "training.yaml"
+DEMO = ROOT / "examples" / "demo"
+MODEL_CONFIG = DEMO / "model.yaml"
+TRAINING_CONFIG = DEMO / "training.yaml"
 TEMPLATE_MARKERS = "<image>,<pad>,[INST],[/INST]"
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Dataset size and steps per phase; the learning rates are in `phases`."""
+    """Dataset size and steps per phase; the learning rates are in `phases` (the qwen2-vl family
+    trains phase 0 only: its stage steps are 0)."""
 
     train_images: int
     test_images: int
     phase0_iters: int
-    stage1_iters: int
-    stage2_iters: int
+    stage1_iters: int = 0
+    stage2_iters: int = 0
 
 
 FULL = Schedule(train_images=6000, test_images=200, phase0_iters=1800, stage1_iters=60, stage2_iters=300)
 QUICK = Schedule(train_images=600, test_images=60, phase0_iters=200, stage1_iters=10, stage2_iters=40)
+QWEN_FULL = Schedule(train_images=6000, test_images=200, phase0_iters=1500)
+QWEN_QUICK = Schedule(train_images=600, test_images=60, phase0_iters=300)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the demo's model families: the template (whose tokenizer is trained with
+    its markers and fixed text), image sizes (`make_shapes_dataset.py --image-size`), schedules and
+    the phases' flags (`phases(out, schedule, vocab flags, lora)`)."""
+
+    template: str
+    markers: str
+    template_text: str
+    image_size: str
+    full: Schedule
+    quick: Schedule
+    phases: Callable[[Path, Schedule, list[str], bool], list[tuple[str, list[str]]]]
 
 
 def run(command: list[str], log: Path | None = None) -> str:
@@ -80,18 +111,17 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args]
 
 
-def phases(out: Path, schedule: Schedule, vocab: dict[str, int], lora: bool = False) -> list[tuple[str, list[str]]]:
-    """(name, training flags) of each phase, each loading the previous phase's checkpoint. Phase 0
-    names the model; the stages take it from the checkpoint they load. `lora`: a LoRA stage 2 too."""
+def phases(out: Path, schedule: Schedule, vocab: list[str], lora: bool = False) -> list[tuple[str, list[str]]]:
+    """(name, training flags) of each LLaVA phase, each loading the previous phase's checkpoint. Phase
+    0 names the model (`vocab`: its --set flags for the tokenizer's ids); the stages take it from the
+    checkpoint they load. `lora`: a LoRA stage 2 too."""
     data, checkpoints = out / "data", out / "checkpoints"
     common = [
         "--config", str(TRAINING_CONFIG), "--tensor-model-parallel-size", "2", "--sequence-parallel",
         "--image-folder", str(data), "--tokenizer-model", str(out / "tokenizer.model"),
     ]
     phase0 = [
-        "--config", str(MODEL_CONFIG),
-        "--set", f"model.language.vocab_size={vocab['vocab_size']}",
-        "--set", f"model.language.image_token_id={vocab['image_token_id']}",
+        "--config", str(MODEL_CONFIG), *vocab,
         "--data-path", str(data / "train.json"), "--chat-template", "mistral",
         "--train-iters", str(schedule.phase0_iters), "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "20",
         "--vision-lr", "1e-4",
@@ -118,14 +148,46 @@ def phases(out: Path, schedule: Schedule, vocab: dict[str, int], lora: bool = Fa
     return [(name, [*common, *flags, "--tensorboard-dir", str(out / "tensorboard" / name)]) for name, flags in named]
 
 
-def vocabulary(tokenizer: Path) -> dict[str, int]:
-    from megamm.data.tokenizer import load_tokenizer
+def qwen2_vl_phases(out: Path, schedule: Schedule, vocab: list[str], lora: bool = False) -> list[tuple[str, list[str]]]:
+    """The qwen2-vl family's one phase: tower, merger and language model from scratch together on
+    captions and questions, tensor parallel with sequence parallelism and packed rows. It has no
+    stage 2 to train with LoRA (`lora`: SystemExit)."""
+    if lora:
+        raise SystemExit("demo: --lora trains a LoRA stage 2, which the qwen2-vl demo does not have")
+    data = out / "data"
+    return [("phase0", [
+        "--config", str(DEMO / "qwen2_vl_training.yaml"), "--config", str(DEMO / "qwen2_vl_model.yaml"), *vocab,
+        "--tensor-model-parallel-size", "2", "--sequence-parallel",
+        "--image-folder", str(data), "--tokenizer-model", str(out / "tokenizer.model"),
+        "--data-path", str(data / "train.json"),
+        "--train-iters", str(schedule.phase0_iters), "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "20",
+        "--save", str(out / "checkpoints" / "phase0"), "--tensorboard-dir", str(out / "tensorboard" / "phase0"),
+    ])]
 
-    loaded = load_tokenizer(tokenizer)
-    return {"vocab_size": loaded.vocab_size, "image_token_id": loaded.image_token_id}
+
+FAMILIES = {
+    "llava": Family("mistral", TEMPLATE_MARKERS, "", "32", FULL, QUICK, phases),
+    "qwen2-vl": Family(
+        "qwen2_vl", f"{IMAGE_PAD},<pad>,<|im_start|>,<|im_end|>,{VISION_START},{VISION_END},{VIDEO_PAD}",
+        QWEN_SYSTEM, "32,64x32,32x64,64", QWEN_FULL, QWEN_QUICK, qwen2_vl_phases,
+    ),
+}
 
 
-def evaluate(out: Path, blank: bool, model: str = "stage2") -> dict:
+def vocabulary(tokenizer: Path, template: str) -> list[str]:
+    """The --set flags that give the model the tokenizer's size and image (and video) token ids, the
+    tokenizer loaded as training loads it for `template`."""
+    from megamm.data.qwen_template import VIDEO_PAD
+    from megamm.data.templates import template_tokenizer
+
+    loaded = template_tokenizer(tokenizer, template)
+    values = {"vocab_size": loaded.vocab_size, "image_token_id": loaded.image_token_id}
+    if loaded.has_token(VIDEO_PAD):
+        values["video_token_id"] = loaded.token_id(VIDEO_PAD)
+    return [flag for name, value in values.items() for flag in ("--set", f"model.language.{name}={value}")]
+
+
+def evaluate(out: Path, blank: bool, model: str) -> dict:
     """evaluate_vqa.py's scores of checkpoint `model` (under out/checkpoints) on the held-out questions."""
     command = torchrun(
         str(ROOT / "tools" / "evaluate_vqa.py"), "--load", str(out / "checkpoints" / model),
@@ -166,25 +228,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "demo_out", help="where data, checkpoints and logs go")
     parser.add_argument("--quick", action="store_true", help="a small dataset and short schedule (tests)")
     parser.add_argument("--lora", action="store_true", help="also a LoRA stage 2, merged and evaluated beside it")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llava",
+                        help="llava: a CLIP-style tower on 32x32 images; qwen2-vl: a native-resolution tower on "
+                        "images of four sizes")
     args = parser.parse_args(argv)
-    schedule = QUICK if args.quick else FULL
+    family = FAMILIES[args.family]
+    schedule = family.quick if args.quick else family.full
     out = args.out.resolve()
     if (out / "checkpoints").exists():
         raise SystemExit(f"demo: {out / 'checkpoints'} exists; remove {out} or pass another --out")
+    family.phases(out, schedule, [], args.lora)  # a refused combination stops before anything runs
     (out / "logs").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if not (out / "data" / "train.json").exists():
         run([sys.executable, str(ROOT / "tools" / "make_shapes_dataset.py"), "--out", str(out / "data"),
              "--train-images", str(schedule.train_images), "--test-images", str(schedule.test_images),
-             "--image-size", "32"], out / "logs" / "dataset.log")
-    run([sys.executable, str(ROOT / "tools" / "train_tokenizer.py"), "--input", str(out / "data" / "text.txt"),
+             "--image-size", family.image_size], out / "logs" / "dataset.log")
+    inputs = [str(out / "data" / "text.txt")]
+    if family.template_text:  # the template's fixed text (Qwen's default system prompt) is tokenizer text too
+        (out / "template.txt").write_text(family.template_text + "\n")
+        inputs.append(str(out / "template.txt"))
+    run([sys.executable, str(ROOT / "tools" / "train_tokenizer.py"), "--input", *inputs,
          "--model-prefix", str(out / "tokenizer"), "--vocab-size", "128",
-         "--user-defined-symbols", TEMPLATE_MARKERS], out / "logs" / "tokenizer.log")
-    vocab = vocabulary(out / "tokenizer.model")
-    for name, flags in phases(out, schedule, vocab, args.lora):
+         "--user-defined-symbols", family.markers], out / "logs" / "tokenizer.log")
+    vocab = vocabulary(out / "tokenizer.model", family.template)
+    named_phases = family.phases(out, schedule, vocab, args.lora)
+    for name, flags in named_phases:
         run(torchrun("-m", "megamm.train", *flags), out / "logs" / f"{name}.log")
-    seeing = evaluate(out, blank=False)
-    blank = evaluate(out, blank=True)
+    final = named_phases[-1][0] if not args.lora else "stage2"
+    seeing = evaluate(out, blank=False, model=final)
+    blank = evaluate(out, blank=True, model=final)
     results = {"with_image": seeing, "blank_image": blank}
     if args.lora:
         run([sys.executable, str(ROOT / "tools" / "merge_lora.py"), "merge", "--load",
@@ -195,11 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.txt").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     minutes = (time.perf_counter() - started) / 60
-    print(f"\nHeld-out accuracy (exact match, greedy generation), stage-2 model:\n{table}")
+    print(f"\nHeld-out accuracy (exact match, greedy generation), {final} model:\n{table}")
     print(f"\ndemo finished in {minutes:.1f} min")
-    print(f"  checkpoints: {out / 'checkpoints'} (phase0, stage1, stage2)")
+    print(f"  checkpoints: {out / 'checkpoints'} ({', '.join(name for name, _ in named_phases)})")
     print(f"  logs:        {out / 'logs'}   TensorBoard: {out / 'tensorboard'}")
-    print(f"  ask it:      .venv/bin/python tools/generate.py --load {out / 'checkpoints' / 'stage2'} "
+    print(f"  ask it:      .venv/bin/python tools/generate.py --load {out / 'checkpoints' / final} "
           f"--image {out / 'data' / 'images' / 'test_0.png'} --prompt 'How many shapes are there?'")
     return 0
 

@@ -2,6 +2,11 @@
 
     python tools/make_shapes_dataset.py --out data/shapes [--seed 0] [--train-images 2000] \\
         [--test-images 200] [--image-size 64] [--questions-per-image 4] [--max-shapes 3]
+    python tools/make_shapes_dataset.py --out data/shapes --image-size 32,48x32,32x64
+
+--image-size is one size or a comma-separated list, each a side (square) or WIDTHxHEIGHT: image i of
+each split gets size i modulo the list, so every size has its share in both splits (images at several
+resolutions and aspect ratios, for a tower that takes each image at its own size).
 
 Each image holds one to --max-shapes flat shapes (circle, square, triangle, cross; six colors; small
 or large), one per cell of a 2x2 grid; see megamm.data.shapes for the scenes and the questions. The
@@ -71,6 +76,25 @@ class ImageSample(NamedTuple):
     questions: list[Question]
 
 
+def image_sizes(text: str) -> list[tuple[int, int]]:
+    """"64" or "32,48x32,32x64" -> [(width, height), ...]; ValueError naming the bad entry."""
+    sizes = []
+    for entry in text.split(","):
+        parts = entry.strip().lower().split("x")
+        if len(parts) > 2 or not all(part.isdigit() for part in parts):
+            raise ValueError(f"--image-size entry {entry!r} is neither a side (64) nor WIDTHxHEIGHT (48x32)")
+        width, height = int(parts[0]), int(parts[-1])
+        if min(width, height) < MIN_IMAGE_SIZE:
+            raise ValueError(f"--image-size must be at least {MIN_IMAGE_SIZE} a side (smaller shapes are not "
+                             f"recognizable), got {entry.strip()}")
+        sizes.append((width, height))
+    return sizes
+
+
+def size_label(sizes: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{w}x{h}" for w, h in sizes)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory (new or empty)")
@@ -78,7 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-images", type=int, default=2000)
     parser.add_argument("--test-images", type=int, default=200)
     parser.add_argument(
-        "--image-size", type=int, default=64, help=f"image side in pixels, >= {MIN_IMAGE_SIZE}"
+        "--image-size", default="64",
+        help=f"image side in pixels (>= {MIN_IMAGE_SIZE}) or WIDTHxHEIGHT; a comma-separated list gives image i "
+        "the i-th size modulo the list",
     )
     parser.add_argument(
         "--questions-per-image",
@@ -98,11 +124,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         errors.append(f"--train-images must be at least 1, got {args.train_images}")
     if args.test_images < 0:
         errors.append(f"--test-images must be non-negative, got {args.test_images}")
-    if args.image_size < MIN_IMAGE_SIZE:
-        errors.append(
-            f"--image-size must be at least {MIN_IMAGE_SIZE} (smaller shapes are not recognizable), "
-            f"got {args.image_size}"
-        )
+    try:
+        args.image_size = image_sizes(args.image_size)
+    except ValueError as error:
+        errors.append(str(error))
     if not 1 <= args.questions_per_image <= len(QUESTION_TYPES):
         errors.append(
             f"--questions-per-image must be between 1 and {len(QUESTION_TYPES)} (the number of question "
@@ -134,9 +159,9 @@ def generate_split(
     for index in range(count):
         for attempt in range(MAX_REDRAWS):
             rng = np.random.default_rng([args.seed, SPLITS[split], index, attempt])
-            scene = sample_scene(rng, args.image_size, args.max_shapes)
+            scene = sample_scene(rng, args.image_size[index % len(args.image_size)], args.max_shapes)
             image = render(scene)
-            digest = hashlib.sha256(image.tobytes()).digest()
+            digest = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).digest()
             if digest not in avoid:
                 break
         else:
@@ -236,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
 
     print(
-        f"wrote {len(train)} train and {len(test)} test images ({args.image_size} px), {len(train_rows)} "
+        f"wrote {len(train)} train and {len(test)} test images ({size_label(args.image_size)} px), {len(train_rows)} "
         f"train rows ({len(train)} captions), {len(test_rows)} test rows to {args.out} in {elapsed:.2f} s"
     )
     for line in answer_summary("train", train_rows, args.max_shapes) + answer_summary(

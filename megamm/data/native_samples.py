@@ -125,6 +125,25 @@ def _frames_root(frames: Sequence[str]) -> str:
     return os.path.commonpath([os.path.dirname(frame) for frame in frames])
 
 
+def load_video(
+    video: str | os.PathLike[str] | list[str], frame_rate: float, settings: NativeSettings,
+    root: str | os.PathLike[str] | None = None,
+) -> VideoInput:
+    """One video's patches and grid: a video file (PyAV) or its frame files in order, taken at
+    `frame_rate` frames per second (a file's own rate is read from it), sampled at `settings.fps`.
+
+    root: the directory the paths must resolve into (relative paths are relative to it); None takes
+    the paths as given (a data source's, already resolved). ImageError for a frame file, ValueError or
+    OSError for a video file that cannot be read; ImportError naming the file without PyAV.
+    Training samples (`NativeSampleBuilder`) and generation prompts (`megamm.inference.session`) both
+    read their videos here, so a prompt's video gets the patches training would have given it."""
+    if isinstance(video, (str, os.PathLike)):
+        path = video if root is None else resolve_image_path(video, root)
+        return load_video_file(path, settings.fps, settings.video, settings.max_frames)
+    frames_root = _frames_root(video) if root is None else root
+    return load_frame_list(video, frames_root, frame_rate, settings.fps, settings.video, settings.max_frames)
+
+
 def vision_spans(tokenized: QwenTokenized) -> list[tuple[int, int]]:
     """[start, end) of every image and video with its `<|vision_start|>` and `<|vision_end|>` markers."""
     return sorted((start - 1, end + 1) for start, end in tokenized.image_spans + tokenized.video_spans)
@@ -170,9 +189,7 @@ class NativeSampleBuilder:
                 return load_video_bytes(data, f"{record.source}:{video}", *sampling)
             names = [f"{record.source}:{frame}" for frame in video]
             return load_frame_bytes(data, names, record.frame_rate, *sampling)
-        if isinstance(video, str):
-            return load_video_file(video, *sampling)
-        return load_frame_list(video, _frames_root(video), record.frame_rate, *sampling)
+        return load_video(video, record.frame_rate, settings)
 
     def _video_grid(self, record: Record, number: int) -> tuple[int, int, int]:
         """The grid `_video` gives, from the video's header or its first frame's (no frame decoded)."""
@@ -322,4 +339,4 @@ class NativeSampleBuilder:
         )
 
 
-__all__ = ["NativeSampleBuilder", "NativeSettings", "native_settings", "vision_spans"]
+__all__ = ["NativeSampleBuilder", "NativeSettings", "load_video", "native_settings", "vision_spans"]

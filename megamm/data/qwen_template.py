@@ -18,7 +18,8 @@ The image tokens are the tokenizer's `image_token_id`: the template's `image_tok
 must be single vocabulary entries (`required_tokens`, checked by `check_tokenizer`).
 `render(..., "qwen2_vl", ...)` renders conversations with images; `render_qwen2_vl` also takes
 `tokens_per_video` (the native-resolution training samples, `megamm.data.native_samples`, which also
-truncate without cutting a video).
+truncate without cutting a video), and `render_qwen2_vl_prompt` the generation prompt of such a
+conversation (`megamm.inference.session`: a question with a video).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from megamm.data.templates import (
     _check_images,
     _system_first,
     normalize_conversation,
+    prompt_turns,
 )
 from megamm.data.tokenizer import Tokenizer
 
@@ -125,6 +127,32 @@ class Qwen2VLTemplate(ChatTemplate):
 QWEN2_VL = Qwen2VLTemplate()
 
 
+def _check_videos(turns: list[Turn], tokens_per_video: Sequence[int]) -> None:
+    """One positive token count per "<video>" placeholder, or ValueError."""
+    videos = sum(turn.value.count(VIDEO_PLACEHOLDER) for turn in turns)
+    if videos != len(tokens_per_video):
+        raise ValueError(
+            f"the conversation has {videos} {VIDEO_PLACEHOLDER} placeholders but tokens_per_video has "
+            f"{len(tokens_per_video)} entries"
+        )
+    if any(count < 1 for count in tokens_per_video):
+        raise ValueError(f"tokens_per_video must be positive, got {list(tokens_per_video)}")
+
+
+def _build(
+    turns: list[Turn], tokenizer: Tokenizer, tokens_per_image: Sequence[int], tokens_per_video: Sequence[int],
+    template: Qwen2VLTemplate,
+) -> QwenTokenized:
+    _check_images(turns, tokens_per_image)
+    _check_videos(turns, tokens_per_video)
+    builder = _VideoBuilder(tokenizer, tokens_per_image, tokens_per_video)
+    template.build(builder, turns)
+    result = builder.result()
+    return QwenTokenized(
+        result.input_ids, result.labels, result.image_spans, result.text, video_spans=builder.video_spans
+    )
+
+
 def render_qwen2_vl(
     conversation: Sequence[Mapping[str, object]],
     tokenizer: Tokenizer,
@@ -137,28 +165,26 @@ def render_qwen2_vl(
     One positive count per "<image>" in `tokens_per_image` and per "<video>" in `tokens_per_video`
     (`VisionInput.num_tokens`), else ValueError; AllLabelsMaskedError if nothing would be trained.
     """
-    turns = normalize_conversation(conversation)
-    _check_images(turns, tokens_per_image)
-    videos = sum(turn.value.count(VIDEO_PLACEHOLDER) for turn in turns)
-    if videos != len(tokens_per_video):
-        raise ValueError(
-            f"the conversation has {videos} {VIDEO_PLACEHOLDER} placeholders but tokens_per_video has "
-            f"{len(tokens_per_video)} entries"
-        )
-    if any(count < 1 for count in tokens_per_video):
-        raise ValueError(f"tokens_per_video must be positive, got {list(tokens_per_video)}")
-    builder = _VideoBuilder(tokenizer, tokens_per_image, tokens_per_video)
-    template.build(builder, turns)
-    result = builder.result()
-    tokenized = QwenTokenized(
-        result.input_ids, result.labels, result.image_spans, result.text, video_spans=builder.video_spans
-    )
+    tokenized = _build(normalize_conversation(conversation), tokenizer, tokens_per_image, tokens_per_video,
+                       template)
     if tokenized.num_trained == 0:
         raise AllLabelsMaskedError(
             f"all labels are masked in a {template.name!r} sample (no assistant answer to train on; its loss "
             f"would be 0): {tokenized.text[:200]!r}"
         )
     return tokenized
+
+
+def render_qwen2_vl_prompt(
+    conversation: Sequence[Mapping[str, object]],
+    tokenizer: Tokenizer,
+    tokens_per_image: Sequence[int] = (),
+    tokens_per_video: Sequence[int] = (),
+    template: Qwen2VLTemplate = QWEN2_VL,
+) -> QwenTokenized:
+    """`megamm.data.templates.render_prompt` for conversations that may hold videos: the ids
+    `render_qwen2_vl` puts before the answer that would follow the last user turn."""
+    return _build(prompt_turns(conversation), tokenizer, tokens_per_image, tokens_per_video, template)
 
 
 __all__ = [
@@ -168,4 +194,5 @@ __all__ = [
     "Qwen2VLTemplate",
     "QwenTokenized",
     "render_qwen2_vl",
+    "render_qwen2_vl_prompt",
 ]

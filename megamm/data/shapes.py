@@ -4,7 +4,9 @@ A scene is one to four flat shapes on a plain dark background. The image is spli
 each shape lives inside its own grid cell (with a one-pixel margin), so shapes never touch or overlap
 and every shape has a well-defined region name ("top-left", ...). The 2x2 grid (rather than 3x3 or
 finer positions) is chosen for the small ViTs this data set is meant for: at 32 px with 8 px patches a
-cell is 2x2 patches, at 64 px 4x4 patches, and a large shape still fits in its cell.
+cell is 2x2 patches, at 64 px 4x4 patches, and a large shape still fits in its cell. An image may be
+rectangular (width x height, for towers that take each image at its own size): its cells are then
+rectangles and a shape's size is a fraction of the cell's shorter side, so a circle stays round.
 
 The three steps are separate so that a test (or an evaluation) can check each against the others:
 
@@ -77,13 +79,14 @@ class Shape:
 
 @dataclass(frozen=True)
 class Scene:
-    """The shapes of one image (in region order) and the image side in pixels."""
+    """The shapes of one image (in region order) and the image's width and height in pixels."""
 
-    image_size: int
+    width: int
+    height: int
     shapes: tuple[Shape, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "shapes": [asdict(s) for s in self.shapes]}
+        return {"width": self.width, "height": self.height, "shapes": [asdict(s) for s in self.shapes]}
 
 
 @dataclass(frozen=True)
@@ -95,30 +98,35 @@ class Question:
     answer: str
 
 
-def check_image_size(image_size: int) -> None:
-    if image_size < MIN_IMAGE_SIZE:
+def image_dimensions(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of a square side or a (width, height) pair; ValueError if a side is below
+    MIN_IMAGE_SIZE."""
+    width, height = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if min(width, height) < MIN_IMAGE_SIZE:
         raise ValueError(
-            f"image size {image_size} is too small: shapes would not be recognizable below "
-            f"{MIN_IMAGE_SIZE} px"
+            f"image size {width}x{height} is too small: shapes would not be recognizable below "
+            f"{MIN_IMAGE_SIZE} px a side"
         )
+    return width, height
 
 
-def cell_bounds(region: str, image_size: int) -> tuple[float, float, float, float]:
-    """(x0, y0, x1, y1) of a region's grid cell, in output pixels."""
-    cell = image_size / 2
+def cell_bounds(region: str, width: int, height: int) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of a region's grid cell in a width x height image, in output pixels."""
     row, column = divmod(REGIONS.index(region), 2)
-    return column * cell, row * cell, (column + 1) * cell, (row + 1) * cell
+    cell_w, cell_h = width / 2, height / 2
+    return column * cell_w, row * cell_h, (column + 1) * cell_w, (row + 1) * cell_h
 
 
-def sample_scene(rng: np.random.Generator, image_size: int, max_shapes: int) -> Scene:
+def sample_scene(rng: np.random.Generator, image_size: int | tuple[int, int], max_shapes: int) -> Scene:
     """A scene of 1..max_shapes shapes (count uniform), in distinct cells, with kind, color and size
-    drawn uniformly and independently, and the center jittered uniformly wherever the shape fits."""
-    check_image_size(image_size)
+    drawn uniformly and independently, and the center jittered uniformly wherever the shape fits.
+    image_size: the side of a square image, or (width, height)."""
+    width, height = image_dimensions(image_size)
     if not 1 <= max_shapes <= MAX_SHAPES:
         raise ValueError(f"max_shapes must be between 1 and {MAX_SHAPES}, got {max_shapes}")
     count = int(rng.integers(1, max_shapes + 1))
     cells = sorted(int(c) for c in rng.choice(len(REGIONS), size=count, replace=False))
-    cell = image_size / 2
+    cell = min(width, height) / 2  # shapes scale with the cell's shorter side
     shapes = []
     for index in cells:
         region = REGIONS[index]
@@ -127,7 +135,7 @@ def sample_scene(rng: np.random.Generator, image_size: int, max_shapes: int) -> 
         size = SIZES[int(rng.integers(len(SIZES)))]
         # Geometry on the supersampled grid, so that the rendered image is exactly the recorded shape.
         radius_sub = round(RADIUS_FRACTION[size] * cell * SUPERSAMPLE)
-        x0, y0, x1, y1 = (v * SUPERSAMPLE for v in cell_bounds(region, image_size))
+        x0, y0, x1, y1 = (v * SUPERSAMPLE for v in cell_bounds(region, width, height))
         margin = MARGIN * SUPERSAMPLE
         cx = int(rng.integers(math.ceil(x0 + margin + radius_sub), math.floor(x1 - margin - radius_sub) + 1))
         cy = int(rng.integers(math.ceil(y0 + margin + radius_sub), math.floor(y1 - margin - radius_sub) + 1))
@@ -141,7 +149,7 @@ def sample_scene(rng: np.random.Generator, image_size: int, max_shapes: int) -> 
                 radius=radius_sub / SUPERSAMPLE,
             )
         )
-    return Scene(image_size=image_size, shapes=tuple(shapes))
+    return Scene(width=width, height=height, shapes=tuple(shapes))
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
@@ -166,9 +174,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
 
 
 def render(scene: Scene) -> Image.Image:
-    """The scene as an RGB image of scene.image_size x scene.image_size pixels."""
-    side = scene.image_size * SUPERSAMPLE
-    canvas = Image.new("RGB", (side, side), BACKGROUND)
+    """The scene as an RGB image of scene.width x scene.height pixels."""
+    canvas = Image.new("RGB", (scene.width * SUPERSAMPLE, scene.height * SUPERSAMPLE), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for shape in scene.shapes:
         _draw_shape(draw, shape)

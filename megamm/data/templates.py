@@ -433,14 +433,21 @@ def render_prompt(
     conversation does not end with a user turn or the image counts do not match.
     """
     chat = get_template(template) if isinstance(template, str) else template
+    turns = prompt_turns(conversation)
+    _check_images(turns, tokens_per_image)
+    builder = chat.builder(tokenizer, tokens_per_image)
+    chat.build(builder, turns)
+    return builder.result()
+
+
+def prompt_turns(conversation: Sequence[Mapping[str, object]]) -> list[Turn]:
+    """A generation prompt's turns: the conversation (ending with a user turn, else ValueError) and an
+    empty assistant turn, which templates render as the assistant header alone."""
     turns = normalize_conversation(conversation)
     if not turns or turns[-1].role != "user":
         roles = [turn.role for turn in turns]
         raise ValueError(f"a generation prompt must end with a user turn, got the roles {roles}")
-    _check_images(turns, tokens_per_image)
-    builder = chat.builder(tokenizer, tokens_per_image)
-    chat.build(builder, [*turns, Turn("assistant", "")])
-    return builder.result()
+    return [*turns, Turn("assistant", "")]
 
 
 def truncate(tokenized: Tokenized, max_length: int) -> Tokenized | None:
@@ -489,6 +496,7 @@ __all__ = [
     "Turn",
     "get_template",
     "normalize_conversation",
+    "prompt_turns",
     "render",
     "template_tokenizer",
     "truncate",

@@ -14,7 +14,7 @@ import os
 import torch
 
 from megamm.config.precision import DTYPES
-from megamm.config.registry import VISION_TOWERS
+from megamm.config.registry import CHAT_TEMPLATES, VISION_TOWERS
 from megamm.inference.generation import GenerationConfig
 from megamm.inference.sampling import SamplingConfig
 from megamm.inference.session import InferenceSession
@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     data = parser.add_argument_group("inputs (default: the checkpoint's training settings)")
     data.add_argument("--tokenizer-model", help="sentencepiece .model or tokenizer.json")
-    data.add_argument("--chat-template", help="plain, llava_v1, vicuna_v1, llama3, chatml or mistral")
+    data.add_argument("--chat-template", help=", ".join(CHAT_TEMPLATES.names())
+                      + " (a Qwen2-VL-family checkpoint: qwen2_vl, the default)")
     data.add_argument("--image-aspect-ratio", choices=("pad", "crop", "resize"), help="image preprocessing mode")
     data.add_argument("--image-normalization", choices=VISION_TOWERS.names(),
                       help="pixel statistics of this vision tower family")

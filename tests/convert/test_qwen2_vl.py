@@ -51,17 +51,19 @@ MODEL_KEYS = ("input_ids", "pixel_values", "image_grid_thw", "images_per_sample"
               "video_grid_thw", "videos_per_sample", "position_ids", "labels")
 
 
-def build_hf(family: str, seed: int = 3, scale: float = 0.15) -> torch.nn.Module:
+def build_hf(family: str, seed: int = 3, scale: float = 0.15, vocab_size: int = VOCAB,
+             token_ids: dict[str, int] | None = None, max_positions: int = 256) -> torch.nn.Module:
     """A random tiny model of `family` with the vision settings of tests.tiny.qwen2_vl_config
     (Qwen2-VL tied, Qwen2.5-VL untied embeddings); every weight drawn with std `scale`, norms and
-    biases included."""
-    text = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+    biases included. token_ids: the image / video / vision start / end token ids (default tests.tiny's);
+    max_positions: the text model's max_position_embeddings."""
+    text = {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": max_positions,
             "rope_parameters": {"rope_type": "default", "rope_theta": 50.0, "mrope_section": [2, 3, 3]},
             "bos_token_id": None, "eos_token_id": None}
     vision = {"depth": 2, "num_heads": 4, "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2}
-    ids = {"image_token_id": NATIVE_IMAGE_TOKEN, "video_token_id": NATIVE_VIDEO_TOKEN,
-           "vision_start_token_id": VISION_START, "vision_end_token_id": VISION_END}
+    ids = token_ids or {"image_token_id": NATIVE_IMAGE_TOKEN, "video_token_id": NATIVE_VIDEO_TOKEN,
+                        "vision_start_token_id": VISION_START, "vision_end_token_id": VISION_END}
     if family == "qwen2_vl":
         config = Qwen2VLConfig(text_config=text, vision_config={**vision, "embed_dim": 32, "hidden_size": 64,
                                                                 "mlp_ratio": 2}, tie_word_embeddings=True, **ids)

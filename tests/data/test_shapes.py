@@ -151,14 +151,17 @@ def test_answers_and_captions_follow_from_the_scene(dataset: Path) -> None:
             assert expected_answer(question, shapes) == (row["question_type"], gpt), (row["id"], question)
 
 
-def test_pixels_show_the_scene(dataset: Path) -> None:
+def _assert_pixels_show_the_scenes(dataset: Path) -> list[tuple[int, int]]:
     """Center pixels have the shape's color, exactly the scene's colors appear as solid pixels, and
-    the occupied 2x2 cells are the scene's regions (so the count answer is what the image shows)."""
+    the occupied 2x2 cells are the scene's regions (so the count answer is what the image shows).
+    Returns the (width, height) of every image."""
     palette = {name: np.array(rgb, dtype=np.uint8) for name, rgb in COLORS.items()}
+    sizes = []
     for path, scene in _scenes(dataset).items():
         pixels = np.asarray(Image.open(dataset / path).convert("RGB"))
-        size = scene["image_size"]
-        assert pixels.shape == (size, size, 3) and size == 64
+        width, height = scene["width"], scene["height"]
+        assert pixels.shape == (height, width, 3)
+        sizes.append((width, height))
         shapes = scene["shapes"]
         assert 1 <= len(shapes) <= 3
         for s in shapes:
@@ -166,11 +169,11 @@ def test_pixels_show_the_scene(dataset: Path) -> None:
             assert (pixels[y, x] == palette[s["color"]]).all(), (path, s)
         solid = {name for name, rgb in palette.items() if (pixels == rgb).all(axis=-1).any()}
         assert solid == {s["color"] for s in shapes}, path
-        half = size // 2
+        half_w, half_h = width // 2, height // 2
         occupied = set()
         for index, region in enumerate(REGIONS):
             row, column = divmod(index, 2)
-            cell = pixels[row * half : (row + 1) * half, column * half : (column + 1) * half]
+            cell = pixels[row * half_h : (row + 1) * half_h, column * half_w : (column + 1) * half_w]
             if (cell != np.array(BACKGROUND, dtype=np.uint8)).any():
                 occupied.add(region)
             color_here = {name for name, rgb in palette.items() if (cell == rgb).all(axis=-1).any()}
@@ -179,7 +182,28 @@ def test_pixels_show_the_scene(dataset: Path) -> None:
         larger = [s for s in shapes if s["size"] == "large"]
         smaller = [s for s in shapes if s["size"] == "small"]
         assert all(big["radius"] > small["radius"] for big in larger for small in smaller)
+        assert all(s["radius"] < min(width, height) / 4 for s in shapes)  # inside the cell's shorter side
         assert {s["size"] for s in shapes} <= set(SIZES)
+    return sizes
+
+
+def test_pixels_show_the_scene(dataset: Path) -> None:
+    assert set(_assert_pixels_show_the_scenes(dataset)) == {(64, 64)}
+
+
+def test_several_sizes_and_aspect_ratios(tmp_path: Path) -> None:
+    """--image-size with a list: image i of each split has size i modulo the list, wide and tall
+    images show their scenes as square ones do (rectangular cells, round circles)."""
+    out = tmp_path / "sizes"
+    assert tool.main(["--out", str(out), "--train-images", "30", "--test-images", "9",
+                      "--image-size", "32,48x32,32x64", "--max-shapes", "3"]) == 0
+    sizes = [(32, 32), (48, 32), (32, 64)]
+    scenes = _scenes(out)
+    for split, count in (("train", 30), ("test", 9)):
+        for index in range(count):
+            scene = scenes[f"images/{split}_{index}.png"]
+            assert (scene["width"], scene["height"]) == sizes[index % 3]
+    assert set(_assert_pixels_show_the_scenes(out)) == set(sizes)
 
 
 def test_train_and_test_images_are_disjoint(dataset: Path) -> None:
@@ -248,6 +272,8 @@ def test_summary_and_text_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     [
         (["--max-shapes", "5"], "--max-shapes must be between 1 and 4"),
         (["--image-size", "16"], "--image-size must be at least 32"),
+        (["--image-size", "64,48x16"], "at least 32 a side (smaller shapes are not recognizable), got 48x16"),
+        (["--image-size", "64,4x4x4"], "--image-size entry '4x4x4' is neither"),
         (["--questions-per-image", "7"], "--questions-per-image must be between 1 and 6"),
         (["--seed", "-1"], "--seed must be non-negative"),
     ],

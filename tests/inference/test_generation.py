@@ -378,7 +378,7 @@ def test_generate_tool_answers_pairs_and_files(tp_run: dict, capsys: pytest.Capt
     (tmp / "prompts.jsonl").write_text(json.dumps({"image": "images/red.png", "prompt": "What colour?"}) + "\n")
     assert generate_tool.main([*common, "--prompts-file", str(tmp / "prompts.jsonl")]) == 0
     assert capsys.readouterr().out.splitlines()[1] == lines[1]  # the same question, the same answer
-    with pytest.raises(SystemExit, match="1 --image for 2 --prompt"):
+    with pytest.raises(SystemExit, match="1 --image/--video for 2 --prompt"):
         generate_tool.main([*common, "--image", "none", "--prompt", "a", "--prompt", "b"])
 
 
@@ -438,6 +438,7 @@ def test_session_prompts_a_native_resolution_model(tmp_path: Path) -> None:
     own token count, its patches and grid are megamm.data.native_resolution's, and `answer` gives
     what `generate` gives for that prompt."""
     from megamm.data.native_resolution import NativeResolution, preprocess_image
+    from megamm.data.native_samples import native_settings
     from megamm.data.templates import render_prompt
     from megamm.data.tokenizer import load_tokenizer
     from megamm.inference.session import DataSettings
@@ -454,8 +455,9 @@ def test_session_prompts_a_native_resolution_model(tmp_path: Path) -> None:
     model = LlavaModel(replace(config, language=language), ParallelState.single())
     model.initialize(SAVED_SEED)
     model.eval()
+    native = native_settings(config.vision, TrainingConfig())
     session = InferenceSession(model, tokenizer, DataSettings(str(tmp_path / "tokenizer.json"), "qwen2_vl",
-                                                              normalization="qwen2_vl"))
+                                                              normalization="qwen2_vl", native=native))
     image = Image.fromarray(torch.randint(0, 256, (40, 60, 3), generator=torch.Generator().manual_seed(1),
                                           dtype=torch.uint8).numpy())
     prompt = session.prompt("Describe both pictures.", image)
