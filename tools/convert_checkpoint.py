@@ -35,6 +35,7 @@ from megamm.config.registry import PROJECTORS
 from megamm.convert import ConversionError
 from megamm.convert.exporter import KEY_STYLES, export_hf
 from megamm.convert.importer import (
+    EXPORT_ARCHITECTURES,
     QWEN2_VL_ADAPTERS,
     Summary,
     import_llava_hf,
@@ -43,7 +44,6 @@ from megamm.convert.importer import (
     import_towers,
 )
 
-EXPORT_ARCHITECTURES = ("llava-hf", *QWEN2_VL_ADAPTERS)
 TOWER_ONLY = ("projector_type", "vision_feature_layer", "vision_feature_select_strategy", "max_position_embeddings")
 NEW_TOKENS = ("image_token_id", "pad_token_id", "vocab_multiple")
 
