@@ -116,13 +116,27 @@ def test_compile_refuses_dropout() -> None:
     resolve(replace(run, training=replace(run.training, torch_compile=False)), 1)
 
 
-def test_compile_refuses_context_parallelism_and_lora() -> None:
+def test_compile_refuses_context_parallelism_and_lora_dropout() -> None:
     run = _compiled(_config(ParallelConfig(context_parallel_size=2)))
     with pytest.raises(ConfigError, match=r"--torch-compile with --context-parallel-size 2"):
         resolve(run, 2)
-    lora = _compiled(replace(_config(), training=replace(_config().training, lora_rank=4)))
-    with pytest.raises(ConfigError, match=r"--torch-compile with --lora-rank"):
+    lora = _compiled(_config(lora_rank=4, lora_dropout=0.1))
+    with pytest.raises(ConfigError, match=r"--torch-compile needs --lora-dropout 0"):
         resolve(lora, 1)
+    resolve(_compiled(_config(lora_rank=4)), 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_compiled_layers_with_adapters_train_like_eager(dora: bool) -> None:
+    """The adapters run inside their layer's compiled graph (DoRA: its row norms too); fused parts
+    left out (k_proj, gate_proj) and the vision tower's layers adapted."""
+    run = _config(lora_rank=4, lora_alpha=8.0, lora_use_dora=dora,
+                  lora_target_modules=["q_proj,v_proj,o_proj,up_proj,down_proj,vision"])
+    errors = _errors(_train(_compiled(run), ParallelState.single()), _train(run, ParallelState.single()))
+    assert (errors["compiled"], errors["reference_compiled"]) == (7, 0)
+    assert errors["loss"] < TOLERANCE and errors["norm"] < TOLERANCE and errors["eval"] < TOLERANCE, errors
+    assert errors["weight"] < WEIGHT_TOLERANCE, errors
 
 
 def _parallel_job() -> dict:
