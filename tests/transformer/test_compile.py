@@ -31,6 +31,7 @@ from tests.tiny import language_config, llava_config
 TOLERANCE = 1e-5
 WEIGHT_TOLERANCE = 5e-5  # Adam amplifies rounding of near-zero grads (tests/training/test_step.py)
 BF16_TOLERANCE = 2e-2  # inductor keeps fused element-wise chains in fp32 where eager rounds each op
+LORA_TARGETS = "q_proj,v_proj,o_proj,up_proj,down_proj,vision"  # fused parts left out: k_proj, gate_proj
 
 
 def _config(parallel: ParallelConfig | None = None, **training) -> RunConfig:
@@ -131,8 +132,7 @@ def test_compile_refuses_context_parallelism_and_lora_dropout() -> None:
 def test_compiled_layers_with_adapters_train_like_eager(dora: bool) -> None:
     """The adapters run inside their layer's compiled graph (DoRA: its row norms too); fused parts
     left out (k_proj, gate_proj) and the vision tower's layers adapted."""
-    run = _config(lora_rank=4, lora_alpha=8.0, lora_use_dora=dora,
-                  lora_target_modules=["q_proj,v_proj,o_proj,up_proj,down_proj,vision"])
+    run = _config(lora_rank=4, lora_alpha=8.0, lora_use_dora=dora, lora_target_modules=[LORA_TARGETS])
     errors = _errors(_train(_compiled(run), ParallelState.single()), _train(run, ParallelState.single()))
     assert (errors["compiled"], errors["reference_compiled"]) == (7, 0)
     assert errors["loss"] < TOLERANCE and errors["norm"] < TOLERANCE and errors["eval"] < TOLERANCE, errors
@@ -140,13 +140,17 @@ def test_compiled_layers_with_adapters_train_like_eager(dora: bool) -> None:
 
 
 def _parallel_job() -> dict:
-    """2 ranks: compiled tp=2 with sequence parallelism, and compiled pp=2 with full recompute (1F1B
-    over 2 microbatches), each against one eager process."""
+    """2 ranks: compiled tp=2 with sequence parallelism (also with DoRA adapters, whose row-parallel
+    norms are all-reduced inside the graph), and compiled pp=2 with full recompute (1F1B over 2
+    microbatches), each against one eager process."""
     initialize_parallel_state()
     solo = solo_state()
+    tp2 = ParallelState.from_groups(tp=2, pp=1, device=torch.device("cpu"))
+    tp2_sp = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
     cases = {
-        "tp2_sp": (_config(ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)),
-                   ParallelState.from_groups(tp=2, pp=1, device=torch.device("cpu"))),
+        "tp2_sp": (_config(tp2_sp), tp2),
+        "tp2_sp_dora": (_config(tp2_sp, lora_rank=4, lora_alpha=8.0, lora_use_dora=True,
+                                lora_target_modules=[LORA_TARGETS]), tp2),
         "pp2_full_recompute": (_config(ParallelConfig(pipeline_model_parallel_size=2), micro_batch_size=1,
                                        global_batch_size=2, recompute_granularity="full"),
                                ParallelState.from_groups(tp=1, pp=2, device=torch.device("cpu"))),
@@ -168,4 +172,5 @@ def test_compiled_tensor_sequence_and_pipeline_parallel_match_one_eager_process(
             assert errors["reference_compiled"] == 0, (rank, name, errors)
     # tp=2: every layer on both ranks; pp=2: the vision tower and 2 language layers on stage 0.
     assert [r["tp2_sp"]["compiled"] for r in results] == [7, 7]
+    assert [r["tp2_sp_dora"]["compiled"] for r in results] == [7, 7]
     assert [r["pp2_full_recompute"]["compiled"] for r in results] == [5, 2]
