@@ -282,8 +282,11 @@ def test_a_peft_made_qwen2_vl_adapter_imports_with_peft_logits(qwen_setup: dict)
     _randomize(made.named_parameters(), b_name="lora_B", magnitude_name="lora_magnitude_vector")
     made.save_pretrained(root / "peft-made")
     expected = _qwen_hf_logits(made, setup)
-    imported = import_peft(root / "peft-made", setup["base"], root / "imported-made", setup["architecture"])
-    merged = merge_adapters(imported, root / "merged-made")
+    # Through the tool, as a user would (--architecture names the Hugging Face layout).
+    assert _merge_tool()(["import-peft", "--peft", str(root / "peft-made"), "--pretrained-checkpoint",
+                          str(setup["base"]), "--save", str(root / "imported-made"),
+                          "--architecture", setup["architecture"]]) == 0
+    merged = merge_adapters(root / "imported-made", root / "merged-made")
     plain = LlavaModel(run_config_from_dict(format.read_description(merged)["config"]).model, ParallelState.single())
     load_model_weights(plain, merged, ParallelState.single())
     error = (_native_logits(plain, setup["batch"]) - expected).abs().max().item()
