@@ -18,6 +18,7 @@ from megamm.config import ParallelConfig
 from megamm.config.model import ConfigError
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
+from megamm.models.lora import reset_magnitudes
 from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
@@ -25,6 +26,7 @@ from megamm.pipeline.chunks import build_model_chunks
 from megamm.training.data import ResumePoint, SyntheticData
 from megamm.training.step import build_trainer, evaluate, train_step
 from megamm.transformer.layer import TransformerLayer
+from tests.adapters import perturb_adapters
 from tests.distributed import run_distributed, solo_state
 from tests.tiny import language_config, llava_config
 
@@ -49,6 +51,11 @@ def _train(run: RunConfig, state: ParallelState) -> dict:
     t = config.training
     state.seed(t.seed)
     chunks = build_model_chunks(config, state)
+    if config.lora is not None:
+        # B (DoRA: magnitudes) away from the init: from B = 0 Adam's first update is +-lr wherever
+        # the grad is rounding noise, which no tolerance on the weights survives.
+        reset_magnitudes(chunks)
+        perturb_adapters(chunks, state)
     compiled = sum(
         getattr(m, "_compiled_call_impl", None) is not None
         for chunk in chunks for m in chunk.modules() if isinstance(m, TransformerLayer)
