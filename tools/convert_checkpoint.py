@@ -38,6 +38,7 @@ from megamm.config.registry import PROJECTORS
 from megamm.convert import ConversionError
 from megamm.convert.exporter import KEY_STYLES, export_hf
 from megamm.convert.importer import (
+    EXPORT_ARCHITECTURES,
     QWEN2_VL_ADAPTERS,
     Summary,
     import_internvl_hf,
@@ -47,7 +48,6 @@ from megamm.convert.importer import (
     import_towers,
 )
 
-EXPORT_ARCHITECTURES = ("llava-hf", "llava-next-hf", "llava-onevision-hf", *QWEN2_VL_ADAPTERS, "internvl-hf")
 TOWER_ONLY = ("projector_type", "vision_feature_layer", "vision_feature_select_strategy", "max_position_embeddings")
 NEW_TOKENS = ("image_token_id", "pad_token_id", "vocab_multiple")
 

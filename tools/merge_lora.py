@@ -8,6 +8,7 @@
     python tools/convert_checkpoint.py export-hf --load ckpt/base --out base-hf
     python tools/merge_lora.py export-peft --load runs/lora --out lora-peft
     #   PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained("base-hf"), "lora-peft")
+    # a Qwen2-VL-family base: --architecture qwen2-vl-hf (qwen2.5-vl-hf) for both, as for export-hf
 
     # a PEFT adapter trained elsewhere (on the Hugging Face form of ckpt/base) -> a megamm LoRA checkpoint
     python tools/merge_lora.py import-peft --peft lora-peft --pretrained-checkpoint ckpt/base --save runs/imported
@@ -24,6 +25,7 @@ import argparse
 import sys
 
 from megamm.convert import ConversionError
+from megamm.convert.importer import EXPORT_ARCHITECTURES
 from megamm.convert.lora_merge import merge_adapters
 from megamm.convert.peft import export_peft, import_peft
 
@@ -43,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--peft", required=True, help="PEFT adapter directory (adapter_config.json + safetensors)")
     imported.add_argument("--pretrained-checkpoint", required=True, help="the megamm base the adapter was trained on")
     imported.add_argument("--save", required=True, help="new directory for the megamm LoRA checkpoint")
+    for command in (export, imported):
+        command.add_argument("--architecture", choices=EXPORT_ARCHITECTURES, default="llava-hf",
+                             help="the Hugging Face layout of the model the adapter is for, as export-hf's "
+                                  "(default llava-hf)")
     return parser
 
 
@@ -52,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "merge":
             path = merge_adapters(args.load, args.save, args.pretrained_checkpoint, not args.no_verify_checkpoint)
         elif args.command == "export-peft":
-            path = export_peft(args.load, args.out)
+            path = export_peft(args.load, args.out, args.architecture)
         else:
-            path = import_peft(args.peft, args.pretrained_checkpoint, args.save)
+            path = import_peft(args.peft, args.pretrained_checkpoint, args.save, args.architecture)
     except (ConversionError, OSError, ValueError, RuntimeError) as error:
         print(f"merge_lora: {error}", file=sys.stderr)
         return 2

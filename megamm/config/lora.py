@@ -7,8 +7,9 @@ Target names (`--lora-target-modules`, comma- or space-separated):
   (`self_attention.proj`), `gate_proj`, `up_proj` (parts of the fused SwiGLU `mlp.fc1`) and
   `down_proj` (`mlp.fc2`). A fused layer gets one adapter per targeted part, so a PEFT adapter of
   q_proj alone, or of q, k and v with separate A matrices, maps onto it exactly;
-- `projector`: every linear layer of the projector;
-- `vision`: every linear layer of the vision tower (attention and MLP of every layer).
+- `projector`: every linear layer of the projector (of a native-resolution tower, the Qwen2-VL
+  family: its patch merger, `vision.merger`, which is that model's projector);
+- `vision`: every linear layer of the vision tower's transformer layers (attention and MLP).
 
 The table below is data (module-name suffix, fused part): the config layer validates names against
 it and `megamm.models.lora` finds the layers with it, so both read one statement of the names.
@@ -28,8 +29,11 @@ LANGUAGE_TARGETS: dict[str, tuple[str, int | None]] = {
     "up_proj": ("mlp.fc1", 1),
     "down_proj": ("mlp.fc2", None),
 }
-# Whole-part targets: name -> the model's submodule whose every linear layer gets an adapter.
-PART_TARGETS: dict[str, str] = {"projector": "projector", "vision": "vision"}
+# Whole-part targets: name -> the submodules (names in LlavaModel) whose every linear layer gets an
+# adapter. The target's name is also the model part it freezes (megamm.config.run.training_model_config):
+# a native tower's merger follows the projector's freeze flag (LlavaModel.apply_freeze), so it is
+# the projector here too.
+PART_TARGETS: dict[str, tuple[str, ...]] = {"projector": ("projector", "vision.merger"), "vision": ("vision.encoder",)}
 TARGET_NAMES = (*LANGUAGE_TARGETS, *PART_TARGETS)
 # QLoRA's recommendation, and what `--lora-rank` alone gives: every linear layer of the decoder.
 DEFAULT_TARGETS = tuple(LANGUAGE_TARGETS)
@@ -54,7 +58,7 @@ class LoraConfig:
     def parts(self) -> frozenset[str]:
         """The model parts ("language", "projector", "vision") that hold a target (unknown names,
         reported by `target_problems`, hold none)."""
-        return frozenset("language" if name in LANGUAGE_TARGETS else PART_TARGETS[name]
+        return frozenset("language" if name in LANGUAGE_TARGETS else name
                          for name in self.targets if name in TARGET_NAMES)
 
 

@@ -301,8 +301,11 @@ class VisionConfig:
 
     @property
     def num_layers_used(self) -> int:
-        """Layers that run to produce the selected hidden state (the rest are frozen, unused)."""
+        """Layers that run to produce the selected hidden state (the rest are frozen, unused); a
+        native-resolution tower has no select_layer: all its layers run."""
         n = self.transformer.num_layers
+        if self.native_resolution is not None:
+            return n
         return self.select_layer if self.select_layer >= 0 else n + 1 + self.select_layer
 
     @property

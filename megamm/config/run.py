@@ -372,10 +372,10 @@ def lora_problems(run: RunConfig) -> list[str]:
 
 
 def compile_problems(run: RunConfig) -> list[str]:
-    """What --torch-compile cannot do (megamm.transformer.compile): dropout in a compiled layer (it
-    draws from the tensor-parallel RNG tracker's forked streams, which do not trace, and inductor's
-    random numbers would differ from eager's), and, without CUDA, inductor's C++ backend needs a
-    C++ compiler."""
+    """What --torch-compile cannot do (megamm.transformer.compile): dropout in a compiled layer, the
+    layers' own or LoRA's on the adapters' input (it draws from the tensor-parallel RNG tracker's
+    forked streams, which do not trace, and inductor's random numbers would differ from eager's),
+    and, without CUDA, inductor's C++ backend needs a C++ compiler."""
     if not run.training.torch_compile:
         return []
     problems = [
@@ -390,8 +390,9 @@ def compile_problems(run: RunConfig) -> list[str]:
     if cp > 1:
         problems.append(f"--torch-compile with --context-parallel-size {cp}: ring attention's point-to-point "
                         "exchanges do not trace into a compiled layer")
-    if run.training.lora_rank is not None:
-        problems.append("--torch-compile with --lora-rank: compiled layers with adapters are not supported yet")
+    if run.training.lora_rank is not None and run.training.lora_dropout != 0:
+        problems.append(f"--torch-compile needs --lora-dropout 0 (dropout in a compiled layer does not trace "
+                        f"through the tensor-parallel RNG streams), got {run.training.lora_dropout}")
     if not torch.cuda.is_available():
         from torch._inductor.cpp_builder import get_cpp_compiler
         from torch._inductor.exc import InvalidCxxCompiler

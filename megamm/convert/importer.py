@@ -254,6 +254,8 @@ def import_internvl_hf(directory: str | Path, save: str | Path, tp: int = 1, pp:
 
 
 QWEN2_VL_ADAPTERS = ("qwen2-vl-hf", "qwen2.5-vl-hf")
+# The layouts megamm writes as well as reads (export-hf, and the PEFT adapters of their models).
+EXPORT_ARCHITECTURES = (*LLAVA_ADAPTERS, *QWEN2_VL_ADAPTERS, "internvl-hf")
 
 
 def import_qwen2_vl_hf(directory: str | Path, save: str | Path, tp: int = 1, pp: int = 1, dtype: str | None = None

@@ -10,8 +10,9 @@ LlavaForConditionalGeneration under the installed transformers
 
 (PEFT's saved form drops the adapter name, "default"). megamm's adapter of a fused layer holds one
 (A, B) per targeted part (megamm.parallel.lora), so q_proj / k_proj / v_proj (gate_proj / up_proj)
-map onto its parts one to one, and the module names come from the same key maps as the checkpoint
-exporter's (megamm.convert.hf_keys, the export adapter's `installed_keys`). Which layers are adapted,
+map onto its parts one to one; a fused layer that is one Hugging Face module (the Qwen2-VL tower's
+`attn.qkv`) has one shared adapter, which is that module's. The module names come from the same key
+maps as the checkpoint exporter's (megamm.convert.hf_keys, the export adapter's `installed_keys`). Which layers are adapted,
 and which of their parts, is decided once, by `megamm.models.lora.apply_lora` on the model the
 checkpoint describes, built on the meta device (no memory).
 
@@ -71,7 +72,11 @@ def hf_modules(config: LlavaConfig, architecture: str) -> dict[tuple[str, int], 
     """(megamm linear layer, fused part) -> the Hugging Face module name (the installed
     transformers' in-memory spelling, which PEFT's keys follow)."""
     adapter = HF_ARCHITECTURES.get(architecture)
-    installed = adapter.installed_keys(adapter.config_to_hf(config, HfExtras.from_dict(None), []))
+    # Module names follow the shapes, not the token ids: ids the checkpoint does not record are left
+    # to the installed transformers' defaults (its config classes refuse None for some, e.g. Qwen2-VL's
+    # vision_start_token_id).
+    tree = adapter.config_to_hf(config, HfExtras.from_dict(None), [])
+    installed = adapter.installed_keys({k: v for k, v in tree.items() if v is not None})
     out = {}
     for entry in model_entries(config):
         if entry.megamm.endswith(".weight"):
@@ -79,6 +84,21 @@ def hf_modules(config: LlavaConfig, architecture: str) -> dict[tuple[str, int], 
                 if name in installed:
                     out[(entry.megamm.removesuffix(".weight"), part)] = installed[name].removesuffix(".weight")
     return out
+
+
+def module_parts(adapter: LowRankAdapter) -> tuple[int, ...]:
+    """The Hugging Face modules of an adapted layer, as part indices of its key map entry: the
+    targeted parts, or part 0, the one module of a shared adapter's layer."""
+    return (0,) if adapter.shared else adapter.targeted
+
+
+def _per_module(adapter: LowRankAdapter, kind: str, value: torch.Tensor) -> list[torch.Tensor]:
+    """A whole adapter tensor (`lora_a`, `lora_b`, `magnitude`) -> one tensor per Hugging Face module."""
+    if adapter.shared:
+        return [value]
+    if kind == "lora_a":
+        return list(value.split(adapter.rank, dim=0))
+    return list(value.split([adapter.out_parts[j] for j in adapter.targeted], dim=0))
 
 
 def _peft_config(lora: LoraConfig, modules: list[str]) -> dict:
@@ -140,19 +160,15 @@ def export_peft(load: str | Path, out: str | Path, architecture: str = "llava-hf
         if missing:
             raise ConversionError(f"{reader.path}: missing adapter tensors {', '.join(missing)}")
         values = reader.read(keys.values())
-        sizes = [adapter.out_parts[j] for j in adapter.targeted]
-        a_parts = values[keys["lora_a"]].split(lora.rank, dim=0)
-        b_parts = values[keys["lora_b"]].split(sizes, dim=0)
-        m_parts = values[keys["magnitude"]].split(sizes, dim=0) if "magnitude" in keys else [None] * len(sizes)
-        for t, part in enumerate(adapter.targeted):
+        per_module = {kind: _per_module(adapter, kind, values[key]) for kind, key in keys.items()}
+        for t, part in enumerate(module_parts(adapter)):
             if (layer, part) not in modules:
                 raise ConversionError(f"{layer}: part {part} has no module in the {architecture} layout")
             module = modules[(layer, part)]
             names.append(module)
-            tensors[f"{PEFT_PREFIX}{module}.{LORA_A}"] = a_parts[t].contiguous()
-            tensors[f"{PEFT_PREFIX}{module}.{LORA_B}"] = b_parts[t].contiguous()
-            if m_parts[t] is not None:
-                tensors[f"{PEFT_PREFIX}{module}.{MAGNITUDE}"] = m_parts[t].contiguous()
+            for kind, peft_kind in (("lora_a", LORA_A), ("lora_b", LORA_B), ("magnitude", MAGNITUDE)):
+                if kind in per_module:
+                    tensors[f"{PEFT_PREFIX}{module}.{peft_kind}"] = per_module[kind][t].contiguous()
     staging = _new_directory(out)
     save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (staging / ADAPTER_CONFIG).write_text(json.dumps(_peft_config(lora, names), indent=2) + "\n")
@@ -223,14 +239,14 @@ def import_peft(peft_dir: str | Path, pretrained: str | Path, save: str | Path,
     lora = LoraConfig(int(peft["r"]), float(peft["lora_alpha"]), float(peft.get("lora_dropout", 0.0)),
                       _targets(set(selected), parts_of), dora)
     layers = adapted_model(config, lora)
-    covered = {(layer, part) for layer, adapter in layers.items() for part in adapter.targeted}
+    covered = {(layer, part) for layer, adapter in layers.items() for part in module_parts(adapter)}
     if covered != set(selected):
         differ = sorted(covered ^ set(selected))[:6]
         raise ConversionError(f"{peft_dir}: its modules are not a set megamm's target names give (targets "
                               f"{','.join(lora.targets)} differ at {differ}); megamm adapts every decoder layer alike")
     out: dict[str, LazyTensor] = {}
     for layer, adapter in layers.items():
-        parts = [selected[(layer, part)] for part in adapter.targeted]
+        parts = [selected[(layer, part)] for part in module_parts(adapter)]
         kinds = [LORA_A, LORA_B] + ([MAGNITUDE] if dora else [])
         for kind, name in zip(kinds, ("lora_a", "lora_b", "magnitude")):
             if any(kind not in p for p in parts):

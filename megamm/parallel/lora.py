@@ -23,7 +23,9 @@ Fused projections (QKV `[q; k; v]`, SwiGLU `[gate; up]`, megamm.parallel.shardin
 per targeted part, as PEFT has for the separate q_proj / k_proj / v_proj: A stacks the parts' A
 matrices `[T*r, in]`, B stacks their B matrices with `fused_parts`, each split over tp like the
 base's part, so rank r's B rows line up with its `[q_r; k_r; v_r]` output. Untargeted parts get no
-update.
+update. A fused layer whose Hugging Face form is one module (the Qwen2-VL tower's `attn.qkv`) gets
+instead one adapter of the whole layer (`shared`): one A `[r, in]` for every part, B over all the
+parts' rows, split like the weight; that is PEFT's adapter of that module, rank for rank.
 
 DoRA (Liu et al. 2024, PEFT's `use_dora`): the adapted weight's rows are renormalized to a trained
 magnitude m, `W' = m * (W + s B A) / ||W + s B A||` with the row norm over the input features,
@@ -68,16 +70,20 @@ class LowRankAdapter(ParamOwner):
 
     out_parts: the global sizes of the base's fused output parts (`(out,)` when not fused);
     targeted: the indices of the parts that get an update, in increasing order; row_parallel: the
-    base splits its input features (else its output features) over tp.
+    base splits its input features (else its output features) over tp; shared: one A for every
+    part (the adapter of the whole fused layer; every part targeted), else one A per targeted part.
     """
 
     def __init__(self, in_features: int, out_parts: tuple[int, ...], targeted: tuple[int, ...], *,
-                 row_parallel: bool, lora: LoraConfig, state: ParallelState, dtype: torch.dtype) -> None:
+                 row_parallel: bool, lora: LoraConfig, state: ParallelState, dtype: torch.dtype,
+                 shared: bool = False) -> None:
         super().__init__()
         if not targeted or list(targeted) != sorted(set(targeted)) or targeted[-1] >= len(out_parts):
             raise ValueError(f"targeted parts {targeted} must be increasing indices into {out_parts}")
         if row_parallel and len(out_parts) != 1:
             raise ValueError("a row-parallel layer has no fused output parts")
+        if shared and len(targeted) != len(out_parts):
+            raise ValueError(f"a shared adapter covers every part of {out_parts}, got parts {targeted}")
         r = lora.rank
         self.state = state
         self.rank = r
@@ -87,6 +93,7 @@ class LowRankAdapter(ParamOwner):
         self.row_parallel = row_parallel
         self.out_parts = tuple(out_parts)
         self.targeted = tuple(targeted)
+        self.shared = shared
         tp = state.tp_size
         sizes = tuple(out_parts[j] for j in targeted)
         fused = sizes if len(sizes) > 1 else None
@@ -98,7 +105,7 @@ class LowRankAdapter(ParamOwner):
             b_layout = ParamLayout((out_parts[0], r), constant_init(0.0))
             m_layout = ParamLayout((out_parts[0],), constant_init(1.0))
         else:
-            a_layout = ParamLayout((len(targeted) * r, in_features), a_init)
+            a_layout = ParamLayout(((1 if shared else len(targeted)) * r, in_features), a_init)
             b_layout = ParamLayout((sum(sizes), r), constant_init(0.0), partition_dim=0, fused_parts=fused)
             m_layout = ParamLayout((sum(sizes),), constant_init(1.0), partition_dim=0, fused_parts=fused)
         self.lora_a = self.create_parameter("lora_a", ParamSpec(a_layout, tp_partial_grad=not row_parallel),
@@ -119,9 +126,16 @@ class LowRankAdapter(ParamOwner):
         with self.state.rng.fork() if self.row_parallel else nullcontext():
             return F.dropout(x, self.dropout, training=True)
 
+    def _per_part(self, value: torch.Tensor, dim: int) -> list[torch.Tensor]:
+        """Each targeted part's share of `value` (A's rows, dim 0, or `A x`'s features, dim -1): its
+        own r rows, or all of them when the adapter is shared."""
+        if self.shared:
+            return [value] * len(self.targeted)
+        return list(value.split(self.rank, dim=dim))
+
     def delta_weight(self) -> list[torch.Tensor]:
         """`s * B_t A_t` of each targeted part t: local `[part rows, local in]` (row-parallel: one)."""
-        a_parts = self.lora_a.split(self.rank, dim=0)
+        a_parts = self._per_part(self.lora_a, 0)
         b_parts = self.lora_b.split(list(self.local_targeted), dim=0) if not self.row_parallel else [self.lora_b]
         return [self.scale * (b @ a) for a, b in zip(a_parts, b_parts)]
 
@@ -145,7 +159,7 @@ class LowRankAdapter(ParamOwner):
         (row); weight: the base's local weight; base: `x W^T` `[.., local out]` (row: a partial sum).
         """
         x_dropped = self._dropped(x)
-        z = F.linear(x_dropped, self.lora_a).split(self.rank, dim=-1)  # T x [.., r]
+        z = self._per_part(F.linear(x_dropped, self.lora_a), -1)  # T x [.., r]
         b_parts = self.lora_b.split(list(self.local_targeted), dim=0) if not self.row_parallel else [self.lora_b]
         updates = [self.scale * F.linear(z_t, b_t) for z_t, b_t in zip(z, b_parts)]
         if self.magnitude is not None:

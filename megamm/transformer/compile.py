@@ -24,8 +24,12 @@ under every parallel layout:
   that count gets a graph of its own). Evaluation (no_grad) adds its own graphs. All the variants
   are entries of the one `TransformerLayer.forward`, so the recompile limit per code object is raised
   to `RECOMPILE_LIMIT` (torch's default of 8 counts every tower, shape and grad mode together).
-- Dropout is refused with `--torch-compile` (`megamm.config.run`): it draws from the RNG tracker's
-  forked streams, which do not trace, and inductor would draw different random numbers.
+- LoRA / DoRA adapters (megamm.parallel.lora) run inside their parallel linear, so inside the
+  layer's graph: the adapter's matmuls, and DoRA's detached row norms with their all-reduce over tp
+  (a row-parallel layer), trace like the rest of the layer (`fullgraph=True` holds).
+- Dropout is refused with `--torch-compile` (`megamm.config.run`), the layers' and LoRA's alike: it
+  draws from the RNG tracker's forked streams, which do not trace, and inductor would draw
+  different random numbers.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """LoRA checkpoints: a base saved at one layout, adapters trained on it at tp=2 and saved alone,
 resumed at pp=2 on the same base, and the run continues exactly; wrong pairings are refused.
+Adapters (DoRA: row-parallel magnitudes replicated, column-parallel ones split) load at any layout
+with the same logits: saved at tp=2 (with SP), loaded at tp=1 and pp=2; saved at pp=2 after two more
+steps there, loaded at tp=2 and tp=1.
 
 Every model is built from a different seed than the one it loads, so agreement can only come from
 the checkpoints.
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from megamm.checkpoint import format
 from megamm.checkpoint.adapters import load_pretrained
@@ -21,6 +25,8 @@ from megamm.config import ParallelConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.data.loader import ResumePoint
+from megamm.data.synthetic import SyntheticMultimodalDataset, collate
+from megamm.inference.logits import full_vocab_logits
 from megamm.models.llava import LlavaModel
 from megamm.models.lora import is_adapter_parameter, reset_magnitudes
 from megamm.parallel.params import param_specs
@@ -30,7 +36,7 @@ from megamm.pipeline.chunks import build_model_chunks
 from megamm.training.data import SyntheticData
 from megamm.training.preflight import file_problems
 from megamm.training.step import build_trainer, train_step
-from tests.distributed import run_distributed
+from tests.distributed import run_distributed, solo_state
 from tests.tiny import llava_config
 
 TOLERANCE = 1e-5
@@ -66,9 +72,37 @@ class Run:
         self.checkpointer = Checkpointer(state, self.config, self.chunks, self.trainer.optimizer, save_dir=save,
                                          log=lambda _: None)
         self.data = SyntheticData(self.config, state, ResumePoint())
+        t = self.config.training
+        self.data_set = SyntheticMultimodalDataset(self.config.model, t.seq_length, t.seed + 1, t.images_per_sample)
 
     def step(self, iteration: int) -> float:
         return train_step(self.trainer, self.data.microbatches(iteration), iteration).loss
+
+    @torch.no_grad()
+    def logits(self, batch: dict) -> torch.Tensor:
+        """`[s, b, vocab]` logits of `batch` in eval mode, on every rank (pp: the first stage sends
+        its hidden states to the last, which broadcasts the logits)."""
+        (chunk,) = self.chunks
+        state, vocab = self.state, self.config.model.language.vocab_size
+        chunk.eval()
+        inputs = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"],
+                  "images_per_sample": batch["images_per_sample"]}
+        if state.pp_size == 1:
+            logits = full_vocab_logits(chunk(**inputs, return_logits=True)["logits"], state, vocab)
+        else:
+            seq, rows = batch["input_ids"].shape[1], batch["input_ids"].shape[0]
+            logits = torch.empty(seq, rows, vocab)
+            if state.is_first_stage:
+                hidden = chunk(**inputs)["hidden_states"].contiguous()
+                dist.send(hidden, dst=state.pp_ranks[-1], group=state.pp_group)
+            else:
+                hidden = torch.empty(seq, rows, self.config.model.language.transformer.hidden_size)
+                dist.recv(hidden, src=state.pp_ranks[0], group=state.pp_group)
+                logits = full_vocab_logits(chunk(decoder_input=hidden, return_logits=True)["logits"], state,
+                                           vocab).contiguous()
+            dist.broadcast(logits, src=state.pp_ranks[-1], group=state.pp_group)
+        chunk.train()
+        return logits
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: gather_master(p.detach(), param_specs(chunk)[name].layout, self.state.tp_group).clone()
@@ -79,7 +113,9 @@ def _job(directory: str) -> dict:
     initialize_parallel_state()
     tp2 = ParallelState.from_groups(tp=2, pp=1, device=torch.device("cpu"))
     pp2 = ParallelState.from_groups(tp=1, pp=2, device=torch.device("cpu"))
+    solo = solo_state()
     base_dir, adapter_dir = Path(directory) / "base", Path(directory) / "lora"
+    pp2_dir = Path(directory) / "lora-pp2"
     # The base: a full-training checkpoint (model and optimizer) saved at pp=2.
     base = Run(_run(1, 2, lora=False), pp2, init_seed=1, save=base_dir)
     base.checkpointer.save(0, 0)
@@ -90,14 +126,28 @@ def _job(directory: str) -> dict:
     for iteration in range(2):
         lora.step(iteration)
     lora.checkpointer.save(2, 16)
+    batch = collate([lora.data_set[i] for i in range(2)])
+    logits = {"tp2 (saved)": lora.logits(batch)}
     saved_weights = {n: w for n, w in lora.weights().items() if f"{format.MODEL}{n}" in _saved_model_keys(
         format.resolve(adapter_dir))}
     continued = [lora.step(iteration) for iteration in (2, 3)]
     # Resumed at pp=2 from the adapters on the same base, from yet another init.
-    resumed = Run(_run(1, 2, pretrained_checkpoint=str(base_dir)), pp2, init_seed=3)
+    resumed = Run(_run(1, 2, pretrained_checkpoint=str(base_dir)), pp2, init_seed=3, save=pp2_dir)
     progress = resumed.checkpointer.load(adapter_dir)
     after_load = resumed.weights()
+    logits["pp2 (loaded)"] = resumed.logits(batch)
+    at_tp1 = Run(_run(1, 1, pretrained_checkpoint=str(base_dir)), solo, init_seed=4)
+    at_tp1.checkpointer.load(adapter_dir)
+    logits["tp1 (loaded)"] = at_tp1.logits(batch)
     resumed_losses = [resumed.step(iteration) for iteration in (2, 3)]
+    # The reverse: saved at pp=2, loaded at tp=2 (with SP) and at tp=1.
+    resumed.checkpointer.save(4, 32)
+    reverse = {"pp2 (saved)": resumed.logits(batch)}
+    for name, run, state in (("tp2 (loaded)", _run(2, 1, pretrained_checkpoint=str(base_dir)), tp2),
+                             ("tp1 (loaded)", _run(1, 1, pretrained_checkpoint=str(base_dir)), solo)):
+        loaded = Run(run, state, init_seed=5)
+        loaded.checkpointer.load(pp2_dir)
+        reverse[name] = loaded.logits(batch)
     path = format.resolve(adapter_dir)
     try:
         load_pretrained(resumed.chunks, adapter_dir, pp2, log=lambda _: None)
@@ -109,7 +159,7 @@ def _job(directory: str) -> dict:
         "iteration": progress.iteration, "after_load": after_load, "saved_at_2": _saved_model_keys(path),
         "description": format.read_description(path), "wrong_base": wrong_base,
         "adapter_bytes": _bytes(path), "base_bytes": _bytes(format.resolve(base_dir)),
-        "saved_weights": saved_weights,
+        "saved_weights": saved_weights, "logits": logits, "reverse_logits": reverse,
     }
 
 
@@ -165,6 +215,20 @@ def test_adapters_save_alone_and_resume_on_their_base_at_another_layout(results)
     for name, weight in _joined(per_rank, "saved_weights").items():
         assert torch.equal(resumed[name], weight), name
     assert "a LoRA run's checkpoint" in first["wrong_base"] and "--pretrained-checkpoint" in first["wrong_base"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("direction", ["logits", "reverse_logits"])
+def test_adapters_load_at_any_layout_with_the_same_logits(results, direction: str) -> None:
+    per_rank, _ = results
+    (saved_name,) = [name for name in per_rank[0][direction] if "saved" in name]
+    saved = per_rank[0][direction][saved_name]
+    assert direction == "logits" or not torch.allclose(saved, per_rank[0]["logits"][saved_name.replace(
+        "pp2", "tp2")], atol=1e-3), "the pp=2 steps must change the adapters for the reverse load to mean something"
+    for rank, r in enumerate(per_rank):
+        for name, logits in r[direction].items():
+            error = ((logits - saved).abs().max() / saved.abs().max()).item()
+            assert error < TOLERANCE, f"rank {rank}: {name} vs {saved_name}: relative logit error {error:.2e}"
 
 
 @pytest.mark.slow

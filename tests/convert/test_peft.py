@@ -9,6 +9,12 @@ as a LoRA checkpoint. Then:
 - import-peft of that directory gives back the same adapter tensors, bit for bit;
 - merge: the merged plain checkpoint computes the adapted model's logits, and its Hugging Face
   export (the existing exporter) gives them too.
+
+The Qwen2-VL family likewise (Qwen2-VL with LoRA and DoRA, Qwen2.5-VL with LoRA; images of two
+sizes and a video): adapters on the decoder, every linear of the tower's layers (qkv one module in
+Hugging Face's form) and the patch merger, exported for `Qwen2VLForConditionalGeneration` (
+`Qwen2_5_VLForConditionalGeneration`), loaded by PEFT with megamm's logits; and an adapter that peft
+itself creates on that model (its own init, random B) imports, and the merged import gives PEFT's logits.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from peft import PeftModel
@@ -31,14 +38,17 @@ from megamm.config.parsing import run_config_from_dict
 from megamm.config.resolved import resolve
 from megamm.convert import ConversionError
 from megamm.convert.exporter import export_hf
-from megamm.convert.importer import import_llava_hf
+from megamm.convert.importer import import_llava_hf, import_qwen2_vl_hf
 from megamm.convert.lora_merge import merge_adapters
 from megamm.convert.peft import ADAPTER_CONFIG, export_peft, import_peft
 from megamm.convert.writer import CheckpointReader
 from megamm.models.llava import LlavaModel
 from megamm.models.lora import apply_lora, reset_magnitudes
 from megamm.parallel.state import ParallelState
+from tests.convert.test_qwen2_vl import ARCHITECTURES, MODEL_KEYS, build_hf, hf_inputs
+from tests.convert.test_qwen2_vl import VOCAB as QWEN_VOCAB
 from tests.convert.test_roundtrip import VOCAB, build_hf_llava, llava_batch, save_hf
+from tests.tiny import native_microbatches
 
 LOGIT_ATOL = 1e-4
 TARGETS = "q_proj,v_proj,o_proj,gate_proj,down_proj,projector,vision"
@@ -54,6 +64,18 @@ def _megamm_logits(model: LlavaModel, batch: dict) -> torch.Tensor:
 def _hf_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+
+
+@torch.no_grad()
+def _randomize(named_parameters, b_name: str = "lora_b", magnitude_name: str = "magnitude") -> None:
+    """B random (not PEFT's zero init) and DoRA's magnitudes off the weight norms, so the adapters
+    change the logits."""
+    generator = torch.Generator().manual_seed(0)
+    for name, param in named_parameters:
+        if b_name in name:
+            param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+        elif magnitude_name in name:
+            param.mul_(1.0 + 0.2 * torch.rand(param.shape, generator=generator))
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["lora", "dora"])
@@ -74,13 +96,7 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     model.initialize(3)
     load_pretrained([model], base, state, log=lambda _: None)
     reset_magnitudes([model])
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("lora_b"):
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-            elif name.endswith("magnitude"):
-                param.mul_(1.0 + 0.2 * torch.rand(param.shape, generator=generator))
+    _randomize(model.named_parameters())
     Checkpointer(state, config, [model], save_dir=root / "lora", log=lambda _: None).save_model(0, 0)
     batch = llava_batch()
     export_hf(base, root / "base-hf")
@@ -176,3 +192,103 @@ def test_the_tool_merges_and_refuses_a_whole_model(setup: dict, tmp_path: Path,
     assert (tmp_path / "merged" / "latest").is_file()
     assert main(["export-peft", "--load", str(setup["base"]), "--out", str(tmp_path / "peft")]) == 2
     assert "not a LoRA run's checkpoint" in capsys.readouterr().err
+
+
+# ---- the Qwen2-VL family ----------------------------------------------------------------------------
+
+QWEN_TARGETS = "q_proj,v_proj,o_proj,gate_proj,down_proj,vision,projector"
+
+
+@torch.no_grad()
+def _native_logits(model: LlavaModel, batch: dict) -> torch.Tensor:
+    out = model.eval()(**{k: batch[k] for k in MODEL_KEYS}, return_logits=True)
+    return out["logits"][..., :QWEN_VOCAB].transpose(0, 1)
+
+
+@pytest.fixture(scope="module", params=[("qwen2_vl", False), ("qwen2_vl", True), ("qwen2_5_vl", False)],
+                ids=["qwen2_vl-lora", "qwen2_vl-dora", "qwen2_5_vl-lora"])
+def qwen_setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    family, dora = request.param
+    root = tmp_path_factory.mktemp(f"peft-{family}-{'dora' if dora else 'lora'}")
+    architecture = ARCHITECTURES[family]
+    hf = build_hf(family)
+    import_qwen2_vl_hf(save_hf(hf, root / "hf", shard_size="200KB"), root / "base")
+    base = format.resolve(root / "base")
+    tree = dict(format.read_description(base)["config"])
+    tree["training"] = {"micro_batch_size": 1, "global_batch_size": 1, "seq_length": 40, "mock_data": True,
+                        "seed": 3, "lora_rank": 4, "lora_alpha": 16.0, "lora_target_modules": [QWEN_TARGETS],
+                        "lora_use_dora": dora, "pretrained_checkpoint": str(base)}
+    config = resolve(run_config_from_dict(tree), 1)
+    state = ParallelState.single()
+    state.seed(3)
+    model = LlavaModel(config.model, state)
+    apply_lora(model, config.lora)
+    model.initialize(3)
+    load_pretrained([model], base, state, log=lambda _: None)
+    reset_magnitudes([model])
+    _randomize(model.named_parameters())
+    Checkpointer(state, config, [model], save_dir=root / "lora", log=lambda _: None).save_model(0, 0)
+    export_hf(base, root / "base-hf", architecture=architecture)
+    batch = native_microbatches(config.model)[0]
+    return {"root": root, "base": base, "family": family, "dora": dora, "architecture": architecture,
+            "hf_class": type(hf), "batch": batch, "logits": _native_logits(model, batch),
+            "peft": export_peft(root / "lora", root / "peft", architecture)}
+
+
+def _qwen_hf_logits(model: torch.nn.Module, setup: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**hf_inputs(setup["batch"], setup["family"])).logits
+
+
+@pytest.mark.slow
+def test_peft_loads_qwen2_vl_adapters_with_megamm_logits(qwen_setup: dict) -> None:
+    setup = qwen_setup
+    peft_config = json.loads((setup["peft"] / ADAPTER_CONFIG).read_text())
+    modules = peft_config["target_modules"]
+    assert peft_config["use_dora"] == setup["dora"]
+    # The tower's fused qkv is one module with one adapter; the merger's linears are adapted.
+    assert {"model.visual.blocks.1.attn.qkv", "model.visual.merger.mlp.0", "model.visual.merger.mlp.2",
+            "model.language_model.layers.1.self_attn.q_proj"} <= set(modules)
+    shapes = {k: tuple(v.shape) for k, v in load_file(setup["peft"] / "adapter_model.safetensors").items()}
+    assert shapes["base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight"] == (4, 32)
+    assert shapes["base_model.model.model.visual.blocks.0.attn.qkv.lora_B.weight"] == (96, 4)
+    if setup["dora"]:
+        assert shapes["base_model.model.model.visual.blocks.0.attn.qkv.lora_magnitude_vector"] == (96,)
+    base_hf = setup["hf_class"].from_pretrained(setup["root"] / "base-hf", torch_dtype=torch.float32)
+    plain = _qwen_hf_logits(base_hf, setup)
+    adapted = _qwen_hf_logits(PeftModel.from_pretrained(base_hf, setup["peft"]), setup)
+    assert (adapted - plain).abs().max() > 1e-2, "the adapters must change the logits for the test to mean something"
+    error = (adapted - setup["logits"]).abs().max().item()
+    print(f"PEFT vs megamm logits ({setup['family']}, {'DoRA' if setup['dora'] else 'LoRA'}): max abs error {error:.2e}")
+    assert error < LOGIT_ATOL, f"PEFT vs megamm logits: max abs error {error}"
+    imported = CheckpointReader(import_peft(setup["peft"], setup["base"], setup["root"] / "imported",
+                                            setup["architecture"]))
+    original = CheckpointReader(setup["root"] / "lora")
+    keys = sorted(k for k in original.tensors if k.startswith(format.MODEL))
+    assert sorted(k for k in imported.tensors if k.startswith(format.MODEL)) == keys
+    for key, value in original.read(keys).items():
+        assert torch.equal(imported.read([key])[key], value), key
+
+
+@pytest.mark.slow
+def test_a_peft_made_qwen2_vl_adapter_imports_with_peft_logits(qwen_setup: dict) -> None:
+    """peft's own adapter (its init of A and DoRA's magnitude, random B) on the exported model's
+    modules: imported and merged, megamm gives PEFT's logits."""
+    setup, root = qwen_setup, qwen_setup["root"]
+    modules = json.loads((setup["peft"] / ADAPTER_CONFIG).read_text())["target_modules"]
+    base_hf = setup["hf_class"].from_pretrained(root / "base-hf", torch_dtype=torch.float32)
+    made = peft.get_peft_model(base_hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=modules,
+                                                        use_dora=setup["dora"]))
+    _randomize(made.named_parameters(), b_name="lora_B", magnitude_name="lora_magnitude_vector")
+    made.save_pretrained(root / "peft-made")
+    expected = _qwen_hf_logits(made, setup)
+    # Through the tool, as a user would (--architecture names the Hugging Face layout).
+    assert _merge_tool()(["import-peft", "--peft", str(root / "peft-made"), "--pretrained-checkpoint",
+                          str(setup["base"]), "--save", str(root / "imported-made"),
+                          "--architecture", setup["architecture"]]) == 0
+    merged = merge_adapters(root / "imported-made", root / "merged-made")
+    plain = LlavaModel(run_config_from_dict(format.read_description(merged)["config"]).model, ParallelState.single())
+    load_model_weights(plain, merged, ParallelState.single())
+    error = (_native_logits(plain, setup["batch"]) - expected).abs().max().item()
+    print(f"PEFT-made adapter imported vs PEFT logits ({setup['family']}): max abs error {error:.2e}")
+    assert error < LOGIT_ATOL, f"imported PEFT adapter vs PEFT logits: max abs error {error}"

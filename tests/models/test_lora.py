@@ -5,16 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megamm.config import LlavaConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.models.llava import LlavaModel
 from megamm.models.lora import adapters, apply_lora, merge_lora, reset_magnitudes
 from megamm.parallel.state import ParallelState
-from tests.tiny import llava_config, make_batch
+from tests.adapters import perturb_adapters
+from tests.tiny import NATIVE_SEQ, llava_config, make_batch, native_microbatches, qwen2_vl_config
 
 
-def _model(targets: str, dora: bool = False, dropout: float = 0.0) -> LlavaModel:
-    run = RunConfig(model=llava_config(), training=TrainingConfig(
+def _model(targets: str, dora: bool = False, dropout: float = 0.0, config: LlavaConfig | None = None) -> LlavaModel:
+    run = RunConfig(model=config or llava_config(), training=TrainingConfig(
         mock_data=True, seq_length=48, lora_rank=4, lora_alpha=8.0, lora_dropout=dropout,
         lora_use_dora=dora, lora_target_modules=[targets]))
     config = resolve(run, 1)
@@ -43,6 +45,55 @@ def test_targets_select_layers_and_fused_parts() -> None:
     assert trainable == {n for n in trainable if ".adapter." in n or n.startswith("vision.")}
     assert any(n.startswith("vision.") for n in trainable)
     assert not any(n.startswith(("language.", "projector.")) and ".adapter." not in n for n in trainable)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen2_vl_targets_the_tower_layers_the_merger_and_the_decoder(family: str) -> None:
+    """`vision` is every linear of the native tower's layers (all of them run: it has no
+    select_layer), `projector` its patch merger; the tower's qkv, one module in Hugging Face's form,
+    gets one adapter of the whole layer, Qwen2.5-VL's SwiGLU fc1 (gate_proj, up_proj there) one
+    per part."""
+    config = qwen2_vl_config(family)
+    vision = {name: layer.adapter for name, layer in adapters([_model("vision", config=config)])}
+    expected_fc1 = (0, 1) if family == "qwen2_5_vl" else (0,)
+    assert {name: (a.targeted, a.shared) for name, a in vision.items()} == {
+        f"vision.encoder.layers.{i}.{path}": parts for i in range(2) for path, parts in (
+            ("self_attention.qkv", ((0, 1, 2), True)), ("self_attention.proj", ((0,), False)),
+            ("mlp.fc1", (expected_fc1, False)), ("mlp.fc2", ((0,), False)))}
+    assert tuple(vision["vision.encoder.layers.0.self_attention.qkv"].lora_a.shape) == (4, 32)
+    model = _model("projector,q_proj", config=config)
+    assert {name for name, _ in adapters([model])} == {"vision.merger.fc1", "vision.merger.fc2", *(
+        f"language.decoder.layers.{i}.self_attention.qkv" for i in range(2))}
+    # The merger is the projector: adapted, its base frozen; the tower (no target) trains fully.
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if n.startswith("vision.merger.")} == {
+        f"vision.merger.fc{i}.adapter.lora_{k}" for i in (1, 2) for k in "ab"}
+    assert "vision.encoder.layers.0.self_attention.qkv.weight" in trainable
+    assert not any(n.startswith("language.") and ".adapter." not in n for n in trainable)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_merged_qwen2_vl_equals_the_adapted_model(family: str, dora: bool) -> None:
+    """Images of two sizes and a video, M-RoPE positions, packed rows (tests.tiny.native_microbatches)."""
+    config = qwen2_vl_config(family)
+    model = _model("q_proj,v_proj,o_proj,up_proj,down_proj,vision,projector", dora=dora, config=config).eval()
+    microbatches = native_microbatches(model.config)
+
+    @torch.no_grad()
+    def logits() -> list[torch.Tensor]:
+        return [model(**mb, return_logits=True)["logits"] for mb in microbatches]
+
+    base = logits()
+    reset_magnitudes([model])
+    perturb_adapters([model], model.state)
+    adapted = logits()
+    assert all(a.shape[0] == NATIVE_SEQ for a in adapted)
+    assert max((a - b).abs().max() for a, b in zip(adapted, base)) > 1e-2, "the adapters must change the model"
+    assert len(merge_lora([model])) == 2 * 4 + 2 + 2 * 4
+    assert not any(".adapter." in name for name, _ in model.named_parameters())
+    for merged, reference in zip(logits(), adapted):
+        assert (merged - reference).abs().max() / reference.abs().max() < 1e-5
 
 
 @torch.no_grad()

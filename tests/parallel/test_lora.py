@@ -24,10 +24,11 @@ from megamm.config.run import RunConfig, TrainingConfig
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
 from megamm.models.lora import is_adapter_parameter, reset_magnitudes
 from megamm.parallel.params import param_specs
-from megamm.parallel.sharding import gather_master, parameter_seed, shard_master
+from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.chunks import build_model_chunks
 from megamm.training.step import build_trainer, train_step
+from tests.adapters import perturb_adapters
 from tests.distributed import run_distributed, solo_state
 from tests.tiny import llava_config
 
@@ -47,20 +48,6 @@ def _run_config(model: LlavaConfig | None = None, **training) -> RunConfig:
     return RunConfig(model=model or llava_config(), training=TrainingConfig(**defaults))
 
 
-@torch.no_grad()
-def _perturb(chunks, state: ParallelState) -> None:
-    """B (and DoRA's magnitude) away from their init, layout-independently (drawn per global name)."""
-    for chunk in chunks:
-        specs = param_specs(chunk)
-        for name, param in chunk.named_parameters():
-            if name.endswith(("lora_b", "magnitude")):
-                layout = specs[name].layout
-                generator = torch.Generator().manual_seed(parameter_seed(11, name))
-                master = torch.randn(layout.master_shape, generator=generator)
-                master = 0.05 * master if name.endswith("lora_b") else param.new_ones(()) + 0.1 * master
-                param.copy_(shard_master(master, layout, state.tp_rank, state.tp_size))
-
-
 def _train(run: RunConfig, state: ParallelState, sequence_parallel: bool = False, pp: int = 1) -> dict:
     parallel = ParallelConfig(tensor_model_parallel_size=state.tp_size, pipeline_model_parallel_size=pp,
                               sequence_parallel=sequence_parallel)
@@ -69,7 +56,7 @@ def _train(run: RunConfig, state: ParallelState, sequence_parallel: bool = False
     state.seed(t.seed)
     chunks = build_model_chunks(config, state)
     reset_magnitudes(chunks)
-    _perturb(chunks, state)
+    perturb_adapters(chunks, state)
     specs = {name: spec for chunk in chunks for name, spec in param_specs(chunk).items()}
 
     def gathered(chunk_values) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from megamm.config import ParallelConfig
 from megamm.config.model import ConfigError
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
+from megamm.models.lora import reset_magnitudes
 from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
@@ -25,12 +26,14 @@ from megamm.pipeline.chunks import build_model_chunks
 from megamm.training.data import ResumePoint, SyntheticData
 from megamm.training.step import build_trainer, evaluate, train_step
 from megamm.transformer.layer import TransformerLayer
+from tests.adapters import perturb_adapters
 from tests.distributed import run_distributed, solo_state
 from tests.tiny import language_config, llava_config
 
 TOLERANCE = 1e-5
 WEIGHT_TOLERANCE = 5e-5  # Adam amplifies rounding of near-zero grads (tests/training/test_step.py)
 BF16_TOLERANCE = 2e-2  # inductor keeps fused element-wise chains in fp32 where eager rounds each op
+LORA_TARGETS = "q_proj,v_proj,o_proj,up_proj,down_proj,vision"  # fused parts left out: k_proj, gate_proj
 
 
 def _config(parallel: ParallelConfig | None = None, **training) -> RunConfig:
@@ -48,6 +51,11 @@ def _train(run: RunConfig, state: ParallelState) -> dict:
     t = config.training
     state.seed(t.seed)
     chunks = build_model_chunks(config, state)
+    if config.lora is not None:
+        # B (DoRA: magnitudes) away from the init: from B = 0 Adam's first update is +-lr wherever
+        # the grad is rounding noise, which no tolerance on the weights survives.
+        reset_magnitudes(chunks)
+        perturb_adapters(chunks, state)
     compiled = sum(
         getattr(m, "_compiled_call_impl", None) is not None
         for chunk in chunks for m in chunk.modules() if isinstance(m, TransformerLayer)
@@ -116,23 +124,40 @@ def test_compile_refuses_dropout() -> None:
     resolve(replace(run, training=replace(run.training, torch_compile=False)), 1)
 
 
-def test_compile_refuses_context_parallelism_and_lora() -> None:
+def test_compile_refuses_context_parallelism_and_lora_dropout() -> None:
     run = _compiled(_config(ParallelConfig(context_parallel_size=2)))
     with pytest.raises(ConfigError, match=r"--torch-compile with --context-parallel-size 2"):
         resolve(run, 2)
-    lora = _compiled(replace(_config(), training=replace(_config().training, lora_rank=4)))
-    with pytest.raises(ConfigError, match=r"--torch-compile with --lora-rank"):
+    lora = _compiled(_config(lora_rank=4, lora_dropout=0.1))
+    with pytest.raises(ConfigError, match=r"--torch-compile needs --lora-dropout 0"):
         resolve(lora, 1)
+    resolve(_compiled(_config(lora_rank=4)), 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_compiled_layers_with_adapters_train_like_eager(dora: bool) -> None:
+    """The adapters run inside their layer's compiled graph (DoRA: its row norms too); fused parts
+    left out (k_proj, gate_proj) and the vision tower's layers adapted."""
+    run = _config(lora_rank=4, lora_alpha=8.0, lora_use_dora=dora, lora_target_modules=[LORA_TARGETS])
+    errors = _errors(_train(_compiled(run), ParallelState.single()), _train(run, ParallelState.single()))
+    assert (errors["compiled"], errors["reference_compiled"]) == (7, 0)
+    assert errors["loss"] < TOLERANCE and errors["norm"] < TOLERANCE and errors["eval"] < TOLERANCE, errors
+    assert errors["weight"] < WEIGHT_TOLERANCE, errors
 
 
 def _parallel_job() -> dict:
-    """2 ranks: compiled tp=2 with sequence parallelism, and compiled pp=2 with full recompute (1F1B
-    over 2 microbatches), each against one eager process."""
+    """2 ranks: compiled tp=2 with sequence parallelism (also with DoRA adapters, whose row-parallel
+    norms are all-reduced inside the graph), and compiled pp=2 with full recompute (1F1B over 2
+    microbatches), each against one eager process."""
     initialize_parallel_state()
     solo = solo_state()
+    tp2 = ParallelState.from_groups(tp=2, pp=1, device=torch.device("cpu"))
+    tp2_sp = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
     cases = {
-        "tp2_sp": (_config(ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)),
-                   ParallelState.from_groups(tp=2, pp=1, device=torch.device("cpu"))),
+        "tp2_sp": (_config(tp2_sp), tp2),
+        "tp2_sp_dora": (_config(tp2_sp, lora_rank=4, lora_alpha=8.0, lora_use_dora=True,
+                                lora_target_modules=[LORA_TARGETS]), tp2),
         "pp2_full_recompute": (_config(ParallelConfig(pipeline_model_parallel_size=2), micro_batch_size=1,
                                        global_batch_size=2, recompute_granularity="full"),
                                ParallelState.from_groups(tp=1, pp=2, device=torch.device("cpu"))),
@@ -154,4 +179,5 @@ def test_compiled_tensor_sequence_and_pipeline_parallel_match_one_eager_process(
             assert errors["reference_compiled"] == 0, (rank, name, errors)
     # tp=2: every layer on both ranks; pp=2: the vision tower and 2 language layers on stage 0.
     assert [r["tp2_sp"]["compiled"] for r in results] == [7, 7]
+    assert [r["tp2_sp_dora"]["compiled"] for r in results] == [7, 7]
     assert [r["pp2_full_recompute"]["compiled"] for r in results] == [5, 2]
