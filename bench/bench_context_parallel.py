@@ -13,6 +13,11 @@ high-water marks below belong to that configuration alone), and each rank report
 - peak RSS increase: the process's resident-set high-water mark (getrusage ru_maxrss) after the steps
   minus its resident set before the first one (the model built, the sample made). It includes transient buffers (the ring's score tiles, the
   collectives' buffers) and whatever the CPU allocator keeps cached, so it is an upper bound;
+- image-embedding rows received: the bytes of image embeddings that arrive at the rank in one forward,
+  in the model's targeted exchange (each rank gets the rows of the image tokens among its positions,
+  `megamm.models.image_shares`) and, side by side on the same encoded shares, in an all-gather of
+  every rank's share padded to the largest (what each rank held before the exchange was targeted);
+  both exchanges are timed (median over the measured steps);
 - step time: the median wall time of --repeats forward + backward passes after one warm-up.
   The cp processes of one configuration share the machine's cores; each gets cores / cp threads
   (at least one), so the configurations use the same total threads. On a machine with fewer cores than
@@ -43,6 +48,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megamm.config import LanguageConfig, LlavaConfig, ProjectorConfig, TransformerConfig, VisionConfig
+from megamm.models import image_shares
+from megamm.models.image_shares import VisionShares
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import initialize_parallel_state
 
@@ -100,6 +107,17 @@ def _worker(rank: int, cp: int, port: int, args: argparse.Namespace, results) ->
     tokens = int((batch["labels"][:, 1:] != -100).sum())
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
+    exchange = image_shares.exchange_rows
+    received: list[tuple[int, float]] = []  # (bytes, seconds) per targeted exchange
+
+    def timed_exchange(*args, **kwargs) -> torch.Tensor:
+        started = time.perf_counter()
+        rows = exchange(*args, **kwargs)
+        received.append((rows.nbytes, time.perf_counter() - started))
+        return rows
+
+    image_shares.exchange_rows = timed_exchange
+
     def step(measure: bool) -> tuple[float, int]:
         seen: dict[int, int] = {}
 
@@ -136,8 +154,34 @@ def _worker(rank: int, cp: int, port: int, args: argparse.Namespace, results) ->
         peak = torch.cuda.max_memory_allocated(state.device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    results.put((rank, pickle.dumps({"saved": saved, "peak": peak, "time": statistics.median(times)})))
+    image_shares.exchange_rows = exchange
+    targeted = received[-1][0] if received else 0
+    targeted_time = statistics.median(t for _, t in received[1:]) if len(received) > 1 else 0.0
+    gathered, gather_time = _all_gather_baseline(model, batch["pixel_values"], state, args.repeats)
+    results.put((rank, pickle.dumps({"saved": saved, "peak": peak, "time": statistics.median(times),
+                                     "targeted": targeted, "gathered": gathered, "targeted_time": targeted_time,
+                                     "gather_time": gather_time})))
     dist.destroy_process_group()
+
+
+def _all_gather_baseline(model: LlavaModel, pixel_values: torch.Tensor, state, repeats: int) -> tuple[int, float]:
+    """(bytes received, median seconds) of an all-gather over cp of every rank's encoded image rows,
+    padded to the largest share: the exchange before it was targeted, on this rank's real share."""
+    if state.cp_size == 1:
+        return 0, 0.0
+    n, tokens = pixel_values.shape[0], model.image_tokens_per_image
+    shares = VisionShares.balanced([1] * n, [tokens] * n, state.cp_size)
+    with torch.no_grad():
+        rows = model.encode_images(pixel_values[shares.items_of(state.cp_rank)]).flatten(0, 1)
+    widest = max(shares.rows_of(r) for r in range(state.cp_size))
+    padded = torch.cat([rows, rows.new_zeros(widest - rows.shape[0], rows.shape[1])])
+    times = []
+    for _ in range(repeats):
+        out = padded.new_empty(state.cp_size * widest, padded.shape[1])
+        started = time.perf_counter()
+        dist.all_gather_into_tensor(out, padded, group=state.cp_group)
+        times.append(time.perf_counter() - started)
+    return out.nbytes, statistics.median(times)
 
 
 def _free_port() -> int:
@@ -172,17 +216,22 @@ def main() -> None:
     print(f"one sample of {args.seq_length} tokens, {args.images} images x {config.image_tokens_per_image} "
           f"tokens; {args.device}, fp32; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
     print(f"{'cp':>3} {'saved activations / rank (MiB)':>31} {'vs cp=1':>8} {'peak increase / rank (MiB)':>27} "
-          f"{'vs cp=1':>8} {'step time (s)':>14}")
+          f"{'vs cp=1':>8} {'step time (s)':>14} {'image rows in: targeted / all-gather (MiB)':>43} "
+          f"{'ratio':>6} {'exchange time: targeted / all-gather (ms)':>42}")
     base_saved = base_peak = None
     for cp in args.cp:
         ranks = run(cp, args)
         saved = max(r["saved"] for r in ranks) / 2**20
         peak = max(r["peak"] for r in ranks) / 2**20
         seconds = max(r["time"] for r in ranks)
+        targeted = max(r["targeted"] for r in ranks) / 2**20
+        gathered = max(r["gathered"] for r in ranks) / 2**20
+        exchange = f"{max(r['targeted_time'] for r in ranks) * 1e3:.2f} / {max(r['gather_time'] for r in ranks) * 1e3:.2f}"
+        ratio = f"{targeted / gathered:.3f}" if gathered else "-"
         base_saved = base_saved or saved
         base_peak = base_peak or peak
         print(f"{cp:>3} {saved:>31.1f} {saved / base_saved:>8.3f} {peak:>27.1f} {peak / base_peak:>8.3f} "
-              f"{seconds:>14.2f}")
+              f"{seconds:>14.2f} {f'{targeted:.2f} / {gathered:.2f}':>43} {ratio:>6} {exchange:>42}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -15,11 +15,13 @@ work grows with the patches (attention stays inside each frame, so splitting ite
 changes no result). The vision tower's activations and compute thus fall to about 1/cp per rank.
 
 Each rank encodes its items in item order and `local_vision_embeddings` returns the rows of the
-vision tokens among its own positions: the ranks' encoded rows, padded to the largest share, are
-all-gathered over cp (`megamm.parallel.context.gather_shares`; backward: each rank receives the
-summed gradient of its own rows, so the tower's gradient flows back to the rank that encoded the
-item), and each rank picks its rows. Every rank reads the whole microbatch, so the assignment and
-every rank's needs are computed alike everywhere without communication.
+vision tokens among its own positions. Every rank reads the whole microbatch, so from the token ids
+alone every rank knows which rank encoded each vision token (at which row) and which rank holds its
+position: each rank sends every other exactly the rows that rank's positions hold (one
+all_to_all over cp with computed splits, `megamm.parallel.context.exchange_rows`; backward sends
+each row's gradient back to the rank that encoded it, so the tower's gradient flows there). A rank
+thus receives its own k rows, not the microbatch's N (an all-gather of every share holds
+`cp x the largest share` rows on every rank).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megamm.parallel.context import gather_shares, split_sequence
+from megamm.parallel.context import exchange_rows, local_positions
 from megamm.parallel.state import ParallelState
 
 
@@ -80,29 +82,48 @@ class VisionShares:
         return torch.cat(owner), torch.cat(row)
 
 
-def local_ordinals(positions: torch.Tensor, state: ParallelState, offset: int = 0) -> torch.Tensor:
-    """`[k]` int64: the ordinals (plus `offset`) of the vision tokens among this rank's positions, in
-    the row-major order of its `[b, s/cp]` positions (the order `masked_scatter` fills).
+def vision_ordinals(kinds: Sequence[torch.Tensor], cp_size: int, cp_rank: int) -> torch.Tensor:
+    """`[k]` int64: the ordinals of the vision tokens among cp rank `cp_rank`'s positions, in the
+    row-major order of its `[b, s/cp]` positions (the order `masked_scatter` fills), one kind after
+    the other.
 
-    positions: `[b, s]` bool over the whole sequence, True at one kind's placeholder tokens.
+    kinds: `[b, s]` bool over the whole sequence per kind (images, then videos), True at its
+    placeholder tokens; a kind's ordinals follow all tokens of the kinds before it.
     """
-    ordinal = positions.flatten().cumsum(0).view_as(positions) - 1 + offset
-    return split_sequence(ordinal, state)[split_sequence(positions, state)]
+    found, offset = [], 0
+    for positions in kinds:
+        held = local_positions(positions.shape[-1], cp_size, cp_rank, positions.device)
+        ordinal = positions.flatten().cumsum(0).view_as(positions) - 1 + offset
+        found.append(ordinal[:, held][positions[:, held]])
+        offset += int(positions.sum())
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.int64)
 
 
-def local_vision_embeddings(encoded: torch.Tensor, shares: VisionShares, needed: torch.Tensor,
+def local_vision_embeddings(encoded: torch.Tensor, shares: VisionShares, kinds: Sequence[torch.Tensor],
                             state: ParallelState) -> torch.Tensor:
     """The embedding rows this rank writes into its vision-token positions.
 
     encoded: `[rows, h]` the rows of this rank's items (`shares.items_of(cp_rank)`, in item order);
-    needed: `[k]` the ordinals of this rank's vision-token positions (`local_ordinals`, images then
-    videos). Returns `[k, h]`: at cp = 1 `encoded` itself (every row, in ordinal order).
+    kinds: `[b, s]` bool placeholder positions per kind over the whole sequence (`vision_ordinals`).
+    Returns `[k, h]` for this rank's k vision-token positions, kinds in order: at cp = 1 `encoded`
+    itself (every row, in ordinal order).
     """
-    if state.cp_size == 1:
+    cp, me = state.cp_size, state.cp_rank
+    if cp == 1:
         return encoded
-    widest = max(shares.rows_of(rank) for rank in range(state.cp_size))
-    padding = encoded.new_zeros(widest - encoded.shape[0], encoded.shape[1])
-    gathered = gather_shares(torch.cat([encoded, padding]), state.cp_group)  # [cp, widest, h]
+    kinds = [positions.cpu() for positions in kinds]
     owner, row = shares.source_rows()
-    index = (owner * widest + row)[needed.cpu()].to(encoded.device)
-    return gathered.flatten(0, 1).index_select(0, index)
+    send, send_counts = [], []
+    for rank in range(cp):
+        needed = vision_ordinals(kinds, cp, rank)
+        from_me = needed[owner[needed] == me]
+        send.append(row[from_me])
+        send_counts.append(len(from_me))
+    source = owner[vision_ordinals(kinds, cp, me)]
+    receive_counts = torch.bincount(source, minlength=cp).tolist()
+    index = torch.cat(send).to(encoded.device)
+    received = exchange_rows(encoded.index_select(0, index), send_counts, receive_counts, state.cp_group)
+    # Received rows come by source rank, each source's in this rank's position order: a stable sort
+    # of the sources is that order, its inverse puts the rows back in position order.
+    order = torch.argsort(source, stable=True)
+    return received.index_select(0, torch.argsort(order).to(encoded.device))

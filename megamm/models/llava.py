@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from megamm.config import LlavaConfig, ParallelConfig
-from megamm.models.image_shares import VisionShares, local_ordinals, local_vision_embeddings
+from megamm.models.image_shares import VisionShares, local_vision_embeddings
 from megamm.models.language import LanguageModel
 from megamm.models.native_vision import NativeResolutionTower
 from megamm.models.projectors import build_projector
@@ -200,7 +200,7 @@ class LlavaModel(nn.Module):
                                                self.state.cp_size)
                 mine = pixel_values if self.state.cp_size == 1 else pixel_values[shares.items_of(self.state.cp_rank)]
                 rows = self._encode_share(mine, embeddings).flatten(0, 1)  # [m * tokens, h]
-                rows = local_vision_embeddings(rows, shares, local_ordinals(image_positions, self.state), self.state)
+                rows = local_vision_embeddings(rows, shares, [image_positions], self.state)
                 local_positions = split_sequence(image_positions, self.state).unsqueeze(-1)
                 embeddings = embeddings.masked_scatter(local_positions, rows)
         if not encoded and torch.is_grad_enabled():
@@ -243,14 +243,10 @@ class LlavaModel(nn.Module):
             rows = embeddings.new_zeros(0, embeddings.shape[-1])
             if torch.is_grad_enabled():
                 rows = rows + self._zero_from_image_path(embeddings)
-        offsets = [0]
-        for part in parts:
-            offsets.append(offsets[-1] + sum(part.tokens))
-        needed = [local_ordinals(part.positions, state, offset) for part, offset in zip(parts, offsets)]
-        rows = local_vision_embeddings(rows, shares, torch.cat(needed), state)
-        for part, part_rows in zip(parts, rows.split([len(n) for n in needed])):
-            local_positions = split_sequence(part.positions, state).unsqueeze(-1)
-            embeddings = embeddings.masked_scatter(local_positions, part_rows)
+        rows = local_vision_embeddings(rows, shares, [part.positions for part in parts], state)
+        local = [split_sequence(part.positions, state) for part in parts]
+        for positions, part_rows in zip(local, rows.split([int(p.sum()) for p in local])):
+            embeddings = embeddings.masked_scatter(positions.unsqueeze(-1), part_rows)
         return embeddings
 
     def _refuse_native_inputs(self, *inputs: object) -> None:

@@ -25,6 +25,7 @@ from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.data.packing import block_causal_mask, packed_sequence
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
+from megamm.models import image_shares
 from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
@@ -101,6 +102,18 @@ def _native_batches(config, state: ParallelState, iteration: int) -> list[dict]:
     return native_microbatches(config.model, seed=11 + iteration)
 
 
+def _held_vision_tokens(input_ids: torch.Tensor, language, state: ParallelState) -> list[int]:
+    """[image and video tokens among this cp rank's positions (chunks r and 2cp-1-r of 2cp)], or []
+    for a microbatch without any (no exchange runs for it)."""
+    ids = [i for i in (language.image_token_id, language.video_token_id) if i is not None]
+    vision = sum(input_ids == i for i in ids)
+    cp, r = state.cp_size, state.cp_rank
+    chunk = input_ids.shape[1] // (2 * cp)
+    held = torch.cat([vision[:, r * chunk:(r + 1) * chunk], vision[:, (2 * cp - 1 - r) * chunk:(2 * cp - r) * chunk]],
+                     dim=1)
+    return [int(held.sum())] if vision.any() else []
+
+
 def _train(run: RunConfig, state: ParallelState, batches=_synthetic_batches) -> dict:
     config = resolve(run, state.world_size)
     t = config.training
@@ -110,14 +123,27 @@ def _train(run: RunConfig, state: ParallelState, batches=_synthetic_batches) -> 
     images_seen: list[int] = []
     if chunks[0].pre_process:
         chunks[0].vision.register_forward_pre_hook(lambda _, args: images_seen.append(args[0].shape[0]))
-    losses, norms, images, share = [], [], 0, 0
+    arrived: list[int] = []
+    exchange = image_shares.exchange_rows
+
+    def counting_exchange(*args, **kwargs) -> torch.Tensor:
+        received = exchange(*args, **kwargs)
+        arrived.append(received.shape[0])
+        return received
+
+    losses, norms, images, share, held = [], [], 0, 0, []
     for iteration in range(t.train_iters):
         microbatches = batches(config, state, iteration)
         for mb in microbatches:
             n = 0 if mb["pixel_values"] is None else mb["pixel_values"].shape[0]
             images += n
             share += len(range(state.cp_rank, n, state.cp_size))
-        result = train_step(trainer, microbatches, iteration)
+            held += _held_vision_tokens(mb["input_ids"], config.model.language, state)
+        image_shares.exchange_rows = counting_exchange
+        try:
+            result = train_step(trainer, microbatches, iteration)
+        finally:
+            image_shares.exchange_rows = exchange
         assert result.applied
         if iteration == 0:
             first_grads = _gathered_grads(trainer, chunks, state)
@@ -132,7 +158,7 @@ def _train(run: RunConfig, state: ParallelState, batches=_synthetic_batches) -> 
                                            language)
     grads = {} if t.use_distributed_optimizer else first_grads
     return {"losses": losses, "norms": norms, "final": final, "grads": grads, "images_seen": sum(images_seen),
-            "images": images, "share": share, "tower_inputs": images_seen}
+            "images": images, "share": share, "tower_inputs": images_seen, "arrived": arrived, "held": held}
 
 
 def _gathered_grads(trainer, chunks, state: ParallelState) -> dict[str, torch.Tensor]:
@@ -163,7 +189,7 @@ def _compare(run: dict, reference: dict) -> dict:
         "norm_error": max(rel(a, b) for a, b in zip(run["norms"], reference["norms"])),
         "weight_error": errors[worst], "worst_weight": worst, "clipped": reference["norms"][0] > 0.5,
         "images_seen": run["images_seen"], "images": run["images"], "share": run["share"],
-        "tower_inputs": run["tower_inputs"],
+        "tower_inputs": run["tower_inputs"], "arrived": run["arrived"], "held": run["held"],
     }
 
 
@@ -291,6 +317,25 @@ def test_each_cp_rank_encodes_only_its_share_of_patches(native_results: list[dic
     expected = [[32, 48, 32, 48], [48, 48, 48, 48]]
     for rank, results in enumerate(native_results):
         assert results[case]["tower_inputs"] == expected[rank], f"rank {rank} {case}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["cp2_dp2", "cp4", "tp2_cp2_sp", "cp2_dp2_packed"])
+def test_each_cp_rank_receives_only_the_image_embeddings_it_holds(cp_results: list[dict], case: str) -> None:
+    """Per microbatch, the embedding rows arriving at a cp rank are those of the image tokens among
+    its positions, not every image's."""
+    for rank, results in enumerate(cp_results):
+        r = results[case]
+        assert r["arrived"] == r["held"], f"rank {rank} {case}: received {r['arrived']}, holds {r['held']}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["qwen2_vl_cp2", "qwen2_5_vl_cp2"])
+def test_each_cp_rank_receives_only_the_vision_embeddings_it_holds(native_results: list[dict], case: str) -> None:
+    """The same for images and videos of native resolution."""
+    for rank, results in enumerate(native_results):
+        r = results[case]
+        assert r["arrived"] == r["held"], f"rank {rank} {case}: received {r['arrived']}, holds {r['held']}"
 
 
 def test_equal_images_go_round_robin() -> None:
