@@ -17,7 +17,8 @@ high-water marks below belong to that configuration alone), and each rank report
   in the model's targeted exchange (each rank gets the rows of the image tokens among its positions,
   `megamm.models.image_shares`) and, side by side on the same encoded shares, in an all-gather of
   every rank's share padded to the largest (what each rank held before the exchange was targeted);
-  both exchanges are timed (median over the measured steps);
+  both run after the steps in lockstep (a barrier before each, no grad) and are timed (median of
+  --repeats after one warm-up), each ending with this rank's rows;
 - step time: the median wall time of --repeats forward + backward passes after one warm-up.
   The cp processes of one configuration share the machine's cores; each gets cores / cp threads
   (at least one), so the configurations use the same total threads. On a machine with fewer cores than
@@ -48,8 +49,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megamm.config import LanguageConfig, LlavaConfig, ProjectorConfig, TransformerConfig, VisionConfig
-from megamm.models import image_shares
-from megamm.models.image_shares import VisionShares
+from megamm.models.image_shares import VisionShares, local_vision_embeddings, vision_ordinals
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import initialize_parallel_state
 
@@ -107,17 +107,6 @@ def _worker(rank: int, cp: int, port: int, args: argparse.Namespace, results) ->
     tokens = int((batch["labels"][:, 1:] != -100).sum())
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    exchange = image_shares.exchange_rows
-    received: list[tuple[int, float]] = []  # (bytes, seconds) per targeted exchange
-
-    def timed_exchange(*args, **kwargs) -> torch.Tensor:
-        started = time.perf_counter()
-        rows = exchange(*args, **kwargs)
-        received.append((rows.nbytes, time.perf_counter() - started))
-        return rows
-
-    image_shares.exchange_rows = timed_exchange
-
     def step(measure: bool) -> tuple[float, int]:
         seen: dict[int, int] = {}
 
@@ -154,34 +143,48 @@ def _worker(rank: int, cp: int, port: int, args: argparse.Namespace, results) ->
         peak = torch.cuda.max_memory_allocated(state.device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    image_shares.exchange_rows = exchange
-    targeted = received[-1][0] if received else 0
-    targeted_time = statistics.median(t for _, t in received[1:]) if len(received) > 1 else 0.0
-    gathered, gather_time = _all_gather_baseline(model, batch["pixel_values"], state, args.repeats)
-    results.put((rank, pickle.dumps({"saved": saved, "peak": peak, "time": statistics.median(times),
-                                     "targeted": targeted, "gathered": gathered, "targeted_time": targeted_time,
-                                     "gather_time": gather_time})))
+    exchanges = _image_exchanges(model, batch, state, args.repeats)
+    results.put((rank, pickle.dumps({"saved": saved, "peak": peak, "time": statistics.median(times), **exchanges})))
     dist.destroy_process_group()
 
 
-def _all_gather_baseline(model: LlavaModel, pixel_values: torch.Tensor, state, repeats: int) -> tuple[int, float]:
-    """(bytes received, median seconds) of an all-gather over cp of every rank's encoded image rows,
-    padded to the largest share: the exchange before it was targeted, on this rank's real share."""
+def _image_exchanges(model: LlavaModel, batch: dict[str, torch.Tensor], state, repeats: int) -> dict[str, float]:
+    """Bytes received and median seconds of two exchanges of this rank's encoded image rows, each
+    ending with the rows of the image tokens among its positions, run alike (lockstep, no grad,
+    one warm-up): the model's targeted exchange, and an all-gather of every rank's share padded to
+    the largest followed by the same selection (the exchange before it was targeted)."""
     if state.cp_size == 1:
-        return 0, 0.0
-    n, tokens = pixel_values.shape[0], model.image_tokens_per_image
+        return {"targeted": 0, "gathered": 0, "targeted_time": 0.0, "gather_time": 0.0}
+    images = batch["input_ids"] == model.config.language.image_token_id
+    n, tokens = batch["pixel_values"].shape[0], model.image_tokens_per_image
     shares = VisionShares.balanced([1] * n, [tokens] * n, state.cp_size)
-    with torch.no_grad():
-        rows = model.encode_images(pixel_values[shares.items_of(state.cp_rank)]).flatten(0, 1)
     widest = max(shares.rows_of(r) for r in range(state.cp_size))
-    padded = torch.cat([rows, rows.new_zeros(widest - rows.shape[0], rows.shape[1])])
-    times = []
-    for _ in range(repeats):
-        out = padded.new_empty(state.cp_size * widest, padded.shape[1])
-        started = time.perf_counter()
-        dist.all_gather_into_tensor(out, padded, group=state.cp_group)
-        times.append(time.perf_counter() - started)
-    return out.nbytes, statistics.median(times)
+    owner, row = shares.source_rows()
+    needed = vision_ordinals([images.cpu()], state.cp_size, state.cp_rank)
+    with torch.no_grad():
+        rows = model.encode_images(batch["pixel_values"][shares.items_of(state.cp_rank)]).flatten(0, 1)
+
+        def targeted() -> int:
+            return local_vision_embeddings(rows, shares, [images], state).nbytes
+
+        def gathered() -> int:
+            padded = torch.cat([rows, rows.new_zeros(widest - rows.shape[0], rows.shape[1])])
+            parts = [torch.empty_like(padded) for _ in range(state.cp_size)]
+            dist.all_gather(parts, padded, group=state.cp_group)
+            torch.cat(parts).index_select(0, (owner * widest + row)[needed].to(rows.device))
+            return sum(part.nbytes for part in parts)
+
+        measured = {}
+        for name, exchange in (("targeted", targeted), ("gathered", gathered)):
+            times = []
+            for _ in range(repeats + 1):
+                dist.barrier(group=state.cp_group)
+                started = time.perf_counter()
+                measured[name] = exchange()
+                times.append(time.perf_counter() - started)
+            measured[f"{name}_time"] = statistics.median(times[1:])
+    return {"targeted": measured["targeted"], "gathered": measured["gathered"],
+            "targeted_time": measured["targeted_time"], "gather_time": measured["gathered_time"]}
 
 
 def _free_port() -> int:

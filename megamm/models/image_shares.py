@@ -113,15 +113,12 @@ def local_vision_embeddings(encoded: torch.Tensor, shares: VisionShares, kinds: 
         return encoded
     kinds = [positions.cpu() for positions in kinds]
     owner, row = shares.source_rows()
-    send, send_counts = [], []
-    for rank in range(cp):
-        needed = vision_ordinals(kinds, cp, rank)
-        from_me = needed[owner[needed] == me]
-        send.append(row[from_me])
-        send_counts.append(len(from_me))
-    source = owner[vision_ordinals(kinds, cp, me)]
+    needed = [vision_ordinals(kinds, cp, rank) for rank in range(cp)]
+    sent = [ordinals[owner[ordinals] == me] for ordinals in needed]  # what each rank needs from me
+    send_counts = [len(ordinals) for ordinals in sent]
+    source = owner[needed[me]]
     receive_counts = torch.bincount(source, minlength=cp).tolist()
-    index = torch.cat(send).to(encoded.device)
+    index = row[torch.cat(sent)].to(encoded.device)
     received = exchange_rows(encoded.index_select(0, index), send_counts, receive_counts, state.cp_group)
     # Received rows come by source rank, each source's in this rank's position order: a stable sort
     # of the sources is that order, its inverse puts the rows back in position order.
