@@ -13,6 +13,12 @@ high-water marks below belong to that configuration alone), and each rank report
 - peak RSS increase: the process's resident-set high-water mark (getrusage ru_maxrss) after the steps
   minus its resident set before the first one (the model built, the sample made). It includes transient buffers (the ring's score tiles, the
   collectives' buffers) and whatever the CPU allocator keeps cached, so it is an upper bound;
+- image-embedding rows received: the bytes of image embeddings that arrive at the rank in one forward,
+  in the model's targeted exchange (each rank gets the rows of the image tokens among its positions,
+  `megamm.models.image_shares`) and, side by side on the same encoded shares, in an all-gather of
+  every rank's share padded to the largest (what each rank held before the exchange was targeted);
+  both run after the steps in lockstep (a barrier before each, no grad) and are timed (median of
+  --repeats after one warm-up), each ending with this rank's rows;
 - step time: the median wall time of --repeats forward + backward passes after one warm-up.
   The cp processes of one configuration share the machine's cores; each gets cores / cp threads
   (at least one), so the configurations use the same total threads. On a machine with fewer cores than
@@ -43,6 +49,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megamm.config import LanguageConfig, LlavaConfig, ProjectorConfig, TransformerConfig, VisionConfig
+from megamm.models.image_shares import VisionShares, local_vision_embeddings, vision_ordinals
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import initialize_parallel_state
 
@@ -136,8 +143,47 @@ def _worker(rank: int, cp: int, port: int, args: argparse.Namespace, results) ->
         peak = torch.cuda.max_memory_allocated(state.device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    results.put((rank, pickle.dumps({"saved": saved, "peak": peak, "time": statistics.median(times)})))
+    exchanges = _image_exchanges(model, batch, state, args.repeats)
+    results.put((rank, pickle.dumps({"saved": saved, "peak": peak, "time": statistics.median(times), **exchanges})))
     dist.destroy_process_group()
+
+
+def _image_exchanges(model: LlavaModel, batch: dict[str, torch.Tensor], state, repeats: int) -> dict[str, float]:
+    """Bytes received and median seconds of two exchanges of this rank's encoded image rows, each
+    ending with the rows of the image tokens among its positions, run alike (lockstep, no grad,
+    one warm-up): the model's targeted exchange, and an all-gather of every rank's share padded to
+    the largest followed by the same selection (the exchange before it was targeted)."""
+    if state.cp_size == 1:
+        return {"targeted": 0, "gathered": 0, "targeted_time": 0.0, "gathered_time": 0.0}
+    images = batch["input_ids"] == model.config.language.image_token_id
+    n, tokens = batch["pixel_values"].shape[0], model.image_tokens_per_image
+    shares = VisionShares.balanced([1] * n, [tokens] * n, state.cp_size)
+    widest = max(shares.rows_of(r) for r in range(state.cp_size))
+    owner, row = shares.source_rows()
+    needed = vision_ordinals([images.cpu()], state.cp_size, state.cp_rank)
+    with torch.no_grad():
+        rows = model.encode_images(batch["pixel_values"][shares.items_of(state.cp_rank)]).flatten(0, 1)
+
+        def targeted() -> int:
+            return local_vision_embeddings(rows, shares, [images], state).nbytes
+
+        def gathered() -> int:
+            padded = torch.cat([rows, rows.new_zeros(widest - rows.shape[0], rows.shape[1])])
+            parts = [torch.empty_like(padded) for _ in range(state.cp_size)]
+            dist.all_gather(parts, padded, group=state.cp_group)
+            torch.cat(parts).index_select(0, (owner * widest + row)[needed].to(rows.device))
+            return sum(part.nbytes for part in parts)
+
+        measured: dict[str, float] = {}
+        for name, exchange in (("targeted", targeted), ("gathered", gathered)):
+            times = []
+            for _ in range(repeats + 1):
+                dist.barrier(group=state.cp_group)
+                started = time.perf_counter()
+                measured[name] = exchange()
+                times.append(time.perf_counter() - started)
+            measured[f"{name}_time"] = statistics.median(times[1:])
+    return measured
 
 
 def _free_port() -> int:
@@ -172,17 +218,22 @@ def main() -> None:
     print(f"one sample of {args.seq_length} tokens, {args.images} images x {config.image_tokens_per_image} "
           f"tokens; {args.device}, fp32; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
     print(f"{'cp':>3} {'saved activations / rank (MiB)':>31} {'vs cp=1':>8} {'peak increase / rank (MiB)':>27} "
-          f"{'vs cp=1':>8} {'step time (s)':>14}")
+          f"{'vs cp=1':>8} {'step time (s)':>14} {'image rows in: targeted / all-gather (MiB)':>43} "
+          f"{'ratio':>6} {'exchange time: targeted / all-gather (ms)':>42}")
     base_saved = base_peak = None
     for cp in args.cp:
         ranks = run(cp, args)
         saved = max(r["saved"] for r in ranks) / 2**20
         peak = max(r["peak"] for r in ranks) / 2**20
         seconds = max(r["time"] for r in ranks)
+        targeted = max(r["targeted"] for r in ranks) / 2**20
+        gathered = max(r["gathered"] for r in ranks) / 2**20
+        exchange = f"{max(r['targeted_time'] for r in ranks) * 1e3:.2f} / {max(r['gathered_time'] for r in ranks) * 1e3:.2f}"
+        ratio = f"{targeted / gathered:.3f}" if gathered else "-"
         base_saved = base_saved or saved
         base_peak = base_peak or peak
         print(f"{cp:>3} {saved:>31.1f} {saved / base_saved:>8.3f} {peak:>27.1f} {peak / base_peak:>8.3f} "
-              f"{seconds:>14.2f}")
+              f"{seconds:>14.2f} {f'{targeted:.2f} / {gathered:.2f}':>43} {ratio:>6} {exchange:>42}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -109,11 +109,12 @@ QWEN2_VL = ["--config", str(ROOT / "examples" / "qwen2_vl_tiny_cpu.yaml"), "--tr
 
 
 @pytest.mark.slow
-def test_qwen2_vl_example_trains_alike_in_one_process_and_through_a_pipeline() -> None:
+def test_qwen2_vl_example_trains_alike_in_one_process_through_a_pipeline_and_at_cp2() -> None:
     """The native-resolution family through megamm.train (synthetic images of varying sizes, M-RoPE
-    positions to every stage): one process and pp=2 give the same losses, and the loss falls."""
+    positions to every stage): one process, pp=2 and cp=2 give the same losses, and the loss falls."""
     one = run_distributed(_run, 1, QWEN2_VL)[0]
-    piped = run_distributed(_run_world, 2, QWEN2_VL + ["--pipeline-model-parallel-size", "2"])[-1]
     assert one["final_loss"] < 0.9 * one["first_loss"], one
-    for key in ("first_loss", "final_loss"):
-        assert math.isclose(piped[key], one[key], rel_tol=1e-5), (key, piped[key], one[key])
+    for layout in (["--pipeline-model-parallel-size", "2"], ["--context-parallel-size", "2"]):
+        other = run_distributed(_run_world, 2, QWEN2_VL + layout)[-1]
+        for key in ("first_loss", "final_loss"):
+            assert math.isclose(other[key], one[key], rel_tol=1e-5), (layout, key, other[key], one[key])

@@ -525,9 +525,6 @@ class LlavaConfig:
         tp = parallel.tensor_model_parallel_size
         if min(tp, parallel.pipeline_model_parallel_size, parallel.context_parallel_size) < 1:
             found.append("parallel sizes must be >= 1")
-        if self.vision.native_resolution is not None and parallel.context_parallel_size > 1:
-            found.append(f"context-parallel size {parallel.context_parallel_size}: the {self.vision.family} tower "
-                         f"(native resolution, M-RoPE) does not run with context parallelism yet; use 1")
         if self.projector is not None and self.projector.pixel_shuffle:
             grid = self.vision.grid_size
             if grid % PIXEL_SHUFFLE_BLOCK:

@@ -23,21 +23,23 @@ and tiles `[tiles, C, H, W]`; with each image's original size `image_sizes [n, 2
 features are unpadded and given newline embeddings (megamm.models.anyres), so an image gives a
 number of tokens that depends on its size.
 
-Context parallelism (fixed-size towers): every cp rank gets the whole microbatch, embeds only its own
-positions (megamm.parallel.context) and encodes only its share of the images
-(megamm.models.image_shares).
+Context parallelism (either tower kind): every cp rank gets the whole microbatch, embeds only its own
+positions (megamm.parallel.context) and encodes only its share of the images and videos
+(megamm.models.image_shares: equal shares of fixed-size images, native-resolution items balanced by
+patches); the position ids, M-RoPE's included, are split with the tokens by the language model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from megamm.config import LlavaConfig, ParallelConfig
 from megamm.models.anyres import AnyResLayout, size_list
-from megamm.models.image_shares import image_share, local_image_embeddings
+from megamm.models.image_shares import VisionShares, local_vision_embeddings
 from megamm.models.language import LanguageModel
 from megamm.models.native_vision import NativeResolutionTower
 from megamm.models.projectors import build_projector
@@ -51,6 +53,16 @@ from megamm.models.vision_tokens import (
 from megamm.parallel.context import split_sequence
 from megamm.parallel.params import initialize_parameters
 from megamm.parallel.state import ParallelState
+
+
+class NativePart(NamedTuple):
+    """One kind (images or videos) of a native-resolution microbatch, checked: positions `[b, s]` bool
+    (its placeholder tokens), patches `[p, C*T*P*P]`, grids `[n, 3]`, tokens per item."""
+
+    positions: torch.Tensor
+    patches: torch.Tensor
+    grids: torch.Tensor
+    tokens: list[int]
 
 
 class LlavaModel(nn.Module):
@@ -82,11 +94,11 @@ class LlavaModel(nn.Module):
         self.vision: VisionTower | NativeResolutionTower
         # The any-resolution layout (its newline embedding) of a first stage with config.anyres.
         self.anyres: AnyResLayout | None = None
+        # A tower encodes whole images (this cp rank's share of them): its attention spans one
+        # image (frame), so it runs without context parallelism.
         if pre_process and self.native:
-            self.vision = NativeResolutionTower(config.vision, state, sequence_parallel)
+            self.vision = NativeResolutionTower(config.vision, state.without_context_parallel(), sequence_parallel)
         elif pre_process:
-            # The tower encodes whole images (this cp rank's share of them): its attention spans
-            # one image, so it runs without context parallelism.
             self.vision = VisionTower(config.vision, state.without_context_parallel(), sequence_parallel)
             self.projector = build_projector(
                 config.projector,
@@ -175,14 +187,15 @@ class LlavaModel(nn.Module):
         tower: pixel_values `[image patches, C*T*P*P]` with image_grid_thw `[n, 3]`, and
         pixel_values_videos / video_grid_thw for videos. Any-resolution: pixel_values `[tiles, C, H, W]`
         (each image's base image and tiles) with image_sizes `[n, 2]` (height, width).
-        images_per_sample / videos_per_sample `[b]` (optional) enable the per-sample count check. Returns `[s, b, h]`, replicated across tp; with
-        context parallelism (fixed-size towers) `[s/cp, b, h]`, this rank's positions, of which it
-        encoded only its share of the images (the embeddings of the others come from their cp ranks).
+        images_per_sample / videos_per_sample `[b]` (optional) enable the per-sample count check.
+        Returns `[s, b, h]`, replicated across tp; with context parallelism `[s/cp, b, h]`, this rank's
+        positions, of which it encoded only its share of the images and videos (the embeddings of the
+        others come from their cp ranks; any-resolution models refuse cp > 1).
         """
         language = self.config.language
         image_positions = input_ids == language.image_token_id
+        embeddings = self.language.embed(split_sequence(input_ids, self.state))  # [b, s/cp, h]
         if self.native:
-            embeddings = self.language.embed(input_ids)  # [b, s, h]
             parts = [("image", image_positions, pixel_values, image_grid_thw, images_per_sample)]
             videos_given = (pixel_values_videos is not None or video_grid_thw is not None
                             or (videos_per_sample is not None and sum(int(n) for n in videos_per_sample) > 0))
@@ -191,17 +204,14 @@ class LlavaModel(nn.Module):
             if language.video_token_id is not None:
                 parts.append(("video", input_ids == language.video_token_id, pixel_values_videos, video_grid_thw,
                               videos_per_sample))
-            encoded = []
-            for kind, positions, patches, grids, per_sample in parts:
-                values = self._native_embeddings(kind, positions, patches, grids, per_sample)
-                if values is not None:
-                    embeddings = embeddings.masked_scatter(positions.unsqueeze(-1), values.to(embeddings.dtype))
-                    encoded.append(values)
+            given = [part for part in (self._native_part(*part) for part in parts) if part is not None]
+            encoded = bool(given)
+            if given:
+                embeddings = self._scatter_native(embeddings, given)
         elif self.anyres is not None:
             self._refuse_native_inputs(image_grid_thw, pixel_values_videos, video_grid_thw, videos_per_sample)
-            embeddings = self.language.embed(input_ids)  # [b, s, h] (no context parallelism)
             values = self._anyres_embeddings(image_positions, pixel_values, image_sizes, images_per_sample)
-            encoded = [] if values is None else [values]
+            encoded = values is not None
             if values is not None:
                 embeddings = embeddings.masked_scatter(image_positions.unsqueeze(-1), values.to(embeddings.dtype))
         else:
@@ -211,20 +221,22 @@ class LlavaModel(nn.Module):
                                  "takes images of one size")
             num_images = 0 if pixel_values is None else pixel_values.shape[0]
             check_fixed_tokens(image_positions, num_images, self.image_tokens_per_image, images_per_sample)
-            embeddings = self.language.embed(split_sequence(input_ids, self.state))  # [b, s/cp, h]
-            encoded = []
+            encoded = bool(num_images)
             if num_images:
-                share = self._encode_share(image_share(pixel_values, self.state), embeddings)
-                encoded = [local_image_embeddings(share, num_images, image_positions, self.state)]
+                shares = VisionShares.balanced([1] * num_images, [self.image_tokens_per_image] * num_images,
+                                               self.state.cp_size)
+                mine = pixel_values if self.state.cp_size == 1 else pixel_values[shares.items_of(self.state.cp_rank)]
+                rows = self._encode_share(mine, embeddings).flatten(0, 1)  # [m * tokens, h]
+                rows = local_vision_embeddings(rows, shares, [image_positions], self.state)
                 local_positions = split_sequence(image_positions, self.state).unsqueeze(-1)
-                embeddings = embeddings.masked_scatter(local_positions, encoded[0])
+                embeddings = embeddings.masked_scatter(local_positions, rows)
         if not encoded and torch.is_grad_enabled():
             embeddings = embeddings + self._zero_from_image_path(embeddings)
         return embeddings.transpose(0, 1).contiguous()
 
-    def _native_embeddings(self, kind: str, positions: torch.Tensor, patches: torch.Tensor | None,
-                           grids: torch.Tensor | None, per_sample: PerSample) -> torch.Tensor | None:
-        """Check one kind's (image or video) token counts and encode its patches (None: none given)."""
+    def _native_part(self, kind: str, positions: torch.Tensor, patches: torch.Tensor | None,
+                     grids: torch.Tensor | None, per_sample: PerSample) -> NativePart | None:
+        """Check one kind's (image or video) inputs and token counts (None: none given)."""
         name = "pixel_values" if kind == "image" else "pixel_values_videos"
         if (patches is None) != (grids is None):
             given, missing = (name, f"{kind}_grid_thw") if grids is None else (f"{kind}_grid_thw", name)
@@ -236,7 +248,33 @@ class LlavaModel(nn.Module):
                             f"give (t * h * w / {merge * merge} tokens each, per {kind}: {tokens})")
         if not tokens:
             return None
-        return self.encode_native(patches, grids)
+        self.vision.check(patches, grids)
+        return NativePart(positions, patches, grids, tokens)
+
+    def _scatter_native(self, embeddings: torch.Tensor, parts: list[NativePart]) -> torch.Tensor:
+        """Encode this cp rank's share of the parts' items (images, then videos; balanced by patches)
+        and write every vision token among its positions into `embeddings` `[b, s/cp, h]`."""
+        state = self.state
+        pieces, costs, tokens = [], [], []
+        for part in parts:
+            sizes = [t * h * w for t, h, w in part.grids.tolist()]
+            pieces += part.patches.split(sizes)
+            costs += sizes
+            tokens += part.tokens
+        grids = torch.cat([part.grids for part in parts])
+        shares = VisionShares.balanced(costs, tokens, state.cp_size)
+        mine = shares.items_of(state.cp_rank)
+        if mine:
+            rows = self.encode_native(torch.cat([pieces[i] for i in mine]), grids[mine]).to(embeddings.dtype)
+        else:
+            rows = embeddings.new_zeros(0, embeddings.shape[-1])
+            if torch.is_grad_enabled():
+                rows = rows + self._zero_from_image_path(embeddings)
+        rows = local_vision_embeddings(rows, shares, [part.positions for part in parts], state)
+        local = [split_sequence(part.positions, state) for part in parts]
+        for positions, part_rows in zip(local, rows.split([int(p.sum()) for p in local])):
+            embeddings = embeddings.masked_scatter(positions.unsqueeze(-1), part_rows)
+        return embeddings
 
     def _anyres_embeddings(self, positions: torch.Tensor, pixel_values: torch.Tensor | None,
                            image_sizes: torch.Tensor | None, per_sample: PerSample) -> torch.Tensor | None:

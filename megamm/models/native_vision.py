@@ -96,8 +96,7 @@ class NativeResolutionTower(ParamOwner):
     def forward(self, patches: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         """patches `[p, C*T*P*P]`, grids `[images, 3]` (t, h, w) -> `[p / m^2, out_hidden_size]`, replicated."""
         native, merge = self.native, self.native.spatial_merge_size
-        grid = grid_list(grids)
-        self._check(patches, grid)
+        grid = self.check(patches, grids)
         x = F.linear(patches.to(self.patch_embedding.dtype), self.patch_embedding.flatten(1))  # [p, h]
         positions = patch_positions(grid, merge).to(x.device)
         window = native.window_merged_size(self.config.patch_size)
@@ -113,8 +112,10 @@ class NativeResolutionTower(ParamOwner):
             merged = merged[torch.argsort(order)]
         return merged
 
-    def _check(self, patches: torch.Tensor, grid: list[tuple[int, int, int]]) -> None:
+    def check(self, patches: torch.Tensor, grids: torch.Tensor) -> list[tuple[int, int, int]]:
+        """Refuse patches and grids that do not fit this tower; returns the grids as int triples."""
         merge = self.native.spatial_merge_size
+        grid = grid_list(grids)
         if patches.dim() != 2 or patches.shape[1] != self.patch_values:
             raise ValueError(f"patches has shape {tuple(patches.shape)}; the {self.config.family} tower expects "
                              f"[patches, {self.patch_values}] (channels x temporal_patch_size x patch_size^2)")
@@ -124,6 +125,7 @@ class NativeResolutionTower(ParamOwner):
         total = sum(t * h * w for t, h, w in grid)
         if total != patches.shape[0]:
             raise ValueError(f"the grids cover {total} patches but patches has {patches.shape[0]} rows")
+        return grid
 
     def _run_layers(self, x: torch.Tensor, positions: torch.Tensor, frames: list[int],
                     windows: list[int] | None) -> torch.Tensor:

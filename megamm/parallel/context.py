@@ -9,8 +9,8 @@ an attention mask) is cut with the same positions (`split_sequence`), so M-RoPE'
 positions split like the 1-D ones.
 
 `RingExchange` passes a tensor to the next rank of the ring and receives the previous rank's
-(the K/V blocks of ring attention, megamm.transformer.ring_attention); `gather_shares` is the
-autograd all-gather of the image embeddings each cp rank encoded (megamm.models.llava).
+(the K/V blocks of ring attention, megamm.transformer.ring_attention); `exchange_rows` sends each
+cp rank the rows meant for it (the image embeddings its positions hold, megamm.models.image_shares).
 """
 
 from __future__ import annotations
@@ -81,33 +81,33 @@ class RingExchange:
         return received
 
 
-class _GatherShares(torch.autograd.Function):
-    """All-gather of equal-size shares along dim 0 over cp; backward: each rank's share of the
-    summed gradient (every rank's gradient covers the embeddings its own tokens used)."""
+class _ExchangeRows(torch.autograd.Function):
+    """all_to_all_single of rows over cp with uneven splits; backward: the same exchange reversed
+    (each row's gradient returns to the rank that sent it)."""
 
     @staticmethod
-    def forward(ctx, share: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        size = group_size(group)
-        parts = [torch.empty_like(share) for _ in range(size)]
-        dist.all_gather(parts, share.contiguous(), group=group)
-        return torch.stack(parts)
+    def forward(ctx, rows: torch.Tensor, send_counts: list[int], receive_counts: list[int],
+                group: Group) -> torch.Tensor:
+        ctx.counts, ctx.group = (send_counts, receive_counts), group
+        received = rows.new_empty(sum(receive_counts), *rows.shape[1:])
+        dist.all_to_all_single(received, rows.contiguous(), receive_counts, send_counts, group=group)
+        return received
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        group = ctx.group
-        grad = grad.contiguous()
-        if dist.get_backend(group) == "nccl":
-            out = torch.empty_like(grad[0])
-            dist.reduce_scatter_tensor(out, grad, group=group)
-            return out, None
-        # gloo has no reduce-scatter: sum everything, keep this rank's part.
-        dist.all_reduce(grad, group=group)
-        return grad[dist.get_rank(group)].clone(), None
+        send_counts, receive_counts = ctx.counts
+        out = grad.new_empty(sum(send_counts), *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), send_counts, receive_counts, group=ctx.group)
+        return out, None, None, None
 
 
-def gather_shares(share: torch.Tensor, group: Group) -> torch.Tensor:
-    """`[m, ...]` this rank's share -> `[cp, m, ...]` every rank's, in cp-rank order (autograd)."""
+def exchange_rows(rows: torch.Tensor, send_counts: list[int], receive_counts: list[int],
+                  group: Group) -> torch.Tensor:
+    """`[sum(send_counts), ...]` rows, the first send_counts[0] for cp rank 0, the next for rank 1, ...
+    -> `[sum(receive_counts), ...]` the rows every rank sent this one, in cp-rank order (autograd).
+
+    Every rank must pass counts that agree (rank a's send_counts[b] = rank b's receive_counts[a]).
+    """
     if group_size(group) == 1:
-        return share.unsqueeze(0)
-    return _GatherShares.apply(share, group)
+        return rows
+    return _ExchangeRows.apply(rows, send_counts, receive_counts, group)

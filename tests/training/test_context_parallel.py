@@ -25,13 +25,21 @@ from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.data.packing import block_causal_mask, packed_sequence
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
+from megamm.models import image_shares
 from megamm.parallel.params import param_specs
 from megamm.parallel.sharding import gather_master
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.chunks import build_model_chunks
 from megamm.training.step import build_trainer, train_step
 from tests.distributed import run_distributed, solo_state
-from tests.tiny import llava_config, qwen2_language_config, without_key_bias
+from tests.tiny import (
+    NATIVE_SEQ,
+    llava_config,
+    native_microbatches,
+    qwen2_language_config,
+    qwen2_vl_config,
+    without_key_bias,
+)
 
 STEPS = 2
 SEQ = 48
@@ -88,6 +96,24 @@ def _packed_batches(config, state: ParallelState, iteration: int) -> list[dict]:
     return batches
 
 
+def _native_batches(config, state: ParallelState, iteration: int) -> list[dict]:
+    """The padded and the packed microbatch of tests.tiny.native_microbatches (images of 24, 24 and
+    16 patches, a video of 32; M-RoPE positions), other text at each step; every cp rank reads both."""
+    return native_microbatches(config.model, seed=11 + iteration)
+
+
+def _held_vision_tokens(input_ids: torch.Tensor, language, state: ParallelState) -> list[int]:
+    """[image and video tokens among this cp rank's positions (chunks r and 2cp-1-r of 2cp)], or []
+    for a microbatch without any (no exchange runs for it)."""
+    ids = [i for i in (language.image_token_id, language.video_token_id) if i is not None]
+    vision = sum(input_ids == i for i in ids)
+    cp, r = state.cp_size, state.cp_rank
+    chunk = input_ids.shape[1] // (2 * cp)
+    held = torch.cat([vision[:, r * chunk:(r + 1) * chunk], vision[:, (2 * cp - 1 - r) * chunk:(2 * cp - r) * chunk]],
+                     dim=1)
+    return [int(held.sum())] if vision.any() else []
+
+
 def _train(run: RunConfig, state: ParallelState, batches=_synthetic_batches) -> dict:
     config = resolve(run, state.world_size)
     t = config.training
@@ -97,14 +123,27 @@ def _train(run: RunConfig, state: ParallelState, batches=_synthetic_batches) -> 
     images_seen: list[int] = []
     if chunks[0].pre_process:
         chunks[0].vision.register_forward_pre_hook(lambda _, args: images_seen.append(args[0].shape[0]))
-    losses, norms, images, share = [], [], 0, 0
+    arrived: list[int] = []
+    exchange = image_shares.exchange_rows
+
+    def counting_exchange(*args, **kwargs) -> torch.Tensor:
+        received = exchange(*args, **kwargs)
+        arrived.append(received.shape[0])
+        return received
+
+    losses, norms, images, share, held = [], [], 0, 0, []
     for iteration in range(t.train_iters):
         microbatches = batches(config, state, iteration)
         for mb in microbatches:
             n = 0 if mb["pixel_values"] is None else mb["pixel_values"].shape[0]
             images += n
             share += len(range(state.cp_rank, n, state.cp_size))
-        result = train_step(trainer, microbatches, iteration)
+            held += _held_vision_tokens(mb["input_ids"], config.model.language, state)
+        image_shares.exchange_rows = counting_exchange
+        try:
+            result = train_step(trainer, microbatches, iteration)
+        finally:
+            image_shares.exchange_rows = exchange
         assert result.applied
         if iteration == 0:
             first_grads = _gathered_grads(trainer, chunks, state)
@@ -119,7 +158,7 @@ def _train(run: RunConfig, state: ParallelState, batches=_synthetic_batches) -> 
                                            language)
     grads = {} if t.use_distributed_optimizer else first_grads
     return {"losses": losses, "norms": norms, "final": final, "grads": grads, "images_seen": sum(images_seen),
-            "images": images, "share": share}
+            "images": images, "share": share, "tower_inputs": images_seen, "arrived": arrived, "held": held}
 
 
 def _gathered_grads(trainer, chunks, state: ParallelState) -> dict[str, torch.Tensor]:
@@ -150,6 +189,7 @@ def _compare(run: dict, reference: dict) -> dict:
         "norm_error": max(rel(a, b) for a, b in zip(run["norms"], reference["norms"])),
         "weight_error": errors[worst], "worst_weight": worst, "clipped": reference["norms"][0] > 0.5,
         "images_seen": run["images_seen"], "images": run["images"], "share": run["share"],
+        "tower_inputs": run["tower_inputs"], "arrived": run["arrived"], "held": run["held"],
     }
 
 
@@ -192,6 +232,25 @@ def _pp_job() -> dict:
     results["cp2_dp2_full_recompute"] = _compare(
         _train(_run_config(ParallelConfig(context_parallel_size=2), **recompute), cp2),
         _train(_run_config(ParallelConfig(), **recompute), solo))
+    return results
+
+
+def _native_job() -> dict:
+    """The Qwen2-VL family at cp=2 (M-RoPE positions split with the tokens, images and videos
+    encoded in shares balanced by patches, padded and packed rows)."""
+    initialize_parallel_state()
+    solo = solo_state()
+    cp2 = ParallelState.from_groups(tp=1, pp=1, device=torch.device("cpu"), cp=2)
+    results = {}
+    for family in ("qwen2_vl", "qwen2_5_vl"):
+        model = qwen2_vl_config(family)
+        # adam_eps 1e-6: an element whose gradient is ~1e-9 (one in Qwen2.5-VL's decoder here) would
+        # otherwise take a step of ~lr from its 1e-7 relative rounding (Adam's first step is
+        # g / (|g| + eps)); the gradients themselves are compared at 1e-5.
+        settings = {"global_batch_size": 4, "seq_length": NATIVE_SEQ, "images_per_sample": 0, "adam_eps": 1e-6}
+        reference = _train(_run_config(ParallelConfig(), model, **settings), solo, _native_batches)
+        run = _train(_run_config(ParallelConfig(context_parallel_size=2), model, **settings), cp2, _native_batches)
+        results[f"{family}_cp2"] = _compare(run, reference)
     return results
 
 
@@ -238,11 +297,65 @@ def test_each_cp_rank_encodes_only_its_share_of_images(cp_results: list[dict], c
         assert r["share"] < r["images"], f"rank {rank} {case}: the share must be a part of the {r['images']} images"
 
 
-def test_image_share_goes_round_robin() -> None:
-    """cp rank r encodes images r, r + cp, ...; a rank beyond the image count gets none."""
-    from megamm.models.image_shares import image_share
+@pytest.fixture(scope="module")
+def native_results() -> list[dict]:
+    return run_distributed(_native_job, 2)
 
-    images = torch.arange(5).view(5, 1, 1, 1)
-    shares = [image_share(images, ParallelState(cp_size=3, cp_rank=r)).flatten().tolist() for r in range(3)]
-    assert shares == [[0, 3], [1, 4], [2]]
-    assert image_share(images[:1], ParallelState(cp_size=2, cp_rank=1)).shape[0] == 0
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["qwen2_vl_cp2", "qwen2_5_vl_cp2"])
+def test_native_resolution_context_parallel_matches_single_process(native_results: list[dict], case: str) -> None:
+    _check(native_results, case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["qwen2_vl_cp2", "qwen2_5_vl_cp2"])
+def test_each_cp_rank_encodes_only_its_share_of_patches(native_results: list[dict], case: str) -> None:
+    """Per microbatch (padded, packed; two steps) the native tower of each cp rank encodes only its
+    items: padded 80 patches (images of 24 and 24, a video of 32) -> rank 0 the video, rank 1 both
+    images; packed 96 (a third image of 16) -> rank 0 that image and the video, rank 1 the others."""
+    expected = [[32, 48, 32, 48], [48, 48, 48, 48]]
+    for rank, results in enumerate(native_results):
+        assert results[case]["tower_inputs"] == expected[rank], f"rank {rank} {case}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["cp2_dp2", "cp4", "tp2_cp2_sp", "cp2_dp2_packed"])
+def test_each_cp_rank_receives_only_the_image_embeddings_it_holds(cp_results: list[dict], case: str) -> None:
+    """Per microbatch, the embedding rows arriving at a cp rank are those of the image tokens among
+    its positions, not every image's."""
+    for rank, results in enumerate(cp_results):
+        r = results[case]
+        assert r["arrived"] == r["held"], f"rank {rank} {case}: received {r['arrived']}, holds {r['held']}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["qwen2_vl_cp2", "qwen2_5_vl_cp2"])
+def test_each_cp_rank_receives_only_the_vision_embeddings_it_holds(native_results: list[dict], case: str) -> None:
+    """The same for images and videos of native resolution."""
+    for rank, results in enumerate(native_results):
+        r = results[case]
+        assert r["arrived"] == r["held"], f"rank {rank} {case}: received {r['arrived']}, holds {r['held']}"
+
+
+def test_equal_images_go_round_robin() -> None:
+    """Fixed-size images cost the same: cp rank r encodes images r, r + cp, ...; a rank beyond the
+    image count gets none; rows follow each rank's items."""
+    from megamm.models.image_shares import VisionShares
+
+    shares = VisionShares.balanced([1] * 5, [2] * 5, 3)
+    assert [shares.items_of(r) for r in range(3)] == [[0, 3], [1, 4], [2]]
+    assert VisionShares.balanced([1], [2], 2).items_of(1) == []
+    owner, row = shares.source_rows()
+    assert owner.tolist() == [0, 0, 1, 1, 2, 2, 0, 0, 1, 1]
+    assert row.tolist() == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3]
+
+
+def test_native_items_balance_by_patches() -> None:
+    """Images of 24, 24 and 16 patches and a video of 32 (the packed microbatch of
+    tests.tiny.native_microbatches) split 48 / 48 over two ranks; largest first, ties to rank 0."""
+    from megamm.models.image_shares import VisionShares
+
+    shares = VisionShares.balanced([24, 24, 16, 32], [6, 6, 4, 8], 2)
+    assert shares.owners == (1, 1, 0, 0)
+    assert [shares.rows_of(r) for r in range(2)] == [12, 12]
