@@ -7,14 +7,11 @@ stage-1 checkpoint (`--lora`: trained through `megamm.train` at tp=2 with sequen
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from megamm.data.shapes import ANSWER_SETS
 
 ROOT = Path(__file__).resolve().parents[2]
 # How far below the full stage 2's held-out accuracy the LoRA stage 2 may land (absolute).
@@ -42,32 +39,3 @@ def test_quick_demo_learns_to_see(tmp_path: Path) -> None:
     assert lora["by_type"]["count"]["accuracy"] >= blank["count"]["accuracy"] + 0.3, (lora, blank)
     assert "Held-out accuracy" in done.stdout and "checkpoints:" in done.stdout
 
-
-@pytest.mark.slow
-@pytest.mark.timeout(1500)  # ~7 minutes on the shared 2-core machine
-def test_quick_qwen2_vl_demo_trains_and_evaluates_at_several_sizes(tmp_path: Path) -> None:
-    """`--family qwen2-vl --quick`: shapes images of four sizes and aspect ratios, each taken at its
-    own size by the native-resolution tower (4, 8, 8 and 16 image tokens), trained from scratch at
-    tp=2 with packed rows; evaluate_vqa.py scores the checkpoint (the session preparing each image as
-    training did) and its blank-image baseline without an error, and the model answers every question
-    type in that type's vocabulary. On this schedule it does not yet beat the blank-image baseline
-    (docs/models.md: the learning check is open), so that is not asserted."""
-    out = tmp_path / "demo"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "demo.py"), "--family", "qwen2-vl", "--out", str(out), "--quick"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1500, check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    scenes = json.loads((out / "data" / "scenes.json").read_text())
-    sizes = {(scene["width"], scene["height"]) for split in scenes.values() for scene in split.values()}
-    assert sizes == {(32, 32), (64, 32), (32, 64), (64, 64)}
-    losses = [float(x) for x in re.findall(r"\| lm loss: ([0-9.E+-]+) \| grad norm",
-                                           (out / "logs" / "phase0.log").read_text())]
-    assert losses[-1] < 0.2 * losses[0], losses
-    results = json.loads((out / "results.json").read_text())
-    assert results["with_image"]["errors"] == results["blank_image"]["errors"] == 0
-    answers = {**ANSWER_SETS, "count": ("1", "2", "3")}
-    predictions = [json.loads(line) for line in (out / "predictions_phase0.jsonl").read_text().splitlines()]
-    in_vocabulary = [p["prediction"] in answers[p["type"]] for p in predictions]
-    assert len(predictions) == results["with_image"]["total"] and sum(in_vocabulary) >= 0.95 * len(predictions)
-    assert "Held-out accuracy" in done.stdout and "phase0 model" in done.stdout
