@@ -88,3 +88,35 @@ def test_native_tower_merger_takes_the_projector_learning_rate() -> None:
         part = names[id(param)].split(".")
         scales.setdefault("merger" if part[1] == "merger" else part[0], set()).add(spec.lr_scale)
     assert scales == {"vision": {0.1}, "merger": {2.0}, "language": {1.0}}
+
+
+def test_update_is_torch_adamw_after_clipping_to_the_global_norm() -> None:
+    """megamm's optimizer step (fused AdamW over the masters, gradients scaled and clipped in place)
+    equals torch's per-tensor AdamW after `clip_grad_norm_` on the same weights and gradients."""
+    from megamm.optim.optimizer import MixedPrecisionOptimizer, ParamGroupSpec
+    from megamm.parallel.params import ParamSpec
+    from megamm.parallel.sharding import ParamLayout
+    from megamm.parallel.state import ParallelState
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (5,), (3, 6)]
+    params = [nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes]
+    reference = [nn.Parameter(p.detach().clone()) for p in params]
+    buffer = GradBuffer(params, dp_group=None)
+    groups = {p: ParamGroupSpec(weight_decay=0.1, lr_scale=1.0) for p in params}
+    specs = {p: ParamSpec(ParamLayout(tuple(p.shape), nn.init.zeros_)) for p in params}
+    optimizer = MixedPrecisionOptimizer([buffer], groups, specs, ParallelState.single(), lr=1e-2)
+    torch_adam = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.1, foreach=False)
+    for step in range(3):
+        grads = [10 * torch.randn(shape, generator=generator) for shape in shapes]  # norm ~ 70 > clip
+        buffer.start_step()
+        for param, grad in zip(params, grads):
+            buffer.main_grad(param).copy_(grad * 4.0)  # as if the loss had been scaled by 4
+        applied, norm = optimizer.step(clip_grad=1.0, grad_scale=4.0)
+        for param, grad in zip(reference, grads):
+            param.grad = grad.clone()
+        expected_norm = torch.nn.utils.clip_grad_norm_(reference, 1.0).item()
+        torch_adam.step()
+        assert applied and math.isclose(norm, expected_norm, rel_tol=1e-6), (step, norm, expected_norm)
+        for mine, theirs in zip(params, reference):
+            torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
