@@ -98,8 +98,9 @@ def _packed_batches(config, state: ParallelState, iteration: int) -> list[dict]:
 
 def _native_batches(config, state: ParallelState, iteration: int) -> list[dict]:
     """The padded and the packed microbatch of tests.tiny.native_microbatches (images of 24, 24 and
-    16 patches, a video of 32; M-RoPE positions), other text at each step; every cp rank reads both."""
-    return native_microbatches(config.model, seed=11 + iteration)
+    16 patches, a video of 32; M-RoPE positions), other text at each step: both at dp=1, the padded
+    one on dp rank 0 and the packed one on dp rank 1 at dp=2; every cp rank reads its dp rank's."""
+    return native_microbatches(config.model, seed=11 + iteration)[state.dp_rank :: state.dp_size]
 
 
 def _held_vision_tokens(input_ids: torch.Tensor, language, state: ParallelState) -> list[int]:
@@ -236,21 +237,35 @@ def _pp_job() -> dict:
 
 
 def _native_job() -> dict:
-    """The Qwen2-VL family at cp=2 (M-RoPE positions split with the tokens, images and videos
-    encoded in shares balanced by patches, padded and packed rows)."""
+    """The Qwen2-VL family on 4 ranks (M-RoPE positions split with the tokens, images and videos
+    encoded in shares balanced by patches, padded and packed rows): both families at cp=2 x dp=2,
+    and Qwen2-VL at tp=2 x cp=2 with sequence parallelism, pp=2 x cp=2 (1F1B over the two
+    microbatches) and cp=4 (chunks of 5 tokens: every image and the video crosses a chunk
+    boundary, the packed row's sample boundary falls inside a chunk)."""
     initialize_parallel_state()
     solo = solo_state()
-    cp2 = ParallelState.from_groups(tp=1, pp=1, device=torch.device("cpu"), cp=2)
+    cpu = torch.device("cpu")
+    states = {
+        "cp2_dp2": (ParallelConfig(context_parallel_size=2), ParallelState.from_groups(tp=1, pp=1, device=cpu, cp=2)),
+        "tp2_cp2_sp": (ParallelConfig(tensor_model_parallel_size=2, context_parallel_size=2, sequence_parallel=True),
+                       ParallelState.from_groups(tp=2, pp=1, device=cpu, cp=2)),
+        "pp2_cp2": (ParallelConfig(pipeline_model_parallel_size=2, context_parallel_size=2),
+                    ParallelState.from_groups(tp=1, pp=2, device=cpu, cp=2)),
+        "cp4": (ParallelConfig(context_parallel_size=4), ParallelState.from_groups(tp=1, pp=1, device=cpu, cp=4)),
+    }
+    layouts = {"qwen2_vl": list(states), "qwen2_5_vl": ["cp2_dp2"]}
     results = {}
-    for family in ("qwen2_vl", "qwen2_5_vl"):
+    for family, names in layouts.items():
         model = qwen2_vl_config(family)
         # adam_eps 1e-6: an element whose gradient is ~1e-9 (one in Qwen2.5-VL's decoder here) would
         # otherwise take a step of ~lr from its 1e-7 relative rounding (Adam's first step is
         # g / (|g| + eps)); the gradients themselves are compared at 1e-5.
         settings = {"global_batch_size": 4, "seq_length": NATIVE_SEQ, "images_per_sample": 0, "adam_eps": 1e-6}
         reference = _train(_run_config(ParallelConfig(), model, **settings), solo, _native_batches)
-        run = _train(_run_config(ParallelConfig(context_parallel_size=2), model, **settings), cp2, _native_batches)
-        results[f"{family}_cp2"] = _compare(run, reference)
+        for name in names:
+            parallel, state = states[name]
+            run = _train(_run_config(parallel, model, **settings), state, _native_batches)
+            results[f"{family}_{name}"] = _compare(run, reference)
     return results
 
 
@@ -299,22 +314,37 @@ def test_each_cp_rank_encodes_only_its_share_of_images(cp_results: list[dict], c
 
 @pytest.fixture(scope="module")
 def native_results() -> list[dict]:
-    return run_distributed(_native_job, 2)
+    return run_distributed(_native_job, 4)
+
+
+NATIVE_CASES = ["qwen2_vl_cp2_dp2", "qwen2_vl_tp2_cp2_sp", "qwen2_vl_pp2_cp2", "qwen2_vl_cp4", "qwen2_5_vl_cp2_dp2"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["qwen2_vl_cp2", "qwen2_5_vl_cp2"])
+@pytest.mark.parametrize("case", NATIVE_CASES)
 def test_native_resolution_context_parallel_matches_single_process(native_results: list[dict], case: str) -> None:
     _check(native_results, case)
 
 
+# Patches each global rank's native tower encodes per microbatch over the two steps. Padded: 80
+# patches (images of 24 and 24, a video of 32); packed: 96 (a third image of 16). cp=2: padded ->
+# cp rank 0 the video, rank 1 both images; packed -> rank 0 the third image and the video, rank 1 the
+# others. cp=4: largest first, each to the least-loaded rank (rank 3 has nothing in the padded
+# microbatch, so its tower does not run). At dp=2 dp rank 0 reads the padded microbatch, dp rank 1
+# the packed one; ranks are tp fastest, then cp, then dp or pp; pp's last stage has no tower.
+NATIVE_TOWER_INPUTS = {
+    "cp2_dp2": [[32, 32], [48, 48], [48, 48], [48, 48]],
+    "tp2_cp2_sp": [[32, 48, 32, 48], [32, 48, 32, 48], [48, 48, 48, 48], [48, 48, 48, 48]],
+    "pp2_cp2": [[32, 48, 32, 48], [48, 48, 48, 48], [], []],
+    "cp4": [[32, 32, 32, 32], [24, 24, 24, 24], [24, 24, 24, 24], [16, 16]],
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["qwen2_vl_cp2", "qwen2_5_vl_cp2"])
+@pytest.mark.parametrize("case", NATIVE_CASES)
 def test_each_cp_rank_encodes_only_its_share_of_patches(native_results: list[dict], case: str) -> None:
-    """Per microbatch (padded, packed; two steps) the native tower of each cp rank encodes only its
-    items: padded 80 patches (images of 24 and 24, a video of 32) -> rank 0 the video, rank 1 both
-    images; packed 96 (a third image of 16) -> rank 0 that image and the video, rank 1 the others."""
-    expected = [[32, 48, 32, 48], [48, 48, 48, 48]]
+    """Per microbatch the native tower of each cp rank encodes only its items (NATIVE_TOWER_INPUTS)."""
+    expected = NATIVE_TOWER_INPUTS[case.removeprefix("qwen2_vl_").removeprefix("qwen2_5_vl_")]
     for rank, results in enumerate(native_results):
         assert results[case]["tower_inputs"] == expected[rank], f"rank {rank} {case}"
 
@@ -330,9 +360,9 @@ def test_each_cp_rank_receives_only_the_image_embeddings_it_holds(cp_results: li
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["qwen2_vl_cp2", "qwen2_5_vl_cp2"])
+@pytest.mark.parametrize("case", [c for c in NATIVE_CASES if "pp2" not in c])
 def test_each_cp_rank_receives_only_the_vision_embeddings_it_holds(native_results: list[dict], case: str) -> None:
-    """The same for images and videos of native resolution."""
+    """The same for images and videos of native resolution (first stages only: pp is left out)."""
     for rank, results in enumerate(native_results):
         r = results[case]
         assert r["arrived"] == r["held"], f"rank {rank} {case}: received {r['arrived']}, holds {r['held']}"
