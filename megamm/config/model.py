@@ -479,11 +479,11 @@ class LlavaConfig:
             lambda: self.vision.problems(parallel), lambda: self.language.problems(parallel),
             lambda: [] if self.projector is None else self.projector.problems(), self._vision_problems,
             lambda: self._shape_problems(parallel, seq_length),
-            lambda: [] if self.anyres is None else self._anyres_problems(self.anyres, parallel),
+            lambda: [] if self.anyres is None else self._anyres_problems(self.anyres),
         )
 
-    def _anyres_problems(self, anyres: AnyResConfig, parallel: ParallelConfig) -> list[str]:
-        """What any-resolution tiling asks of the tower, the projector and the layout."""
+    def _anyres_problems(self, anyres: AnyResConfig) -> list[str]:
+        """What any-resolution tiling asks of the tower and the projector."""
         vision = self.vision
         if vision.native_resolution is not None or self.projector is None:
             return [(f"anyres: the {vision.family} tower takes images at their own resolution; any-resolution "
@@ -494,9 +494,6 @@ class LlavaConfig:
                          "(vision.drop_class_token, Hugging Face's vision_feature_select_strategy 'default')")
         if self.projector.pixel_shuffle:
             found.append("anyres: projector.pixel_shuffle is not combined with any-resolution tiling")
-        if parallel.context_parallel_size > 1:
-            found.append(f"context-parallel size {parallel.context_parallel_size}: any-resolution models do not run "
-                         f"with context parallelism yet; use 1")
         return found
 
     def _vision_problems(self) -> list[str]:

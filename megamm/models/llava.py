@@ -23,14 +23,16 @@ and tiles `[tiles, C, H, W]`; with each image's original size `image_sizes [n, 2
 features are unpadded and given newline embeddings (megamm.models.anyres), so an image gives a
 number of tokens that depends on its size.
 
-Context parallelism (either tower kind): every cp rank gets the whole microbatch, embeds only its own
+Context parallelism (every tower kind): every cp rank gets the whole microbatch, embeds only its own
 positions (megamm.parallel.context) and encodes only its share of the images and videos
-(megamm.models.image_shares: equal shares of fixed-size images, native-resolution items balanced by
-patches); the position ids, M-RoPE's included, are split with the tokens by the language model.
+(megamm.models.image_shares: equal shares of fixed-size images, any-resolution images with all their
+tiles balanced by tower inputs, native-resolution items balanced by patches); the position ids,
+M-RoPE's included, are split with the tokens by the language model.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -190,7 +192,7 @@ class LlavaModel(nn.Module):
         images_per_sample / videos_per_sample `[b]` (optional) enable the per-sample count check.
         Returns `[s, b, h]`, replicated across tp; with context parallelism `[s/cp, b, h]`, this rank's
         positions, of which it encoded only its share of the images and videos (the embeddings of the
-        others come from their cp ranks; any-resolution models refuse cp > 1).
+        others come from their cp ranks).
         """
         language = self.config.language
         image_positions = input_ids == language.image_token_id
@@ -210,10 +212,10 @@ class LlavaModel(nn.Module):
                 embeddings = self._scatter_native(embeddings, given)
         elif self.anyres is not None:
             self._refuse_native_inputs(image_grid_thw, pixel_values_videos, video_grid_thw, videos_per_sample)
-            values = self._anyres_embeddings(image_positions, pixel_values, image_sizes, images_per_sample)
-            encoded = values is not None
-            if values is not None:
-                embeddings = embeddings.masked_scatter(image_positions.unsqueeze(-1), values.to(embeddings.dtype))
+            images = self._anyres_images(image_positions, pixel_values, image_sizes, images_per_sample)
+            encoded = images is not None
+            if images is not None:
+                embeddings = self._scatter_anyres(embeddings, image_positions, pixel_values, *images)
         else:
             self._refuse_native_inputs(image_grid_thw, pixel_values_videos, video_grid_thw, videos_per_sample)
             if image_sizes is not None:
@@ -276,10 +278,10 @@ class LlavaModel(nn.Module):
             embeddings = embeddings.masked_scatter(positions.unsqueeze(-1), part_rows)
         return embeddings
 
-    def _anyres_embeddings(self, positions: torch.Tensor, pixel_values: torch.Tensor | None,
-                           image_sizes: torch.Tensor | None, per_sample: PerSample) -> torch.Tensor | None:
-        """Check the image-token counts (from each image's size) and the tiles, encode the tiles and lay
-        them out (None: no image)."""
+    def _anyres_images(self, positions: torch.Tensor, pixel_values: torch.Tensor | None,
+                       image_sizes: torch.Tensor | None, per_sample: PerSample) -> tuple[list, list[int], list[int]] | None:
+        """Check the image-token counts (from each image's size) and the tiles: (sizes, tokens, tower
+        inputs) per image, or None for no image."""
         if (pixel_values is None) != (image_sizes is None):
             given, missing = ("pixel_values", "image_sizes") if image_sizes is None else ("image_sizes", "pixel_values")
             raise ValueError(f"{given} given without {missing}: an any-resolution model needs both (each image's "
@@ -294,7 +296,28 @@ class LlavaModel(nn.Module):
         if sum(tiles) != pixel_values.shape[0]:
             raise ValueError(f"pixel_values holds {pixel_values.shape[0]} tower inputs, but the image_sizes {sizes} "
                              f"give {sum(tiles)} (base image + tiles each: {tiles})")
-        return self.anyres(self.encode_images(pixel_values), sizes)
+        return sizes, tokens, tiles
+
+    def _scatter_anyres(self, embeddings: torch.Tensor, positions: torch.Tensor, pixel_values: torch.Tensor,
+                        sizes: list, tokens: list[int], tiles: list[int]) -> torch.Tensor:
+        """Encode this cp rank's share of the images (each with its base image and tiles, balanced by
+        tower inputs), lay them out, and write every image token among its positions into
+        `embeddings` `[b, s/cp, h]`. An image's tiles stay together: the layout joins them into one
+        grid (and the unpad and newlines depend on the whole image)."""
+        state = self.state
+        shares = VisionShares.balanced(tiles, tokens, state.cp_size)
+        mine = shares.items_of(state.cp_rank)
+        if mine:
+            starts = [0, *itertools.accumulate(tiles)]
+            inputs = pixel_values if state.cp_size == 1 else pixel_values[
+                torch.cat([torch.arange(starts[i], starts[i + 1]) for i in mine]).to(pixel_values.device)]
+            rows = self.anyres(self.encode_images(inputs), [sizes[i] for i in mine]).to(embeddings.dtype)
+        else:
+            rows = embeddings.new_zeros(0, embeddings.shape[-1])
+            if torch.is_grad_enabled():
+                rows = rows + self._zero_from_image_path(embeddings)
+        rows = local_vision_embeddings(rows, shares, [positions], state)
+        return embeddings.masked_scatter(split_sequence(positions, state).unsqueeze(-1), rows)
 
     def _refuse_native_inputs(self, *inputs: object) -> None:
         if any(value is not None for value in inputs):
