@@ -56,6 +56,15 @@ from megamm.parallel.context import split_sequence
 from megamm.parallel.params import initialize_parameters
 from megamm.parallel.state import ParallelState
 
+# The inputs the model reads on the host: token ids (where the vision tokens are, which cp rank
+# needs which embedding rows), grids, image sizes and per-sample counts (how many patches, tiles and
+# tokens each item has, which cp rank encodes it). The training step leaves them where the loader
+# built them, on the CPU, so planning a microbatch's vision work costs no device-to-host
+# synchronization; the model copies to the device what runs there (ids for the embedding lookup, the
+# positions a cp rank writes its embedding rows to).
+HOST_INPUTS = ("input_ids", "image_grid_thw", "video_grid_thw", "image_sizes", "images_per_sample",
+               "videos_per_sample")
+
 
 class NativePart(NamedTuple):
     """One kind (images or videos) of a native-resolution microbatch, checked: positions `[b, s]` bool
@@ -190,13 +199,16 @@ class LlavaModel(nn.Module):
         pixel_values_videos / video_grid_thw for videos. Any-resolution: pixel_values `[tiles, C, H, W]`
         (each image's base image and tiles) with image_sizes `[n, 2]` (height, width).
         images_per_sample / videos_per_sample `[b]` (optional) enable the per-sample count check.
+        `HOST_INPUTS` may be on the CPU with the rest on the device (what the training step passes),
+        so that the counts, checks and cp shares read host memory.
         Returns `[s, b, h]`, replicated across tp; with context parallelism `[s/cp, b, h]`, this rank's
         positions, of which it encoded only its share of the images and videos (the embeddings of the
         others come from their cp ranks).
         """
         language = self.config.language
         image_positions = input_ids == language.image_token_id
-        embeddings = self.language.embed(split_sequence(input_ids, self.state))  # [b, s/cp, h]
+        device = self.state.device
+        embeddings = self.language.embed(split_sequence(input_ids, self.state).to(device))  # [b, s/cp, h]
         if self.native:
             parts = [("image", image_positions, pixel_values, image_grid_thw, images_per_sample)]
             videos_given = (pixel_values_videos is not None or video_grid_thw is not None
@@ -231,7 +243,7 @@ class LlavaModel(nn.Module):
                 rows = self._encode_share(mine, embeddings).flatten(0, 1)  # [m * tokens, h]
                 rows = local_vision_embeddings(rows, shares, [image_positions], self.state)
                 local_positions = split_sequence(image_positions, self.state).unsqueeze(-1)
-                embeddings = embeddings.masked_scatter(local_positions, rows)
+                embeddings = embeddings.masked_scatter(local_positions.to(embeddings.device), rows)
         if not encoded and torch.is_grad_enabled():
             embeddings = embeddings + self._zero_from_image_path(embeddings)
         return embeddings.transpose(0, 1).contiguous()
@@ -275,7 +287,7 @@ class LlavaModel(nn.Module):
         rows = local_vision_embeddings(rows, shares, [part.positions for part in parts], state)
         local = [split_sequence(part.positions, state) for part in parts]
         for positions, part_rows in zip(local, rows.split([int(p.sum()) for p in local])):
-            embeddings = embeddings.masked_scatter(positions.unsqueeze(-1), part_rows)
+            embeddings = embeddings.masked_scatter(positions.unsqueeze(-1).to(embeddings.device), part_rows)
         return embeddings
 
     def _anyres_images(self, positions: torch.Tensor, pixel_values: torch.Tensor | None,
@@ -317,7 +329,7 @@ class LlavaModel(nn.Module):
             if torch.is_grad_enabled():
                 rows = rows + self._zero_from_image_path(embeddings)
         rows = local_vision_embeddings(rows, shares, [positions], state)
-        return embeddings.masked_scatter(split_sequence(positions, state).unsqueeze(-1), rows)
+        return embeddings.masked_scatter(split_sequence(positions, state).unsqueeze(-1).to(embeddings.device), rows)
 
     def _refuse_native_inputs(self, *inputs: object) -> None:
         if any(value is not None for value in inputs):

@@ -29,7 +29,7 @@ from torch import nn
 from megamm.config.constants import IGNORE_INDEX
 from megamm.config.resolved import ResolvedConfig
 from megamm.models.language import shift_labels
-from megamm.models.llava import LlavaModel
+from megamm.models.llava import HOST_INPUTS, LlavaModel
 from megamm.optim.grad_buffer import GradBuffer
 from megamm.optim.optimizer import DistributedOptimizer, MixedPrecisionOptimizer, ParamGroupSpec
 from megamm.optim.schedules import DynamicLossScaler, LRSchedule
@@ -173,7 +173,11 @@ def _from_last_stage(values: list[float], state: ParallelState) -> list[float]:
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The microbatch's tensors on `device`, but the model's host inputs (`HOST_INPUTS`: token ids,
+    grids, image sizes, counts) left on the CPU, where the model plans its vision work from them
+    without a device-to-host synchronization per microbatch."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_INPUTS else v
+            for k, v in batch.items()}
 
 
 def _set_mode(trainer: Trainer, training: bool) -> None:

@@ -49,8 +49,9 @@ class Segments:
     def mask(self, device: torch.device) -> torch.Tensor:
         """`[1, 1, s, s]` bool, True where query and key are in the same segment."""
         if device not in self._masks:
+            # output_size: the length is known on the host, so the device need not report it (a sync).
             segment = torch.repeat_interleave(torch.arange(len(self.lengths), device=device),
-                                              torch.tensor(self.lengths, device=device))
+                                              torch.tensor(self.lengths, device=device), output_size=self.total)
             self._masks[device] = (segment[:, None] == segment[None, :])[None, None]
         return self._masks[device]
 
