@@ -8,8 +8,9 @@ native-resolution family).
 Packed (`--pack-sequences`): the same samples are bin-packed (first-fit decreasing, C++ when built)
 into as few rows as possible, so a step trains on exactly the samples the padded step would (same
 loss, since the loss is the per-token mean over the global batch) in fewer rows. Each row also carries
-position_ids `[b, s]` restarting per sample and attention_mask `[b, 1, s, s]` (block-diagonal causal,
-`megamm.data.packing.block_causal_mask`), which every pipeline stage needs. The row count is rounded up
+position_ids `[b, s]` restarting per sample and segment_ids `[b, s]` (the sample of every token,
+`megamm.data.packing.segment_ids`: attention is block-diagonal causal over them, the O(s) form of
+`block_causal_mask`), which every pipeline stage needs. The row count is rounded up
 with empty rows (all padding, no loss) to whole microbatches, and to a multiple of `microbatch_multiple`
 microbatches (the interleaved pipeline schedule needs a multiple of the pipeline size).
 
@@ -36,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from megamm.config.constants import IGNORE_INDEX
-from megamm.data.packing import block_causal_mask, pack_first_fit_decreasing, packed_sequence
+from megamm.data.packing import pack_first_fit_decreasing, packed_sequence, segment_ids
 from megamm.data.samples import Sample
 
 Batch = dict[str, torch.Tensor | None]
@@ -162,7 +163,7 @@ def packed_microbatches(
             "input_ids": torch.stack([p["input_ids"] for p in packed]),
             "labels": torch.stack([p["labels"] for p in packed]),
             "position_ids": torch.stack([p["position_ids"] for p in packed]),
-            "attention_mask": torch.stack([block_causal_mask(p["cu_seqlens"], seq_length) for p in packed])[:, None],
+            "segment_ids": torch.stack([segment_ids(p["cu_seqlens"], seq_length) for p in packed]),
             "pixel_values": pixel_values,
             "images_per_sample": per_row,
         }

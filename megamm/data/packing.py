@@ -10,8 +10,9 @@ fills each row with whole samples instead. Three pieces:
   extension is unavailable).
 - `packed_sequence` builds one row: ids, labels, restarting position ids, `cu_seqlens` (the form
   variable-length flash attention takes) and the sample of every token.
-- `block_causal_mask` turns `cu_seqlens` into the dense `[s, s]` mask for attention that cannot take
-  `cu_seqlens`, e.g. `LanguageModel(..., attention_mask=mask[None, None])`.
+- `segment_ids` turns `cu_seqlens` into the sample of every position `[s]` (padding positions each
+  their own), the O(s) form the training batches carry (`LanguageModel(..., segment_ids=ids[None])`);
+  `block_causal_mask` into the dense `[s, s]` mask, e.g. `LanguageModel(..., attention_mask=mask[None, None])`.
 """
 
 from __future__ import annotations
@@ -156,13 +157,12 @@ def packed_sequence(samples: list[dict], capacity: int, pad_id: int) -> dict[str
     }
 
 
-def block_causal_mask(cu_seqlens: torch.Tensor | Sequence[int], capacity: int) -> torch.Tensor:
-    """`[capacity, capacity]` bool mask, True where query i may attend key j.
+def segment_ids(cu_seqlens: torch.Tensor | Sequence[int], capacity: int) -> torch.Tensor:
+    """`[capacity]` int64: the sample each position of a packed row belongs to (0, 1, ...), and for
+    each padding position (past `cu_seqlens[-1]`) an id of its own (so padding attends only itself).
 
-    A real token attends the keys of its own sample at or before it (block-diagonal causal), so
-    no information crosses samples. A padding position (past `cu_seqlens[-1]`) attends only itself:
-    a row with no True would make the softmax 0/0 (NaN), which would poison gradients even though
-    padding has no loss. Real tokens never attend padding.
+    The O(s) form of a packed row's attention: query i may attend key j where their ids are equal
+    and j <= i (`block_causal_mask`); ring attention derives each block's mask from it.
     """
     bounds = torch.as_tensor(cu_seqlens, dtype=torch.long).flatten()
     if bounds.numel() == 0 or bounds[0] != 0:
@@ -170,9 +170,18 @@ def block_causal_mask(cu_seqlens: torch.Tensor | Sequence[int], capacity: int) -
     lengths = bounds[1:] - bounds[:-1]
     if (lengths < 0).any() or bounds[-1] > capacity:
         raise ValueError(f"cu_seqlens must be non-decreasing and end at most at capacity {capacity}")
-    owner = torch.full((capacity,), -1, dtype=torch.long)
-    owner[: int(bounds[-1])] = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-    positions = torch.arange(capacity)
-    same_sample = (owner[:, None] == owner[None, :]) & (owner[:, None] >= 0)
-    causal = positions[None, :] <= positions[:, None]
-    return (same_sample & causal) | torch.eye(capacity, dtype=torch.bool)
+    end = int(bounds[-1])
+    samples = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    return torch.cat([samples, torch.arange(lengths.numel(), lengths.numel() + capacity - end)])
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor | Sequence[int], capacity: int) -> torch.Tensor:
+    """`[capacity, capacity]` bool mask, True where query i may attend key j.
+
+    A real token attends the keys of its own sample at or before it (block-diagonal causal), so
+    no information crosses samples. A padding position (past `cu_seqlens[-1]`) attends only itself:
+    a row with no True would make the softmax 0/0 (NaN), which would poison gradients even though
+    padding has no loss. Real tokens never attend padding. The same segments as `segment_ids`.
+    """
+    owner = segment_ids(cu_seqlens, capacity)
+    return (owner[:, None] == owner[None, :]).tril()

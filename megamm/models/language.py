@@ -25,6 +25,7 @@ from megamm.transformer.kv_cache import KVCache
 from megamm.transformer.layer import TransformerBlock
 from megamm.transformer.norm import build_norm
 from megamm.transformer.rope import MultimodalRotaryEmbedding, RotaryEmbedding
+from megamm.transformer.segments import PackedRows
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -92,6 +93,17 @@ class LanguageModel(nn.Module):
         """Position ids per token: 3 with M-RoPE (temporal, height, width), else 1."""
         return 1 if self.config.mrope_section is None else len(self.config.mrope_section)
 
+    def _packed_rows(self, segment_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     seq: int) -> torch.Tensor | PackedRows:
+        """The decoder's form of packed rows given as segment ids `[b, s]`: the same-segment mask
+        `[b, 1, s, s]` at cp = 1 (the attention core adds causality), `PackedRows` under cp."""
+        if attention_mask is not None:
+            raise ValueError("give packed rows as attention_mask or as segment_ids, not both")
+        if segment_ids.dim() != 2 or segment_ids.shape[1] != seq:
+            raise ValueError(f"segment_ids must be [batch, {seq}] (the whole sequence), got {tuple(segment_ids.shape)}")
+        rows = PackedRows(segment_ids)
+        return rows if self.state.cp_size > 1 else rows.allowed(slice(None), slice(None))
+
     def rotary_tables(self, position_ids: torch.Tensor | None, start: int, seq: int, batch: int,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) `[s, b, 1, d]` for position ids `[b, s]` (1-D rope) or `[3, b, s]` (M-RoPE);
@@ -116,6 +128,7 @@ class LanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         return_logits: bool = False,
         kv_cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run this stage's part of the decoder.
 
@@ -126,6 +139,10 @@ class LanguageModel(nn.Module):
             sequence and are split here.
         labels: `[b, s]` aligned with the input ids (Hugging Face convention, -100 = ignore); the
             loss at position i is for predicting labels[i + 1].
+        segment_ids: packed rows in O(s), `[b, s]` int64 (megamm.data.packing.segment_ids), instead of
+            a dense attention_mask: a token attends the earlier tokens of its own segment. At cp = 1
+            the stage builds the `[b, 1, s, s]` mask once from them; under context parallelism ring
+            attention derives each block's mask from them (no `[s, s]` mask is built).
         Returns {"hidden_states"} on non-last stages; on the last stage {"loss": `[b, s]` fp32
         per-token loss, zero where ignored, "loss_mask": `[b, s]` bool} (this rank's s/cp positions) and "logits" `[s, b, V_pad/tp]`
         when `return_logits`.
@@ -136,6 +153,8 @@ class LanguageModel(nn.Module):
             largest tensor of the step).
         """
         if kv_cache is not None:
+            if segment_ids is not None:
+                raise ValueError("generation takes a dense attention_mask, not segment_ids")
             return self._generation_step(hidden_states, position_ids, attention_mask, kv_cache)
         if self.pre_process and self.sequence_parallel:
             hidden_states = scatter_to_sequence_parallel_region(hidden_states, self.state.tp_group)
@@ -146,7 +165,9 @@ class LanguageModel(nn.Module):
         # mask's query rows over every key column.
         cos, sin = self.rotary_tables(position_ids, 0, seq, batch, hidden_states.device)
         rotary = (split_sequence(cos, self.state, dim=0), split_sequence(sin, self.state, dim=0))
-        if attention_mask is not None:
+        if segment_ids is not None:
+            attention_mask = self._packed_rows(segment_ids, attention_mask, seq)
+        elif attention_mask is not None:
             attention_mask = split_sequence(attention_mask, self.state, dim=-2)
         hidden_states = self.decoder(hidden_states, rotary, attention_mask)
         if not self.post_process:

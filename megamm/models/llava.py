@@ -377,6 +377,7 @@ class LlavaModel(nn.Module):
         video_grid_thw: torch.Tensor | None = None,
         videos_per_sample: PerSample = None,
         image_sizes: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One stage's forward.
 
@@ -386,8 +387,9 @@ class LlavaModel(nn.Module):
         `[n, 2]` (see `embed`).
         Later stages: decoder_input, the previous stage's hidden states.
         Every stage: position_ids `[b, s]` (`[3, b, s]` with M-RoPE) and attention_mask `[b, 1, s, s]`
-        (bool, True = may attend, combined with causality) for packed rows; None gives 0..s-1 (on
-        every axis) and plain causal attention.
+        (bool, True = may attend, combined with causality) for packed rows, or instead segment_ids
+        `[b, s]` (their O(s) form, megamm.data.packing.segment_ids); None gives 0..s-1 (on every axis)
+        and plain causal attention.
         Last stage: labels `[b, s]` aligned with input_ids, -100 where ignored. Returns
         {"loss": `[b, s]`, "loss_mask": `[b, s]`, optionally "logits"}; see LanguageModel.forward.
         """
@@ -402,7 +404,8 @@ class LlavaModel(nn.Module):
         elif decoder_input is None:
             raise ValueError("a non-first pipeline stage needs decoder_input")
         return self.language(
-            decoder_input, labels, position_ids, attention_mask=attention_mask, return_logits=return_logits
+            decoder_input, labels, position_ids, attention_mask=attention_mask, return_logits=return_logits,
+            segment_ids=segment_ids,
         )
 
 

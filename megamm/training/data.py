@@ -50,12 +50,12 @@ FIRST_STAGE_KEYS = (
     "videos_per_sample", "image_sizes",
 )
 LAST_STAGE_KEYS = ("labels", "images_per_sample", "image_grid_thw", "video_grid_thw", "videos_per_sample")
-EVERY_STAGE_KEYS = ("position_ids", "attention_mask")
+EVERY_STAGE_KEYS = ("position_ids", "segment_ids")
 
 
 def stage_keys(state: ParallelState, packed: bool, native: bool = False) -> tuple[str, ...]:
     """The batch keys this rank's stage keeps (a key its batches lack is skipped): packed rows give
-    every stage the positions and mask, native-resolution rows the positions."""
+    every stage the positions and segment ids, native-resolution rows the positions."""
     keys = (FIRST_STAGE_KEYS if state.is_first_stage else ()) + (LAST_STAGE_KEYS if state.is_last_stage else ())
     every = EVERY_STAGE_KEYS if packed else ("position_ids",) if native else ()
     return tuple(dict.fromkeys(keys + every))

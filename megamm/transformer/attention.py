@@ -22,7 +22,7 @@ from megamm.transformer.kv_cache import LayerKVCache
 from megamm.transformer.recompute import recompute
 from megamm.transformer.ring_attention import ring_attention
 from megamm.transformer.rope import apply_rotary
-from megamm.transformer.segments import Segments
+from megamm.transformer.segments import PackedRows, Segments
 
 
 class SelfAttention(nn.Module):
@@ -65,7 +65,7 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | Segments | None = None,
+        attention_mask: torch.Tensor | Segments | PackedRows | None = None,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         """rotary: (cos, sin) `[s, b, 1, d]`; attention_mask: bool, broadcastable to
@@ -101,7 +101,7 @@ class SelfAttention(nn.Module):
         return self.proj(context.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * d))
 
     def _core(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | Segments | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | Segments | PackedRows | None
     ) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) v on `[b, heads, s, d]`: sdpa (flash/efficient kernels on GPU) or,
         with attention_backend="unfused", `megamm.kernels.attention.unfused_attention`; Segments
@@ -137,13 +137,15 @@ class SelfAttention(nn.Module):
             )
 
     def _context_parallel_core(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | Segments | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | Segments | PackedRows | None
     ) -> torch.Tensor:
         """The core over the sequence split across cp ranks (megamm.transformer.ring_attention): q, k,
         v hold this rank's `s/cp` positions, attention_mask (packed rows) its rows over the global
-        keys, `[b, 1, s/cp, s]`."""
+        keys, `[b, 1, s/cp, s]`, or the rows' segment ids (PackedRows, O(s))."""
         if isinstance(attention_mask, Segments):
             raise TypeError("attention segments (a packed vision sequence) are not split over context parallelism")
         if self.training and self.config.attention_dropout > 0:
             raise ValueError("ring attention has no attention dropout; megamm.config refuses it with cp > 1")
+        if isinstance(attention_mask, PackedRows):
+            return ring_attention(q, k, v, self.state, self.config.causal, segments=attention_mask)
         return ring_attention(q, k, v, self.state, self.config.causal, attention_mask)

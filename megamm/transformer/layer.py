@@ -19,7 +19,7 @@ from megamm.transformer.norm import build_norm
 from megamm.transformer.recompute import recompute
 
 if TYPE_CHECKING:
-    from megamm.transformer.segments import Segments
+    from megamm.transformer.segments import PackedRows, Segments
 
 
 class TransformerLayer(nn.Module):
@@ -48,7 +48,7 @@ class TransformerLayer(nn.Module):
         self,
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | Segments | None = None,
+        attention_mask: torch.Tensor | Segments | PackedRows | None = None,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         x = x + self._dropout(self.self_attention(self.input_norm(x), rotary, attention_mask, kv_cache))
@@ -82,7 +82,7 @@ class TransformerBlock(nn.Module):
         self,
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | Segments | None = None,
+        attention_mask: torch.Tensor | Segments | PackedRows | None = None,
         num_layers: int | None = None,
         kv_cache: KVCache | None = None,
         layer_masks: Mapping[int, torch.Tensor | Segments] | None = None,

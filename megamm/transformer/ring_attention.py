@@ -16,7 +16,12 @@ fully, j == i is the causal diagonal, j > i is skipped. Because every rank holds
 late chunk, every rank computes the same number of blocks. A packed row's mask (True where a query
 may attend a key, sample boundaries anywhere) is given as this rank's query rows over the global
 key columns, `[b, 1, s/cp, s]`, and each pair reads its `[s/2cp, s/2cp]` slice, so boundaries inside
-and across chunks need nothing else. GQA: K/V carry the key/value heads only (what travels is
+and across chunks need nothing else. The training batches give packed rows in the O(s) form instead:
+segment ids `[b, s]` over the whole sequence (`PackedRows`; the model never cuts them, every cp rank
+has the whole microbatch), and each tile's mask is derived when the tile runs, by comparing the ids
+of its query rows with those of its key columns (the K/V block's global positions are known from
+its source rank, so the ids need not travel with it). Nothing of `[s/cp, s]` is built or saved for
+backward; a tile's mask is `tile x chunk`, transient like its scores. GQA: K/V carry the key/value heads only (what travels is
 heads/groups times smaller); each query head uses key/value head `h // (heads / groups)`, the
 grouping `scaled_dot_product_attention(enable_gqa=True)` uses.
 
@@ -37,6 +42,7 @@ import torch
 
 from megamm.parallel.context import RingExchange, chunk_ids
 from megamm.parallel.state import ParallelState
+from megamm.transformer.segments import PackedRows
 
 # Query rows per tile of a chunk pair on the plain path: bounds the scores held at once
 # (TILE_ROWS x chunk fp32 per head) for long sequences; the result does not depend on it.
@@ -55,7 +61,8 @@ def _fused(q: torch.Tensor) -> bool:
 
 
 def _tiles(cp: int, rank: int, source: int, chunk: int, causal: bool, mask: torch.Tensor | None,
-           device: torch.device, tile_rows: int) -> Iterator[tuple[slice, slice, torch.Tensor | None, bool]]:
+           segments: PackedRows | None, device: torch.device,
+           tile_rows: int) -> Iterator[tuple[slice, slice, torch.Tensor | None, bool]]:
     """The work when this rank's queries meet the K/V block of cp rank `source`: (query rows, key
     columns of the block, allowed, causal_square) per tile, skipped pairs left out.
 
@@ -64,8 +71,11 @@ def _tiles(cp: int, rank: int, source: int, chunk: int, causal: bool, mask: torc
     stop at its last row (the rest would be masked). `allowed` (True = may attend) broadcasts to
     `[b, heads, rows, keys]`; it is None with `causal_square` True for a whole diagonal pair without
     a packed mask (plain causal attention of a square block, which the fused kernel takes as a flag)
-    and None with `causal_square` False where every query attends every key.
+    and None with `causal_square` False where every query attends every key. Packed rows come as
+    this rank's rows of a mask (`mask`) or as segment ids (`segments`), from which a tile's mask is
+    derived by comparing the ids of its query rows and key columns.
     """
+    packed = mask is not None or segments is not None
     for qa, q_chunk in enumerate(chunk_ids(cp, rank)):
         for kb, k_chunk in enumerate(chunk_ids(cp, source)):
             if causal and k_chunk > q_chunk:
@@ -75,12 +85,15 @@ def _tiles(cp: int, rank: int, source: int, chunk: int, causal: bool, mask: torc
                 bottom = min(top + tile_rows, chunk)
                 keys = bottom if diagonal else chunk
                 rows, cols = slice(qa * chunk + top, qa * chunk + bottom), slice(kb * chunk, kb * chunk + keys)
-                if diagonal and mask is None and top == 0 and bottom == chunk:
+                if diagonal and not packed and top == 0 and bottom == chunk:
                     yield rows, cols, None, True
                     continue
                 allowed = None
+                key_positions = slice(k_chunk * chunk, k_chunk * chunk + keys)
                 if mask is not None:
-                    allowed = mask[..., rows, k_chunk * chunk : k_chunk * chunk + keys]
+                    allowed = mask[..., rows, key_positions]
+                elif segments is not None:
+                    allowed = segments.allowed(slice(q_chunk * chunk + top, q_chunk * chunk + bottom), key_positions)
                 if diagonal:
                     lower = (torch.arange(top, bottom, device=device)[:, None]
                              >= torch.arange(keys, device=device)[None, :])
@@ -171,7 +184,7 @@ def _block_backward(q, k, v, out, d_out, lse, allowed, causal_square, scale):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, state: ParallelState, causal: bool):
+    def forward(ctx, q, k, v, mask, segments, state: ParallelState, causal: bool):
         cp, rank = state.cp_size, state.cp_rank
         heads, groups = q.shape[1], k.shape[1]
         chunk = q.shape[2] // 2
@@ -186,20 +199,21 @@ class _RingAttention(torch.autograd.Function):
                 ring.start(kv)
             source = (rank - step) % cp
             kx, vx = (_expand(t, heads) for t in kv)
-            for rows, cols, allowed, square in _tiles(cp, rank, source, chunk, causal, mask, q.device, tile_rows):
+            for rows, cols, allowed, square in _tiles(cp, rank, source, chunk, causal, mask, segments, q.device,
+                                                      tile_rows):
                 block_out, block_lse = _block_forward(q[:, :, rows], kx[:, :, cols], vx[:, :, cols], allowed,
                                                       square, scale)
                 _merge(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
             if step < cp - 1:
                 kv = ring.wait()
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.state, ctx.causal, ctx.groups, ctx.scale = state, causal, groups, scale
+        ctx.state, ctx.causal, ctx.groups, ctx.scale, ctx.segments = state, causal, groups, scale, segments
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        state, causal, groups, scale = ctx.state, ctx.causal, ctx.groups, ctx.scale
+        state, causal, groups, scale, segments = ctx.state, ctx.causal, ctx.groups, ctx.scale, ctx.segments
         cp, rank = state.cp_size, state.cp_rank
         heads, chunk = q.shape[1], q.shape[2] // 2
         tile_rows = chunk if _fused(q) else TILE_ROWS
@@ -216,7 +230,8 @@ class _RingAttention(torch.autograd.Function):
             kx, vx = (_expand(t, heads) for t in kv)
             dk = torch.zeros(kx.shape, dtype=torch.float32, device=q.device)
             dv = torch.zeros_like(dk)
-            for rows, cols, allowed, square in _tiles(cp, rank, source, chunk, causal, mask, q.device, tile_rows):
+            for rows, cols, allowed, square in _tiles(cp, rank, source, chunk, causal, mask, segments, q.device,
+                                                      tile_rows):
                 block = _block_backward(q[:, :, rows], kx[:, :, cols], vx[:, :, cols], out[:, :, rows],
                                         d_out[:, :, rows], lse[:, :, rows], allowed, square, scale)
                 dq[:, :, rows] += block[0]
@@ -231,21 +246,27 @@ class _RingAttention(torch.autograd.Function):
                 kv = kv_ring.wait()
         # After a full turn the last hop brings every rank its own block's complete gradient.
         d_kv = grad_ring.wait() if cp > 1 else d_kv
-        return dq.to(q.dtype), d_kv[0].to(k.dtype), d_kv[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), d_kv[0].to(k.dtype), d_kv[1].to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ParallelState, causal: bool = True,
-                   mask: torch.Tensor | None = None) -> torch.Tensor:
+                   mask: torch.Tensor | None = None, segments: PackedRows | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over the sequence split across `state`'s cp ranks.
 
     q `[b, heads, s/cp, d]`, k and v `[b, groups, s/cp, d]` (this rank's two chunks, local order);
-    mask: None, or bool `[b or 1, 1, s/cp, s]` (this rank's query rows over the global key
-    positions, True = may attend; combined with causality when `causal`). Returns `[b, heads, s/cp, d]`
-    in q's dtype.
+    packed rows as either mask: bool `[b or 1, 1, s/cp, s]` (this rank's query rows over the global
+    key positions, True = may attend; combined with causality when `causal`), or segments: the
+    rows' segment ids over the whole sequence (O(s); a query attends the keys of its own segment).
+    Returns `[b, heads, s/cp, d]` in q's dtype.
     """
     if q.shape[2] % 2:
         raise ValueError(f"ring attention: {q.shape[2]} local positions do not split into two chunks")
+    if mask is not None and segments is not None:
+        raise ValueError("ring attention: give packed rows as a mask or as segment ids, not both")
     if mask is not None and mask.shape[-1] != q.shape[2] * state.cp_size:
         raise ValueError(f"ring attention: mask {tuple(mask.shape)} must cover the {q.shape[2] * state.cp_size} "
                          "global key positions")
-    return _RingAttention.apply(q, k, v, mask, state, causal)
+    if segments is not None and tuple(segments.ids.shape) != (q.shape[0], q.shape[2] * state.cp_size):
+        raise ValueError(f"ring attention: segment ids {tuple(segments.ids.shape)} must be [batch {q.shape[0]}, "
+                         f"the {q.shape[2] * state.cp_size} global positions]")
+    return _RingAttention.apply(q, k, v, mask, segments, state, causal)

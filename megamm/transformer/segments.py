@@ -5,6 +5,10 @@ CUDA in fp16 / bf16 the attention core hands the cumulative lengths to torch's v
 flash kernel (`torch.nn.attention.varlen.varlen_attn`), which never forms the s x s scores of the
 padding between segments; everywhere else it uses the equivalent block-diagonal boolean mask with
 SDPA. The mask is built once per Segments object and reused by every layer that attends with it.
+
+`PackedRows` is the language model's form of packed rows under context parallelism: per-token
+segment ids `[b, s]` over the whole sequence, from which ring attention derives each block's mask
+(megamm.transformer.ring_attention), so no `[s, s]` mask exists.
 """
 
 from __future__ import annotations
@@ -70,3 +74,16 @@ class Segments:
         gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
         out = varlen_attn(q, k, v, cu, cu, self.max_length, self.max_length, **gqa)
         return out.transpose(0, 1).unsqueeze(0)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedRows:
+    """Packed rows as segment ids `[b, s]` int64 over the whole sequence (every cp rank holds all of
+    them: O(s)): query i may attend key j where their ids are equal (and j <= i under causality)."""
+
+    ids: torch.Tensor
+
+    def allowed(self, query_positions: slice, key_positions: slice) -> torch.Tensor:
+        """`[b, 1, queries, keys]` bool: True where the queries at `query_positions` (global) and the
+        keys at `key_positions` (global) are in the same segment (causality is the caller's)."""
+        return self.ids[:, None, query_positions, None] == self.ids[:, None, None, key_positions]

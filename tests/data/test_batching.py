@@ -134,7 +134,7 @@ def test_packed_rows(data: tuple[Tokenizer, list[Sample]]) -> None:
             assert torch.equal(batch["pixel_values"], torch.cat(patches))
         if videos:
             assert torch.equal(batch["pixel_values_videos"], torch.cat(video_patches))
-        assert batch["attention_mask"].shape == (len(batch["input_ids"]), 1, seq_length, seq_length)
+        assert batch["segment_ids"].shape == (len(batch["input_ids"]), seq_length)
     assert seen == len(samples)
     assert any(len(_segments(row, samples)) > 1 for batch in batches for row in batch["input_ids"])
 

@@ -18,6 +18,7 @@ from megamm.data.packing import (
     pack_first_fit_decreasing,
     pack_python,
     packed_sequence,
+    segment_ids,
 )
 from megamm.models.language import LanguageModel
 from megamm.parallel.params import initialize_parameters
@@ -150,6 +151,15 @@ def test_block_causal_mask_hand_built() -> None:
         block_causal_mask([0, 7], 6)
 
 
+def test_segment_ids_hand_built() -> None:
+    """Samples [0, 2) and [2, 5), then two padding positions, each a segment of its own."""
+    ids = segment_ids(torch.tensor([0, 2, 5], dtype=torch.int32), 7)
+    assert ids.tolist() == [0, 0, 1, 1, 1, 2, 3]
+    assert segment_ids([0, 6], 6).tolist() == [0] * 6
+    with pytest.raises(ValueError):
+        segment_ids([0, 7], 6)
+
+
 def test_packed_losses_equal_standalone_losses() -> None:
     """Two samples in one padded row give each sample's standalone per-token losses and logits."""
     torch.manual_seed(0)
@@ -187,3 +197,7 @@ def test_packed_losses_equal_standalone_losses() -> None:
             if number > 0:  # without the mask and restarting positions, later samples do differ
                 assert (plain["loss"][0, start:end] - alone["loss"][0]).abs().max() > 1e-3
         assert not packed["loss_mask"][0, bounds[-1] - 1 :].any()  # no loss on or into padding
+        # The O(s) form the training batches carry gives the same result.
+        by_ids = run(row["input_ids"], row["labels"], position_ids=row["position_ids"][None],
+                     segment_ids=segment_ids(row["cu_seqlens"], capacity)[None])
+        assert torch.equal(by_ids["logits"], packed["logits"]) and torch.equal(by_ids["loss"], packed["loss"])

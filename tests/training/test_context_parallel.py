@@ -6,8 +6,8 @@ groups) and the parallel run from the same seed on the same global batches:
 - cp=2 x dp=2 (plain and distributed optimizer), cp=4, tp=2 x cp=2 with sequence parallelism, each
   on the synthetic multimodal set (two 17-token images per 48-token sample: chunks of 12 or 6
   tokens, so images cross chunk boundaries), and cp=2 x dp=2 on packed rows (sample boundaries
-  inside and across chunks, per-sample position ids, block-causal mask); the vision tower's image
-  count per rank is recorded;
+  inside and across chunks, per-sample position ids, segment ids: the batches' O(s) form); the
+  vision tower's image count per rank is recorded;
 - pp=2 x cp=2 (1F1B over two microbatches per step) with tied embeddings (Qwen2), and cp=2 x dp=2
   with full activation recompute.
 Clipping is active, so the global grad norm is compared too; the first step's gradients (gathered
@@ -23,7 +23,7 @@ import torch
 from megamm.config import LlavaConfig, ParallelConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
-from megamm.data.packing import block_causal_mask, packed_sequence
+from megamm.data.packing import packed_sequence, segment_ids
 from megamm.data.synthetic import SyntheticMultimodalDataset, collate, microbatch_indices
 from megamm.models import image_shares
 from megamm.parallel.params import param_specs
@@ -89,7 +89,7 @@ def _packed_batches(config, state: ParallelState, iteration: int) -> list[dict]:
             "input_ids": torch.stack([p["input_ids"] for p, _ in group]),
             "labels": torch.stack([p["labels"] for p, _ in group]),
             "position_ids": torch.stack([p["position_ids"] for p, _ in group]),
-            "attention_mask": torch.stack([block_causal_mask(p["cu_seqlens"], SEQ) for p, _ in group])[:, None],
+            "segment_ids": torch.stack([segment_ids(p["cu_seqlens"], SEQ) for p, _ in group]),
             "pixel_values": torch.cat(images),
             "images_per_sample": torch.tensor([sum(len(i) for i in row_images) for _, row_images in group]),
         })

@@ -153,7 +153,7 @@ def test_native_batches_reach_each_stage(native_root: Path) -> None:
     assert batch["pixel_values"].shape[0] == sum(t * h * w for t, h, w in batch["image_grid_thw"].tolist())
     packed = _native_config(native_root, tokenizer, pack_sequences=True)
     (row_batch,) = FileData(packed, _stage(False, False), ResumePoint()).microbatches(0)
-    assert set(row_batch) == {"position_ids", "attention_mask"}
+    assert set(row_batch) == {"position_ids", "segment_ids"}
 
 
 def test_native_tokenizer_and_synthetic_data(native_root: Path, tmp_path: Path) -> None:

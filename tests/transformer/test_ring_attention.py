@@ -4,7 +4,8 @@ One spawned job of 4 ranks: a cp=2 state (two rings of two) and a cp=4 state (on
 builds the same full q, k, v and output gradient, runs `scaled_dot_product_attention` on the whole
 sequence (the reference), and ring attention on its own positions; its outputs and its positions'
 gradients of q, k and v must equal the reference's. Both block paths run: the fused CPU kernel
-(the default on CPU) and the plain torch path (forced, in small tiles).
+(the default on CPU) and the plain torch path (forced, in small tiles); packed rows as this rank's
+rows of a dense mask and as segment ids (the O(s) form).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megamm.data.packing import block_causal_mask
+from megamm.data.packing import block_causal_mask, segment_ids
 from megamm.parallel.context import local_positions, split_sequence
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.transformer import ring_attention as ring
 from megamm.transformer.ring_attention import ring_attention
+from megamm.transformer.segments import PackedRows
 from tests.distributed import run_distributed
 
 TOLERANCE = 1e-5
@@ -33,17 +35,27 @@ def _inputs(heads: int, groups: int, batch: int = 2, dim: int = 8):
     return q, k, v, d_out
 
 
+PACKED_ROWS = ([0, 5, 19, 31, 44], [0, 30, 37])  # boundaries inside chunks, across chunks, trailing padding
+
+
 def _packed_mask() -> torch.Tensor:
-    """Two packed rows `[2, 1, s, s]`: boundaries inside chunks, across chunks, and trailing padding."""
-    rows = [block_causal_mask([0, 5, 19, 31, 44], SEQ), block_causal_mask([0, 30, 37], SEQ)]
-    return torch.stack(rows)[:, None]
+    """The two packed rows `[2, 1, s, s]`."""
+    return torch.stack([block_causal_mask(bounds, SEQ) for bounds in PACKED_ROWS])[:, None]
+
+
+def _packed_segments() -> PackedRows:
+    """The same rows as segment ids `[2, s]` (the O(s) form)."""
+    return PackedRows(torch.stack([segment_ids(bounds, SEQ) for bounds in PACKED_ROWS]))
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
 
 
-def _case(state: ParallelState, heads: int, groups: int, mask: torch.Tensor | None, causal: bool = True) -> dict:
+def _case(state: ParallelState, heads: int, groups: int, mask: torch.Tensor | None, causal: bool = True,
+          segments: PackedRows | None = None) -> dict:
+    """Ring attention against full attention; with `segments` the ring takes the packed rows as
+    segment ids while the reference takes `mask` (the same rows, dense)."""
     q, k, v, d_out = _inputs(heads, groups)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     reference_mask = mask
@@ -53,8 +65,8 @@ def _case(state: ParallelState, heads: int, groups: int, mask: torch.Tensor | No
     expected = F.scaled_dot_product_attention(*full, attn_mask=reference_mask, enable_gqa=groups != heads)
     expected.backward(d_out)
     local = [split_sequence(t, state, dim=2).clone().requires_grad_() for t in (q, k, v)]
-    local_mask = None if mask is None else split_sequence(mask, state, dim=2)
-    out = ring_attention(*local, state, causal=causal, mask=local_mask)
+    local_mask = None if mask is None or segments is not None else split_sequence(mask, state, dim=2)
+    out = ring_attention(*local, state, causal=causal, mask=local_mask, segments=segments)
     out.backward(split_sequence(d_out, state, dim=2))
     errors = {"out": _relative(out, split_sequence(expected, state, dim=2))}
     for name, mine, reference in zip("qkv", local, full):
@@ -70,11 +82,15 @@ def _job() -> dict:
         results[f"cp{cp}_causal"] = _case(state, heads=4, groups=4, mask=None)
         results[f"cp{cp}_gqa"] = _case(state, heads=8, groups=2, mask=None)
         results[f"cp{cp}_packed_gqa"] = _case(state, heads=4, groups=2, mask=_packed_mask())
+        results[f"cp{cp}_segments_gqa"] = _case(state, heads=4, groups=2, mask=_packed_mask(),
+                                                segments=_packed_segments())
         results[f"cp{cp}_bidirectional"] = _case(state, heads=4, groups=4, mask=None, causal=False)
         # The plain path (what runs off the CPU) in tiles of 5 query rows: uneven tiles of every
         # chunk pair, diagonal keys cut at each tile.
         ring.FUSED_CPU, ring.TILE_ROWS, rows = False, 5, ring.TILE_ROWS
         results[f"cp{cp}_plain_tiled_packed"] = _case(state, heads=4, groups=2, mask=_packed_mask())
+        results[f"cp{cp}_plain_tiled_segments"] = _case(state, heads=4, groups=2, mask=_packed_mask(),
+                                                        segments=_packed_segments())
         results[f"cp{cp}_plain_tiled_causal"] = _case(state, heads=8, groups=2, mask=None)
         results[f"cp{cp}_plain_bidirectional"] = _case(state, heads=4, groups=4, mask=None, causal=False)
         ring.FUSED_CPU, ring.TILE_ROWS = True, rows
@@ -87,8 +103,9 @@ def ring_results() -> list[dict]:
     return run_distributed(_job, 4)
 
 
-@pytest.mark.parametrize("case", ["causal", "gqa", "packed_gqa", "bidirectional", "plain_tiled_packed",
-                                  "plain_tiled_causal", "plain_bidirectional"])
+@pytest.mark.parametrize("case", ["causal", "gqa", "packed_gqa", "segments_gqa", "bidirectional",
+                                  "plain_tiled_packed", "plain_tiled_segments", "plain_tiled_causal",
+                                  "plain_bidirectional"])
 @pytest.mark.parametrize("cp", [2, 4])
 def test_ring_attention_equals_full_attention(ring_results: list[dict], cp: int, case: str) -> None:
     for rank, results in enumerate(ring_results):
