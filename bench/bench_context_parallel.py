@@ -24,6 +24,17 @@ high-water marks below belong to that configuration alone), and each rank report
   (at least one), so the configurations use the same total threads. On a machine with fewer cores than
   ranks the times measure oversubscription, not scaling; the memory figures do not depend on it.
 
+With --packed-masks the benchmark measures instead what a packed row's attention mask costs ring
+attention, per rank, at cp = 2 and 4 (cp = 1 does not run the ring): one --seq-length row packing
+--packed-samples equal samples (the last one 100 tokens short, then padding), one attention core
+(the model's heads, GQA groups and head dim; fp32) forward + backward, the mask in each of its two
+forms, each in a fresh process: "dense", the `[s, s]` block-causal mask the batches used to carry and
+the `[s/cp, s]` rows of it the language model passed every layer; "segment ids", the `[s]` int64
+segment ids the batches carry now, from which the ring derives each tile's mask. Reported: the bytes
+the microbatch carries, the bytes the ring keeps for backward for the mask (a saved-tensors hook on
+the mask's storages), and the peak RSS increase over building the mask from the row's cu_seqlens and
+the forward + backward.
+
 On CUDA (--device cuda, one GPU per rank) the peak is `torch.cuda.max_memory_allocated` instead of RSS;
 the ring attention's per-block math is the plain torch path there (no fused GPU kernel per block).
 The CUDA option has not run yet (no GPU was available).
@@ -32,6 +43,7 @@ Run from the repository root with megamm installed:
 
     python bench/bench_context_parallel.py
     python bench/bench_context_parallel.py --seq-length 32768 --images 192 --cp 1 2 4
+    python bench/bench_context_parallel.py --packed-masks --cp 2 4
 """
 
 from __future__ import annotations
@@ -49,9 +61,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megamm.config import LanguageConfig, LlavaConfig, ProjectorConfig, TransformerConfig, VisionConfig
+from megamm.data.packing import block_causal_mask, segment_ids
 from megamm.models.image_shares import VisionShares, local_vision_embeddings, vision_ordinals
 from megamm.models.llava import LlavaModel
+from megamm.parallel.context import split_sequence
 from megamm.parallel.state import initialize_parallel_state
+from megamm.transformer.ring_attention import ring_attention
+from megamm.transformer.segments import PackedRows
 
 IMAGE_TOKEN_ID = 99
 
@@ -148,6 +164,66 @@ def _worker(rank: int, cp: int, port: int, args: argparse.Namespace, results) ->
     dist.destroy_process_group()
 
 
+def _mask_worker(rank: int, cp: int, port: int, args: argparse.Namespace, results) -> None:
+    """One packed row's attention core under ring attention with the mask in one form (args.form)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(cp), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cp))
+    state = initialize_parallel_state(use_cuda=args.device == "cuda", context_parallel_size=cp)
+    s, n = args.seq_length, args.packed_samples
+    cu_seqlens = [i * (s // n) for i in range(n)] + [n * (s // n) - 100]
+    attention = model_config(s).language.transformer
+    generator = torch.Generator().manual_seed(rank)
+    shapes = [(1, attention.num_attention_heads, s // cp, attention.head_dim)]
+    shapes += [(1, attention.query_groups, s // cp, attention.head_dim)] * 2
+    q, k, v = (torch.randn(shape, generator=generator).to(state.device).requires_grad_() for shape in shapes)
+    inputs = {q.untyped_storage().data_ptr(), k.untyped_storage().data_ptr(), v.untyped_storage().data_ptr()}
+    kept: dict[int, int] = {}
+    dist.barrier()
+    before = _rss_bytes()
+    started = time.perf_counter()
+    if args.form == "dense":
+        carried = block_causal_mask(cu_seqlens, s)[None, None].to(state.device)  # [1, 1, s, s]
+        form = {"mask": split_sequence(carried, state, dim=-2)}  # this rank's rows, [1, 1, s/cp, s]
+        mask_storages = {form["mask"].untyped_storage().data_ptr()}
+    else:
+        carried = segment_ids(cu_seqlens, s)[None].to(state.device)  # [1, s]
+        form = {"segments": PackedRows(carried)}
+        mask_storages = {carried.untyped_storage().data_ptr()}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in mask_storages and storage.data_ptr() not in inputs:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = ring_attention(q, k, v, state, causal=True, **form)
+    out.sum().backward()
+    elapsed = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    results.put((rank, pickle.dumps({"carried": carried.nbytes, "kept": sum(kept.values()), "peak": peak,
+                                     "time": elapsed})))
+    dist.destroy_process_group()
+
+
+def _packed_masks(args: argparse.Namespace) -> None:
+    print(f"one packed row of {args.seq_length} tokens ({args.packed_samples} samples), one attention core "
+          f"forward + backward; {args.device}, fp32; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
+    print(f"{'cp':>3} {'mask form':>12} {'carried by the microbatch (MiB)':>32} {'kept for backward / rank (MiB)':>31} "
+          f"{'peak increase / rank (MiB)':>27} {'time (s)':>9}")
+    for cp in args.cp:
+        for form in ("segment ids", "dense"):
+            args.form = form
+            ranks = run(cp, args, _mask_worker)
+            carried = max(r["carried"] for r in ranks) / 2**20
+            kept = max(r["kept"] for r in ranks) / 2**20
+            peak = max(r["peak"] for r in ranks) / 2**20
+            seconds = max(r["time"] for r in ranks)
+            print(f"{cp:>3} {form:>12} {carried:>32.3f} {kept:>31.3f} {peak:>27.1f} {seconds:>9.2f}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 def _image_exchanges(model: LlavaModel, batch: dict[str, torch.Tensor], state, repeats: int) -> dict[str, float]:
     """Bytes received and median seconds of two exchanges of this rank's encoded image rows, each
     ending with the rows of the image tokens among its positions, run alike (lockstep, no grad,
@@ -192,11 +268,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(cp: int, args: argparse.Namespace) -> list[dict]:
+def run(cp: int, args: argparse.Namespace, worker=_worker) -> list[dict]:
     context = mp.get_context("spawn")
     results = context.Queue()
     port = _free_port()
-    processes = [context.Process(target=_worker, args=(rank, cp, port, args, results)) for rank in range(cp)]
+    processes = [context.Process(target=worker, args=(rank, cp, port, args, results)) for rank in range(cp)]
     for process in processes:
         process.start()
     collected = dict(results.get(timeout=args.timeout) for _ in range(cp))
@@ -213,7 +289,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--packed-masks", action="store_true",
+                        help="measure a packed row's attention mask under ring attention, dense vs segment ids")
+    parser.add_argument("--packed-samples", type=int, default=8, help="samples in the --packed-masks row")
     args = parser.parse_args()
+    if args.packed_masks:
+        if 1 in args.cp:
+            parser.error("--packed-masks measures ring attention: give --cp sizes > 1 (e.g. --cp 2 4)")
+        _packed_masks(args)
+        return
     config = model_config(args.seq_length)
     print(f"one sample of {args.seq_length} tokens, {args.images} images x {config.image_tokens_per_image} "
           f"tokens; {args.device}, fp32; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")

@@ -206,14 +206,15 @@ class _RingAttention(torch.autograd.Function):
                 _merge(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
             if step < cp - 1:
                 kv = ring.wait()
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.state, ctx.causal, ctx.groups, ctx.scale, ctx.segments = state, causal, groups, scale, segments
+        ctx.save_for_backward(q, k, v, out, lse, mask, None if segments is None else segments.ids)
+        ctx.state, ctx.causal, ctx.groups, ctx.scale = state, causal, groups, scale
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        state, causal, groups, scale, segments = ctx.state, ctx.causal, ctx.groups, ctx.scale, ctx.segments
+        q, k, v, out, lse, mask, ids = ctx.saved_tensors
+        state, causal, groups, scale = ctx.state, ctx.causal, ctx.groups, ctx.scale
+        segments = None if ids is None else PackedRows(ids)
         cp, rank = state.cp_size, state.cp_rank
         heads, chunk = q.shape[1], q.shape[2] // 2
         tile_rows = chunk if _fused(q) else TILE_ROWS
