@@ -21,9 +21,12 @@ segment ids `[b, s]` over the whole sequence (`PackedRows`; the model never cuts
 has the whole microbatch), and each tile's mask is derived when the tile runs, by comparing the ids
 of its query rows with those of its key columns (the K/V block's global positions are known from
 its source rank, so the ids need not travel with it). Nothing of `[s/cp, s]` is built or saved for
-backward; a tile's mask is `tile x chunk`, transient like its scores. GQA: K/V carry the key/value heads only (what travels is
-heads/groups times smaller); each query head uses key/value head `h // (heads / groups)`, the
-grouping `scaled_dot_product_attention(enable_gqa=True)` uses.
+backward; a tile's mask is `TILE_ROWS x chunk` (packed pairs are tiled on the fused path too),
+transient like its scores.
+
+GQA: K/V carry the key/value heads only (what travels is heads/groups times smaller); each query
+head uses key/value head `h // (heads / groups)`, the grouping
+`scaled_dot_product_attention(enable_gqa=True)` uses.
 
 Per block, on the CPU: torch's fused flash-attention kernel for CPU
 (`aten._scaled_dot_product_flash_attention_for_cpu`, which returns the block's log-sum-exp, and its
@@ -44,8 +47,9 @@ from megamm.parallel.context import RingExchange, chunk_ids
 from megamm.parallel.state import ParallelState
 from megamm.transformer.segments import PackedRows
 
-# Query rows per tile of a chunk pair on the plain path: bounds the scores held at once
-# (TILE_ROWS x chunk fp32 per head) for long sequences; the result does not depend on it.
+# Query rows per tile of a chunk pair on the plain path and of a packed row's pairs on either path:
+# bounds the scores and the mask held at once (TILE_ROWS x chunk) for long sequences; the result
+# does not depend on it.
 TILE_ROWS = 1024
 # Use torch's fused CPU flash-attention kernel per block where it exists (it returns the block's
 # log-sum-exp and takes the merged output and log-sum-exp in backward); False forces the plain path.
@@ -58,6 +62,13 @@ BACKWARD_GRAD_TAG = 33
 def _fused(q: torch.Tensor) -> bool:
     """Whether this block math runs on the fused CPU kernel (torch's flash attention for CPU)."""
     return FUSED_CPU and q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _tile_rows(q: torch.Tensor, chunk: int, packed: bool) -> int:
+    """Query rows per tile. The fused kernel tiles internally, so without a mask a chunk pair is one
+    call; a packed row's mask (and the fused kernel's additive copy of it) is materialized per tile,
+    so tiles stay `TILE_ROWS x chunk` there on either path: the transient mask grows with s, not s^2."""
+    return chunk if _fused(q) and not packed else TILE_ROWS
 
 
 def _tiles(cp: int, rank: int, source: int, chunk: int, causal: bool, mask: torch.Tensor | None,
@@ -189,7 +200,7 @@ class _RingAttention(torch.autograd.Function):
         heads, groups = q.shape[1], k.shape[1]
         chunk = q.shape[2] // 2
         scale = 1.0 / math.sqrt(q.shape[-1])
-        tile_rows = chunk if _fused(q) else TILE_ROWS  # the fused kernel tiles internally
+        tile_rows = _tile_rows(q, chunk, mask is not None or segments is not None)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
@@ -217,7 +228,7 @@ class _RingAttention(torch.autograd.Function):
         segments = None if ids is None else PackedRows(ids)
         cp, rank = state.cp_size, state.cp_rank
         heads, chunk = q.shape[1], q.shape[2] // 2
-        tile_rows = chunk if _fused(q) else TILE_ROWS
+        tile_rows = _tile_rows(q, chunk, mask is not None or segments is not None)
         d_out = d_out.float()
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])

@@ -85,6 +85,12 @@ def _job() -> dict:
         results[f"cp{cp}_segments_gqa"] = _case(state, heads=4, groups=2, mask=_packed_mask(),
                                                 segments=_packed_segments())
         results[f"cp{cp}_bidirectional"] = _case(state, heads=4, groups=4, mask=None, causal=False)
+        # Packed rows on the fused kernel in tiles of 5 query rows (a packed row's mask is cut in
+        # tiles on either path).
+        ring.TILE_ROWS, rows = 5, ring.TILE_ROWS
+        results[f"cp{cp}_fused_tiled_segments"] = _case(state, heads=4, groups=2, mask=_packed_mask(),
+                                                        segments=_packed_segments())
+        ring.TILE_ROWS = rows
         # The plain path (what runs off the CPU) in tiles of 5 query rows: uneven tiles of every
         # chunk pair, diagonal keys cut at each tile.
         ring.FUSED_CPU, ring.TILE_ROWS, rows = False, 5, ring.TILE_ROWS
@@ -103,9 +109,9 @@ def ring_results() -> list[dict]:
     return run_distributed(_job, 4)
 
 
-@pytest.mark.parametrize("case", ["causal", "gqa", "packed_gqa", "segments_gqa", "bidirectional",
-                                  "plain_tiled_packed", "plain_tiled_segments", "plain_tiled_causal",
-                                  "plain_bidirectional"])
+@pytest.mark.parametrize("case", ["causal", "gqa", "packed_gqa", "segments_gqa", "fused_tiled_segments",
+                                  "bidirectional", "plain_tiled_packed", "plain_tiled_segments",
+                                  "plain_tiled_causal", "plain_bidirectional"])
 @pytest.mark.parametrize("cp", [2, 4])
 def test_ring_attention_equals_full_attention(ring_results: list[dict], cp: int, case: str) -> None:
     for rank, results in enumerate(ring_results):
