@@ -21,7 +21,9 @@ attention mask go to every stage (each stage rotates its own layers' queries and
 Any-resolution (LLaVA-NeXT, `config.anyres`): a fixed-size tower encodes every image's base image
 and tiles `[tiles, C, H, W]`; with each image's original size `image_sizes [n, 2]` the tile
 features are unpadded and given newline embeddings (megamm.models.anyres), so an image gives a
-number of tokens that depends on its size.
+number of tokens that depends on its size. LLaVA-OneVision's videos `[videos, frames, C, H, W]` fill
+the `video_token_id` positions: every frame one tower input, its features pooled 2x bilinearly,
+one newline embedding per video.
 
 Context parallelism (either tower kind): every cp rank gets the whole microbatch, embeds only its own
 positions (megamm.parallel.context) and encodes only its share of the images and videos
@@ -186,7 +188,8 @@ class LlavaModel(nn.Module):
         input_ids `[b, s]`. Fixed-size tower: pixel_values `[n, C, H, W]` or None. Native-resolution
         tower: pixel_values `[image patches, C*T*P*P]` with image_grid_thw `[n, 3]`, and
         pixel_values_videos / video_grid_thw for videos. Any-resolution: pixel_values `[tiles, C, H, W]`
-        (each image's base image and tiles) with image_sizes `[n, 2]` (height, width).
+        (each image's base image and tiles) with image_sizes `[n, 2]` (height, width), and with
+        `language.video_token_id` (LLaVA-OneVision) pixel_values_videos `[videos, frames, C, H, W]`.
         images_per_sample / videos_per_sample `[b]` (optional) enable the per-sample count check.
         Returns `[s, b, h]`, replicated across tp; with context parallelism `[s/cp, b, h]`, this rank's
         positions, of which it encoded only its share of the images and videos (the embeddings of the
@@ -209,13 +212,19 @@ class LlavaModel(nn.Module):
             if given:
                 embeddings = self._scatter_native(embeddings, given)
         elif self.anyres is not None:
-            self._refuse_native_inputs(image_grid_thw, pixel_values_videos, video_grid_thw, videos_per_sample)
-            values = self._anyres_embeddings(image_positions, pixel_values, image_sizes, images_per_sample)
-            encoded = values is not None
-            if values is not None:
-                embeddings = embeddings.masked_scatter(image_positions.unsqueeze(-1), values.to(embeddings.dtype))
+            self._refuse_native_inputs(image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)
+            encoded = False
+            for positions, values in (
+                (image_positions, self._anyres_embeddings(image_positions, pixel_values, image_sizes,
+                                                          images_per_sample)),
+                self._anyres_video_embeddings(input_ids, pixel_values_videos, videos_per_sample),
+            ):
+                if values is not None:
+                    embeddings = embeddings.masked_scatter(positions.unsqueeze(-1), values.to(embeddings.dtype))
+                    encoded = True
         else:
-            self._refuse_native_inputs(image_grid_thw, pixel_values_videos, video_grid_thw, videos_per_sample)
+            self._refuse_native_inputs(image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                                       video_grid_thw=video_grid_thw, videos_per_sample=videos_per_sample)
             if image_sizes is not None:
                 raise ValueError("image_sizes is an input of an any-resolution model (config.anyres); this model "
                                  "takes images of one size")
@@ -296,11 +305,35 @@ class LlavaModel(nn.Module):
                              f"give {sum(tiles)} (base image + tiles each: {tiles})")
         return self.anyres(self.encode_images(pixel_values), sizes)
 
-    def _refuse_native_inputs(self, *inputs: object) -> None:
-        if any(value is not None for value in inputs):
-            raise ValueError(f"image_grid_thw, pixel_values_videos, video_grid_thw and videos_per_sample are "
-                             f"inputs of a native-resolution tower; the {self.config.vision.family} tower takes "
-                             f"images [n, C, H, W] only")
+    def _anyres_video_embeddings(self, input_ids: torch.Tensor, videos: torch.Tensor | None,
+                                 per_sample: PerSample) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """LLaVA-OneVision's videos: `[videos, frames, C, H, W]` (one frame count per microbatch, as
+        transformers takes them) -> (the video-token positions `[b, s]`, their embeddings
+        `[videos * tokens, h]`; (None, None) without videos), the counts checked per sample."""
+        video_token = self.config.language.video_token_id
+        given = videos is not None or (per_sample is not None and sum(int(n) for n in per_sample) > 0)
+        if video_token is None:
+            if given:
+                raise ValueError("the batch holds videos but language.video_token_id is not set")
+            return None, None
+        positions = input_ids == video_token
+        if videos is not None and videos.dim() != 5:
+            raise ValueError(f"pixel_values_videos of an any-resolution model: [videos, frames, C, H, W] (each frame "
+                             f"one tower input), got shape {tuple(videos.shape)}")
+        count, frames = (0, 0) if videos is None else videos.shape[:2]
+        tokens = self.anyres.video_token_counts(count, frames)
+        check_vision_tokens("video", positions, tokens, per_sample,
+                            f"give (frames x pooled grid + a newline, per video: {tokens})")
+        if not tokens:
+            return positions, None
+        return positions, self.anyres.pool_video(self.encode_images(videos.flatten(0, 1)), frames)
+
+    def _refuse_native_inputs(self, **inputs: object) -> None:
+        given = [name for name, value in inputs.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: inputs of a native-resolution tower; the "
+                             f"{self.config.vision.family} tower takes images [n, C, H, W]"
+                             + (" and videos [videos, frames, C, H, W]" if self.anyres is not None else " only"))
 
     def _encode_share(self, share: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """`[m, C, H, W]` this rank's images -> `[m, tokens_per_image, h]` in `like`'s dtype.

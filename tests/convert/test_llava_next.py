@@ -121,7 +121,9 @@ def hf_inputs(batch: dict) -> dict:
 
 
 def _model_batch(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "labels", "pixel_values", "image_sizes", "images_per_sample")}
+    keys = ("input_ids", "labels", "pixel_values", "image_sizes", "images_per_sample", "pixel_values_videos",
+            "videos_per_sample")
+    return {k: batch[k] for k in keys if k in batch}
 
 
 def _load(save: Path, state: ParallelState, **stage) -> LlavaModel:
