@@ -6,9 +6,10 @@ grad norms of both steps, the first step's gradients and the weights after the s
 The microbatches come from the data pipeline (one row each; every step mixes padded and packed
 rows, so each dp rank holds both kinds): LLaVA-NeXT's any-resolution tiles with their image sizes
 (images of three aspect ratios, a text-only sample), LLaVA-OneVision's (a SigLIP tower, a tied
-Qwen2 decoder, anyres_max_1: the 12x24 and 30x12 images' feature grids are shrunk bilinearly) and InternVL's
+Qwen2 decoder, anyres_max_1: the 12x24 and 30x12 images' feature grids are shrunk bilinearly; a
+row per step with a video of three frames before its sample, pooled frame features) and InternVL's
 tiles for pixel shuffle (1, 4 and 3 tiles with NVLM tile tags). Each pipeline stage gets only the
-keys megamm.training.data gives it (`stage_keys`): the tiles, image sizes and ids on the first,
+keys megamm.training.data gives it (`stage_keys`): the tiles, image sizes, video frames and ids on the first,
 positions and the packed mask on both, labels on the last.
 
 With the distributed optimizer each dp rank holds, after the step, only its shard of the reduced
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 from megamm.config import LlavaConfig, ParallelConfig
-from megamm.config.anyres import AnyResConfig
+from megamm.config.anyres import AnyResConfig, video_tokens
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.data.batching import packed_microbatches, padded_microbatches
@@ -49,6 +50,7 @@ TOLERANCE = 1e-5
 # larger relative weight differences.
 WEIGHT_TOLERANCE = 5e-5
 ONEVISION_MAX_PATCHES = 1
+VIDEO_FRAMES = 3
 # Rows long enough for two of the InternVL samples (35, 59 and 45 tokens) packed together.
 INTERNVL_ROWS = 112
 FAMILIES = ("llava_next", "llava_onevision", "internvl")
@@ -76,6 +78,19 @@ def _steps(samples: list[Sample], padded: list[int], packed: list[list[int]], se
     return [rows[i:i + ROWS_PER_STEP] for i in range(0, len(rows), ROWS_PER_STEP)]
 
 
+def _with_video(row: dict, video_token: int, grid: int, seed: int) -> dict:
+    """A padded one-row microbatch with a video of VIDEO_FRAMES random frames before its sample (the
+    row's end cut to keep its length; labels ignore the video)."""
+    count = video_tokens(VIDEO_FRAMES, grid)
+    seq = row["input_ids"].shape[1]
+    video_ids = torch.full((1, count), video_token)
+    ignored = torch.full((1, count), -100)
+    frames = torch.randn(1, VIDEO_FRAMES, 3, TILE, TILE, generator=torch.Generator().manual_seed(seed))
+    return {**row, "input_ids": torch.cat([video_ids, row["input_ids"]], dim=1)[:, :seq],
+            "labels": torch.cat([ignored, row["labels"]], dim=1)[:, :seq], "pixel_values_videos": frames,
+            "videos_per_sample": torch.tensor([1])}
+
+
 def _cases(root: Path) -> dict[str, Case]:
     files = write_dataset(root / "anyres", rows=12)
     samples, _, _ = build_samples(files)
@@ -86,17 +101,23 @@ def _cases(root: Path) -> dict[str, Case]:
     siglip = replace(vision_config(activation="gelu_tanh"), family="siglip", class_token=False, pre_norm=False)
     onevision_model = replace(
         next_model, vision=siglip,
-        language=replace(qwen2_language_config(), vocab_size=next_model.language.vocab_size,
-                         image_token_id=next_model.language.image_token_id),
+        # The video token: one id past the tokenizer's, so no text token is taken for one.
+        language=replace(qwen2_language_config(), vocab_size=next_model.language.vocab_size + 1,
+                         image_token_id=next_model.language.image_token_id,
+                         video_token_id=next_model.language.vocab_size),
         anyres=AnyResConfig(PINPOINTS, max_num_patches=ONEVISION_MAX_PATCHES))
     onevision_samples, _, _ = build_samples(files, onevision_model.anyres, "siglip")
+    onevision_steps = _steps(onevision_samples, padded, packed, ANYRES_SEQ, 0)
+    # A video in one padded row per step: at dp=2 on rank 1 in step 0 (rank 0 has none), on rank 0 in step 1.
+    for step, index in ((0, 2), (1, 0)):
+        onevision_steps[step][index] = _with_video(onevision_steps[step][index], onevision_model.language.video_token_id,
+                                                   onevision_model.vision.grid_size, seed=step)
     (root / "internvl").mkdir()
     internvl, tokenizer = internvl_samples(root / "internvl")
     internvl_model = internvl_config(vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id)
     return {
         "llava_next": Case(next_model, _steps(samples, padded, packed, ANYRES_SEQ, 0), ANYRES_SEQ, **data),
-        "llava_onevision": Case(onevision_model, _steps(onevision_samples, padded, packed, ANYRES_SEQ, 0),
-                                ANYRES_SEQ, **data),
+        "llava_onevision": Case(onevision_model, onevision_steps, ANYRES_SEQ, **data),
         "internvl": Case(internvl_model, _steps(internvl, [0, 1, 2, 1], [[0, 1], [1, 2], [2, 0], [0, 1]],
                                                 INTERNVL_ROWS, tokenizer.pad_id), INTERNVL_ROWS, mock_data=True),
     }
