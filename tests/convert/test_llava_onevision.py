@@ -22,7 +22,7 @@ from megamm.convert.exporter import export_hf
 from megamm.convert.importer import import_llava_hf
 from megamm.data.anyres_images import preprocess_anyres
 from megamm.parallel.state import ParallelState
-from tests.convert.test_llava_next import _image, _load, _logits, check_layouts
+from tests.convert.test_llava_next import check_layouts
 from tests.convert.test_roundtrip import (
     IMAGE,
     IMAGE_TOKEN,
@@ -32,6 +32,7 @@ from tests.convert.test_roundtrip import (
     text_config,
     vision_kwargs,
 )
+from tests.convert.tiled import gathered_logits, load_imported, random_image
 
 LOGIT_TOLERANCE = 1e-4
 PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32], [16, 48], [48, 16], [48, 48]]
@@ -66,7 +67,7 @@ def make_batch(seed: int = 8) -> dict:
     ids = torch.randint(0, IMAGE_TOKEN, (len(IMAGE_SIZES), SEQ), generator=generator)
     pixels, sizes = [], []
     for row, (height, width) in enumerate(IMAGE_SIZES):
-        tiles, size = preprocess_anyres(_image(height, width, seed + row), IMAGE, [tuple(p) for p in PINPOINTS],
+        tiles, size = preprocess_anyres(random_image(height, width, seed + row), IMAGE, [tuple(p) for p in PINPOINTS],
                                         "siglip")
         ids[row, 2:2 + _tokens(size)] = IMAGE_TOKEN
         pixels.append(tiles)
@@ -87,7 +88,7 @@ def make_video_batch(seed: int = 9) -> dict:
     (one tower input each), each run of video tokens `video_tokens(VIDEO_FRAMES, g)` long."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, IMAGE_TOKEN, (2, SEQ), generator=generator)
-    tiles, size = preprocess_anyres(_image(20, 50, seed), IMAGE, [tuple(p) for p in PINPOINTS], "siglip")
+    tiles, size = preprocess_anyres(random_image(20, 50, seed), IMAGE, [tuple(p) for p in PINPOINTS], "siglip")
     ids[0, 2:2 + _tokens(size)] = IMAGE_TOKEN
     per_video = video_tokens(VIDEO_FRAMES, IMAGE // PATCH)
     for row, start in ((0, 4 + _tokens(size)), (1, 5)):
@@ -113,9 +114,9 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_onevision_import_logits_round_trip(converted: dict) -> None:
     tmp_path, directory, batch, expected = (converted[k] for k in ("root", "hf_dir", "batch", "hf_logits"))
-    model = _load(tmp_path / "imported", ParallelState.single())
+    model = load_imported(tmp_path / "imported", ParallelState.single())
     assert model.config.anyres.max_num_patches == MAX_PATCHES and model.config.vision.family == "siglip"
-    error = (_logits(model, batch) - expected).abs().max().item()
+    error = (gathered_logits(model, batch) - expected).abs().max().item()
     assert error < LOGIT_TOLERANCE, f"max |megamm - transformers| logit difference {error:.2e}"
 
     out = tmp_path / "exported"
@@ -141,10 +142,10 @@ def test_onevision_import_logits_round_trip(converted: dict) -> None:
 def test_onevision_video_logits_match_transformers(converted: dict) -> None:
     """Videos (every frame's features pooled 2x bilinearly, one newline per video) beside an image:
     megamm's logits equal transformers' `get_video_features` path; a wrong token count names the sample."""
-    model = _load(converted["root"] / "imported", ParallelState.single())
+    model = load_imported(converted["root"] / "imported", ParallelState.single())
     assert model.config.language.video_token_id == VIDEO_TOKEN
     batch = converted["video_batch"]
-    error = (_logits(model, batch) - converted["hf_video_logits"]).abs().max().item()
+    error = (gathered_logits(model, batch) - converted["hf_video_logits"]).abs().max().item()
     print(f"OneVision video logits: max |megamm - transformers| {error:.2e}")
     assert error < LOGIT_TOLERANCE, f"max |megamm - transformers| logit difference {error:.2e}"
     short = {**batch, "input_ids": batch["input_ids"].clone()}

@@ -50,6 +50,7 @@ from tests.convert import test_llava_next as llava_next
 from tests.convert.test_qwen2_vl import ARCHITECTURES, MODEL_KEYS, build_hf, hf_inputs
 from tests.convert.test_qwen2_vl import VOCAB as QWEN_VOCAB
 from tests.convert.test_roundtrip import VOCAB, build_hf_llava, llava_batch, save_hf
+from tests.convert.tiled import gathered_logits
 from tests.tiny import native_microbatches
 
 LOGIT_ATOL = 1e-4
@@ -302,18 +303,16 @@ TILED_ARCHITECTURES = {"llava_next": "llava-next-hf", "internvl": "internvl-hf"}
 
 
 def _tiled_family(family: str, root: Path) -> dict:
-    """The family's random transformers model imported as the base, a batch, its HF inputs and
-    megamm's logits function."""
+    """The family's random transformers model imported as the base, a batch and its HF inputs."""
     if family == "llava_next":
         hf = llava_next.build_hf()
         import_llava_hf(save_hf(hf, root / "hf", shard_size="200KB"), root / "base")
         batch = llava_next.make_batch()
-        return {"hf_class": type(hf), "batch": batch, "hf_inputs": llava_next.hf_inputs(batch),
-                "logits": llava_next._logits}
+        return {"hf_class": type(hf), "batch": batch, "hf_inputs": llava_next.hf_inputs(batch)}
     hf = internvl.build_hf("qwen2")
     import_internvl_hf(save_hf(hf, root / "hf", shard_size="200KB"), root / "base")
     batch = internvl.internvl_batch()
-    return {"hf_class": type(hf), "batch": batch, "logits": internvl._logits,
+    return {"hf_class": type(hf), "batch": batch,
             "hf_inputs": {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"]}}
 
 
@@ -340,7 +339,7 @@ def tiled_setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     _randomize(model.named_parameters())
     Checkpointer(state, config, [model], save_dir=root / "lora", log=lambda _: None).save_model(0, 0)
     export_hf(base, root / "base-hf", architecture=setup["architecture"])
-    return {**setup, "base": base, "megamm_logits": setup["logits"](model.eval(), setup["batch"]),
+    return {**setup, "base": base, "megamm_logits": gathered_logits(model.eval(), setup["batch"]),
             "peft": export_peft(root / "lora", root / "peft", setup["architecture"])}
 
 
