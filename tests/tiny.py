@@ -115,6 +115,39 @@ def make_batch(
     }
 
 
+def anyres_batch(config: LlavaConfig, sizes: list[list[tuple[int, int]]], seq_length: int = 160,
+                 seed: int = 7) -> dict[str, torch.Tensor]:
+    """A batch for an any-resolution `config` (LLaVA-NeXT / OneVision): row i holds random text and
+    one run of image tokens per image of `sizes[i]` ((height, width) in pixels, random pixels) with
+    the count `config.anyres` gives it; labels ignore the image positions and the first two tokens."""
+    import numpy as np
+    from PIL import Image
+
+    from megamm.config.anyres import image_tokens
+    from megamm.data.anyres_images import preprocess_anyres
+
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tile, pinpoints = config.vision.image_size, config.anyres.pinpoints
+    input_ids = torch.randint(0, IMAGE_TOKEN_ID, (len(sizes), seq_length), generator=generator)
+    pixels, image_sizes = [], []
+    for row, row_sizes in enumerate(sizes):
+        start = 2
+        for height, width in row_sizes:
+            image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+            tiles, size = preprocess_anyres(image, tile, pinpoints, "clip")
+            count = image_tokens(size, pinpoints, tile, config.vision.grid_size, config.anyres.max_num_patches)
+            input_ids[row, start:start + count] = IMAGE_TOKEN_ID
+            start += count + 1
+            pixels.append(tiles)
+            image_sizes.append(size)
+        assert start <= seq_length, f"row {row}: {start} tokens do not fit in {seq_length}"
+    labels = input_ids.masked_fill(input_ids == IMAGE_TOKEN_ID, -100)
+    labels[:, :2] = -100
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": torch.cat(pixels),
+            "image_sizes": torch.tensor(image_sizes), "images_per_sample": torch.tensor([len(r) for r in sizes])}
+
+
 # The Qwen2-VL family: special ids at the top of the 100-token vocabulary.
 VISION_START, VISION_END, NATIVE_IMAGE_TOKEN, NATIVE_VIDEO_TOKEN = 95, 96, 97, 98
 TEXT_TOKENS = 95  # ids below the special ones

@@ -7,7 +7,8 @@ encodes every tile; the tile features are laid back out as one `g*rows x g*cols`
 tower's patch grid), the rows and columns that only hold padding are cut off (the spatial unpad),
 and a learned newline embedding ends each remaining row. LLaVA-OneVision (`anyres_max_N`) then
 shrinks a grid that holds more than about N tiles' worth of features, bilinearly, before the
-newlines are added. The data pipeline (how many tiles, how
+newlines are added. A OneVision video's frames are single tiles whose feature grids are pooled 2x
+bilinearly, one newline after the last frame. The data pipeline (how many tiles, how
 many image tokens to expand) and the model (how to lay the features out, the per-sample token
 check) compute the same numbers, so they are written once, here: transformers'
 `select_best_resolution`, `get_anyres_image_grid_shape` and LlavaNextProcessor's (and
@@ -122,3 +123,15 @@ def image_tokens(size: Size, pinpoints: list[Size], tile: int, grid: int, max_nu
     kept_rows, kept_cols = bottom - top, right - left
     kept_rows, kept_cols = downsampled_grid(kept_rows, kept_cols, grid, max_num_patches) or (kept_rows, kept_cols)
     return grid * grid + kept_rows * (kept_cols + 1)
+
+
+def pooled_grid(grid: int) -> int:
+    """The side of a video frame's feature grid after LLaVA-OneVision's 2x bilinear pooling of its
+    `grid x grid` features (ceil(grid / 2), transformers' `apply_pooling`)."""
+    return math.ceil(grid / 2)
+
+
+def video_tokens(frames: int, grid: int) -> int:
+    """Video tokens of one video of `frames` frames (LLaVA-OneVision): each frame's pooled features
+    (`pooled_grid(grid)^2`), then one newline for the whole video (LlavaOnevisionProcessor's count)."""
+    return frames * pooled_grid(grid) ** 2 + 1

@@ -386,7 +386,7 @@ class LanguageConfig:
     tie_word_embeddings: bool = False
     # The id that marks every image-embedding position in input_ids.
     image_token_id: int = 32000 - 1
-    # The id that marks every video-embedding position (native-resolution towers); None: no videos.
+    # The id that marks every video-embedding position (native-resolution towers, LLaVA-OneVision); None: no videos.
     video_token_id: int | None = None
     # M-RoPE (the Qwen2-VL family): how many rotary pairs of each head turn by the temporal, height
     # and width position, in that order (Qwen2-VL 7B: 16, 24, 24); the sum is head_dim / 2 and the

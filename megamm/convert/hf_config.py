@@ -28,8 +28,6 @@ class HfExtras:
     # The Qwen2-VL family's <|vision_start|> / <|vision_end|> ids (the chat template's, not the model's).
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
-    # LLaVA-OneVision's video token (megamm runs none of its videos; kept for export).
-    video_token_id: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -191,12 +191,13 @@ class SampleLayout:
 
 
 def _refuse_videos(record: Record) -> str:
-    """The record's name in errors; BadSample when it holds videos (a fixed-size tower takes none)."""
+    """The record's name in errors; BadSample when it holds videos (samples of a fixed-size tower
+    carry none: LLaVA-OneVision's model takes videos, its data path does not build them yet)."""
     where = f"sample {record.index} (id {record.sample_id!r})"
     if record.videos:
         raise BadSample(record.source, where, "schema",
-                        f"it holds {len(record.videos)} video(s); only a native-resolution vision tower "
-                        "(the Qwen2-VL family) takes videos")
+                        f"it holds {len(record.videos)} video(s); video samples are built only for a "
+                        "native-resolution vision tower (the Qwen2-VL family)")
     return where
 
 

@@ -10,6 +10,10 @@ the learned `image_newline` embedding after each remaining row, and puts the bas
 features first: `g*g + kept_rows * (kept_cols + 1)` embeddings, the count the data pipeline
 expanded the image's placeholder to (transformers' `pack_image_features`, `spatial_unpad`).
 
+LLaVA-OneVision's videos (`pool_video`): each frame is one tower input, its `g x g` features pooled
+bilinearly to `ceil(g/2) x ceil(g/2)` (transformers' `apply_pooling`), the frames' features in order
+and one `image_newline` after them (`get_video_features`).
+
 `image_newline` `[h]` is replicated over tp: it is added after the projector, whose output is
 complete on every tp rank, so its gradient is complete too.
 """
@@ -24,7 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamm.config import LlavaConfig
-from megamm.config.anyres import Size, downsampled_grid, image_tokens, tile_grid, unpadded_grid
+from megamm.config.anyres import (
+    Size,
+    downsampled_grid,
+    image_tokens,
+    pooled_grid,
+    tile_grid,
+    unpadded_grid,
+    video_tokens,
+)
 from megamm.parallel.params import ParamOwner, ParamSpec
 from megamm.parallel.sharding import ParamLayout, normal_init
 from megamm.parallel.state import ParallelState
@@ -58,6 +70,22 @@ class AnyResLayout(ParamOwner):
     def token_counts(self, sizes: list[Size]) -> list[int]:
         """Image tokens of each image (megamm.config.anyres.image_tokens)."""
         return [image_tokens(size, self.pinpoints, self.tile, self.grid, self.max_num_patches) for size in sizes]
+
+    def video_token_counts(self, videos: int, frames: int) -> list[int]:
+        """Video tokens of each of `videos` videos of `frames` frames (megamm.config.anyres.video_tokens)."""
+        return [video_tokens(frames, self.grid)] * videos
+
+    def pool_video(self, features: torch.Tensor, frames: int) -> torch.Tensor:
+        """features `[videos * frames, g*g, h]` (video after video, frames in order) ->
+        `[videos * video_tokens(frames, g), h]`: each frame's grid pooled, then one newline per video."""
+        g, hidden = self.grid, features.shape[-1]
+        pooled = pooled_grid(g)
+        # transformers' apply_pooling: [frames, h, g, g], bilinear, corners not aligned.
+        grids = features.view(-1, g, g, hidden).permute(0, 3, 1, 2)
+        grids = F.interpolate(grids, size=[pooled, pooled], mode="bilinear").permute(0, 2, 3, 1)
+        per_video = grids.reshape(-1, frames * pooled * pooled, hidden)
+        newline = self.image_newline.to(features.dtype).expand(per_video.shape[0], 1, hidden)
+        return torch.cat([per_video, newline], dim=1).reshape(-1, hidden)
 
     def forward(self, features: torch.Tensor, sizes: list[Size]) -> torch.Tensor:
         """features `[tiles, g*g, h]` (every image's base image then its tiles, images in batch order) ->

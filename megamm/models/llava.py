@@ -21,7 +21,9 @@ attention mask go to every stage (each stage rotates its own layers' queries and
 Any-resolution (LLaVA-NeXT, `config.anyres`): a fixed-size tower encodes every image's base image
 and tiles `[tiles, C, H, W]`; with each image's original size `image_sizes [n, 2]` the tile
 features are unpadded and given newline embeddings (megamm.models.anyres), so an image gives a
-number of tokens that depends on its size.
+number of tokens that depends on its size. LLaVA-OneVision's videos `[videos, frames, C, H, W]` fill
+the `video_token_id` positions: every frame one tower input, its features pooled 2x bilinearly,
+one newline embedding per video.
 
 Context parallelism (every tower kind): every cp rank gets the whole microbatch, embeds only its own
 positions (megamm.parallel.context) and encodes only its share of the images and videos
@@ -33,7 +35,7 @@ M-RoPE's included, are split with the tokens by the language model.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -197,7 +199,8 @@ class LlavaModel(nn.Module):
         input_ids `[b, s]`. Fixed-size tower: pixel_values `[n, C, H, W]` or None. Native-resolution
         tower: pixel_values `[image patches, C*T*P*P]` with image_grid_thw `[n, 3]`, and
         pixel_values_videos / video_grid_thw for videos. Any-resolution: pixel_values `[tiles, C, H, W]`
-        (each image's base image and tiles) with image_sizes `[n, 2]` (height, width).
+        (each image's base image and tiles) with image_sizes `[n, 2]` (height, width), and with
+        `language.video_token_id` (LLaVA-OneVision) pixel_values_videos `[videos, frames, C, H, W]`.
         images_per_sample / videos_per_sample `[b]` (optional) enable the per-sample count check.
         `HOST_INPUTS` may be on the CPU with the rest on the device (what the training step passes),
         so that the counts, checks and cp shares read host memory.
@@ -223,13 +226,17 @@ class LlavaModel(nn.Module):
             if given:
                 embeddings = self._scatter_native(embeddings, given)
         elif self.anyres is not None:
-            self._refuse_native_inputs(image_grid_thw, pixel_values_videos, video_grid_thw, videos_per_sample)
+            self._refuse_native_inputs(image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)
             images = self._anyres_images(image_positions, pixel_values, image_sizes, images_per_sample)
-            encoded = images is not None
             if images is not None:
                 embeddings = self._scatter_anyres(embeddings, image_positions, pixel_values, *images)
+            videos = self._anyres_videos(input_ids, pixel_values_videos, videos_per_sample)
+            if videos is not None:
+                embeddings = self._scatter_anyres_videos(embeddings, pixel_values_videos, *videos)
+            encoded = images is not None or videos is not None
         else:
-            self._refuse_native_inputs(image_grid_thw, pixel_values_videos, video_grid_thw, videos_per_sample)
+            self._refuse_native_inputs(image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                                       video_grid_thw=video_grid_thw, videos_per_sample=videos_per_sample)
             if image_sizes is not None:
                 raise ValueError("image_sizes is an input of an any-resolution model (config.anyres); this model "
                                  "takes images of one size")
@@ -316,26 +323,74 @@ class LlavaModel(nn.Module):
         tower inputs), lay them out, and write every image token among its positions into
         `embeddings` `[b, s/cp, h]`. An image's tiles stay together: the layout joins them into one
         grid (and the unpad and newlines depend on the whole image)."""
-        state = self.state
-        shares = VisionShares.balanced(tiles, tokens, state.cp_size)
-        mine = shares.items_of(state.cp_rank)
-        if mine:
-            starts = [0, *itertools.accumulate(tiles)]
-            inputs = pixel_values if state.cp_size == 1 else pixel_values[
+        starts = [0, *itertools.accumulate(tiles)]
+
+        def encode(mine: list[int]) -> torch.Tensor:
+            inputs = pixel_values if self.state.cp_size == 1 else pixel_values[
                 torch.cat([torch.arange(starts[i], starts[i + 1]) for i in mine]).to(pixel_values.device)]
-            rows = self.anyres(self.encode_images(inputs), [sizes[i] for i in mine]).to(embeddings.dtype)
+            return self.anyres(self.encode_images(inputs), [sizes[i] for i in mine])
+
+        return self._scatter_share(embeddings, positions, VisionShares.balanced(tiles, tokens, self.state.cp_size),
+                                   encode)
+
+    def _scatter_anyres_videos(self, embeddings: torch.Tensor, videos: torch.Tensor, positions: torch.Tensor,
+                               tokens: list[int]) -> torch.Tensor:
+        """Encode this cp rank's share of the videos `[videos, frames, C, H, W]` (whole videos, the
+        pooling and newline being per video), and write every video token among its positions into
+        `embeddings` `[b, s/cp, h]`."""
+        frames = videos.shape[1]
+
+        def encode(mine: list[int]) -> torch.Tensor:
+            share = videos if self.state.cp_size == 1 else videos[torch.tensor(mine, device=videos.device)]
+            return self.anyres.pool_video(self.encode_images(share.flatten(0, 1)), frames)
+
+        shares = VisionShares.balanced([frames] * len(tokens), tokens, self.state.cp_size)
+        return self._scatter_share(embeddings, positions, shares, encode)
+
+    def _scatter_share(self, embeddings: torch.Tensor, positions: torch.Tensor, shares: VisionShares,
+                       encode: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+        """`encode(this rank's items)` -> their rows `[rows, h]`; each rank's vision-token positions
+        (`positions` `[b, s]`, over the whole sequence) get their rows from the ranks that encoded them.
+        A rank with no item of its own still sends rows that depend on the image path, so every
+        rank's exchange is differentiable alike."""
+        mine = shares.items_of(self.state.cp_rank)
+        if mine:
+            rows = encode(mine).to(embeddings.dtype)
         else:
             rows = embeddings.new_zeros(0, embeddings.shape[-1])
             if torch.is_grad_enabled():
                 rows = rows + self._zero_from_image_path(embeddings)
-        rows = local_vision_embeddings(rows, shares, [positions], state)
-        return embeddings.masked_scatter(split_sequence(positions, state).unsqueeze(-1).to(embeddings.device), rows)
+        rows = local_vision_embeddings(rows, shares, [positions], self.state)
+        return embeddings.masked_scatter(split_sequence(positions, self.state).unsqueeze(-1).to(embeddings.device),
+                                         rows)
 
-    def _refuse_native_inputs(self, *inputs: object) -> None:
-        if any(value is not None for value in inputs):
-            raise ValueError(f"image_grid_thw, pixel_values_videos, video_grid_thw and videos_per_sample are "
-                             f"inputs of a native-resolution tower; the {self.config.vision.family} tower takes "
-                             f"images [n, C, H, W] only")
+    def _anyres_videos(self, input_ids: torch.Tensor, videos: torch.Tensor | None,
+                       per_sample: PerSample) -> tuple[torch.Tensor, list[int]] | None:
+        """LLaVA-OneVision's videos: `[videos, frames, C, H, W]` (one frame count per microbatch, as
+        transformers takes them) -> (the video-token positions `[b, s]`, the tokens per video), or None
+        without videos; the counts checked per sample."""
+        video_token = self.config.language.video_token_id
+        given = videos is not None or (per_sample is not None and sum(int(n) for n in per_sample) > 0)
+        if video_token is None:
+            if given:
+                raise ValueError("the batch holds videos but language.video_token_id is not set")
+            return None
+        positions = input_ids == video_token
+        if videos is not None and videos.dim() != 5:
+            raise ValueError(f"pixel_values_videos of an any-resolution model: [videos, frames, C, H, W] (each frame "
+                             f"one tower input), got shape {tuple(videos.shape)}")
+        count, frames = (0, 0) if videos is None else videos.shape[:2]
+        tokens = self.anyres.video_token_counts(count, frames)
+        check_vision_tokens("video", positions, tokens, per_sample,
+                            f"give (frames x pooled grid + a newline, per video: {tokens})")
+        return (positions, tokens) if tokens else None
+
+    def _refuse_native_inputs(self, **inputs: object) -> None:
+        given = [name for name, value in inputs.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: inputs of a native-resolution tower; the "
+                             f"{self.config.vision.family} tower takes images [n, C, H, W]"
+                             + (" and videos [videos, frames, C, H, W]" if self.anyres is not None else " only"))
 
     def _encode_share(self, share: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """`[m, C, H, W]` this rank's images -> `[m, tokens_per_image, h]` in `like`'s dtype.

@@ -16,23 +16,20 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-from megamm.checkpoint.model_weights import load_model_weights, read_run_config_tree
-from megamm.config.parsing import run_config_from_dict
 from megamm.convert.adapters.internvl_hf import ADAPTER
 from megamm.convert.exporter import export_hf
 from megamm.convert.importer import import_internvl_hf
 from megamm.data.images import preprocess_tiles
 from megamm.inference.generation import GenerationConfig, Prompt, generate
-from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.schedules import PipelineSchedule
 from tests.convert.test_parity import _session
-from tests.convert.test_roundtrip import VOCAB, convert_main, randomize_, save_hf, text_config
+from tests.convert.test_roundtrip import convert_main, randomize_, save_hf, text_config
+from tests.convert.tiled import gathered_logits, load_imported, mean_loss
 from tests.distributed import run_distributed
 
 IMAGE_TOKEN = 112
@@ -89,29 +86,6 @@ def internvl_batch(seed: int = 5) -> dict:
             "images_per_sample": torch.tensor(per_sample)}
 
 
-def _load(save: Path, state: ParallelState, sequence_parallel: bool = False) -> LlavaModel:
-    _, tree = read_run_config_tree(save)
-    model = LlavaModel(run_config_from_dict(tree).model, state, sequence_parallel=sequence_parallel)
-    load_model_weights(model, save, state)
-    return model.eval()
-
-
-@torch.no_grad()
-def _logits(model: LlavaModel, batch: dict) -> torch.Tensor:
-    """`[b, s, V]` logits, gathered over tp and stripped of vocabulary padding."""
-    local = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                  images_per_sample=batch["images_per_sample"], return_logits=True)["logits"].contiguous()
-    if model.state.tp_size > 1:
-        pieces = [torch.empty_like(local) for _ in range(model.state.tp_size)]
-        dist.all_gather(pieces, local, group=model.state.tp_group)
-        local = torch.cat(pieces, dim=-1)
-    return local[..., :VOCAB].transpose(0, 1)
-
-
-def _mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100).item()
-
-
 @pytest.fixture(scope="module", params=TEXT_FAMILIES)
 def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     family = request.param
@@ -127,12 +101,12 @@ def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 def test_import_matches_transformers_logits(converted: dict) -> None:
-    model = _load(converted["save"], ParallelState.single())
+    model = load_imported(converted["save"], ParallelState.single())
     vision = model.config.vision
     assert vision.family == "internvit" and vision.intern_vit.qk_norm == (converted["family"] == "qwen2")
     assert model.config.projector.type == "internvl_mlp" and model.config.projector.pixel_shuffle
     assert converted["batch"]["images_per_sample"].tolist() == [5, 3]  # 4 + 1 and 3 tiles
-    error = (_logits(model, converted["batch"]) - converted["hf_logits"]).abs().max().item()
+    error = (gathered_logits(model, converted["batch"]) - converted["hf_logits"]).abs().max().item()
     print(f"{converted['family']} tp=1: max |logits diff| {error:.3e}")
     assert error < LOGIT_TOLERANCE, f"max |megamm - transformers| logit difference {error:.2e}"
 
@@ -164,7 +138,7 @@ def test_import_then_export_is_bit_exact_and_loads(converted: dict) -> None:
 def test_greedy_generation_matches_transformers(converted: dict) -> None:
     """Two prompts of different lengths and tile counts, batched (left padding), with the KV cache;
     transformers' EOS (its generation config's) is megamm's stop token."""
-    model = _load(converted["save"], ParallelState.single())
+    model = load_imported(converted["save"], ParallelState.single())
     hf, batch = converted["hf"], converted["batch"]
     first = batch["images_per_sample"][0].item()
     prompts = [Prompt(batch["input_ids"][0, :34].tolist(), batch["pixel_values"][:first]),
@@ -190,7 +164,7 @@ def _layout_job(saves: dict[str, str], batch: dict) -> dict:
     tp_state = ParallelState.from_groups(tp=2, pp=1, device=torch.device("cpu"))
     results = {}
     for family, save in saves.items():
-        logits = _logits(_load(Path(save), tp_state, sequence_parallel=True), batch)
+        logits = gathered_logits(load_imported(Path(save), tp_state, sequence_parallel=True), batch)
         pp_state, chunks, _, _, _ = _session(save, 1, 2)
         hidden = chunks[0].config.language.transformer.hidden_size
         tokens = float((batch["labels"][:, 1:] != -100).sum())
@@ -216,7 +190,7 @@ def test_imported_checkpoints_match_transformers_at_tp2_and_pp2(tmp_path: Path) 
             references[family] = hf(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
     per_rank = run_distributed(_layout_job, 2, saves, batch)
     for family, hf_logits in references.items():
-        hf_loss = _mean_loss(hf_logits, batch["labels"])
+        hf_loss = mean_loss(hf_logits, batch["labels"])
         for rank, results in enumerate(per_rank):
             result = results[family]
             error = (result["logits"] - hf_logits).abs().max().item()

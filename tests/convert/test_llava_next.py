@@ -15,12 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
     CLIPVisionConfig,
@@ -32,7 +29,6 @@ from transformers import (
 
 from megamm.checkpoint import format
 from megamm.checkpoint.checkpointer import Checkpointer
-from megamm.checkpoint.model_weights import load_model_weights, read_run_config_tree
 from megamm.config import LlavaConfig
 from megamm.config.anyres import image_tokens, tiles_per_image
 from megamm.config.parsing import run_config_from_dict
@@ -50,12 +46,12 @@ from tests.convert.test_roundtrip import (
     IMAGE,
     IMAGE_TOKEN,
     PATCH,
-    VOCAB,
     randomize_,
     save_hf,
     text_kwargs,
     vision_kwargs,
 )
+from tests.convert.tiled import MODEL_INPUTS, gathered_logits, load_imported, mean_loss, random_image
 from tests.distributed import run_distributed
 
 LOGIT_TOLERANCE = 1e-4
@@ -81,14 +77,9 @@ def build_hf(seed: int = 1, strategy: str = "default", text: str = "llama") -> L
     return model
 
 
-def _image(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 def sample_inputs(sizes: list[tuple[int, int]], seed: int) -> dict:
     """One sample's preprocessed images: tiles `[t, 3, 16, 16]`, sizes `[n, 2]`, image-token counts."""
-    tiles, shapes = zip(*(preprocess_anyres(_image(h, w, seed + i), IMAGE, [tuple(p) for p in PINPOINTS], "clip")
+    tiles, shapes = zip(*(preprocess_anyres(random_image(h, w, seed + i), IMAGE, [tuple(p) for p in PINPOINTS], "clip")
                           for i, (h, w) in enumerate(sizes)))
     tokens = [image_tokens(size, [tuple(p) for p in PINPOINTS], IMAGE, IMAGE // PATCH) for size in shapes]
     return {"pixel_values": torch.cat(tiles), "image_sizes": torch.tensor(shapes), "tokens": tokens}
@@ -120,32 +111,6 @@ def hf_inputs(batch: dict) -> dict:
             "pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"]}
 
 
-def _model_batch(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "labels", "pixel_values", "image_sizes", "images_per_sample")}
-
-
-def _load(save: Path, state: ParallelState, **stage) -> LlavaModel:
-    _, tree = read_run_config_tree(save)
-    model = LlavaModel(run_config_from_dict(tree).model, state, **stage)
-    load_model_weights(model, save, state)
-    return model.eval()
-
-
-@torch.no_grad()
-def _logits(model: LlavaModel, batch: dict) -> torch.Tensor:
-    """`[b, s, V]` logits, gathered over tp and stripped of vocabulary padding."""
-    local = model(**_model_batch(batch), return_logits=True)["logits"].contiguous()
-    if model.state.tp_size > 1:
-        pieces = [torch.empty_like(local) for _ in range(model.state.tp_size)]
-        dist.all_gather(pieces, local, group=model.state.tp_group)
-        local = torch.cat(pieces, dim=-1)
-    return local[..., :VOCAB].transpose(0, 1)
-
-
-def _mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100).item()
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("llava_next")
@@ -160,9 +125,9 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_import_matches_transformers_logits(converted: dict) -> None:
-    model = _load(converted["save"], ParallelState.single())
+    model = load_imported(converted["save"], ParallelState.single())
     assert model.config.anyres is not None and model.config.anyres.pinpoints == [tuple(p) for p in PINPOINTS]
-    logits = _logits(model, converted["batch"])
+    logits = gathered_logits(model, converted["batch"])
     error = (logits - converted["hf_logits"]).abs().max().item()
     assert error < LOGIT_TOLERANCE, f"max |megamm - transformers| logit difference {error:.2e}"
 
@@ -170,18 +135,18 @@ def test_import_matches_transformers_logits(converted: dict) -> None:
 def test_mistral_text_model_matches_transformers(tmp_path: Path) -> None:
     hf = build_hf(seed=4, text="mistral")
     import_llava_hf(save_hf(hf, tmp_path / "hf"), tmp_path / "imported")
-    model = _load(tmp_path / "imported", ParallelState.single())
+    model = load_imported(tmp_path / "imported", ParallelState.single())
     assert model.config.language.family == "mistral"
     batch = make_batch(seed=6)
     with torch.no_grad():
         expected = hf(**hf_inputs(batch)).logits
-    error = (_logits(model, batch) - expected).abs().max().item()
+    error = (gathered_logits(model, batch) - expected).abs().max().item()
     assert error < LOGIT_TOLERANCE, f"max |megamm - transformers| logit difference {error:.2e}"
 
 
 def test_token_check_names_the_sample(converted: dict) -> None:
-    model = _load(converted["save"], ParallelState.single())
-    batch = _model_batch(converted["batch"])
+    model = load_imported(converted["save"], ParallelState.single())
+    batch = {k: v for k, v in converted["batch"].items() if k in MODEL_INPUTS}
     short = batch["input_ids"].clone()
     short[1, 3] = 7  # one image token of sample 1 fewer
     with pytest.raises(ValueError, match="sample 1: 153 image-token positions, but its 2 image"):
@@ -225,7 +190,7 @@ def test_import_then_export_is_bit_exact_and_loads(converted: dict) -> None:
 
 
 def test_greedy_generation_matches_transformers(converted: dict) -> None:
-    model = _load(converted["save"], ParallelState.single())
+    model = load_imported(converted["save"], ParallelState.single())
     images = sample_inputs([(50, 20), (33, 33)], 40)
     generator = torch.Generator().manual_seed(9)
     ids = [int(t) for t in torch.randint(0, IMAGE_TOKEN, (4,), generator=generator)]
@@ -286,10 +251,7 @@ def _layout_job(save: str, batch: dict) -> dict:
     the LLaVA-OneVision test runs it too."""
     initialize_parallel_state()
     tp_state = ParallelState.from_groups(tp=2, pp=1, device=torch.device("cpu"))
-    _, tree = read_run_config_tree(Path(save))
-    model = LlavaModel(run_config_from_dict(tree).model, tp_state, sequence_parallel=True)
-    load_model_weights(model, Path(save), tp_state)
-    logits = _logits(model.eval(), batch)
+    logits = gathered_logits(load_imported(Path(save), tp_state, sequence_parallel=True), batch)
     pp_state, chunks = _pipeline_stages(save)
     hidden = chunks[0].config.language.transformer.hidden_size
     tokens = float((batch["labels"][:, 1:] != -100).sum())
@@ -303,7 +265,7 @@ def _layout_job(save: str, batch: dict) -> dict:
 def check_layouts(save: Path, batch: dict, hf_logits: torch.Tensor) -> None:
     """tp=2 logits and the pp=2 loss of `save` equal transformers' (one spawned run of 2 processes)."""
     per_rank = run_distributed(_layout_job, 2, str(save), batch)
-    hf_loss = _mean_loss(hf_logits, batch["labels"])
+    hf_loss = mean_loss(hf_logits, batch["labels"])
     for rank, result in enumerate(per_rank):
         error = (result["logits"] - hf_logits).abs().max().item()
         assert error < LOGIT_TOLERANCE, f"tp=2 rank {rank}: logits off by {error:.2e}"

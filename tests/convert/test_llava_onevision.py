@@ -16,13 +16,13 @@ from safetensors.torch import load_file
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
-from megamm.config.anyres import image_tokens
+from megamm.config.anyres import image_tokens, video_tokens
 from megamm.config.registry import HF_ARCHITECTURES
 from megamm.convert.exporter import export_hf
 from megamm.convert.importer import import_llava_hf
 from megamm.data.anyres_images import preprocess_anyres
 from megamm.parallel.state import ParallelState
-from tests.convert.test_llava_next import _image, _load, _logits, check_layouts
+from tests.convert.test_llava_next import check_layouts
 from tests.convert.test_roundtrip import (
     IMAGE,
     IMAGE_TOKEN,
@@ -32,6 +32,7 @@ from tests.convert.test_roundtrip import (
     text_config,
     vision_kwargs,
 )
+from tests.convert.tiled import gathered_logits, load_imported, random_image
 
 LOGIT_TOLERANCE = 1e-4
 PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32], [16, 48], [48, 16], [48, 48]]
@@ -39,6 +40,7 @@ MAX_PATCHES = 2
 VIDEO_TOKEN = 114
 IMAGE_SIZES = [(60, 60), (20, 50), (50, 20)]  # one image per sample
 SEQ = 96
+VIDEO_FRAMES = 3
 
 
 def build_hf(seed: int = 2) -> LlavaOnevisionForConditionalGeneration:
@@ -65,7 +67,7 @@ def make_batch(seed: int = 8) -> dict:
     ids = torch.randint(0, IMAGE_TOKEN, (len(IMAGE_SIZES), SEQ), generator=generator)
     pixels, sizes = [], []
     for row, (height, width) in enumerate(IMAGE_SIZES):
-        tiles, size = preprocess_anyres(_image(height, width, seed + row), IMAGE, [tuple(p) for p in PINPOINTS],
+        tiles, size = preprocess_anyres(random_image(height, width, seed + row), IMAGE, [tuple(p) for p in PINPOINTS],
                                         "siglip")
         ids[row, 2:2 + _tokens(size)] = IMAGE_TOKEN
         pixels.append(tiles)
@@ -77,7 +79,24 @@ def make_batch(seed: int = 8) -> dict:
 
 def _hf_inputs(batch: dict) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(batch["input_ids"]),
-            "pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"]}
+            "pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"],
+            **({"pixel_values_videos": batch["pixel_values_videos"]} if "pixel_values_videos" in batch else {})}
+
+
+def make_video_batch(seed: int = 9) -> dict:
+    """Row 0: a wide image, then a video; row 1: a video only. Videos of VIDEO_FRAMES random frames
+    (one tower input each), each run of video tokens `video_tokens(VIDEO_FRAMES, g)` long."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, IMAGE_TOKEN, (2, SEQ), generator=generator)
+    tiles, size = preprocess_anyres(random_image(20, 50, seed), IMAGE, [tuple(p) for p in PINPOINTS], "siglip")
+    ids[0, 2:2 + _tokens(size)] = IMAGE_TOKEN
+    per_video = video_tokens(VIDEO_FRAMES, IMAGE // PATCH)
+    for row, start in ((0, 4 + _tokens(size)), (1, 5)):
+        ids[row, start:start + per_video] = VIDEO_TOKEN
+    labels = ids.masked_fill((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN), -100)
+    return {"input_ids": ids, "labels": labels, "pixel_values": tiles, "image_sizes": torch.tensor([size]),
+            "images_per_sample": torch.tensor([1, 0]), "videos_per_sample": torch.tensor([1, 1]),
+            "pixel_values_videos": torch.randn(2, VIDEO_FRAMES, 3, IMAGE, IMAGE, generator=generator)}
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +105,18 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     hf = build_hf()
     directory = save_hf(hf, root / "hf", shard_size="200KB")
     import_llava_hf(directory, root / "imported", tp=2, pp=2)
-    batch = make_batch()
+    batch, videos = make_batch(), make_video_batch()
     with torch.no_grad():
-        expected = hf(**_hf_inputs(batch)).logits
-    return {"root": root, "hf_dir": directory, "batch": batch, "hf_logits": expected}
+        expected, expected_videos = hf(**_hf_inputs(batch)).logits, hf(**_hf_inputs(videos)).logits
+    return {"root": root, "hf_dir": directory, "batch": batch, "hf_logits": expected, "video_batch": videos,
+            "hf_video_logits": expected_videos}
 
 
 def test_onevision_import_logits_round_trip(converted: dict) -> None:
     tmp_path, directory, batch, expected = (converted[k] for k in ("root", "hf_dir", "batch", "hf_logits"))
-    model = _load(tmp_path / "imported", ParallelState.single())
+    model = load_imported(tmp_path / "imported", ParallelState.single())
     assert model.config.anyres.max_num_patches == MAX_PATCHES and model.config.vision.family == "siglip"
-    error = (_logits(model, batch) - expected).abs().max().item()
+    error = (gathered_logits(model, batch) - expected).abs().max().item()
     assert error < LOGIT_TOLERANCE, f"max |megamm - transformers| logit difference {error:.2e}"
 
     out = tmp_path / "exported"
@@ -117,6 +137,33 @@ def test_onevision_import_logits_round_trip(converted: dict) -> None:
     assert reloaded.config.video_token_index == VIDEO_TOKEN
     with torch.no_grad():
         assert torch.equal(reloaded(**_hf_inputs(batch)).logits, expected)
+
+
+def test_onevision_video_logits_match_transformers(converted: dict) -> None:
+    """Videos (every frame's features pooled 2x bilinearly, one newline per video) beside an image:
+    megamm's logits equal transformers' `get_video_features` path; a wrong token count names the sample."""
+    model = load_imported(converted["root"] / "imported", ParallelState.single())
+    assert model.config.language.video_token_id == VIDEO_TOKEN
+    batch = converted["video_batch"]
+    error = (gathered_logits(model, batch) - converted["hf_video_logits"]).abs().max().item()
+    print(f"OneVision video logits: max |megamm - transformers| {error:.2e}")
+    assert error < LOGIT_TOLERANCE, f"max |megamm - transformers| logit difference {error:.2e}"
+    short = {**batch, "input_ids": batch["input_ids"].clone()}
+    short["input_ids"][1, 5] = 0
+    with pytest.raises(ValueError, match=r"sample 1: 12 video-token positions, but its 1 video\(s\)"):
+        model(**{k: v for k, v in short.items() if k != "labels"})
+    with pytest.raises(ValueError, match=r"\[videos, frames, C, H, W\]"):
+        model(**{**batch, "pixel_values_videos": batch["pixel_values_videos"].flatten(0, 1)})
+
+
+def test_video_token_counts_match_the_processor_rule() -> None:
+    """LlavaOnevisionProcessor's video count (run on a stand-in holding the field it reads): frames x
+    ceil(g / 2)^2 + 1, for even and odd patch grids (27: SigLIP-384 with 14-pixel patches)."""
+    for grid in (3, 4, 5, 27):
+        processor = SimpleNamespace(num_image_tokens=grid * grid)
+        sizes = [(frames, 384, 384) for frames in (1, 2, 8, 32)]
+        expected = LlavaOnevisionProcessor._get_num_multimodal_tokens(processor, video_sizes=sizes)
+        assert [video_tokens(frames, grid) for frames, _, _ in sizes] == expected["num_video_tokens"], grid
 
 
 def test_token_counts_match_the_processor_rule() -> None:

@@ -38,16 +38,19 @@ from megamm.config.parsing import run_config_from_dict
 from megamm.config.resolved import resolve
 from megamm.convert import ConversionError
 from megamm.convert.exporter import export_hf
-from megamm.convert.importer import import_llava_hf, import_qwen2_vl_hf
+from megamm.convert.importer import import_internvl_hf, import_llava_hf, import_qwen2_vl_hf
 from megamm.convert.lora_merge import merge_adapters
 from megamm.convert.peft import ADAPTER_CONFIG, export_peft, import_peft
 from megamm.convert.writer import CheckpointReader
 from megamm.models.llava import LlavaModel
 from megamm.models.lora import apply_lora, reset_magnitudes
 from megamm.parallel.state import ParallelState
+from tests.convert import test_internvl as internvl
+from tests.convert import test_llava_next as llava_next
 from tests.convert.test_qwen2_vl import ARCHITECTURES, MODEL_KEYS, build_hf, hf_inputs
 from tests.convert.test_qwen2_vl import VOCAB as QWEN_VOCAB
 from tests.convert.test_roundtrip import VOCAB, build_hf_llava, llava_batch, save_hf
+from tests.convert.tiled import gathered_logits
 from tests.tiny import native_microbatches
 
 LOGIT_ATOL = 1e-4
@@ -292,3 +295,81 @@ def test_a_peft_made_qwen2_vl_adapter_imports_with_peft_logits(qwen_setup: dict)
     error = (_native_logits(plain, setup["batch"]) - expected).abs().max().item()
     print(f"PEFT-made adapter imported vs PEFT logits ({setup['family']}): max abs error {error:.2e}")
     assert error < LOGIT_ATOL, f"imported PEFT adapter vs PEFT logits: max abs error {error}"
+
+
+# ---- the tiled families -----------------------------------------------------------------------------
+
+TILED_ARCHITECTURES = {"llava_next": "llava-next-hf", "internvl": "internvl-hf"}
+
+
+def _tiled_family(family: str, root: Path) -> dict:
+    """The family's random transformers model imported as the base, a batch and its HF inputs."""
+    if family == "llava_next":
+        hf = llava_next.build_hf()
+        import_llava_hf(save_hf(hf, root / "hf", shard_size="200KB"), root / "base")
+        batch = llava_next.make_batch()
+        return {"hf_class": type(hf), "batch": batch, "hf_inputs": llava_next.hf_inputs(batch)}
+    hf = internvl.build_hf("qwen2")
+    import_internvl_hf(save_hf(hf, root / "hf", shard_size="200KB"), root / "base")
+    batch = internvl.internvl_batch()
+    return {"hf_class": type(hf), "batch": batch,
+            "hf_inputs": {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"]}}
+
+
+@pytest.fixture(scope="module", params=list(TILED_ARCHITECTURES))
+def tiled_setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    family = request.param
+    root = tmp_path_factory.mktemp(f"peft-{family}")
+    setup = {"family": family, "root": root, "architecture": TILED_ARCHITECTURES[family],
+             **_tiled_family(family, root)}
+    base = format.resolve(root / "base")
+    tree = dict(format.read_description(base)["config"])
+    # An any-resolution model trains on dataset files only: the run names some (never read here).
+    data = {"data_path": [__file__], "tokenizer_model": __file__} if family == "llava_next" else {"mock_data": True}
+    tree["training"] = {"micro_batch_size": 1, "global_batch_size": 1, "seq_length": 40, "seed": 3, "lora_rank": 4,
+                        "lora_alpha": 16.0, "lora_target_modules": [TARGETS], "pretrained_checkpoint": str(base),
+                        **data}
+    config = resolve(run_config_from_dict(tree), 1)
+    state = ParallelState.single()
+    state.seed(3)
+    model = LlavaModel(config.model, state)
+    apply_lora(model, config.lora)
+    model.initialize(3)
+    load_pretrained([model], base, state, log=lambda _: None)
+    _randomize(model.named_parameters())
+    Checkpointer(state, config, [model], save_dir=root / "lora", log=lambda _: None).save_model(0, 0)
+    export_hf(base, root / "base-hf", architecture=setup["architecture"])
+    return {**setup, "base": base, "megamm_logits": gathered_logits(model.eval(), setup["batch"]),
+            "peft": export_peft(root / "lora", root / "peft", setup["architecture"])}
+
+
+@pytest.mark.slow
+def test_peft_loads_tiled_family_adapters_with_megamm_logits(tiled_setup: dict) -> None:
+    """LLaVA-NeXT and InternVL: adapters on the decoder, the tower's layers and the projector
+    (InternVL's pixel-shuffle MLP after its norm) load in PEFT with megamm's logits; the newline
+    embedding, the layer scale and the norms are frozen, so nothing but adapters is exported; the
+    import gives back the same tensors."""
+    setup = tiled_setup
+    modules = json.loads((setup["peft"] / ADAPTER_CONFIG).read_text())["target_modules"]
+    tower = "model.vision_tower.encoder.layers.1." if setup["family"] == "llava_next" else "model.vision_tower.encoder.layer.1."
+    assert any(m.startswith(tower) for m in modules), modules
+    assert {"model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"} <= set(modules)
+    assert "model.language_model.layers.1.self_attn.q_proj" in modules
+    keys = load_file(setup["peft"] / "adapter_model.safetensors")
+    assert all(".lora_A." in k or ".lora_B." in k for k in keys), sorted(keys)
+    base_hf = setup["hf_class"].from_pretrained(setup["root"] / "base-hf", torch_dtype=torch.float32,
+                                                attn_implementation="eager")
+    with torch.no_grad():
+        plain = base_hf.eval()(**setup["hf_inputs"]).logits
+        adapted = PeftModel.from_pretrained(base_hf, setup["peft"]).eval()(**setup["hf_inputs"]).logits
+    assert (adapted - plain).abs().max() > 1e-2, "the adapters must change the logits for the test to mean something"
+    error = (adapted - setup["megamm_logits"]).abs().max().item()
+    print(f"PEFT vs megamm logits ({setup['family']}): max abs error {error:.2e}")
+    assert error < LOGIT_ATOL, f"PEFT vs megamm logits: max abs error {error}"
+    imported = CheckpointReader(import_peft(setup["peft"], setup["base"], setup["root"] / "imported",
+                                            setup["architecture"]))
+    original = CheckpointReader(setup["root"] / "lora")
+    keys = sorted(k for k in original.tensors if k.startswith(format.MODEL))
+    assert sorted(k for k in imported.tensors if k.startswith(format.MODEL)) == keys
+    for key, value in original.read(keys).items():
+        assert torch.equal(imported.read([key])[key], value), key

@@ -33,9 +33,11 @@ def anyres_model(files: DatasetFiles) -> LlavaConfig:
     return replace(model_for(files.tokenizer), anyres=AnyResConfig(PINPOINTS))
 
 
-def build_samples(files: DatasetFiles) -> tuple[list[Sample], SampleBuilder, LlavaJsonSource]:
-    builder = SampleBuilder(load_tokenizer(files.tokenizer), "plain", ImageSettings(TILE, anyres=AnyResConfig(PINPOINTS)),
-                            GRID * GRID, SEQ)
+def build_samples(files: DatasetFiles, anyres: AnyResConfig | None = None,
+                  normalization: str = "clip") -> tuple[list[Sample], SampleBuilder, LlavaJsonSource]:
+    """Every record of the dataset as a sample tiled by `anyres` (default: LLaVA-NeXT's PINPOINTS)."""
+    settings = ImageSettings(TILE, normalization=normalization, anyres=anyres or AnyResConfig(PINPOINTS))
+    builder = SampleBuilder(load_tokenizer(files.tokenizer), "plain", settings, GRID * GRID, SEQ)
     source = LlavaJsonSource(files.train, files.images)
     return [builder.build(source[i]) for i in range(len(source))], builder, source
 

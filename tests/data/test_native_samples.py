@@ -201,7 +201,7 @@ def test_bad_videos_and_templates(root: Path, tokenizer: Tokenizer) -> None:
     fixed = SampleBuilder(tokenizer, "qwen2_vl", ImageSettings(28), 4, 512)
     with pytest.raises(BadSample) as raised:
         fixed.build(source[0])
-    assert raised.value.kind == "schema" and "only a native-resolution vision tower" in str(raised.value)
+    assert raised.value.kind == "schema" and "only for a native-resolution vision tower" in str(raised.value)
 
 
 def test_tokenizer_video_token_must_match_the_model(tokenizer: Tokenizer) -> None:

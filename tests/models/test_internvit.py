@@ -19,9 +19,9 @@ from PIL import Image
 
 from megamm.data.batching import packed_microbatches, padded_microbatches
 from megamm.data.internvl_template import INTERNVL, THUMBNAIL_TAG
-from megamm.data.samples import ImageSettings, SampleBuilder
+from megamm.data.samples import ImageSettings, Sample, SampleBuilder
 from megamm.data.sources import Record
-from megamm.data.tokenizer import load_tokenizer
+from megamm.data.tokenizer import Tokenizer, load_tokenizer
 from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from tests.data_fixtures import write_qwen_tokenizer
@@ -37,9 +37,9 @@ SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<
 CORPUS = ["What is in the picture? A red square.", "Describe it. A tall green tower and a wide blue bar."]
 
 
-def internvl_microbatches(root: Path) -> tuple[list[dict], int, int]:
-    """Padded microbatches (2 rows) and one packed microbatch of the same three samples, the
-    tokenizer's vocabulary size and its image token id."""
+def internvl_samples(root: Path) -> tuple[list[Sample], Tokenizer]:
+    """Three samples (images of 16x16, 40x16 and 16x32 pixels cut into 1, 4 and 3 tiles, the
+    internvl template with NVLM tile tags, SEQ tokens at most) and their tokenizer."""
     tokenizer = load_tokenizer(write_qwen_tokenizer(root / "tokenizer.json", CORPUS, SPECIALS),
                                image_token="<IMG_CONTEXT>", pad_token="<|endoftext|>")
     rng = np.random.default_rng(1)
@@ -54,6 +54,13 @@ def internvl_microbatches(root: Path) -> tuple[list[dict], int, int]:
     builder = SampleBuilder(tokenizer, INTERNVL.with_tile_tags(4), settings, 4, SEQ)
     samples = [builder.build(record) for record in records]
     assert [s.tiles_per_image for s in samples] == [[1], [4], [3]]
+    return samples, tokenizer
+
+
+def internvl_microbatches(root: Path) -> tuple[list[dict], int, int]:
+    """Padded microbatches (2 rows) and one packed microbatch of the three `internvl_samples`, the
+    tokenizer's vocabulary size and its image token id."""
+    samples, tokenizer = internvl_samples(root)
     pad, shape = tokenizer.pad_id, (3, 16, 16)
     microbatches = padded_microbatches(samples, 2, SEQ, pad, shape) + packed_microbatches(samples[:2], 1, SEQ, pad,
                                                                                           shape)

@@ -6,19 +6,32 @@ import pytest
 import torch
 
 from megamm.config import LlavaConfig
+from megamm.config.anyres import AnyResConfig
 from megamm.config.resolved import resolve
 from megamm.config.run import RunConfig, TrainingConfig
 from megamm.models.llava import LlavaModel
 from megamm.models.lora import adapters, apply_lora, merge_lora, reset_magnitudes
 from megamm.parallel.state import ParallelState
 from tests.adapters import perturb_adapters
-from tests.tiny import NATIVE_SEQ, llava_config, make_batch, native_microbatches, qwen2_vl_config
+from tests.tiny import (
+    NATIVE_SEQ,
+    anyres_batch,
+    internvl_config,
+    llava_config,
+    make_batch,
+    native_microbatches,
+    qwen2_vl_config,
+)
 
 
 def _model(targets: str, dora: bool = False, dropout: float = 0.0, config: LlavaConfig | None = None) -> LlavaModel:
-    run = RunConfig(model=config or llava_config(), training=TrainingConfig(
-        mock_data=True, seq_length=48, lora_rank=4, lora_alpha=8.0, lora_dropout=dropout,
-        lora_use_dora=dora, lora_target_modules=[targets]))
+    config = config or llava_config()
+    # An any-resolution model trains on dataset files only: the run names some (never read here).
+    data = ({"data_path": [__file__], "tokenizer_model": __file__} if config.anyres is not None
+            else {"mock_data": True})
+    run = RunConfig(model=config, training=TrainingConfig(
+        seq_length=48, lora_rank=4, lora_alpha=8.0, lora_dropout=dropout, lora_use_dora=dora,
+        lora_target_modules=[targets], **data))
     config = resolve(run, 1)
     state = ParallelState.single()
     state.seed(3)
@@ -140,3 +153,55 @@ def test_fresh_adapters_and_dropout_leave_the_model_unchanged_in_eval() -> None:
     with torch.no_grad():
         trained = lora(batch["input_ids"], batch["pixel_values"], batch["labels"], return_logits=True)["logits"]
     assert torch.allclose(trained, reference, atol=1e-6)  # B = 0: the dropped input reaches nothing
+
+
+TILED_TARGETS = "q_proj,v_proj,o_proj,up_proj,down_proj,vision,projector"
+
+
+def _tiled(family: str) -> tuple[LlavaConfig, dict]:
+    """A tiny LLaVA-NeXT (CLIP tower, any-resolution tiles, newline embedding) or InternVL (InternViT
+    with layer scale and QK norm, pixel shuffle, InternVL's projector) and a batch of each."""
+    if family == "llava_next":
+        config = llava_config(anyres=AnyResConfig(((16, 32), (32, 16), (32, 32))))
+        return config, anyres_batch(config, [[(12, 30)], [(30, 12), (16, 16)]])
+    config = internvl_config()
+    return config, make_batch(config, [1, 3], 48)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("family", ["llava_next", "internvl"])
+def test_merged_tiled_family_equals_the_adapted_model(family: str, dora: bool) -> None:
+    """Every linear of the tower's layers, the projector and the decoder adapted; what is not a linear
+    (the newline embedding, InternViT's layer scale, the norm before InternVL's projector) is frozen
+    with its part, as PEFT freezes every module it does not adapt. Merged, the plain model computes
+    what the adapted one does."""
+    config, batch = _tiled(family)
+    model = _model(TILED_TARGETS, dora=dora, config=config).eval()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapter." in n for n in trainable), sorted(trainable)
+    for part in ("vision.encoder.layers.0.", "projector.", "language.decoder.layers.1."):
+        assert any(n.startswith(part) for n in trainable), f"no adapter in {part}"
+
+    @torch.no_grad()
+    def logits() -> torch.Tensor:
+        return model(**batch, return_logits=True)["logits"]
+
+    base = logits()
+    reset_magnitudes([model])
+    perturb_adapters([model], model.state)
+    adapted = logits()
+    assert (adapted - base).abs().max() > 1e-2, "the adapters must change the model"
+    merged_layers = merge_lora([model])
+    vision_layers = config.vision.num_layers_used
+    assert len(merged_layers) == 4 * vision_layers + 2 + 2 * 4
+    assert not any(".adapter." in name for name, _ in model.named_parameters())
+    assert (logits() - adapted).abs().max() / adapted.abs().max() < 1e-5
+
+
+def test_an_untargeted_projector_trains_the_newline_embedding_with_it() -> None:
+    """The newline embedding belongs to the projector part: adapters on the decoder only leave the
+    projector, and with it the newline, training fully (PEFT's modules_to_save for both)."""
+    config, _ = _tiled("llava_next")
+    trainable = {n for n, p in _model("q_proj,v_proj", config=config).named_parameters() if p.requires_grad}
+    assert {"anyres.image_newline", "projector.fc1.weight"} <= trainable
+    assert not any(n.startswith("language.") and ".adapter." not in n for n in trainable)

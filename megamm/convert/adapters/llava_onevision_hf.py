@@ -3,8 +3,8 @@
 which an image's unpadded tile features are downsampled bilinearly (`AnyResConfig.max_num_patches`).
 
 Usually a SigLIP tower with the `full` feature strategy and a Qwen2 language model; any tower and
-language family llava-hf takes is read. `video_token_index` is kept (HfExtras) and given back on
-export: megamm does not run this family's videos (pooled frames) yet, nor the processor's
+language family llava-hf takes is read. `video_token_index` is `language.video_token_id`: the model
+runs this family's videos (frames pooled 2x, megamm.models.anyres). Not read: the processor's
 multi-image samples (one padded-square tile per image); megamm tiles every image, as transformers'
 model does when it is not given `batch_num_images`.
 """
@@ -28,7 +28,7 @@ class LlavaOnevisionHfAdapter(LlavaNextHfAdapter):
 
     def config_from_hf(self, tree: dict, where: str) -> tuple[LlavaConfig, HfExtras]:
         """config.json of a LlavaOnevisionForConditionalGeneration -> (LlavaConfig with `anyres` and its
-        `max_num_patches`, extras with the video token)."""
+        `max_num_patches` and the video token, the extras)."""
         config, extras = super().config_from_hf(tree, where)
         cfg = hf_config(tree, where)
         match = ANYRES_MAX.fullmatch(str(cfg.vision_aspect_ratio))
@@ -36,7 +36,7 @@ class LlavaOnevisionHfAdapter(LlavaNextHfAdapter):
             raise ConversionError(f"{where}: vision_aspect_ratio {cfg.vision_aspect_ratio!r}: megamm reads "
                                   f"'anyres_max_<N>' only")
         config.anyres.max_num_patches = int(match.group(1))
-        extras.video_token_id = cfg.video_token_index
+        config.language.video_token_id = cfg.video_token_index
         return config, extras
 
     def layout_problems(self, config: LlavaConfig) -> list[str]:
@@ -49,8 +49,8 @@ class LlavaOnevisionHfAdapter(LlavaNextHfAdapter):
     def config_to_hf(self, config: LlavaConfig, extras: HfExtras, kept_aside: list[str]) -> dict:
         tree = super().config_to_hf(config, extras, kept_aside)
         tree["vision_aspect_ratio"] = f"anyres_max_{config.anyres.max_num_patches}"
-        if extras.video_token_id is not None:
-            tree["video_token_index"] = extras.video_token_id
+        if config.language.video_token_id is not None:
+            tree["video_token_index"] = config.language.video_token_id
         return tree
 
 
