@@ -73,7 +73,7 @@ def _steps(samples: list[Sample], padded: list[int], packed: list[list[int]], se
     for i in range(STEPS * ROWS_PER_STEP // 2):
         (padded_row,) = padded_microbatches([samples[padded[i]]], 1, seq, pad, shape)
         (packed_row,) = packed_microbatches([samples[j] for j in packed[i]], 1, seq, pad, shape)
-        assert packed_row["attention_mask"] is not None
+        assert packed_row["segment_ids"] is not None
         rows += [padded_row, packed_row]
     return [rows[i:i + ROWS_PER_STEP] for i in range(0, len(rows), ROWS_PER_STEP)]
 
