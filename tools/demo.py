@@ -18,7 +18,8 @@ Every step is an ordinary megamm command, printed before it runs, so it can be c
    - stage 2 (LLaVA instruction tuning): projector and language model train, the vision tower is
      frozen (`--freeze-ViT`), on the questions with the `mistral` chat template.
 4. `tools/evaluate_vqa.py` under torchrun (tp=2): generation on the held-out questions, accuracy by
-   question type, beside the same model given a blank image (the text-only baseline).
+   question type, beside the same model given a blank image (the text-only baseline; both passes in
+   one run, `--and-blank-image`).
 
 `--quick` shrinks the dataset and the schedule (the test suite uses it). `--lora` also trains stage
 2 with LoRA from the same stage-1 checkpoint (`--pretrained-checkpoint`; rank 8 on every decoder
@@ -68,6 +69,9 @@ class Schedule:
     stage2_iters: int = 0
 
 
+# `make demo`: the kinds of shape are what the model learns last (at 900 phase-0 steps "shape" was still
+# at chance while color and count were learned), so phase 0 gets the steps the 10-minute budget
+# allows, on images enough that it sees each about once (docs/performance.md, "The demo on CPU").
 FULL = Schedule(train_images=12000, test_images=200, phase0_iters=2000, stage1_iters=60, stage2_iters=300)
 # The test suite's run: phase 0 as long as counting takes to learn (at 140 steps it was 54% against
 # 34% blind, at 200 97%); the stages only need to run (each phase and evaluation starts a torchrun
