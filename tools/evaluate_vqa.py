@@ -12,6 +12,9 @@ of the accuracy per question type (questions without one under "(untyped)") and 
 counts correct, scored and errors; --json prints the same as one JSON object; --predictions writes
 one JSON line per question. --blank-image replaces every image with a uniform image of the
 preprocessing mean colour: the score a model gets without seeing, to set against the real one.
+--and-blank-image scores each question both ways in the same run (one start-up and one checkpoint
+load instead of two): the blank-image table (--json: line) follows the real one, and with
+--predictions PATH the blank-image predictions go to PATH with `_blank` before its suffix.
 --limit scores the first N questions.
 
 A question whose image is missing or unreadable is not scored: it counts as an error of its type (the
@@ -32,7 +35,14 @@ import torch.distributed as dist
 
 from megamm.checkpoint.format import CheckpointMismatchError
 from megamm.inference import cli
-from megamm.inference.vqa import evaluate_vqa, format_score, load_questions, prediction_records
+from megamm.inference.vqa import (
+    VqaItem,
+    VqaRun,
+    evaluate_vqa,
+    format_score,
+    load_questions,
+    prediction_records,
+)
 
 TOOL = "evaluate_vqa.py"
 
@@ -50,10 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", required=True, help="LLaVA-format JSON list or JSONL of questions")
     parser.add_argument("--predictions", help="write one JSON line per question here")
     parser.add_argument("--limit", type=_positive, help="score only the first N questions")
-    parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    parser.add_argument("--json", action="store_true", help="print the scores as one JSON object (per pass)")
+    parser.add_argument("--and-blank-image", action="store_true",
+                        help="a second pass with blank images in the same run (the baseline beside the score)")
     cli.add_arguments(parser)
     parser.set_defaults(max_new_tokens=16)
     args = parser.parse_args(argv)
+    if args.and_blank_image and args.blank_image:
+        parser.error("--and-blank-image already adds the --blank-image pass; pass one of them")
     path = Path(args.questions)
     try:
         items = load_questions(path)
@@ -65,36 +79,47 @@ def main(argv: list[str] | None = None) -> int:
     state = cli.setup_state(args)
     try:
         session = cli.open_session(args, state)
-        result, predictions, errors = evaluate_vqa(
-            session, items, cli.generation_config(args, session), image_root=args.image_root or str(path.parent),
-            batch_size=args.batch_size, blank_image=args.blank_image,
-        )
+        config = cli.generation_config(args, session)
+        for blank in [args.blank_image, *([True] if args.and_blank_image else [])]:
+            result, predictions, errors = evaluate_vqa(
+                session, items, config, image_root=args.image_root or str(path.parent),
+                batch_size=args.batch_size, blank_image=blank,
+            )
+            if cli.is_first_process():
+                _report(args, path, items, VqaRun(result, predictions, errors), blank)
+            if not result.overall.total:
+                if cli.is_first_process():
+                    print(f"{TOOL}: {path}: no question could be scored; check --image-root", file=sys.stderr)
+                return 2
     except (OSError, ValueError, CheckpointMismatchError, NotImplementedError) as error:
         # A bad checkpoint, tokenizer, question or setting: the message says which; no traceback.
         print(f"{TOOL}: {error}", file=sys.stderr)
         return 2
-    else:
-        if cli.is_first_process():
-            if args.predictions:
-                lines = [json.dumps(record) for record in prediction_records(items, predictions, errors)]
-                Path(args.predictions).write_text("".join(line + "\n" for line in lines))
-            if args.json:
-                print(json.dumps({**result.as_dict(), "blank_image": args.blank_image}))
-            else:
-                baseline = " (blank images)" if args.blank_image else ""
-                print(f"{path}: {len(items)} questions{baseline}, exact match:\n{format_score(result)}")
-            if errors:
-                first = errors[min(errors)]
-                print(f"{TOOL}: {path}: {len(errors)} of {len(items)} questions not scored, their image could "
-                      f"not be loaded (first: {first})", file=sys.stderr)
-        if not result.overall.total:
-            if cli.is_first_process():
-                print(f"{TOOL}: {path}: no question could be scored; check --image-root", file=sys.stderr)
-            return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _report(args: argparse.Namespace, path: Path, items: list[VqaItem], run: VqaRun, blank: bool) -> None:
+    """Print one pass's scores (table or JSON) and write its predictions; `blank`: the blank-image
+    pass, whose predictions go beside --predictions' file when --and-blank-image runs both."""
+    result, predictions, errors = run
+    if args.predictions:
+        target = Path(args.predictions)
+        if blank and args.and_blank_image:
+            target = target.with_name(f"{target.stem}_blank{target.suffix}")
+        lines = [json.dumps(record) for record in prediction_records(items, predictions, errors)]
+        target.write_text("".join(line + "\n" for line in lines))
+    if args.json:
+        print(json.dumps({**result.as_dict(), "blank_image": blank}), flush=True)
+    else:
+        baseline = " (blank images)" if blank else ""
+        print(f"{path}: {len(items)} questions{baseline}, exact match:\n{format_score(result)}", flush=True)
+    if errors:
+        first = errors[min(errors)]
+        print(f"{TOOL}: {path}: {len(errors)} of {len(items)} questions not scored, their image could "
+              f"not be loaded (first: {first})", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """megamm.inference.vqa and tools/evaluate_vqa.py: answer normalization, exact-match scores by type on a
 hand-built prediction set, question-file parsing and its errors, questions whose image is missing or
 unreadable (counted as errors of their type, the rest scored), the tool's exit status on bad input,
-and the blank-image baseline inputs.
+and the blank-image baseline inputs (also as the second pass of one run).
 
 The tool also runs end to end from a trained checkpoint (one process and tp=2) in
 tests/inference/test_generation.py.
@@ -330,6 +330,45 @@ def test_tool_scores_the_rest_when_an_image_is_missing(
     summary = json.loads(capsys.readouterr().out)
     assert (summary["total"], summary["errors"], summary["blank_image"]) == (3, 1, True)
     assert summary["by_type"]["color"]["errors"] == 1 and summary["by_type"]["(untyped)"]["total"] == 1
+
+
+def test_tool_scores_both_ways_in_one_run_with_and_blank_image(
+    tmp_path: Path, tiny_session: InferenceSession, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--and-blank-image: the real pass, then the blank-image pass on the same session, each the same
+    as its own run (JSON line, predictions beside --predictions' file); refused with --blank-image."""
+    root = _images(tmp_path / "images")
+    questions = root / "questions.json"
+    questions.write_text(json.dumps([_question("q1", "red.png", "color"), _question("q2", "missing.png", "shape"),
+                                     _question("q3", "red.png", "shape", answer="square")]))
+    passes: list[bool] = []
+
+    def recording(*args: object, **kwargs: object) -> object:
+        passes.append(bool(kwargs["blank_image"]))
+        return evaluate_vqa(*args, **kwargs)
+
+    monkeypatch.setattr("megamm.inference.vqa.evaluate_vqa", recording)  # what the tool imports
+    separate = {}
+    for flags in ((), ("--blank-image",)):
+        path = tmp_path / f"separate{len(flags)}.jsonl"
+        assert _run_tool(monkeypatch, tiny_session, "--questions", str(questions), "--json",
+                         "--predictions", str(path), *flags) == 0
+        separate[bool(flags)] = (capsys.readouterr().out, path.read_text())
+    assert passes == [False, True]
+    both = tmp_path / "both.jsonl"
+    assert _run_tool(monkeypatch, tiny_session, "--questions", str(questions), "--json", "--predictions",
+                     str(both), "--and-blank-image") == 0
+    out, err = capsys.readouterr()
+    assert passes == [False, True, False, True]
+    assert out == separate[False][0] + separate[True][0]
+    assert [json.loads(line)["blank_image"] for line in out.splitlines()] == [False, True]
+    assert both.read_text() == separate[False][1]
+    assert (tmp_path / "both_blank.jsonl").read_text() == separate[True][1]
+    assert err.count("1 of 3 questions not scored") == 2
+    with pytest.raises(SystemExit):
+        _run_tool(monkeypatch, tiny_session, "--questions", str(questions), "--blank-image", "--and-blank-image")
+    assert "--and-blank-image already adds the --blank-image pass" in capsys.readouterr().err
 
 
 def test_tool_fails_when_no_question_can_be_scored(
