@@ -30,8 +30,6 @@ from megamm.convert.hf_keys import installed_key_map, rename
 from megamm.models.decoders import decoder_family
 from megamm.models.towers.internvit import INTERNVIT
 
-LEGACY_PREFIXES = (("text.lm_head.", "language_model.lm_head."), ("text.", "language_model.model."),
-                   ("vision.", "vision_tower."), ("projector.", "multi_modal_projector."))
 # The one downsample ratio megamm's pixel shuffle has: a 2x2 block per token.
 DOWNSAMPLE_RATIO = 1 / PIXEL_SHUFFLE_BLOCK
 ARCHITECTURE = "InternVLForConditionalGeneration"
@@ -40,6 +38,8 @@ MODEL_TYPE = "internvl"
 
 class InternVLHfAdapter(ExportAdapter):
     name = "internvl-hf"
+    LEGACY_PREFIXES = (("text.lm_head.", "language_model.lm_head."), ("text.", "language_model.model."),
+                       ("vision.", "vision_tower."), ("projector.", "multi_modal_projector."))
 
     def canonical_name(self, key: str) -> str | None:
         return rename(key, PREFIXES)
@@ -112,12 +112,6 @@ class InternVLHfAdapter(ExportAdapter):
 
     def installed_keys(self, hf_config: dict) -> dict[str, str]:
         return installed_key_map(ARCHITECTURE, MODEL_TYPE, hf_config, self.canonical_name)
-
-    def legacy_key(self, name: str) -> str:
-        key = rename(name, LEGACY_PREFIXES)
-        if key is None:
-            raise ValueError(f"not a canonical name: {name}")
-        return key
 
     def export_fill(self, config: LlavaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return INTERNVIT.export_fill(config.vision, dtype)

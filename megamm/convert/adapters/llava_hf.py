@@ -37,8 +37,6 @@ PREFIXES = (
     ("model.multi_modal_projector.", "projector."),
     ("multi_modal_projector.", "projector."),
 )
-LEGACY_PREFIXES = (("text.lm_head.", "language_model.lm_head."), ("text.", "language_model.model."),
-                   ("vision.", "vision_tower.vision_model."), ("projector.", "multi_modal_projector."))
 
 
 class LlavaHfAdapter(ExportAdapter):
@@ -46,6 +44,8 @@ class LlavaHfAdapter(ExportAdapter):
     # config.json's model_type and the transformers class (LLaVA-NeXT subclasses this adapter).
     model_type = "llava"
     architecture = "LlavaForConditionalGeneration"
+    LEGACY_PREFIXES = (("text.lm_head.", "language_model.lm_head."), ("text.", "language_model.model."),
+                       ("vision.", "vision_tower.vision_model."), ("projector.", "multi_modal_projector."))
 
     def canonical_name(self, key: str) -> str | None:
         return rename(key, PREFIXES)
@@ -124,12 +124,6 @@ class LlavaHfAdapter(ExportAdapter):
 
     def installed_keys(self, hf_config: dict) -> dict[str, str]:
         return installed_key_map(self.architecture, self.model_type, hf_config, self.canonical_name)
-
-    def legacy_key(self, name: str) -> str:
-        key = rename(name, LEGACY_PREFIXES)
-        if key is None:
-            raise ValueError(f"not a canonical name: {name}")
-        return key
 
     def export_fill(self, config: LlavaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return tower_family(config.vision.family).export_fill(config.vision, dtype)

@@ -34,7 +34,6 @@ PREFIXES = (
     ("lm_head.", "text.lm_head."),
     ("model.", "text."),
 )
-LEGACY_PREFIXES = (("vision.", "visual."), ("text.lm_head.", "lm_head."), ("text.", "model."))
 # transformers' default when a config names no mrope_section (Qwen2VLRotaryEmbedding).
 HF_DEFAULT_MROPE_SECTION = (16, 24, 24)
 LANGUAGE_FAMILY = "qwen2"
@@ -42,6 +41,8 @@ LANGUAGE_FAMILY = "qwen2"
 
 class Qwen2VLHfAdapter(ExportAdapter):
     """The adapter of one Qwen2-VL-family architecture (`tower`: its vision tower family)."""
+
+    LEGACY_PREFIXES = (("vision.", "visual."), ("text.lm_head.", "lm_head."), ("text.", "model."))
 
     def __init__(self, name: str, tower: NativeTowerFamily, architecture: str, text_model_type: str) -> None:
         self.name = name
@@ -116,12 +117,6 @@ class Qwen2VLHfAdapter(ExportAdapter):
 
     def installed_keys(self, hf_config: dict) -> dict[str, str]:
         return installed_key_map(self.architecture, self.model_type, hf_config, self.canonical_name)
-
-    def legacy_key(self, name: str) -> str:
-        key = rename(name, LEGACY_PREFIXES)
-        if key is None:
-            raise ValueError(f"not a canonical name: {name}")
-        return key
 
     def export_fill(self, config: LlavaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return self.tower.export_fill(config.vision, dtype)
