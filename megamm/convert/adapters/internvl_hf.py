@@ -25,7 +25,13 @@ from megamm.convert import ConversionError
 from megamm.convert.adapters.base import ExportAdapter
 from megamm.convert.adapters.causal_lm import language_config_from_hf
 from megamm.convert.adapters.llava_hf import PREFIXES
-from megamm.convert.hf_config import HfExtras, hf_config, raise_problems
+from megamm.convert.hf_config import (
+    HfExtras,
+    architecture_config,
+    check_token_id,
+    feature_problems,
+    raise_problems,
+)
 from megamm.convert.hf_keys import installed_key_map, rename
 from megamm.models.decoders import decoder_family
 from megamm.models.towers.internvit import INTERNVIT
@@ -46,30 +52,18 @@ class InternVLHfAdapter(ExportAdapter):
 
     def config_from_hf(self, tree: dict, where: str) -> tuple[LlavaConfig, HfExtras]:
         """config.json of an InternVLForConditionalGeneration -> (LlavaConfig, extras)."""
-        if tree.get("model_type") != MODEL_TYPE:
-            raise ConversionError(f"{where}: model_type {tree.get('model_type')!r} is not {MODEL_TYPE!r} "
-                                  f"({ARCHITECTURE})")
-        cfg = hf_config(tree, where)
-        problems: list[str] = []
-        layer = cfg.vision_feature_layer
-        if not isinstance(layer, int):
-            problems.append(f"{where}: vision_feature_layer {layer!r}: megamm feeds the projector one hidden state")
+        cfg = architecture_config(tree, where, MODEL_TYPE, ARCHITECTURE)
+        problems = feature_problems(cfg, where, "megamm's InternVL projector")
         if cfg.downsample_ratio != DOWNSAMPLE_RATIO:
             problems.append(f"{where}: downsample_ratio {cfg.downsample_ratio}: megamm's pixel shuffle merges "
                             f"{PIXEL_SHUFFLE_BLOCK}x{PIXEL_SHUFFLE_BLOCK} blocks (ratio {DOWNSAMPLE_RATIO}) only")
-        if cfg.projector_hidden_act != "gelu":
-            problems.append(f"{where}: projector_hidden_act {cfg.projector_hidden_act!r}: megamm's InternVL "
-                            f"projector uses exact (erf) GELU only")
-        strategy = cfg.vision_feature_select_strategy
-        if strategy not in ("default", "full"):
-            problems.append(f"{where}: unknown vision_feature_select_strategy {strategy!r}")
+        layer = cfg.vision_feature_layer
         vision = INTERNVIT.config_from_hf(cfg.vision_config, layer if isinstance(layer, int) else -1,
-                                          strategy == "full", f"{where} vision_config", problems)
+                                          cfg.vision_feature_select_strategy == "full", f"{where} vision_config",
+                                          problems)
         raise_problems(problems)
         language, extras = language_config_from_hf(cfg.text_config.to_dict(), f"{where} text_config")
-        if not 0 <= cfg.image_token_id < language.vocab_size:
-            raise ConversionError(f"{where}: image_token_id {cfg.image_token_id} is outside the text vocabulary "
-                                  f"of {language.vocab_size} tokens (mismatched vocab)")
+        check_token_id("image_token_id", cfg.image_token_id, language.vocab_size, where)
         language.image_token_id = int(cfg.image_token_id)
         language.tie_word_embeddings = bool(cfg.tie_word_embeddings)
         config = LlavaConfig(vision=vision, language=language,
