@@ -180,13 +180,16 @@ def _parallel_job() -> dict:
 @pytest.mark.slow
 def test_compiled_tensor_sequence_and_pipeline_parallel_match_one_eager_process() -> None:
     results = run_distributed(_parallel_job, 2, timeout=900)
-    for rank, by_case in enumerate(results):
+    for by_case in results:
         assert [name for name, errors in by_case.items() if "eval" in errors] == ["tp2_sp_dora",
                                                                                   "pp2_full_recompute_lora"]
-        for name, errors in by_case.items():
-            assert errors["loss"] < TOLERANCE and errors["norm"] < TOLERANCE, (rank, name, errors)
-            assert errors.get("eval", 0.0) < TOLERANCE and errors["weight"] < WEIGHT_TOLERANCE, (rank, name, errors)
-            assert errors["reference_compiled"] == 0, (rank, name, errors)
+    # Every case that differs from eager, named at once (one spawned run checks them all).
+    off = [
+        (rank, name, errors) for rank, by_case in enumerate(results) for name, errors in by_case.items()
+        if not (errors["loss"] < TOLERANCE and errors["norm"] < TOLERANCE and errors.get("eval", 0.0) < TOLERANCE
+                and errors["weight"] < WEIGHT_TOLERANCE and errors["reference_compiled"] == 0)
+    ]
+    assert not off, off
     # tp=2: every layer on both ranks; pp=2: the vision tower and 2 language layers on stage 0.
     assert [r["tp2_sp"]["compiled"] for r in results] == [7, 7]
     assert [r["tp2_sp_dora"]["compiled"] for r in results] == [7, 7]
