@@ -102,6 +102,12 @@ def _run_world(argv: list[str]) -> dict:
     return run(read_config(argv, int(os.environ["WORLD_SIZE"])))
 
 
+def _run_each(argvs: list[list[str]]) -> list[dict]:
+    """`_run_world` of each argv in turn, in one spawned job: one process start-up for several runs
+    (each builds its own groups on the one process group)."""
+    return [_run_world(argv) for argv in argvs]
+
+
 QWEN2_VL = ["--config", str(ROOT / "examples" / "qwen2_vl_tiny_cpu.yaml"), "--train-iters", "12", "--log-interval", "100",
             "--eval-iters", "0", "--set", "model.language.transformer.rotary_base=50"]
 # A rope base of 50 turns every rotary pair over the sample. Which stage gets which batch keys is
@@ -114,7 +120,8 @@ def test_qwen2_vl_example_trains_alike_in_one_process_through_a_pipeline_and_at_
     positions to every stage): one process, pp=2 and cp=2 give the same losses, and the loss falls."""
     one = run_distributed(_run, 1, QWEN2_VL)[0]
     assert one["final_loss"] < 0.9 * one["first_loss"], one
-    for layout in (["--pipeline-model-parallel-size", "2"], ["--context-parallel-size", "2"]):
-        other = run_distributed(_run_world, 2, QWEN2_VL + layout)[-1]
+    layouts = (["--pipeline-model-parallel-size", "2"], ["--context-parallel-size", "2"])
+    others = run_distributed(_run_each, 2, [QWEN2_VL + layout for layout in layouts], timeout=600)[-1]
+    for layout, other in zip(layouts, others, strict=True):
         for key in ("first_loss", "final_loss"):
             assert math.isclose(other[key], one[key], rel_tol=1e-5), (layout, key, other[key], one[key])

@@ -1,5 +1,6 @@
 """What every Hugging Face adapter shares about config.json: reading it through transformers' own
-config classes, and the fields an export gives back.
+config classes, the checks several layouts make (the model type, a special token inside the
+vocabulary, LLaVA-style image features), and the fields an export gives back.
 
 Reading goes through `AutoConfig.for_model`, because a saved config.json usually lists only the
 fields that differ from the class defaults (llava-hf's text config names little more than the
@@ -59,6 +60,40 @@ def hf_config(tree: dict, where: str) -> Any:
         return AutoConfig.for_model(model_type, **tree)
     except (ValueError, KeyError, TypeError) as error:
         raise ConversionError(f"{where}: unsupported architecture {model_type!r} ({error})") from error
+
+
+def architecture_config(tree: dict, where: str, model_type: str, architecture: str) -> Any:
+    """`hf_config` of a config.json that must be of `model_type` (that of `architecture`), else
+    ConversionError naming both."""
+    if tree.get("model_type") != model_type:
+        raise ConversionError(f"{where}: model_type {tree.get('model_type')!r} is not {model_type!r} "
+                              f"({architecture})")
+    return hf_config(tree, where)
+
+
+def check_token_id(field: str, token: int, vocab_size: int, where: str) -> None:
+    """ConversionError unless the special token `field` = `token` is a row of the text vocabulary."""
+    if not 0 <= token < vocab_size:
+        raise ConversionError(f"{where}: {field} {token} is outside the text vocabulary of {vocab_size} tokens "
+                              f"(mismatched vocab)")
+
+
+def feature_problems(cfg: Any, where: str, projector: str) -> list[str]:
+    """What megamm cannot read of a LLaVA-style config's image features (llava-hf, InternVL): several
+    feature layers, a projector activation other than exact GELU (`projector` names megamm's),
+    an unknown feature strategy."""
+    problems = []
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        problems.append(f"{where}: vision_feature_layer {layer!r}: megamm feeds the projector one hidden state, "
+                        f"not a concatenation of several layers")
+    if cfg.projector_hidden_act != "gelu":
+        problems.append(f"{where}: projector_hidden_act {cfg.projector_hidden_act!r}: {projector} uses "
+                        f"exact (erf) GELU only")
+    strategy = cfg.vision_feature_select_strategy
+    if strategy not in ("default", "full"):
+        problems.append(f"{where}: unknown vision_feature_select_strategy {strategy!r}")
+    return problems
 
 
 def raise_problems(problems: list[str], heading: str | None = None) -> None:

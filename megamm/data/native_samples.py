@@ -50,7 +50,12 @@ from megamm.data.native_resolution import (
 from megamm.data.qwen_template import VIDEO_PAD, Qwen2VLTemplate, QwenTokenized, render_qwen2_vl
 from megamm.data.samples import NativeVision, Sample, SampleLayout, load_record_image, record_image_size
 from megamm.data.sources import BadSample, Record
-from megamm.data.templates import AllLabelsMaskedError, ChatTemplate, get_template
+from megamm.data.templates import (
+    AllLabelsMaskedError,
+    ChatTemplate,
+    check_trained_after_truncation,
+    get_template,
+)
 from megamm.data.tokenizer import Tokenizer
 from megamm.data.video import (
     MAX_FRAMES,
@@ -235,10 +240,10 @@ class NativeSampleBuilder:
             video_spans=[span for span in tokenized.video_spans if span[1] < cut],
             truncated_from=length,
         )
-        if kept.num_trained == 0:
-            raise BadSample(source, where, "all_masked",
-                            f"all labels are masked after truncating {length} tokens to {cut}")
-        return kept
+        try:
+            return check_trained_after_truncation(kept, length)
+        except AllLabelsMaskedError as error:
+            raise BadSample(source, where, "all_masked", str(error)) from None
 
     def _read(self, record: Record, where: str, images: Callable[[Record], list[T]],
               videos: Callable[[Record, int], U]) -> tuple[list[T], list[U]]:

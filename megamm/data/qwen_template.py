@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 
 from megamm.data.templates import (
     IMAGE_PLACEHOLDER,
-    AllLabelsMaskedError,
     ChatTemplate,
     Tokenized,
     Turn,
     _Builder,
     _check_images,
     _system_first,
+    check_trained,
     normalize_conversation,
     prompt_turns,
 )
@@ -167,12 +167,7 @@ def render_qwen2_vl(
     """
     tokenized = _build(normalize_conversation(conversation), tokenizer, tokens_per_image, tokens_per_video,
                        template)
-    if tokenized.num_trained == 0:
-        raise AllLabelsMaskedError(
-            f"all labels are masked in a {template.name!r} sample (no assistant answer to train on; its loss "
-            f"would be 0): {tokenized.text[:200]!r}"
-        )
-    return tokenized
+    return check_trained(tokenized, template.name)
 
 
 def render_qwen2_vl_prompt(

@@ -46,6 +46,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 from megamm.config.constants import IGNORE_INDEX
 from megamm.config.registry import CHAT_TEMPLATES
@@ -93,6 +94,28 @@ class Tokenized:
     def num_trained(self) -> int:
         """Number of positions with a label (not IGNORE_INDEX)."""
         return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+TokenizedT = TypeVar("TokenizedT", bound=Tokenized)
+
+
+def check_trained(tokenized: TokenizedT, template_name: str) -> TokenizedT:
+    """`tokenized` as rendered by the template `template_name`; AllLabelsMaskedError when it trains no label."""
+    if tokenized.num_trained == 0:
+        raise AllLabelsMaskedError(
+            f"all labels are masked in a {template_name!r} sample (no assistant answer to train on; its loss "
+            f"would be 0): {tokenized.text[:200]!r}"
+        )
+    return tokenized
+
+
+def check_trained_after_truncation(kept: TokenizedT, length: int) -> TokenizedT:
+    """`kept`, the prefix of a sample of `length` tokens; AllLabelsMaskedError when it trains no label."""
+    if kept.num_trained == 0:
+        raise AllLabelsMaskedError(
+            f"all labels are masked after truncating {length} tokens to {len(kept.input_ids)}: {kept.text[:200]!r}"
+        )
+    return kept
 
 
 def normalize_conversation(conversation: Sequence[Mapping[str, object]]) -> list[Turn]:
@@ -408,14 +431,7 @@ def render(
     _check_images(turns, tokens_per_image)
     builder = chat.builder(tokenizer, tokens_per_image)
     chat.build(builder, turns)
-    tokenized = builder.result()
-    if tokenized.num_trained == 0:
-        name = template if isinstance(template, str) else chat.name
-        raise AllLabelsMaskedError(
-            f"all labels are masked in a {name!r} sample (no assistant answer to train on; its loss "
-            f"would be 0): {tokenized.text[:200]!r}"
-        )
-    return tokenized
+    return check_trained(builder.result(), template if isinstance(template, str) else chat.name)
 
 
 def render_prompt(
@@ -475,11 +491,7 @@ def truncate(tokenized: Tokenized, max_length: int) -> Tokenized | None:
         image_spans=[span for span in tokenized.image_spans if span[1] <= cut],
         truncated_from=length if tokenized.truncated_from is None else tokenized.truncated_from,
     )
-    if result.num_trained == 0:
-        raise AllLabelsMaskedError(
-            f"all labels are masked after truncating {length} tokens to {cut}: {tokenized.text[:200]!r}"
-        )
-    return result
+    return check_trained_after_truncation(result, length)
 
 
 __all__ = [
@@ -494,6 +506,8 @@ __all__ = [
     "PlainTemplate",
     "Tokenized",
     "Turn",
+    "check_trained",
+    "check_trained_after_truncation",
     "get_template",
     "normalize_conversation",
     "prompt_turns",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,21 @@ def video_grid(num_frames: int, height: int, width: int, resolution: NativeResol
             resized_width // resolution.patch_size)
 
 
+def _load_sampled(
+    num_frames: int,
+    frame: Callable[[int], Image.Image],
+    frame_rate: float,
+    fps: float,
+    resolution: NativeResolution,
+    max_frames: int,
+) -> VideoInput:
+    """The frames of a video of `num_frames` (taken at `frame_rate` per second) sampled at `fps`;
+    `frame(index)` gives one, so a reader of frame files decodes only the sampled ones."""
+    indices = sample_frame_indices(num_frames, frame_rate, fps, resolution.temporal_patch_size, max_frames=max_frames)
+    frames = [frame(index) for index in indices]
+    return preprocess_video(frames, sampled_rate(len(indices), num_frames, frame_rate), resolution)
+
+
 def load_frame_list(
     paths: Sequence[str | os.PathLike[str]],
     image_root: str | os.PathLike[str],
@@ -143,11 +158,8 @@ def load_frame_list(
     Only the sampled frames are decoded, each with `load_image`'s checks (inside `image_root`,
     pixel limit, corrupt files raise ImageError naming the file).
     """
-    indices = sample_frame_indices(
-        len(paths), frame_rate, fps, resolution.temporal_patch_size, max_frames=max_frames
-    )
-    frames = [load_image(paths[index], image_root) for index in indices]
-    return preprocess_video(frames, sampled_rate(len(indices), len(paths), frame_rate), resolution)
+    return _load_sampled(len(paths), lambda index: load_image(paths[index], image_root), frame_rate, fps,
+                         resolution, max_frames)
 
 
 def load_frame_bytes(
@@ -160,11 +172,8 @@ def load_frame_bytes(
 ) -> VideoInput:
     """`load_frame_list` for encoded frame images held in memory (tar members, Parquet cells); `names`
     name them in errors."""
-    indices = sample_frame_indices(
-        len(frames), frame_rate, fps, resolution.temporal_patch_size, max_frames=max_frames
-    )
-    decoded = [load_image_bytes(frames[index], names[index]) for index in indices]
-    return preprocess_video(decoded, sampled_rate(len(indices), len(frames), frame_rate), resolution)
+    return _load_sampled(len(frames), lambda index: load_image_bytes(frames[index], names[index]), frame_rate,
+                         fps, resolution, max_frames)
 
 
 def frame_list_grid(
@@ -257,14 +266,6 @@ def read_video_header(source: VideoSource, name: str) -> VideoHeader:
         raise ValueError(f"video {name} cannot be read: {error}") from error
 
 
-def _sample_decoded(
-    frames: list[Image.Image], frame_rate: float, fps: float, resolution: NativeResolution, max_frames: int
-) -> VideoInput:
-    indices = sample_frame_indices(
-        len(frames), frame_rate, fps, resolution.temporal_patch_size, max_frames=max_frames
-    )
-    rate = sampled_rate(len(indices), len(frames), frame_rate)
-    return preprocess_video([frames[index] for index in indices], rate, resolution)
 
 
 def load_video_file(
@@ -280,7 +281,7 @@ def load_video_file(
     frame files first.
     """
     frames, frame_rate = _decode_video(Path(path), os.fspath(path))
-    return _sample_decoded(frames, frame_rate, fps, resolution, max_frames)
+    return _load_sampled(len(frames), frames.__getitem__, frame_rate, fps, resolution, max_frames)
 
 
 def load_video_bytes(
@@ -293,7 +294,7 @@ def load_video_bytes(
     """`load_video_file` for an encoded video held in memory (a tar member, a Parquet cell); `name`
     names it in errors."""
     frames, frame_rate = _decode_video(data, name)
-    return _sample_decoded(frames, frame_rate, fps, resolution, max_frames)
+    return _load_sampled(len(frames), frames.__getitem__, frame_rate, fps, resolution, max_frames)
 
 
 def video_file_grid(

@@ -4,7 +4,10 @@ Every case trains the tiny LLaVA model for two optimizer steps through the train
 (build_model_chunks applies the compilation, train_step drives it) once eagerly and once compiled
 from the same seed on the same batches, and compares the losses, the grad norms (clipping is
 active), an evaluation loss (no_grad: a graph of its own) and the final weights. The spawned run
-compares tensor + sequence parallelism and pipeline parallelism, compiled, with one eager process.
+compares tensor + sequence parallelism and pipeline parallelism, compiled, with one eager process,
+and carries the LoRA / DoRA cases: compilation dominates every case's time (an eager run of the tiny
+model takes well under a second), so each configuration is compiled once, in the layout that
+checks the most (DoRA's row-parallel norms at tp=2, LoRA's adapters on the tp=1 layers of a stage).
 """
 
 from __future__ import annotations
@@ -46,7 +49,10 @@ def _config(parallel: ParallelConfig | None = None, **training) -> RunConfig:
     return RunConfig(model=model, parallel=parallel or ParallelConfig(), training=TrainingConfig(**settings))
 
 
-def _train(run: RunConfig, state: ParallelState) -> dict:
+def _train(run: RunConfig, state: ParallelState, with_eval: bool = True) -> dict:
+    """Two steps (and with `with_eval` an evaluation) of `run` at `state`'s layout: losses, grad norms,
+    the evaluation loss (None without), the final weights (whole, gathered over tp) and how many
+    layers are compiled."""
     config = resolve(run, state.world_size)
     t = config.training
     state.seed(t.seed)
@@ -67,7 +73,7 @@ def _train(run: RunConfig, state: ParallelState) -> dict:
         result = train_step(trainer, data.microbatches(iteration), iteration)
         losses.append(result.loss)
         norms.append(result.grad_norm)
-    eval_loss = evaluate(trainer, [data.batches_at(data.train, 100 * t.global_batch_size)])
+    eval_loss = evaluate(trainer, [data.batches_at(data.train, 100 * t.global_batch_size)]) if with_eval else None
     final = {
         name: gather_master(p.detach().float(), param_specs(chunk)[name].layout, state.tp_group)
         for chunk in chunks for name, p in chunk.named_parameters()
@@ -79,10 +85,9 @@ def _errors(run: dict, reference: dict) -> dict:
     def rel(a: float, b: float) -> float:
         return abs(a - b) / max(abs(b), 1e-12)
 
-    return {
+    errors = {
         "loss": max(rel(a, b) for a, b in zip(run["losses"], reference["losses"], strict=True)),
         "norm": max(rel(a, b) for a, b in zip(run["norms"], reference["norms"], strict=True)),
-        "eval": rel(run["eval"], reference["eval"]),
         "weight": max(
             ((w - reference["final"][n]).norm() / reference["final"][n].norm().clamp(min=1e-12)).item()
             for n, w in run["final"].items()
@@ -90,6 +95,9 @@ def _errors(run: dict, reference: dict) -> dict:
         "compiled": run["compiled"],
         "reference_compiled": reference["compiled"],
     }
+    if run["eval"] is not None:
+        errors["eval"] = rel(run["eval"], reference["eval"])
+    return errors
 
 
 def _compiled(run: RunConfig) -> RunConfig:
@@ -134,50 +142,55 @@ def test_compile_refuses_context_parallelism_and_lora_dropout() -> None:
     resolve(_compiled(_config(lora_rank=4)), 1)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_compiled_layers_with_adapters_train_like_eager(dora: bool) -> None:
-    """The adapters run inside their layer's compiled graph (DoRA: its row norms too); fused parts
-    left out (k_proj, gate_proj) and the vision tower's layers adapted."""
-    run = _config(lora_rank=4, lora_alpha=8.0, lora_use_dora=dora, lora_target_modules=[LORA_TARGETS])
-    errors = _errors(_train(_compiled(run), ParallelState.single()), _train(run, ParallelState.single()))
-    assert (errors["compiled"], errors["reference_compiled"]) == (7, 0)
-    assert errors["loss"] < TOLERANCE and errors["norm"] < TOLERANCE and errors["eval"] < TOLERANCE, errors
-    assert errors["weight"] < WEIGHT_TOLERANCE, errors
+def _adapters(dora: bool) -> dict:
+    """LoRA (DoRA) training settings: fused parts left out (k_proj, gate_proj), the vision tower's
+    layers adapted."""
+    return {"lora_rank": 4, "lora_alpha": 8.0, "lora_use_dora": dora, "lora_target_modules": [LORA_TARGETS]}
 
 
 def _parallel_job() -> dict:
-    """2 ranks: compiled tp=2 with sequence parallelism (also with DoRA adapters, whose row-parallel
-    norms are all-reduced inside the graph), and compiled pp=2 with full recompute (1F1B over 2
-    microbatches), each against one eager process."""
+    """2 ranks, each case compiled against one eager process: tp=2 with sequence parallelism; the
+    same with DoRA adapters (inside the layers' graphs, the row-parallel norms all-reduced there);
+    pp=2 with full recompute (1F1B over 2 one-sample microbatches: the graphs of a single image) and
+    LoRA adapters, which run inside each stage's tp=1 layers.
+
+    An evaluation's no_grad graphs take about a third of a case's compile time: the tp=2 ones are
+    compiled with DoRA only, whose graph holds every op and collective of the plain tp=2 layer."""
     initialize_parallel_state()
     solo = solo_state()
     tp2 = ParallelState.from_groups(tp=2, pp=1, device=torch.device("cpu"))
     tp2_sp = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
     cases = {
-        "tp2_sp": (_config(tp2_sp), tp2),
-        "tp2_sp_dora": (_config(tp2_sp, lora_rank=4, lora_alpha=8.0, lora_use_dora=True,
-                                lora_target_modules=[LORA_TARGETS]), tp2),
-        "pp2_full_recompute": (_config(ParallelConfig(pipeline_model_parallel_size=2), micro_batch_size=1,
-                                       global_batch_size=2, recompute_granularity="full"),
-                               ParallelState.from_groups(tp=1, pp=2, device=torch.device("cpu"))),
+        "tp2_sp": (_config(tp2_sp), tp2, False),
+        "tp2_sp_dora": (_config(tp2_sp, **_adapters(dora=True)), tp2, True),
+        "pp2_full_recompute_lora": (
+            _config(ParallelConfig(pipeline_model_parallel_size=2), micro_batch_size=1, global_batch_size=2,
+                    recompute_granularity="full", **_adapters(dora=False)),
+            ParallelState.from_groups(tp=1, pp=2, device=torch.device("cpu")),
+            True,
+        ),
     }
     results = {}
-    for name, (run, state) in cases.items():
-        reference = _train(replace(run, parallel=ParallelConfig()), solo)
-        results[name] = _errors(_train(_compiled(run), state), reference)
+    for name, (run, state, with_eval) in cases.items():
+        reference = _train(replace(run, parallel=ParallelConfig()), solo, with_eval)
+        results[name] = _errors(_train(_compiled(run), state, with_eval), reference)
     return results
 
 
 @pytest.mark.slow
 def test_compiled_tensor_sequence_and_pipeline_parallel_match_one_eager_process() -> None:
     results = run_distributed(_parallel_job, 2, timeout=900)
-    for rank, by_case in enumerate(results):
-        for name, errors in by_case.items():
-            assert errors["loss"] < TOLERANCE and errors["norm"] < TOLERANCE, (rank, name, errors)
-            assert errors["eval"] < TOLERANCE and errors["weight"] < WEIGHT_TOLERANCE, (rank, name, errors)
-            assert errors["reference_compiled"] == 0, (rank, name, errors)
+    for by_case in results:
+        assert [name for name, errors in by_case.items() if "eval" in errors] == ["tp2_sp_dora",
+                                                                                  "pp2_full_recompute_lora"]
+    # Every case that differs from eager, named at once (one spawned run checks them all).
+    off = [
+        (rank, name, errors) for rank, by_case in enumerate(results) for name, errors in by_case.items()
+        if not (errors["loss"] < TOLERANCE and errors["norm"] < TOLERANCE and errors.get("eval", 0.0) < TOLERANCE
+                and errors["weight"] < WEIGHT_TOLERANCE and errors["reference_compiled"] == 0)
+    ]
+    assert not off, off
     # tp=2: every layer on both ranks; pp=2: the vision tower and 2 language layers on stage 0.
     assert [r["tp2_sp"]["compiled"] for r in results] == [7, 7]
     assert [r["tp2_sp_dora"]["compiled"] for r in results] == [7, 7]
-    assert [r["pp2_full_recompute"]["compiled"] for r in results] == [5, 2]
+    assert [r["pp2_full_recompute_lora"]["compiled"] for r in results] == [5, 2]

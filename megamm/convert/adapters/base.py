@@ -8,6 +8,7 @@ import torch
 
 from megamm.config import LlavaConfig
 from megamm.convert.hf_config import HfExtras
+from megamm.convert.hf_keys import rename
 
 
 class Adapter(ABC):
@@ -26,7 +27,18 @@ class Adapter(ABC):
 
 
 class ExportAdapter(Adapter):
-    """A layout the exporter also writes."""
+    """A layout the exporter also writes.
+
+    `LEGACY_PREFIXES`: (canonical-name prefix, key prefix) pairs, first match first, that spell a
+    canonical name the way every supported transformers version loads (`legacy_key`).
+    """
+
+    LEGACY_PREFIXES: tuple[tuple[str, str], ...]
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if not hasattr(cls, "LEGACY_PREFIXES"):
+            raise TypeError(f"{cls.__name__}: an ExportAdapter declares its LEGACY_PREFIXES")
 
     @abstractmethod
     def export_problems(self, config: LlavaConfig) -> list[str]:
@@ -40,9 +52,12 @@ class ExportAdapter(Adapter):
     def installed_keys(self, hf_config: dict) -> dict[str, str]:
         """Canonical name -> key of the installed transformers' model for `hf_config` (in memory)."""
 
-    @abstractmethod
     def legacy_key(self, name: str) -> str:
         """Canonical name -> the key spelling every supported transformers version loads."""
+        key = rename(name, self.LEGACY_PREFIXES)
+        if key is None:
+            raise ValueError(f"not a canonical name: {name}")
+        return key
 
     @abstractmethod
     def export_fill(self, config: LlavaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -25,13 +25,17 @@ from megamm.convert import ConversionError
 from megamm.convert.adapters.base import ExportAdapter
 from megamm.convert.adapters.causal_lm import language_config_from_hf
 from megamm.convert.adapters.llava_hf import PREFIXES
-from megamm.convert.hf_config import HfExtras, hf_config, raise_problems
+from megamm.convert.hf_config import (
+    HfExtras,
+    architecture_config,
+    check_token_id,
+    feature_problems,
+    raise_problems,
+)
 from megamm.convert.hf_keys import installed_key_map, rename
 from megamm.models.decoders import decoder_family
 from megamm.models.towers.internvit import INTERNVIT
 
-LEGACY_PREFIXES = (("text.lm_head.", "language_model.lm_head."), ("text.", "language_model.model."),
-                   ("vision.", "vision_tower."), ("projector.", "multi_modal_projector."))
 # The one downsample ratio megamm's pixel shuffle has: a 2x2 block per token.
 DOWNSAMPLE_RATIO = 1 / PIXEL_SHUFFLE_BLOCK
 ARCHITECTURE = "InternVLForConditionalGeneration"
@@ -40,36 +44,26 @@ MODEL_TYPE = "internvl"
 
 class InternVLHfAdapter(ExportAdapter):
     name = "internvl-hf"
+    LEGACY_PREFIXES = (("text.lm_head.", "language_model.lm_head."), ("text.", "language_model.model."),
+                       ("vision.", "vision_tower."), ("projector.", "multi_modal_projector."))
 
     def canonical_name(self, key: str) -> str | None:
         return rename(key, PREFIXES)
 
     def config_from_hf(self, tree: dict, where: str) -> tuple[LlavaConfig, HfExtras]:
         """config.json of an InternVLForConditionalGeneration -> (LlavaConfig, extras)."""
-        if tree.get("model_type") != MODEL_TYPE:
-            raise ConversionError(f"{where}: model_type {tree.get('model_type')!r} is not {MODEL_TYPE!r} "
-                                  f"({ARCHITECTURE})")
-        cfg = hf_config(tree, where)
-        problems: list[str] = []
-        layer = cfg.vision_feature_layer
-        if not isinstance(layer, int):
-            problems.append(f"{where}: vision_feature_layer {layer!r}: megamm feeds the projector one hidden state")
+        cfg = architecture_config(tree, where, MODEL_TYPE, ARCHITECTURE)
+        problems = feature_problems(cfg, where, "megamm's InternVL projector")
         if cfg.downsample_ratio != DOWNSAMPLE_RATIO:
             problems.append(f"{where}: downsample_ratio {cfg.downsample_ratio}: megamm's pixel shuffle merges "
                             f"{PIXEL_SHUFFLE_BLOCK}x{PIXEL_SHUFFLE_BLOCK} blocks (ratio {DOWNSAMPLE_RATIO}) only")
-        if cfg.projector_hidden_act != "gelu":
-            problems.append(f"{where}: projector_hidden_act {cfg.projector_hidden_act!r}: megamm's InternVL "
-                            f"projector uses exact (erf) GELU only")
-        strategy = cfg.vision_feature_select_strategy
-        if strategy not in ("default", "full"):
-            problems.append(f"{where}: unknown vision_feature_select_strategy {strategy!r}")
+        layer = cfg.vision_feature_layer
         vision = INTERNVIT.config_from_hf(cfg.vision_config, layer if isinstance(layer, int) else -1,
-                                          strategy == "full", f"{where} vision_config", problems)
+                                          cfg.vision_feature_select_strategy == "full", f"{where} vision_config",
+                                          problems)
         raise_problems(problems)
         language, extras = language_config_from_hf(cfg.text_config.to_dict(), f"{where} text_config")
-        if not 0 <= cfg.image_token_id < language.vocab_size:
-            raise ConversionError(f"{where}: image_token_id {cfg.image_token_id} is outside the text vocabulary "
-                                  f"of {language.vocab_size} tokens (mismatched vocab)")
+        check_token_id("image_token_id", cfg.image_token_id, language.vocab_size, where)
         language.image_token_id = int(cfg.image_token_id)
         language.tie_word_embeddings = bool(cfg.tie_word_embeddings)
         config = LlavaConfig(vision=vision, language=language,
@@ -112,12 +106,6 @@ class InternVLHfAdapter(ExportAdapter):
 
     def installed_keys(self, hf_config: dict) -> dict[str, str]:
         return installed_key_map(ARCHITECTURE, MODEL_TYPE, hf_config, self.canonical_name)
-
-    def legacy_key(self, name: str) -> str:
-        key = rename(name, LEGACY_PREFIXES)
-        if key is None:
-            raise ValueError(f"not a canonical name: {name}")
-        return key
 
     def export_fill(self, config: LlavaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return INTERNVIT.export_fill(config.vision, dtype)

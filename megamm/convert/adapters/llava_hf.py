@@ -18,11 +18,16 @@ from __future__ import annotations
 import torch
 
 from megamm.config import LlavaConfig, ProjectorConfig
-from megamm.convert import ConversionError
 from megamm.convert.adapters.base import ExportAdapter
 from megamm.convert.adapters.causal_lm import language_config_from_hf
 from megamm.convert.adapters.vision_tower import vision_config_from_hf
-from megamm.convert.hf_config import HfExtras, hf_config, raise_problems
+from megamm.convert.hf_config import (
+    HfExtras,
+    architecture_config,
+    check_token_id,
+    feature_problems,
+    raise_problems,
+)
 from megamm.convert.hf_keys import installed_key_map, rename
 from megamm.models.decoders import decoder_family
 from megamm.models.towers import tower_family
@@ -37,8 +42,6 @@ PREFIXES = (
     ("model.multi_modal_projector.", "projector."),
     ("multi_modal_projector.", "projector."),
 )
-LEGACY_PREFIXES = (("text.lm_head.", "language_model.lm_head."), ("text.", "language_model.model."),
-                   ("vision.", "vision_tower.vision_model."), ("projector.", "multi_modal_projector."))
 
 
 class LlavaHfAdapter(ExportAdapter):
@@ -46,36 +49,23 @@ class LlavaHfAdapter(ExportAdapter):
     # config.json's model_type and the transformers class (LLaVA-NeXT subclasses this adapter).
     model_type = "llava"
     architecture = "LlavaForConditionalGeneration"
+    LEGACY_PREFIXES = (("text.lm_head.", "language_model.lm_head."), ("text.", "language_model.model."),
+                       ("vision.", "vision_tower.vision_model."), ("projector.", "multi_modal_projector."))
 
     def canonical_name(self, key: str) -> str | None:
         return rename(key, PREFIXES)
 
     def config_from_hf(self, tree: dict, where: str) -> tuple[LlavaConfig, HfExtras]:
         """config.json of a LlavaForConditionalGeneration -> (LlavaConfig, extras)."""
-        if tree.get("model_type") != self.model_type:
-            raise ConversionError(f"{where}: model_type {tree.get('model_type')!r} is not {self.model_type!r} "
-                                  f"({self.architecture})")
-        cfg = hf_config(tree, where)
-        problems = []
-        layer = cfg.vision_feature_layer
-        if not isinstance(layer, int):
-            problems.append(f"{where}: vision_feature_layer {layer!r}: megamm feeds the projector one hidden state, "
-                            f"not a concatenation of several layers")
-        if cfg.projector_hidden_act != "gelu":
-            problems.append(f"{where}: projector_hidden_act {cfg.projector_hidden_act!r}: megamm's mlp2x_gelu uses "
-                            f"exact (erf) GELU only")
-        strategy = cfg.vision_feature_select_strategy
-        if strategy not in ("default", "full"):
-            problems.append(f"{where}: unknown vision_feature_select_strategy {strategy!r}")
-        raise_problems(problems)
-        vision = vision_config_from_hf(cfg.vision_config.to_dict(), layer, strategy == "full", f"{where} vision_config")
+        cfg = architecture_config(tree, where, self.model_type, self.architecture)
+        raise_problems(feature_problems(cfg, where, "megamm's mlp2x_gelu"))
+        vision = vision_config_from_hf(cfg.vision_config.to_dict(), cfg.vision_feature_layer,
+                                       cfg.vision_feature_select_strategy == "full", f"{where} vision_config")
         language, extras = language_config_from_hf(cfg.text_config.to_dict(), f"{where} text_config")
         image_token = getattr(cfg, "image_token_index", None)
         if image_token is None:
             image_token = cfg.image_token_id
-        if not 0 <= image_token < language.vocab_size:
-            raise ConversionError(f"{where}: image_token_index {image_token} is outside the text vocabulary "
-                                  f"of {language.vocab_size} tokens (mismatched vocab)")
+        check_token_id("image_token_index", image_token, language.vocab_size, where)
         language.image_token_id = image_token
         language.tie_word_embeddings = bool(cfg.text_config.tie_word_embeddings or tree.get("tie_word_embeddings"))
         if tree.get("pad_token_id") is not None:
@@ -124,12 +114,6 @@ class LlavaHfAdapter(ExportAdapter):
 
     def installed_keys(self, hf_config: dict) -> dict[str, str]:
         return installed_key_map(self.architecture, self.model_type, hf_config, self.canonical_name)
-
-    def legacy_key(self, name: str) -> str:
-        key = rename(name, LEGACY_PREFIXES)
-        if key is None:
-            raise ValueError(f"not a canonical name: {name}")
-        return key
 
     def export_fill(self, config: LlavaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return tower_family(config.vision.family).export_fill(config.vision, dtype)

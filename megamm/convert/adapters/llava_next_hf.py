@@ -13,19 +13,19 @@ from __future__ import annotations
 
 from megamm.config import LlavaConfig
 from megamm.config.anyres import AnyResConfig
-from megamm.convert.adapters.llava_hf import LEGACY_PREFIXES, PREFIXES, LlavaHfAdapter
+from megamm.convert.adapters.llava_hf import PREFIXES, LlavaHfAdapter
 from megamm.convert.hf_config import HfExtras, hf_config
 from megamm.convert.hf_keys import rename
 
 NEWLINE = "image_newline"
 NEXT_PREFIXES = (("model.image_newline", NEWLINE), ("image_newline", NEWLINE), *PREFIXES)
-NEXT_LEGACY_PREFIXES = ((NEWLINE, NEWLINE), *LEGACY_PREFIXES)
 
 
 class LlavaNextHfAdapter(LlavaHfAdapter):
     name = "llava-next-hf"
     model_type = "llava_next"
     architecture = "LlavaNextForConditionalGeneration"
+    LEGACY_PREFIXES = ((NEWLINE, NEWLINE), *LlavaHfAdapter.LEGACY_PREFIXES)
 
     def canonical_name(self, key: str) -> str | None:
         return rename(key, NEXT_PREFIXES)
@@ -47,12 +47,6 @@ class LlavaNextHfAdapter(LlavaHfAdapter):
         tree = super().config_to_hf(config, extras, kept_aside)
         tree["image_grid_pinpoints"] = [list(point) for point in config.anyres.pinpoints]
         return tree
-
-    def legacy_key(self, name: str) -> str:
-        key = rename(name, NEXT_LEGACY_PREFIXES)
-        if key is None:
-            raise ValueError(f"not a canonical name: {name}")
-        return key
 
 
 ADAPTER = LlavaNextHfAdapter()

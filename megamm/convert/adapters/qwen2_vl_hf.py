@@ -20,9 +20,8 @@ from typing import Any
 import torch
 
 from megamm.config import LlavaConfig
-from megamm.convert import ConversionError
 from megamm.convert.adapters.base import ExportAdapter
-from megamm.convert.hf_config import HfExtras, hf_config, raise_problems
+from megamm.convert.hf_config import HfExtras, architecture_config, check_token_id, raise_problems
 from megamm.convert.hf_keys import installed_key_map, rename
 from megamm.models.decoders import decoder_family
 from megamm.models.towers.qwen2_vl import QWEN2_VL, NativeTowerFamily
@@ -34,7 +33,6 @@ PREFIXES = (
     ("lm_head.", "text.lm_head."),
     ("model.", "text."),
 )
-LEGACY_PREFIXES = (("vision.", "visual."), ("text.lm_head.", "lm_head."), ("text.", "model."))
 # transformers' default when a config names no mrope_section (Qwen2VLRotaryEmbedding).
 HF_DEFAULT_MROPE_SECTION = (16, 24, 24)
 LANGUAGE_FAMILY = "qwen2"
@@ -42,6 +40,8 @@ LANGUAGE_FAMILY = "qwen2"
 
 class Qwen2VLHfAdapter(ExportAdapter):
     """The adapter of one Qwen2-VL-family architecture (`tower`: its vision tower family)."""
+
+    LEGACY_PREFIXES = (("vision.", "visual."), ("text.lm_head.", "lm_head."), ("text.", "model."))
 
     def __init__(self, name: str, tower: NativeTowerFamily, architecture: str, text_model_type: str) -> None:
         self.name = name
@@ -55,10 +55,7 @@ class Qwen2VLHfAdapter(ExportAdapter):
 
     def config_from_hf(self, tree: dict, where: str) -> tuple[LlavaConfig, HfExtras]:
         """config.json of this architecture -> (LlavaConfig, extras)."""
-        if tree.get("model_type") != self.model_type:
-            raise ConversionError(f"{where}: model_type {tree.get('model_type')!r} is not {self.model_type!r} "
-                                  f"({self.architecture})")
-        cfg = hf_config(tree, where)
+        cfg = architecture_config(tree, where, self.model_type, self.architecture)
         problems: list[str] = []
         text = cfg.text_config
         language = decoder_family(LANGUAGE_FAMILY).config_from_hf(text, f"{where} text_config", problems)
@@ -70,9 +67,7 @@ class Qwen2VLHfAdapter(ExportAdapter):
         language.video_token_id = int(cfg.video_token_id)
         language.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         for token in ("image_token_id", "video_token_id"):
-            if not 0 <= getattr(cfg, token) < language.vocab_size:
-                raise ConversionError(f"{where}: {token} {getattr(cfg, token)} is outside the text vocabulary of "
-                                      f"{language.vocab_size} tokens (mismatched vocab)")
+            check_token_id(token, getattr(cfg, token), language.vocab_size, where)
         extras = HfExtras.from_hf(text, {})
         extras.vision_start_token_id = getattr(cfg, "vision_start_token_id", None)
         extras.vision_end_token_id = getattr(cfg, "vision_end_token_id", None)
@@ -116,12 +111,6 @@ class Qwen2VLHfAdapter(ExportAdapter):
 
     def installed_keys(self, hf_config: dict) -> dict[str, str]:
         return installed_key_map(self.architecture, self.model_type, hf_config, self.canonical_name)
-
-    def legacy_key(self, name: str) -> str:
-        key = rename(name, LEGACY_PREFIXES)
-        if key is None:
-            raise ValueError(f"not a canonical name: {name}")
-        return key
 
     def export_fill(self, config: LlavaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return self.tower.export_fill(config.vision, dtype)
