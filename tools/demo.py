@@ -28,11 +28,10 @@ linear, the projector trained fully, the language model and vision tower frozen)
 `--family qwen2-vl` runs the same steps for the native-resolution family
 (`examples/demo/qwen2_vl_*.yaml`): the images come in four sizes and aspect ratios (32x32, 64x32,
 32x64, 64x64 pixels), each taken at its own size (4, 8, 8 or 16 image tokens), the tokenizer gets the Qwen
-chat markers, and both phases use the `qwen2_vl` template: phase 0 trains tower, patch merger and
-language model from scratch on the captions alone, stage 2 trains merger and language model on
-captions and questions with the tower frozen (`qwen2_vl_phases` says why in that order). There is
-no LLaVA stage 1 (its `plain` template has no vision markers, which this family's M-RoPE positions
-need); the evaluation and its blank-image baseline are the same.
+chat markers and the one training phase trains tower, patch merger and language model together on
+captions and questions with the `qwen2_vl` template. There is no LLaVA stage 1 (its `plain`
+template has no vision markers, which this family's M-RoPE positions need); the evaluation and its
+blank-image baseline are the same.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ TEMPLATE_MARKERS = "<image>,<pad>,[INST],[/INST]"
 @dataclass(frozen=True)
 class Schedule:
     """Dataset size and steps per phase; the learning rates are in `phases` (the qwen2-vl family
-    has no stage 1: its stage-1 steps are 0)."""
+    trains phase 0 only: its stage steps are 0)."""
 
     train_images: int
     test_images: int
@@ -70,8 +69,8 @@ class Schedule:
 
 FULL = Schedule(train_images=6000, test_images=200, phase0_iters=1800, stage1_iters=60, stage2_iters=300)
 QUICK = Schedule(train_images=600, test_images=60, phase0_iters=200, stage1_iters=10, stage2_iters=40)
-QWEN_FULL = Schedule(train_images=6000, test_images=200, phase0_iters=600, stage2_iters=600)
-QWEN_QUICK = Schedule(train_images=600, test_images=60, phase0_iters=100, stage2_iters=60)
+QWEN_FULL = Schedule(train_images=6000, test_images=200, phase0_iters=1500)
+QWEN_QUICK = Schedule(train_images=600, test_images=60, phase0_iters=300)
 
 
 @dataclass(frozen=True)
@@ -150,36 +149,20 @@ def phases(out: Path, schedule: Schedule, vocab: list[str], lora: bool = False) 
 
 
 def qwen2_vl_phases(out: Path, schedule: Schedule, vocab: list[str], lora: bool = False) -> list[tuple[str, list[str]]]:
-    """The qwen2-vl family's two phases, tensor parallel with sequence parallelism and packed rows:
-    phase 0 trains tower, merger and language model from scratch on the captions alone (the bare
-    image prompt, `captions.json`), stage 2 loads it and trains merger and language model on captions
-    and questions with the tower frozen. It has no LoRA stage (`lora`: SystemExit).
-
-    Why captions first: trained from scratch on captions and questions together (one phase, any
-    learning rate tried, with or without the tower's own rate, at one image size or four, M-RoPE or
-    1-D positions, rope base 100 or 10000) the model learns the answers' priors and stops looking
-    (the teacher-forced loss with blank images equals that with the images); on captions alone,
-    where every shape's color, kind, size and place must be read from the image, the gap opens
-    within 75 steps and keeps widening. The tower's lr is a tenth of the rest, as in the LLaVA demo."""
+    """The qwen2-vl family's one phase: tower, merger and language model from scratch together on
+    captions and questions, tensor parallel with sequence parallelism and packed rows. It has no
+    stage 2 to train with LoRA (`lora`: SystemExit)."""
     if lora:
-        raise SystemExit("demo: --lora trains a LoRA stage 2 of the LLaVA demo, which the qwen2-vl demo does not have")
-    data, checkpoints = out / "data", out / "checkpoints"
-    common = [
-        "--config", str(DEMO / "qwen2_vl_training.yaml"), "--tensor-model-parallel-size", "2", "--sequence-parallel",
+        raise SystemExit("demo: --lora trains a LoRA stage 2, which the qwen2-vl demo does not have")
+    data = out / "data"
+    return [("phase0", [
+        "--config", str(DEMO / "qwen2_vl_training.yaml"), "--config", str(DEMO / "qwen2_vl_model.yaml"), *vocab,
+        "--tensor-model-parallel-size", "2", "--sequence-parallel",
         "--image-folder", str(data), "--tokenizer-model", str(out / "tokenizer.model"),
-    ]
-    phase0 = [
-        "--config", str(DEMO / "qwen2_vl_model.yaml"), *vocab, "--data-path", str(data / "captions.json"),
-        "--train-iters", str(schedule.phase0_iters), "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "20",
-        "--vision-lr", "1e-4", "--save", str(checkpoints / "phase0"),
-    ]
-    stage2 = [
-        "--data-path", str(data / "train.json"), "--freeze-ViT",
-        "--train-iters", str(schedule.stage2_iters), "--lr", "5e-4", "--min-lr", "2e-5", "--lr-warmup-iters", "10",
-        "--load", str(checkpoints / "phase0"), "--finetune", "--save", str(checkpoints / "stage2"),
-    ]
-    return [(name, [*common, *flags, "--tensorboard-dir", str(out / "tensorboard" / name)])
-            for name, flags in (("phase0", phase0), ("stage2", stage2))]
+        "--data-path", str(data / "train.json"),
+        "--train-iters", str(schedule.phase0_iters), "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "20",
+        "--save", str(out / "checkpoints" / "phase0"), "--tensorboard-dir", str(out / "tensorboard" / "phase0"),
+    ])]
 
 
 FAMILIES = {
