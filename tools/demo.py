@@ -160,12 +160,7 @@ def qwen2_vl_phases(out: Path, schedule: Schedule, vocab: list[str], lora: bool 
         "--tensor-model-parallel-size", "2", "--sequence-parallel",
         "--image-folder", str(data), "--tokenizer-model", str(out / "tokenizer.model"),
         "--data-path", str(data / "train.json"),
-        # From scratch on captions and questions together, a higher rate (2e-3, or 1e-3 with the tower
-        # at 1e-4) learns the answers' priors first and then stops looking at the images for good;
-        # at 5e-4 with the tower at 1e-4 the images' help on held-out questions keeps growing
-        # (docs/models.md, "Learning check").
-        "--train-iters", str(schedule.phase0_iters), "--lr", "5e-4", "--min-lr", "5e-5", "--lr-warmup-iters", "20",
-        "--vision-lr", "1e-4",
+        "--train-iters", str(schedule.phase0_iters), "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "20",
         "--save", str(out / "checkpoints" / "phase0"), "--tensorboard-dir", str(out / "tensorboard" / "phase0"),
     ])]
 
