@@ -342,6 +342,7 @@ class LlavaModel(nn.Module):
         video_grid_thw: torch.Tensor | None = None,
         videos_per_sample: PerSample = None,
         image_sizes: torch.Tensor | None = None,
+        loss_positions: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One stage's forward.
 
@@ -355,6 +356,8 @@ class LlavaModel(nn.Module):
         every axis) and plain causal attention.
         Last stage: labels `[b, s]` aligned with input_ids, -100 where ignored. Returns
         {"loss": `[b, s]`, "loss_mask": `[b, s]`, optionally "logits"}; see LanguageModel.forward.
+        loss_positions (last stage, optional): `megamm.models.language.loss_positions(labels, state)`,
+        the positions the output layer and the loss run at, built ahead on the host.
         """
         if self.pre_process:
             if input_ids is None:
@@ -367,7 +370,8 @@ class LlavaModel(nn.Module):
         elif decoder_input is None:
             raise ValueError("a non-first pipeline stage needs decoder_input")
         return self.language(
-            decoder_input, labels, position_ids, attention_mask=attention_mask, return_logits=return_logits
+            decoder_input, labels, position_ids, attention_mask=attention_mask, return_logits=return_logits,
+            loss_positions=loss_positions,
         )
 
 
