@@ -151,9 +151,9 @@ class LanguageModel(nn.Module):
         labels: `[b, s]` aligned with the input ids (Hugging Face convention, -100 = ignore); the
             loss at position i is for predicting labels[i + 1].
         Returns {"hidden_states"} on non-last stages; on the last stage {"loss": `[b, s]` fp32
-        per-token loss, zero where ignored, "loss_mask": `[b, s]` bool} (this rank's s/cp positions) and "logits" `[s, b, V_pad/tp]`
-        when `return_logits` (the output layer then runs at every position; otherwise, with labels, at
-        the loss positions only).
+        per-token loss, zero where ignored, "loss_mask": `[b, s]` bool} (this rank's s/cp positions)
+        and "logits" `[s, b, V_pad/tp]` when `return_logits` or without labels: the output layer
+        then runs at every position, otherwise at the loss positions only.
         loss_positions: `loss_positions(labels, state)` built ahead (the training step does, on the
             host); None derives it here from the labels.
         kv_cache (generation, no sequence parallelism): the s positions continue the cached ones
