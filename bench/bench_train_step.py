@@ -38,7 +38,9 @@ machine skews every number.
 
 Each library does its own amount of work for the same model: Hugging Face runs all CLIP layers (and the
 post-layernorm) and then picks `hidden_states[-2]`; megamm stops after the selected layer and freezes
-the layers after it, as its vision tower is designed to.
+the layers after it, as its vision tower is designed to. Hugging Face computes the logits at every
+position and then ignores the image tokens' and BOS's; megamm runs its output layer and cross
+entropy at the labeled positions only (docs/training.md, "Batches and the loss"), the same loss.
 
 Run from the repository root with megamm installed (`make install`); several minutes on 2 CPU cores
 (compilation included) with the defaults (--config default --steps 10 --warmup 3 --threads <torch's

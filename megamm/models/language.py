@@ -3,6 +3,12 @@
 Split for pipelining: `pre_process` (this stage embeds tokens) and `post_process` (this stage
 holds the final norm, the output layer and the loss); the layers held are given by number.
 Logits stay split over the vocabulary across tp, straight into the vocab-parallel loss.
+
+With labels (training, evaluation) the output layer and the loss run only at the positions whose
+target is not ignored: image tokens, prompt tokens and padding contribute nothing to the loss, yet
+the output layer `[h, V]` over every position is often the largest GEMM of the step. The per-token
+loss `[b, s]` (zero where ignored) and every gradient are those of the full computation; the full
+logits are still computed when asked for (`return_logits`) or without labels.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from megamm.config.constants import IGNORE_INDEX
 from megamm.kernels.cross_entropy import vocab_parallel_cross_entropy
 from megamm.parallel.context import split_sequence
 from megamm.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, pad_vocab_size
-from megamm.parallel.mappings import scatter_to_sequence_parallel_region
+from megamm.parallel.mappings import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 from megamm.parallel.params import TiedEmbedding
 from megamm.parallel.sharding import normal_init
 from megamm.parallel.state import ParallelState
@@ -31,6 +37,21 @@ from megamm.transformer.segments import PackedRows
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """`[b, s]` labels aligned with input_ids -> next-token targets `[b, s]` (last one ignored)."""
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+
+
+def loss_positions(labels: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """The positions with a loss among this rank's: labels `[b, s]` (aligned with input_ids, the
+    whole sequence) -> int64 indices `[n]` into this cp rank's `[s/cp, b]` positions flattened
+    sequence-first, the row order of the last stage's `[s/cp, b, h]` hidden states.
+
+    The training step builds it on the host, where the labels are, so that selecting the rows costs
+    the device no synchronization (a `nonzero` on device labels waits for the device)."""
+    return _flat_positions(split_sequence(shift_labels(labels), state))
+
+
+def _flat_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Targets `[b, s]` -> indices `[n]` of the non-ignored ones in `[s, b]` (sequence-first) order."""
+    return (targets.t() != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
 
 
 class LanguageModel(nn.Module):
@@ -77,10 +98,12 @@ class LanguageModel(nn.Module):
         self.decoder = TransformerBlock(tcfg, state, sequence_parallel, numbers)
         if post_process:
             self.final_norm = build_norm(tcfg, state, sequence_parallel)
-            # Tied: the output layer multiplies by the embedding table instead of its own weight.
+            # Tied: the output layer multiplies by the embedding table instead of its own weight. Its
+            # input is always replicated over tp: under sequence parallelism `forward` gathers the
+            # sequence first, so the loss positions can be picked from the whole sequence.
             self.output_layer = ColumnParallelLinear(
                 tcfg.hidden_size, config.vocab_size, state=state, init=normal_init(std), bias=False,
-                sequence_parallel=sequence_parallel, padded_out_features=self.padded_vocab_size,
+                padded_out_features=self.padded_vocab_size,
                 skip_weight=config.tie_word_embeddings, dtype=dtype,
             )
 
@@ -129,6 +152,7 @@ class LanguageModel(nn.Module):
         return_logits: bool = False,
         kv_cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
+        loss_positions: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run this stage's part of the decoder.
 
@@ -144,8 +168,11 @@ class LanguageModel(nn.Module):
             the stage builds the `[b, 1, s, s]` mask once from them; under context parallelism ring
             attention derives each block's mask from them (no `[s, s]` mask is built).
         Returns {"hidden_states"} on non-last stages; on the last stage {"loss": `[b, s]` fp32
-        per-token loss, zero where ignored, "loss_mask": `[b, s]` bool} (this rank's s/cp positions) and "logits" `[s, b, V_pad/tp]`
-        when `return_logits`.
+        per-token loss, zero where ignored, "loss_mask": `[b, s]` bool} (this rank's s/cp positions)
+        and "logits" `[s, b, V_pad/tp]` when `return_logits` or without labels: the output layer
+        then runs at every position, otherwise at the loss positions only.
+        loss_positions: `loss_positions(labels, state)` built ahead (the training step does, on the
+            host); None derives it here from the labels.
         kv_cache (generation, no sequence parallelism): the s positions continue the cached ones
             (default position_ids: offset .. offset + s - 1) and are appended to the cache; the
             last stage returns the logits of the last position only, `[1, b, V_pad/tp]`, the one
@@ -173,20 +200,52 @@ class LanguageModel(nn.Module):
         if not self.post_process:
             return {"hidden_states": hidden_states}
         hidden_states = self.final_norm(hidden_states)
-        tied_weight = self.embedding.weight if self.config.tie_word_embeddings else None
-        logits = self.output_layer(hidden_states, weight=tied_weight)
+        if self.sequence_parallel:
+            # The output layer is column-parallel and takes a replicated input: its backward sums the
+            # input grad over tp, so the gather's backward only splits.
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, self.state.tp_group,
+                                                                 grad_is_partial=False)
         out: dict[str, torch.Tensor] = {}
+        targets = None
         if labels is not None:
             # Shifted on the whole sequence, then split: a chunk's last target is the next chunk's
             # first token.
-            targets = split_sequence(shift_labels(labels), self.state)
+            targets = split_sequence(shift_labels(labels), self.state)  # [b, s/cp]
+            out["loss_mask"] = targets != IGNORE_INDEX
+            if not return_logits:
+                out["loss"] = self._loss_at_positions(hidden_states, targets, loss_positions)
+                return out
+        logits = self._output(hidden_states)
+        out["logits"] = logits
+        if targets is not None:
             out["loss"] = vocab_parallel_cross_entropy(
                 logits, targets.t(), self.config.vocab_size, self.state.tp_group
             ).t()
-            out["loss_mask"] = targets != IGNORE_INDEX
-        if return_logits or labels is None:
-            out["logits"] = logits
         return out
+
+    def _output(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Replicated `[..., h]` -> vocab-split logits `[..., V_pad/tp]` (tied: by the embedding table)."""
+        tied_weight = self.embedding.weight if self.config.tie_word_embeddings else None
+        return self.output_layer(hidden_states, weight=tied_weight)
+
+    def _loss_at_positions(self, hidden_states: torch.Tensor, targets: torch.Tensor,
+                           positions: torch.Tensor | None) -> torch.Tensor:
+        """Per-token loss `[b, s]` (zero where ignored) from replicated hidden states `[s, b, h]` and
+        targets `[b, s]`, with the output layer and the cross entropy at `positions` `[n]` only (see
+        `loss_positions`). Every tp rank holds the same targets, so all pick the same rows and the
+        vocab-parallel reductions match; the rows left out would get a zero loss and zero gradients.
+        """
+        if positions is None:
+            positions = _flat_positions(targets)
+        elif positions.dim() != 1 or positions.dtype != torch.int64:
+            raise ValueError(f"loss_positions must be int64 indices [n] (megamm.models.language.loss_positions), "
+                             f"got {positions.dtype} of shape {tuple(positions.shape)}")
+        seq, batch = hidden_states.shape[:2]
+        positions = positions.to(hidden_states.device)
+        rows = hidden_states.flatten(0, 1).index_select(0, positions)  # [n, h]
+        picked = targets.t().reshape(-1).index_select(0, positions)  # [n]
+        loss = vocab_parallel_cross_entropy(self._output(rows), picked, self.config.vocab_size, self.state.tp_group)
+        return loss.new_zeros(seq * batch).index_copy(0, positions, loss).view(seq, batch).t()
 
     def _generation_step(
         self,
@@ -206,6 +265,4 @@ class LanguageModel(nn.Module):
         kv_cache.advance(seq)
         if not self.post_process:
             return {"hidden_states": hidden_states}
-        hidden_states = self.final_norm(hidden_states[-1:])
-        tied_weight = self.embedding.weight if self.config.tie_word_embeddings else None
-        return {"logits": self.output_layer(hidden_states, weight=tied_weight)}
+        return {"logits": self._output(self.final_norm(hidden_states[-1:]))}

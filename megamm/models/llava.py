@@ -433,6 +433,7 @@ class LlavaModel(nn.Module):
         videos_per_sample: PerSample = None,
         image_sizes: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        loss_positions: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One stage's forward.
 
@@ -447,6 +448,8 @@ class LlavaModel(nn.Module):
         and plain causal attention.
         Last stage: labels `[b, s]` aligned with input_ids, -100 where ignored. Returns
         {"loss": `[b, s]`, "loss_mask": `[b, s]`, optionally "logits"}; see LanguageModel.forward.
+        loss_positions (last stage, optional): `megamm.models.language.loss_positions(labels, state)`,
+        the positions the output layer and the loss run at, built ahead on the host.
         """
         if self.pre_process:
             if input_ids is None:
@@ -461,6 +464,7 @@ class LlavaModel(nn.Module):
         return self.language(
             decoder_input, labels, position_ids, attention_mask=attention_mask, return_logits=return_logits,
             segment_ids=segment_ids,
+            loss_positions=loss_positions,
         )
 
 

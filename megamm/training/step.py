@@ -28,7 +28,7 @@ from torch import nn
 
 from megamm.config.constants import IGNORE_INDEX
 from megamm.config.resolved import ResolvedConfig
-from megamm.models.language import shift_labels
+from megamm.models.language import loss_positions, shift_labels
 from megamm.models.llava import HOST_INPUTS, LlavaModel
 from megamm.optim.grad_buffer import GradBuffer
 from megamm.optim.optimizer import DistributedOptimizer, MixedPrecisionOptimizer, ParamGroupSpec
@@ -172,11 +172,15 @@ def _from_last_stage(values: list[float], state: ParallelState) -> list[float]:
     return tensor.tolist()
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    """The microbatch's tensors on `device`, but the model's host inputs (`HOST_INPUTS`: token ids,
-    grids, image sizes, counts) left on the CPU, where the model plans its vision work from them
-    without a device-to-host synchronization per microbatch."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_INPUTS else v
+def _to_device(batch: Batch, state: ParallelState) -> Batch:
+    """The microbatch on the rank's device, with the loss positions of its labels (if it holds
+    labels) built first, on the host: the output layer and the loss run only there
+    (`megamm.models.language.loss_positions`). The model's host inputs (`HOST_INPUTS`: token ids,
+    grids, image sizes, counts) stay on the CPU, where the model plans its vision work from them.
+    Both avoid a device-to-host synchronization per microbatch."""
+    if batch.get("labels") is not None:
+        batch = {**batch, "loss_positions": loss_positions(batch["labels"], state)}
+    return {k: v.to(state.device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_INPUTS else v
             for k, v in batch.items()}
 
 
@@ -196,7 +200,7 @@ def train_step(trainer: Trainer, microbatches: list[Batch], iteration: int) -> S
     state, t = trainer.state, trainer.config.training
     # Counted before the copy to the device, so counting costs no device synchronization.
     local_tokens = count_loss_tokens(microbatches)
-    microbatches = [_to_device(mb, state.device) for mb in microbatches]
+    microbatches = [_to_device(mb, state) for mb in microbatches]
     _set_mode(trainer, True)
     for buffer in trainer.buffers:
         buffer.start_step()
@@ -230,7 +234,7 @@ def evaluate(trainer: Trainer, global_batches: list[list[Batch]]) -> float:
     loss_sum, tokens = 0.0, 0.0
     for microbatches in global_batches:
         tokens += count_loss_tokens(microbatches)
-        microbatches = [_to_device(mb, state.device) for mb in microbatches]
+        microbatches = [_to_device(mb, state) for mb in microbatches]
         loss_sum += trainer.forward_backward(trainer.chunks, microbatches, 1.0, None, forward_only=True).item()
     _set_mode(trainer, True)
     enter_phase("evaluation loss all-reduce over data parallel", waiting=True)

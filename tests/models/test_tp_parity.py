@@ -3,8 +3,10 @@
 One spawned job per world size (2 and 4 gloo processes) builds, for every case, the same LlavaModel
 twice from the same seed: once at tp=1 (the reference, its own size-1 group on each rank) and once
 at tp=world. Both run forward and backward on the same batch; the tp model's parameters and
-gradients are gathered to the full (master) layout and compared with the reference's. Each case
-is then its own pytest test, so a failure names the case.
+gradients are gathered to the full (master) layout and compared with the reference's. The tp model
+runs the output layer and the loss at the loss positions only, as training does; the reference
+computes the full logits (`return_logits=True`), so the selection's tp and SP layout is checked
+against the plain computation. Each case is then its own pytest test, so a failure names the case.
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ CASES = [
 ]
 
 
-def _run(model: LlavaModel, batch: dict[str, Any]) -> torch.Tensor:
-    output = model(**batch)
+def _run(model: LlavaModel, batch: dict[str, Any], full_logits: bool = False) -> torch.Tensor:
+    output = model(**batch, return_logits=full_logits)
     loss = average_loss(output)
     loss.backward()
     specs = param_specs(model)
@@ -89,7 +91,7 @@ def _compare(name: str, sequence_parallel: bool, reference_state: ParallelState,
     reference.initialize(SEED)
     model = LlavaModel(config, state, sequence_parallel=sequence_parallel)
     model.initialize(SEED)
-    reference_loss = _run(reference, batch)
+    reference_loss = _run(reference, batch, full_logits=True)
     loss = _run(model, batch)
 
     reference_params = dict(reference.named_parameters())

@@ -4,10 +4,14 @@ splits, tp x pp, pp x dp, tied embeddings, a frozen vision tower and text-only d
 One spawned 4-rank job trains a few steps of every layout and, on every rank, a single-process
 reference (its own size-1 groups) from the same seed on the same data, and reports losses, grad
 norms, evaluation losses and the final weights of the parameters the rank holds (gathered over tp).
+The pipeline's last stage runs the output layer and the loss at the loss positions only, as training
+does; the reference computes the full logits, so the selection is checked against the plain
+computation on every layout.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import pytest
@@ -43,11 +47,14 @@ def _config(parallel: ParallelConfig, global_batch: int = 8, tied: bool = False,
     return RunConfig(model=llava_config(language=language), parallel=parallel, training=TrainingConfig(**settings))
 
 
-def _train(run: RunConfig, state: ParallelState) -> dict:
+def _train(run: RunConfig, state: ParallelState, full_logits: bool = False) -> dict:
     config = resolve(run, state.world_size)
     t = config.training
     state.seed(t.seed)
     chunks = build_model_chunks(config, state)
+    if full_logits:  # the output layer at every position (the loss is the same, computed the plain way)
+        for chunk in chunks:
+            chunk.forward = functools.partial(chunk.forward, return_logits=True)
     trainer = build_trainer(config, state, chunks)
     data = SyntheticData(config, state, ResumePoint())
     losses, norms = [], []
@@ -110,7 +117,7 @@ def _pipeline_job() -> dict:
         problems = config.problems(4)
         assert not problems, f"{name}: {problems}"
         reference_config = replace(config, parallel=ParallelConfig())
-        results[name] = _errors(_train(config, states[(tp, pp)]), _train(reference_config, solo))
+        results[name] = _errors(_train(config, states[(tp, pp)]), _train(reference_config, solo, full_logits=True))
     return results
 
 
