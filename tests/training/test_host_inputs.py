@@ -23,7 +23,7 @@ META = torch.device("meta")
 
 def test_the_copy_to_the_device_leaves_host_inputs_on_the_cpu() -> None:
     batch = native_microbatches(qwen2_vl_config())[1]
-    moved = _to_device(batch, META)
+    moved = _to_device(batch, ParallelState.single(META))
     for key, value in moved.items():
         assert value.device == (torch.device("cpu") if key in HOST_INPUTS else META), key
     assert {"input_ids", "image_grid_thw", "video_grid_thw"} <= batch.keys()
@@ -35,6 +35,6 @@ def test_a_step_reads_no_device_tensor_on_the_host(family: str) -> None:
     batches = [make_batch(config, [2, 1])] if family == "llava" else native_microbatches(config)
     model = LlavaModel(config, ParallelState.single(META)).to(META)
     for batch in batches:
-        out = model(**_to_device(batch, META))
+        out = model(**_to_device(batch, ParallelState.single(META)))
         assert out["loss"].device == META and out["loss"].shape == batch["input_ids"].shape
         out["loss"].sum().backward()
