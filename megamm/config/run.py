@@ -493,15 +493,12 @@ def native_data_problems(run: RunConfig) -> list[str]:
 
 
 def anyres_data_problems(run: RunConfig) -> list[str]:
-    """What an any-resolution model (model.anyres, LLaVA-NeXT) takes: dataset files, whose images it
-    tiles at its own pinpoints (not --max-image-tiles), and no probe-based balancing yet."""
+    """What an any-resolution model (model.anyres, LLaVA-NeXT) takes: images tiled at its own
+    pinpoints (not --max-image-tiles), and no probe-based balancing yet."""
     t = run.training
     if run.model.anyres is None:
         return []
     found = []
-    if t.mock_data:
-        found.append("--mock-data: the synthetic dataset gives every image the same tokens; an any-resolution "
-                     "model (model.anyres) trains on --data-path files")
     if t.max_image_tiles != 1:
         found.append(f"--max-image-tiles {t.max_image_tiles}: an any-resolution model tiles each image at its "
                      f"model.anyres.image_grid_pinpoints, not by --max-image-tiles")

@@ -12,6 +12,9 @@ sample) over the text vocabulary, which a small model learns from the first two 
 `SyntheticNativeDataset` is the same task for a native-resolution (Qwen2-VL family) model: every
 image has its own random size within the pixel range, so its patch grid and token count vary, and a
 sample carries its patches, grids and M-RoPE positions as `megamm.data.batching` produces them.
+`SyntheticAnyResDataset` is the task for an any-resolution (LLaVA-NeXT, LLaVA-OneVision) model: every
+image has its own size, so its tiles and tokens vary, and a sample carries its base image and tiles
+with the image sizes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import math
 import torch
 
 from megamm.config import LlavaConfig
+from megamm.config.anyres import Size, image_tokens, tiles_per_image
 from megamm.config.constants import IGNORE_INDEX
 from megamm.data.mrope import mrope_position_ids
 
@@ -156,18 +160,79 @@ class SyntheticNativeDataset:
         }
 
 
+class SyntheticAnyResDataset:
+    """The synthetic task for an any-resolution model (`model.anyres`): images of random sizes.
+
+    An image's (height, width) is drawn from the multiples of half a tile up to the largest
+    pinpoint's side whose tokens (`megamm.config.anyres.image_tokens`: base tile, unpadded tiles,
+    a newline per row) fit the share of `seq_length` each of `max_images` images gets; its tower
+    inputs are its base image and tiles (`tiles_per_image`), `[tiles, C, tile, tile]`, each its color
+    plus noise. A sample carries them with `image_sizes` `[images, 2]`.
+    """
+
+    def __init__(self, config: LlavaConfig, seq_length: int, seed: int, max_images: int) -> None:
+        anyres, vision = config.anyres, config.vision
+        if anyres is None:
+            raise ValueError("SyntheticAnyResDataset needs an any-resolution model (model.anyres)")
+        self.text_ids = text_vocabulary(config)
+        self.seq_length, self.seed, self.max_images = seq_length, seed, max_images
+        self.image_token_id = config.language.image_token_id
+        self.tile, self.channels = vision.image_size, vision.num_channels
+        self.pinpoints = anyres.pinpoints
+        step = max(1, self.tile // 2)
+        sides = range(step, max(max(point) for point in self.pinpoints) + 1, step)
+        budget = (seq_length - 3) // max(1, max_images) - 1
+        candidates = {(h, w): image_tokens((h, w), self.pinpoints, self.tile, vision.grid_size, anyres.max_num_patches)
+                      for h in sides for w in sides}
+        self.sizes: list[Size] = [size for size, tokens in candidates.items() if tokens <= budget]
+        self.tokens = candidates
+        if max_images and not self.sizes:
+            raise ValueError(
+                f"synthetic data: --seq-length {seq_length} cannot hold {max_images} any-resolution image(s) plus "
+                f"text: the smallest image takes {min(candidates.values())} tokens")
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        num_images = int(torch.randint(0, self.max_images + 1, (), generator=generator))
+        colors = torch.randint(0, NUM_COLORS, (num_images,), generator=generator)
+        tokens, tiles, sizes = [BOS_ID], [], []
+        for color in colors.tolist():
+            size = self.sizes[int(torch.randint(0, len(self.sizes), (), generator=generator))]
+            count = tiles_per_image(size, self.pinpoints, self.tile)
+            noise = 0.1 * torch.randn((count, self.channels, self.tile, self.tile), generator=generator)
+            tiles.append(PALETTE[color][: self.channels, None, None] + noise)
+            sizes.append(size)
+            tokens += [self.image_token_id] * self.tokens[size] + [FIRST_COLOR_ID + color]
+        start = int(torch.randint(0, len(self.text_ids), (), generator=generator))
+        step = int(torch.randint(1, 4, (), generator=generator))
+        positions = (start + step * torch.arange(self.seq_length - len(tokens))) % len(self.text_ids)
+        input_ids = torch.cat([torch.tensor(tokens), self.text_ids[positions]])
+        labels = input_ids.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
+        labels[0] = IGNORE_INDEX
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": torch.cat(tiles) if tiles else torch.zeros(0, self.channels, self.tile, self.tile),
+            "image_sizes": torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
+        }
+
+
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
     """Stack samples of equal length; images of all samples in batch order. Native-resolution samples
-    (with `image_grid_thw`) also give their grids, no videos and `[3, b, s]` positions."""
+    (with `image_grid_thw`) also give their grids, no videos and `[3, b, s]` positions; any-resolution
+    samples (with `image_sizes`) their images' sizes."""
     images = [s["pixel_values"] for s in samples]
     native = "image_grid_thw" in samples[0]
-    counts = torch.tensor([len(s["image_grid_thw"]) if native else len(s["pixel_values"]) for s in samples])
+    counted = "image_grid_thw" if native else "image_sizes" if "image_sizes" in samples[0] else "pixel_values"
+    counts = torch.tensor([len(s[counted]) for s in samples])
     batch = {
         "input_ids": torch.stack([s["input_ids"] for s in samples]),
         "labels": torch.stack([s["labels"] for s in samples]),
         "pixel_values": torch.cat(images) if int(counts.sum()) else None,
         "images_per_sample": counts,
     }
+    if counted == "image_sizes":
+        batch["image_sizes"] = torch.cat([s["image_sizes"] for s in samples]) if int(counts.sum()) else None
     if native:
         batch.update({
             "image_grid_thw": torch.cat([s["image_grid_thw"] for s in samples]) if int(counts.sum()) else None,

@@ -34,6 +34,7 @@ from megamm.config.anyres import (
     image_tokens,
     pooled_grid,
     tile_grid,
+    tiles_per_image,
     unpadded_grid,
     video_tokens,
 )
@@ -65,7 +66,7 @@ class AnyResLayout(ParamOwner):
 
     def tile_counts(self, sizes: list[Size]) -> list[int]:
         """Tower inputs of each image: base image + tiles."""
-        return [math.prod(tile_grid(size, self.pinpoints, self.tile)) + 1 for size in sizes]
+        return [tiles_per_image(size, self.pinpoints, self.tile) for size in sizes]
 
     def token_counts(self, sizes: list[Size]) -> list[int]:
         """Image tokens of each image (megamm.config.anyres.image_tokens)."""

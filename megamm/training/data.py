@@ -30,6 +30,7 @@ from megamm.data.native_samples import NativeSampleBuilder, native_settings
 from megamm.data.qwen_template import VIDEO_PAD
 from megamm.data.samples import ImageSettings, Sample, SampleBuilder
 from megamm.data.synthetic import (
+    SyntheticAnyResDataset,
     SyntheticMultimodalDataset,
     SyntheticNativeDataset,
     collate,
@@ -43,6 +44,7 @@ from megamm.training.metrics import sample_flops
 if TYPE_CHECKING:
     from megamm.config import LlavaConfig
 
+SyntheticDataset = SyntheticMultimodalDataset | SyntheticNativeDataset | SyntheticAnyResDataset
 # Held-out synthetic samples come from another seed stream.
 EVAL_SEED_OFFSET = 7919
 FIRST_STAGE_KEYS = (
@@ -65,16 +67,19 @@ def _select(batches: list[Batch], keys: tuple[str, ...]) -> list[Batch]:
     return [{key: batch[key] for key in keys if key in batch} for batch in batches]
 
 
-def _synthetic(config: ResolvedConfig, seed: int) -> SyntheticMultimodalDataset | SyntheticNativeDataset:
+def _synthetic(config: ResolvedConfig, seed: int) -> SyntheticDataset:
     t, model = config.training, config.model
     if model.vision.native_resolution is not None:
         return SyntheticNativeDataset(model, t.seq_length, seed, t.images_per_sample, t.image_pixel_range)
+    if model.anyres is not None:
+        return SyntheticAnyResDataset(model, t.seq_length, seed, t.images_per_sample)
     return SyntheticMultimodalDataset(model, t.seq_length, seed, t.images_per_sample)
 
 
 class SyntheticData:
     """--mock-data: sample i of the synthetic set is global position i; a run resumed at `resume`
-    continues from its consumed samples. A native-resolution model gets images of random sizes."""
+    continues from its consumed samples. Native-resolution and any-resolution models get images of
+    random sizes."""
 
     def __init__(self, config: ResolvedConfig, state: ParallelState, resume: ResumePoint) -> None:
         t = config.training
@@ -83,9 +88,7 @@ class SyntheticData:
         self.eval = _synthetic(config, t.seed + EVAL_SEED_OFFSET)
         self.keys = stage_keys(state, packed=False, native=config.model.vision.native_resolution is not None)
 
-    def batches_at(
-        self, dataset: SyntheticMultimodalDataset | SyntheticNativeDataset, first_position: int
-    ) -> list[Batch]:
+    def batches_at(self, dataset: SyntheticDataset, first_position: int) -> list[Batch]:
         """This rank's microbatches of the global batch of `dataset` (the train or eval set) that
         starts at sample `first_position`."""
         t, state = self.config.training, self.state

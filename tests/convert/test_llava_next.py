@@ -231,8 +231,8 @@ def _split_rows(batch: dict, config: LlavaConfig) -> list[dict]:
 
 def _pipeline_stages(save: str) -> tuple[ParallelState, list[LlavaModel]]:
     """This rank's pp=2 stage of `save`, built and loaded as a training run does (build_model_chunks,
-    Checkpointer.load). An any-resolution model trains on dataset files, not --mock-data, so the run
-    names existing files (the checkpoint's own); nothing is read from them."""
+    Checkpointer.load). The run names existing files (the checkpoint's own) as its data; nothing is
+    read from them."""
     description = format.read_description(format.resolve(save))
     tree = dict(description["config"])
     tree["parallel"] = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2}
