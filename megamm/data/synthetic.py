@@ -52,6 +52,19 @@ def text_vocabulary(config: LlavaConfig) -> torch.Tensor:
     return text_ids
 
 
+def _with_text(tokens: list[int], text_ids: torch.Tensor, seq_length: int, image_token_id: int,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tokens` (BOS and the image runs) followed by an arithmetic sequence over `text_ids` up to
+    `seq_length` -> (input_ids `[s]`, labels `[s]`, ignored on BOS and the image positions)."""
+    start = int(torch.randint(0, len(text_ids), (), generator=generator))
+    step = int(torch.randint(1, 4, (), generator=generator))
+    positions = (start + step * torch.arange(seq_length - len(tokens))) % len(text_ids)
+    input_ids = torch.cat([torch.tensor(tokens), text_ids[positions]])
+    labels = input_ids.masked_fill(input_ids == image_token_id, IGNORE_INDEX)
+    labels[0] = IGNORE_INDEX
+    return input_ids, labels
+
+
 class SyntheticMultimodalDataset:
     def __init__(self, config: LlavaConfig, seq_length: int, seed: int, max_images: int = 1) -> None:
         self.seq_length = seq_length
@@ -78,13 +91,7 @@ class SyntheticMultimodalDataset:
         tokens = [BOS_ID]
         for color in colors.tolist():
             tokens += [self.image_token_id] * self.tokens_per_image + [FIRST_COLOR_ID + color]
-        start = int(torch.randint(0, len(self.text_ids), (), generator=generator))
-        step = int(torch.randint(1, 4, (), generator=generator))
-        remaining = self.seq_length - len(tokens)
-        positions = (start + step * torch.arange(remaining)) % len(self.text_ids)
-        input_ids = torch.cat([torch.tensor(tokens), self.text_ids[positions]])
-        labels = input_ids.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
-        labels[0] = IGNORE_INDEX
+        input_ids, labels = _with_text(tokens, self.text_ids, self.seq_length, self.image_token_id, generator)
         return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
 
 
@@ -141,13 +148,7 @@ class SyntheticNativeDataset:
             patches.append((PALETTE[color][: self.channels, None] + noise).reshape(count, -1))
             grids.append((1, rows * self.merge, cols * self.merge))
             tokens += [self.image_token_id] * (rows * cols) + [FIRST_COLOR_ID + color]
-        text_ids = self.text_ids
-        start = int(torch.randint(0, len(text_ids), (), generator=generator))
-        step = int(torch.randint(1, 4, (), generator=generator))
-        positions = (start + step * torch.arange(self.seq_length - len(tokens))) % len(text_ids)
-        input_ids = torch.cat([torch.tensor(tokens), text_ids[positions]])
-        labels = input_ids.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
-        labels[0] = IGNORE_INDEX
+        input_ids, labels = _with_text(tokens, self.text_ids, self.seq_length, self.image_token_id, generator)
         image_grid_thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
         return {
             "input_ids": input_ids,
@@ -203,12 +204,7 @@ class SyntheticAnyResDataset:
             tiles.append(PALETTE[color][: self.channels, None, None] + noise)
             sizes.append(size)
             tokens += [self.image_token_id] * self.tokens[size] + [FIRST_COLOR_ID + color]
-        start = int(torch.randint(0, len(self.text_ids), (), generator=generator))
-        step = int(torch.randint(1, 4, (), generator=generator))
-        positions = (start + step * torch.arange(self.seq_length - len(tokens))) % len(self.text_ids)
-        input_ids = torch.cat([torch.tensor(tokens), self.text_ids[positions]])
-        labels = input_ids.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
-        labels[0] = IGNORE_INDEX
+        input_ids, labels = _with_text(tokens, self.text_ids, self.seq_length, self.image_token_id, generator)
         return {
             "input_ids": input_ids,
             "labels": labels,

@@ -57,6 +57,24 @@ LOGIT_ATOL = 1e-4
 TARGETS = "q_proj,v_proj,o_proj,gate_proj,down_proj,projector,vision"
 
 
+def _check_peft_logits(adapted: torch.Tensor, plain: torch.Tensor, megamm: torch.Tensor, label: str) -> None:
+    """PEFT's logits with the adapters (`adapted`) equal megamm's, and differ from the base model's."""
+    assert (adapted - plain).abs().max() > 1e-2, "the adapters must change the logits for the test to mean something"
+    error = (adapted - megamm).abs().max().item()
+    print(f"PEFT vs megamm logits ({label}): max abs error {error:.2e}")
+    assert error < LOGIT_ATOL, f"PEFT vs megamm logits ({label}): max abs error {error}"
+
+
+def _check_import_is_the_export(imported_dir: Path, original_dir: Path) -> CheckpointReader:
+    """Every model tensor of the imported adapter checkpoint equals the exported one, bit for bit."""
+    imported, original = CheckpointReader(imported_dir), CheckpointReader(original_dir)
+    keys = sorted(k for k in original.tensors if k.startswith(format.MODEL))
+    assert sorted(k for k in imported.tensors if k.startswith(format.MODEL)) == keys
+    for key, value in original.read(keys).items():
+        assert torch.equal(imported.read([key])[key], value), key
+    return imported
+
+
 def _megamm_logits(model: LlavaModel, batch: dict) -> torch.Tensor:
     with torch.no_grad():
         out = model.eval()(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
@@ -122,21 +140,13 @@ def test_peft_loads_the_exported_adapters_with_megamm_logits(setup: dict) -> Non
     base_hf = _hf_base(root / "base-hf")
     plain = _hf_logits(base_hf, batch)
     adapted = _hf_logits(PeftModel.from_pretrained(base_hf, peft_dir), batch)
-    assert (adapted - plain).abs().max() > 1e-2, "the adapters must change the logits for the test to mean something"
-    error = (adapted - setup["logits"]).abs().max().item()
-    print(f"PEFT vs megamm logits ({'DoRA' if setup['dora'] else 'LoRA'}): max abs error {error:.2e}")
-    assert error < LOGIT_ATOL, f"PEFT vs megamm logits: max abs error {error}"
+    _check_peft_logits(adapted, plain, setup["logits"], "DoRA" if setup["dora"] else "LoRA")
 
 
 @pytest.mark.slow
 def test_imported_peft_adapters_are_the_exported_ones(setup: dict) -> None:
     root, peft_dir = setup["root"], setup["peft"]
-    imported = CheckpointReader(import_peft(peft_dir, setup["base"], root / "imported"))
-    original = CheckpointReader(root / "lora")
-    keys = sorted(k for k in original.tensors if k.startswith(format.MODEL))
-    assert sorted(k for k in imported.tensors if k.startswith(format.MODEL)) == keys
-    for key, value in original.read(keys).items():
-        assert torch.equal(imported.read([key])[key], value), key
+    imported = _check_import_is_the_export(import_peft(peft_dir, setup["base"], root / "imported"), root / "lora")
     tree = imported.description["config"]["training"]
     assert tree["lora_target_modules"] == [TARGETS] and tree["lora_use_dora"] == setup["dora"]
 
@@ -260,17 +270,9 @@ def test_peft_loads_qwen2_vl_adapters_with_megamm_logits(qwen_setup: dict) -> No
     base_hf = setup["hf_class"].from_pretrained(setup["root"] / "base-hf", torch_dtype=torch.float32)
     plain = _qwen_hf_logits(base_hf, setup)
     adapted = _qwen_hf_logits(PeftModel.from_pretrained(base_hf, setup["peft"]), setup)
-    assert (adapted - plain).abs().max() > 1e-2, "the adapters must change the logits for the test to mean something"
-    error = (adapted - setup["logits"]).abs().max().item()
-    print(f"PEFT vs megamm logits ({setup['family']}, {'DoRA' if setup['dora'] else 'LoRA'}): max abs error {error:.2e}")
-    assert error < LOGIT_ATOL, f"PEFT vs megamm logits: max abs error {error}"
-    imported = CheckpointReader(import_peft(setup["peft"], setup["base"], setup["root"] / "imported",
-                                            setup["architecture"]))
-    original = CheckpointReader(setup["root"] / "lora")
-    keys = sorted(k for k in original.tensors if k.startswith(format.MODEL))
-    assert sorted(k for k in imported.tensors if k.startswith(format.MODEL)) == keys
-    for key, value in original.read(keys).items():
-        assert torch.equal(imported.read([key])[key], value), key
+    _check_peft_logits(adapted, plain, setup["logits"], f"{setup['family']}, {'DoRA' if setup['dora'] else 'LoRA'}")
+    _check_import_is_the_export(import_peft(setup["peft"], setup["base"], setup["root"] / "imported",
+                                            setup["architecture"]), setup["root"] / "lora")
 
 
 @pytest.mark.slow
@@ -362,14 +364,6 @@ def test_peft_loads_tiled_family_adapters_with_megamm_logits(tiled_setup: dict) 
     with torch.no_grad():
         plain = base_hf.eval()(**setup["hf_inputs"]).logits
         adapted = PeftModel.from_pretrained(base_hf, setup["peft"]).eval()(**setup["hf_inputs"]).logits
-    assert (adapted - plain).abs().max() > 1e-2, "the adapters must change the logits for the test to mean something"
-    error = (adapted - setup["megamm_logits"]).abs().max().item()
-    print(f"PEFT vs megamm logits ({setup['family']}): max abs error {error:.2e}")
-    assert error < LOGIT_ATOL, f"PEFT vs megamm logits: max abs error {error}"
-    imported = CheckpointReader(import_peft(setup["peft"], setup["base"], setup["root"] / "imported",
-                                            setup["architecture"]))
-    original = CheckpointReader(setup["root"] / "lora")
-    keys = sorted(k for k in original.tensors if k.startswith(format.MODEL))
-    assert sorted(k for k in imported.tensors if k.startswith(format.MODEL)) == keys
-    for key, value in original.read(keys).items():
-        assert torch.equal(imported.read([key])[key], value), key
+    _check_peft_logits(adapted, plain, setup["megamm_logits"], setup["family"])
+    _check_import_is_the_export(import_peft(setup["peft"], setup["base"], setup["root"] / "imported",
+                                            setup["architecture"]), setup["root"] / "lora")
