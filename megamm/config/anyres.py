@@ -8,7 +8,10 @@ tower's patch grid), the rows and columns that only hold padding are cut off (th
 and a learned newline embedding ends each remaining row. LLaVA-OneVision (`anyres_max_N`) then
 shrinks a grid that holds more than about N tiles' worth of features, bilinearly, before the
 newlines are added. A OneVision video's frames are single tiles whose feature grids are pooled 2x
-bilinearly, one newline after the last frame. The data pipeline (how many tiles, how
+bilinearly, one newline after the last frame. LLaVA-OneVision also gives each image of a sample that
+holds more than one a single tower input (the image padded to a square, resized to the tile) whose
+`g x g` features end with one newline (`single_tile_multi_image`, transformers' `batch_num_images`
+rule); a sample's lone image is tiled. The data pipeline (how many tiles, how
 many image tokens to expand) and the model (how to lay the features out, the per-sample token
 check) compute the same numbers, so they are written once, here: transformers'
 `select_best_resolution`, `get_anyres_image_grid_shape` and LlavaNextProcessor's (and
@@ -18,6 +21,7 @@ LlavaOnevisionProcessor's) token rule.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # A (height, width) image size.
@@ -32,14 +36,29 @@ class AnyResConfig:
     a multiple of `vision.image_size` (transformers' `image_grid_pinpoints`).
     max_num_patches: LLaVA-OneVision's `anyres_max_N`: an unpadded feature grid of more than
     N * g^2 features (by a factor over 1.1^2) is downsampled bilinearly to about N * g^2; None:
-    never (LLaVA-NeXT)."""
+    never (LLaVA-NeXT).
+    single_tile_multi_image: LLaVA-OneVision's rule for samples of several images: each of their
+    images is one tower input (padded to a square, resized to the tile) giving `g^2 + 1` tokens (its
+    features, one newline); only a sample's lone image is tiled. False: every image is tiled
+    (LLaVA-NeXT). The OneVision adapter sets it on import."""
 
     image_grid_pinpoints: tuple[tuple[int, ...], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
     max_num_patches: int | None = None
+    single_tile_multi_image: bool = False
 
     @property
     def pinpoints(self) -> list[Size]:
         return [(int(h), int(w)) for h, w in self.image_grid_pinpoints]
+
+    def tiles_images_of(self, images_in_sample: int) -> bool:
+        """Whether the images of a sample of `images_in_sample` images are tiled (transformers'
+        `need_patching`: a multi-image sample's are not under `single_tile_multi_image`)."""
+        return images_in_sample == 1 or not self.single_tile_multi_image
+
+    def tiled_images(self, images_per_sample: Sequence[int]) -> list[bool]:
+        """Per image (samples in order, each sample's images in order), whether it is tiled, for samples
+        of `images_per_sample` images each (transformers' `batch_num_images`)."""
+        return [self.tiles_images_of(int(n)) for n in images_per_sample for _ in range(int(n))]
 
     def problems(self, tile: int) -> list[str]:
         """What is wrong with the pinpoints for a tower of `tile` x `tile` pixels."""
@@ -79,8 +98,11 @@ def tile_grid(size: Size, pinpoints: list[Size], tile: int) -> Size:
     return height // tile, width // tile
 
 
-def tiles_per_image(size: Size, pinpoints: list[Size], tile: int) -> int:
-    """Tower inputs of one image: its tiles plus the base image."""
+def tiles_per_image(size: Size, pinpoints: list[Size], tile: int, tiled: bool = True) -> int:
+    """Tower inputs of one image: its tiles plus the base image; 1 for an image that is not tiled (one
+    of a multi-image sample under `single_tile_multi_image`)."""
+    if not tiled:
+        return 1
     rows, cols = tile_grid(size, pinpoints, tile)
     return rows * cols + 1
 
@@ -113,11 +135,15 @@ def downsampled_grid(rows: int, cols: int, grid: int, max_num_patches: int | Non
     return int(rows // ratio), int(cols // ratio)
 
 
-def image_tokens(size: Size, pinpoints: list[Size], tile: int, grid: int, max_num_patches: int | None = None) -> int:
+def image_tokens(size: Size, pinpoints: list[Size], tile: int, grid: int, max_num_patches: int | None = None,
+                 tiled: bool = True) -> int:
     """Image tokens of one image of `size` (height, width): the base tile's `grid^2` features, then the
     unpadded (and, under anyres_max_N, downsampled) tile features with one newline per row
     (LlavaNextProcessor's and LlavaOnevisionProcessor's count for a tower whose class token is
-    dropped, or which has none)."""
+    dropped, or which has none). An image that is not tiled (`tiled=False`: one of a multi-image
+    sample under `single_tile_multi_image`) gives its one tile's `grid^2` features and a newline."""
+    if not tiled:
+        return grid * grid + 1
     rows, cols = tile_grid(size, pinpoints, tile)
     top, bottom, left, right = unpadded_grid(size, grid * rows, grid * cols)
     kept_rows, kept_cols = bottom - top, right - left

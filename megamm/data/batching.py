@@ -20,7 +20,9 @@ the samples are placed in the row.
 Any-resolution samples (LLaVA-NeXT, `Sample.image_sizes`): pixel_values are every image's base image
 and tiles, image_sizes `[n_images, 2]` each image's (height, width) (None when the microbatch has no
 image), and images_per_sample counts images, not tiles (the model computes each image's tokens from
-its size).
+its size); batch_num_images `[samples]` the images of each sample, a packed row's samples in row
+order (LLaVA-OneVision tiles only a sample's lone image, and a packed row's images_per_sample counts
+several samples').
 
 Native-resolution towers (the Qwen2-VL family; `image_shape` is then `(C * T * P * P,)`, one patch):
 pixel_values are the images' patches `[total image patches, C*T*P*P]`, with image_grid_thw
@@ -92,10 +94,12 @@ def _anyres(rows: list[list[Sample]]) -> bool:
     return kinds == {True}
 
 
-def _image_sizes(rows: list[list[Sample]]) -> torch.Tensor | None:
-    """`[n_images, 2]` (height, width) of the rows' any-resolution images, None without images."""
+def _anyres_keys(rows: list[list[Sample]]) -> Batch:
+    """Any-resolution rows' image_sizes `[n_images, 2]` (height, width; None without images) and
+    batch_num_images `[samples]` (see the module docstring)."""
     sizes = [size for row in rows for s in row for size in s.image_sizes]
-    return torch.tensor(sizes, dtype=torch.long) if sizes else None
+    return {"image_sizes": torch.tensor(sizes, dtype=torch.long) if sizes else None,
+            "batch_num_images": torch.tensor([len(s.image_sizes) for row in rows for s in row], dtype=torch.long)}
 
 
 def _images(rows: list[list[Sample]], image_shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -125,7 +129,7 @@ def padded_batch(samples: list[Sample], seq_length: int, pad_id: int, image_shap
     if is_native(image_shape):
         batch.update(_native_inputs([[s] for s in samples], seq_length, False, image_shape[0]))
     if _anyres([[s] for s in samples]):
-        batch["image_sizes"] = _image_sizes([[s] for s in samples])
+        batch.update(_anyres_keys([[s] for s in samples]))
     return batch
 
 
@@ -170,6 +174,6 @@ def packed_microbatches(
         if is_native(image_shape):
             batch.update(_native_inputs(group, seq_length, True, image_shape[0]))
         if _anyres(group):
-            batch["image_sizes"] = _image_sizes(group)
+            batch.update(_anyres_keys(group))
         batches.append(batch)
     return batches

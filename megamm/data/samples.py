@@ -15,7 +15,11 @@ a sample too long even without its text ("too_long").
 An any-resolution model (LLaVA-NeXT, `ImageSettings.anyres`) tiles each image by
 `megamm.data.anyres_images` and expands its placeholder to the image's own token count
 (`megamm.config.anyres.image_tokens`, from its size); the sample keeps each image's size, which the
-model needs to lay the tiles out.
+model needs to lay the tiles out. Under LLaVA-OneVision's multi-image rule
+(`AnyResConfig.single_tile_multi_image`) the images of a record that holds several are not tiled:
+each is one tower input, padded to a square with the mean color and resized (the processor's
+`pad_to_square`), with `g^2 + 1` tokens; a truncation that would leave one of them alone (the model
+tiles a lone image) is "too_long".
 
 The native-resolution (Qwen2-VL) family builds its samples in `megamm.data.native_samples`, into the
 same `Sample` with its patches, grids and M-RoPE positions in `Sample.native`.
@@ -231,14 +235,31 @@ class SampleBuilder:
             raise ValueError(f"any-resolution tiling lays {tokens_per_tile} tokens per tile out as a square patch "
                              f"grid, but {tokens_per_tile} is not a square")
 
-    def _image_tokens(self, tiles: list[int], sizes: list[Size]) -> list[int]:
+    def _tiled(self, record: Record) -> bool:
+        """Whether the record's any-resolution images are tiled (all but the images of a multi-image
+        record under `single_tile_multi_image`)."""
+        return self.images.anyres is None or self.images.anyres.tiles_images_of(len(record.images))
+
+    def _image_tokens(self, tiles: list[int], sizes: list[Size], tiled: bool) -> list[int]:
         """Image tokens of each image: its tower inputs times the tokens of one, or (any-resolution) the
-        count from its size."""
+        count from its size and whether it is tiled."""
         anyres = self.images.anyres
         if anyres is None:
             return [n * self.tokens_per_tile for n in tiles]
-        return [image_tokens(size, anyres.pinpoints, self.images.size, self.grid, anyres.max_num_patches)
+        return [image_tokens(size, anyres.pinpoints, self.images.size, self.grid, anyres.max_num_patches, tiled)
                 for size in sizes]
+
+    def _anyres_inputs(self, img: Image.Image, tiled: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+        """An any-resolution image's tower inputs `[n, 3, size, size]` and (cols, rows) tile grid: its base
+        image and tiles, or, not tiled, one input: the image padded to a square with the mean color
+        and resized, LlavaOnevisionImageProcessor's `pad_to_square` then resize, which is
+        `preprocess`'s "pad" mode."""
+        settings = self.images
+        if not tiled:
+            return preprocess(img, settings.size, "pad", settings.normalization)[None], (1, 1)
+        pinpoints = settings.anyres.pinpoints
+        rows, cols = tile_grid((img.height, img.width), pinpoints, settings.size)
+        return preprocess_anyres(img, settings.size, pinpoints, settings.normalization)[0], (cols, rows)
 
     def _pixels(self, record: Record) -> tuple[list[torch.Tensor], list[tuple[int, int]], list[Size]]:
         settings = self.images
@@ -247,10 +268,9 @@ class SampleBuilder:
             img = load_record_image(record, number, settings.max_pixels)
             sizes.append((img.height, img.width))
             if settings.anyres is not None:
-                pinpoints = settings.anyres.pinpoints
-                pixels.append(preprocess_anyres(img, settings.size, pinpoints, settings.normalization)[0])
-                rows, cols = tile_grid(sizes[-1], pinpoints, settings.size)
-                grids.append((cols, rows))
+                inputs, grid = self._anyres_inputs(img, self._tiled(record))
+                pixels.append(inputs)
+                grids.append(grid)
             elif settings.max_tiles == 1:
                 pixels.append(preprocess(img, settings.size, settings.mode, settings.normalization)[None])
                 grids.append((1, 1))
@@ -271,7 +291,7 @@ class SampleBuilder:
             size = record_image_size(record, number)
             sizes.append((size[1], size[0]))
             if settings.anyres is not None:
-                tiles.append(tiles_per_image(sizes[-1], settings.anyres.pinpoints, settings.size))
+                tiles.append(tiles_per_image(sizes[-1], settings.anyres.pinpoints, settings.size, self._tiled(record)))
             elif settings.max_tiles == 1:
                 tiles.append(1)
             else:
@@ -289,7 +309,7 @@ class SampleBuilder:
             tiles, sizes = self._tiles(record)
         except ImageError as error:
             raise BadSample(record.source, where, "image", str(error)) from None
-        kept = self._tokens(record, where, self._image_tokens(tiles, sizes))
+        kept = self._tokens(record, where, self._image_tokens(tiles, sizes, self._tiled(record)))
         return SampleLayout(tuple(tiles[: len(kept.image_spans)]), len(kept.input_ids))
 
     def _tokens(self, record: Record, where: str, tokens: list[int]) -> Tokenized:
@@ -307,6 +327,12 @@ class SampleBuilder:
                 record.source, where, "too_long",
                 f"its first image ends at token {first_image_end}, beyond --seq-length {self.seq_length}",
             )
+        if len(kept.image_spans) == 1 and not self._tiled(record):
+            raise BadSample(
+                record.source, where, "too_long",
+                f"--seq-length {self.seq_length} keeps 1 of its {len(record.images)} images, untiled as an image of "
+                "a multi-image sample, but the model tiles a sample's lone image (anyres.single_tile_multi_image)",
+            )
         return kept
 
     def build(self, record: Record) -> Sample:
@@ -317,7 +343,7 @@ class SampleBuilder:
         except ImageError as error:
             raise BadSample(record.source, where, "image", str(error)) from None
         tiles = [p.shape[0] for p in pixels]
-        kept = self._tokens(record, where, self._image_tokens(tiles, sizes))
+        kept = self._tokens(record, where, self._image_tokens(tiles, sizes, self._tiled(record)))
         images_kept = len(kept.image_spans)
         size = self.images.size
         pixel_values = torch.cat(pixels[:images_kept]) if images_kept else torch.zeros(0, 3, size, size)

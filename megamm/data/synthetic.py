@@ -168,7 +168,9 @@ class SyntheticAnyResDataset:
     pinpoint's side whose tokens (`megamm.config.anyres.image_tokens`: base tile, unpadded tiles,
     a newline per row) fit the share of `seq_length` each of `max_images` images gets; its tower
     inputs are its base image and tiles (`tiles_per_image`), `[tiles, C, tile, tile]`, each its color
-    plus noise. A sample carries them with `image_sizes` `[images, 2]`.
+    plus noise; under LLaVA-OneVision's multi-image rule (`anyres.single_tile_multi_image`) each image
+    of a sample of several is one input with `image_tokens(..., tiled=False)` tokens. A sample carries
+    them with `image_sizes` `[images, 2]`.
     """
 
     def __init__(self, config: LlavaConfig, seq_length: int, seed: int, max_images: int) -> None:
@@ -179,7 +181,7 @@ class SyntheticAnyResDataset:
         self.seq_length, self.seed, self.max_images = seq_length, seed, max_images
         self.image_token_id = config.language.image_token_id
         self.tile, self.channels = vision.image_size, vision.num_channels
-        self.pinpoints = anyres.pinpoints
+        self.pinpoints, self.anyres, self.grid = anyres.pinpoints, anyres, vision.grid_size
         step = max(1, self.tile // 2)
         sides = range(step, max(max(point) for point in self.pinpoints) + 1, step)
         budget = (seq_length - 3) // max(1, max_images) - 1
@@ -197,13 +199,16 @@ class SyntheticAnyResDataset:
         num_images = int(torch.randint(0, self.max_images + 1, (), generator=generator))
         colors = torch.randint(0, NUM_COLORS, (num_images,), generator=generator)
         tokens, tiles, sizes = [BOS_ID], [], []
+        tiled = self.anyres.tiles_images_of(num_images)
         for color in colors.tolist():
             size = self.sizes[int(torch.randint(0, len(self.sizes), (), generator=generator))]
-            count = tiles_per_image(size, self.pinpoints, self.tile)
+            count = tiles_per_image(size, self.pinpoints, self.tile, tiled)
             noise = 0.1 * torch.randn((count, self.channels, self.tile, self.tile), generator=generator)
             tiles.append(PALETTE[color][: self.channels, None, None] + noise)
             sizes.append(size)
-            tokens += [self.image_token_id] * self.tokens[size] + [FIRST_COLOR_ID + color]
+            image_length = self.tokens[size] if tiled else image_tokens(size, self.pinpoints, self.tile, self.grid,
+                                                                         tiled=False)
+            tokens += [self.image_token_id] * image_length + [FIRST_COLOR_ID + color]
         input_ids, labels = _with_text(tokens, self.text_ids, self.seq_length, self.image_token_id, generator)
         return {
             "input_ids": input_ids,

@@ -8,7 +8,9 @@ preprocessing added around the resized image (the spatial unpad, megamm.config.a
 (LLaVA-OneVision's anyres_max_N) shrinks a grid larger than N tiles' worth bilinearly, appends
 the learned `image_newline` embedding after each remaining row, and puts the base image's `g*g`
 features first: `g*g + kept_rows * (kept_cols + 1)` embeddings, the count the data pipeline
-expanded the image's placeholder to (transformers' `pack_image_features`, `spatial_unpad`).
+expanded the image's placeholder to (transformers' `pack_image_features`, `spatial_unpad`). An image
+that is not tiled (LLaVA-OneVision, an image of a multi-image sample: `AnyResConfig.single_tile_multi_image`)
+is one tower input: its `g*g` features and one newline (`pack_image_features`' single-patch branch).
 
 LLaVA-OneVision's videos (`pool_video`): each frame is one tower input, its `g x g` features pooled
 bilinearly to `ceil(g/2) x ceil(g/2)` (transformers' `apply_pooling`), the frames' features in order
@@ -59,18 +61,26 @@ class AnyResLayout(ParamOwner):
         self.tile = config.vision.image_size
         self.grid = config.vision.grid_size
         self.max_num_patches = config.anyres.max_num_patches
+        self.settings = config.anyres
         hidden = language.hidden_size
         # transformers draws it with std 1 / sqrt(hidden): an embedding-sized vector.
         spec = ParamSpec(ParamLayout((hidden,), normal_init(1 / math.sqrt(hidden))))
         self.image_newline: nn.Parameter = self.create_parameter("image_newline", spec, state, language.params_dtype)
 
-    def tile_counts(self, sizes: list[Size]) -> list[int]:
-        """Tower inputs of each image: base image + tiles."""
-        return [tiles_per_image(size, self.pinpoints, self.tile) for size in sizes]
+    def tiled_images(self, images: int, per_sample: Sequence[int] | None) -> list[bool]:
+        """Whether each of the batch's `images` images is tiled, from the images of each sample
+        (`per_sample`, transformers' `batch_num_images`; None: every image tiled, as transformers
+        does without it)."""
+        return [True] * images if per_sample is None else self.settings.tiled_images(per_sample)
 
-    def token_counts(self, sizes: list[Size]) -> list[int]:
+    def tile_counts(self, sizes: list[Size], tiled: list[bool]) -> list[int]:
+        """Tower inputs of each image: base image + tiles, or 1 when it is not tiled."""
+        return [tiles_per_image(size, self.pinpoints, self.tile, t) for size, t in zip(sizes, tiled, strict=True)]
+
+    def token_counts(self, sizes: list[Size], tiled: list[bool]) -> list[int]:
         """Image tokens of each image (megamm.config.anyres.image_tokens)."""
-        return [image_tokens(size, self.pinpoints, self.tile, self.grid, self.max_num_patches) for size in sizes]
+        return [image_tokens(size, self.pinpoints, self.tile, self.grid, self.max_num_patches, t)
+                for size, t in zip(sizes, tiled, strict=True)]
 
     def video_token_counts(self, videos: int, frames: int) -> list[int]:
         """Video tokens of each of `videos` videos of `frames` frames (megamm.config.anyres.video_tokens)."""
@@ -88,13 +98,18 @@ class AnyResLayout(ParamOwner):
         newline = self.image_newline.to(features.dtype).expand(per_video.shape[0], 1, hidden)
         return torch.cat([per_video, newline], dim=1).reshape(-1, hidden)
 
-    def forward(self, features: torch.Tensor, sizes: list[Size]) -> torch.Tensor:
-        """features `[tiles, g*g, h]` (every image's base image then its tiles, images in batch order) ->
-        `[sum of token_counts(sizes), h]`, image after image."""
+    def forward(self, features: torch.Tensor, sizes: list[Size], tiled: list[bool]) -> torch.Tensor:
+        """features `[tiles, g*g, h]` (every image's base image then its tiles, or its one tower input
+        where `tiled` is False; images in batch order) -> `[sum of token_counts(sizes, tiled), h]`,
+        image after image."""
         g, hidden = self.grid, features.shape[-1]
         newline = self.image_newline.to(features.dtype)
         out, offset = [], 0
-        for size in sizes:
+        for size, is_tiled in zip(sizes, tiled, strict=True):
+            if not is_tiled:
+                out += [features[offset], newline[None]]
+                offset += 1
+                continue
             rows, cols = tile_grid(size, self.pinpoints, self.tile)
             base = features[offset]
             tiles = features[offset + 1 : offset + 1 + rows * cols]
@@ -111,5 +126,5 @@ class AnyResLayout(ParamOwner):
             out += [base, torch.cat([grid, ends], dim=1).reshape(-1, hidden)]
         if offset != features.shape[0]:
             raise ValueError(f"{features.shape[0]} tower inputs, but the image sizes {sizes} give {offset} "
-                             f"(base image + tiles each)")
+                             f"(base image + tiles each, one where not tiled: {tiled})")
         return torch.cat(out)

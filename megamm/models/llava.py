@@ -21,7 +21,10 @@ attention mask go to every stage (each stage rotates its own layers' queries and
 Any-resolution (LLaVA-NeXT, `config.anyres`): a fixed-size tower encodes every image's base image
 and tiles `[tiles, C, H, W]`; with each image's original size `image_sizes [n, 2]` the tile
 features are unpadded and given newline embeddings (megamm.models.anyres), so an image gives a
-number of tokens that depends on its size. LLaVA-OneVision's videos `[videos, frames, C, H, W]` fill
+number of tokens that depends on its size. Under LLaVA-OneVision's multi-image rule
+(`AnyResConfig.single_tile_multi_image`) each image of a sample holding several is one tower input
+(`g*g` features and a newline), decided from the images of each sample (`batch_num_images`, or
+`images_per_sample` when its rows are the samples). LLaVA-OneVision's videos `[videos, frames, C, H, W]` fill
 the `video_token_id` positions: every frame one tower input, its features pooled 2x bilinearly,
 one newline embedding per video.
 
@@ -65,7 +68,7 @@ from megamm.parallel.state import ParallelState
 # synchronization; the model copies to the device what runs there (ids for the embedding lookup, the
 # positions a cp rank writes its embedding rows to).
 HOST_INPUTS = ("input_ids", "image_grid_thw", "video_grid_thw", "image_sizes", "images_per_sample",
-               "videos_per_sample")
+               "videos_per_sample", "batch_num_images")
 
 
 class NativePart(NamedTuple):
@@ -193,6 +196,7 @@ class LlavaModel(nn.Module):
         video_grid_thw: torch.Tensor | None = None,
         videos_per_sample: PerSample = None,
         image_sizes: torch.Tensor | None = None,
+        batch_num_images: PerSample = None,
     ) -> torch.Tensor:
         """Token embeddings with image (and video) embeddings written into their token positions.
 
@@ -202,6 +206,10 @@ class LlavaModel(nn.Module):
         (each image's base image and tiles) with image_sizes `[n, 2]` (height, width), and with
         `language.video_token_id` (LLaVA-OneVision) pixel_values_videos `[videos, frames, C, H, W]`.
         images_per_sample / videos_per_sample `[b]` (optional) enable the per-sample count check.
+        batch_num_images (any-resolution, optional): the images of each sample, samples in batch order,
+        for `AnyResConfig.single_tile_multi_image` (which images are tiled); needed where a row packs
+        several samples, otherwise images_per_sample gives it (rows are samples); with neither every
+        image is tiled.
         `HOST_INPUTS` may be on the CPU with the rest on the device (what the training step passes),
         so that the counts, checks and cp shares read host memory.
         Returns `[s, b, h]`, replicated across tp; with context parallelism `[s/cp, b, h]`, this rank's
@@ -212,6 +220,9 @@ class LlavaModel(nn.Module):
         image_positions = input_ids == language.image_token_id
         device = self.state.device
         embeddings = self.language.embed(split_sequence(input_ids, self.state).to(device))  # [b, s/cp, h]
+        if batch_num_images is not None and self.anyres is None:
+            raise ValueError("batch_num_images is an input of an any-resolution model (config.anyres): which "
+                             "images are tiled")
         if self.native:
             parts = [("image", image_positions, pixel_values, image_grid_thw, images_per_sample)]
             videos_given = (pixel_values_videos is not None or video_grid_thw is not None
@@ -227,7 +238,8 @@ class LlavaModel(nn.Module):
                 embeddings = self._scatter_native(embeddings, given)
         elif self.anyres is not None:
             self._refuse_native_inputs(image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)
-            images = self._anyres_images(image_positions, pixel_values, image_sizes, images_per_sample)
+            images = self._anyres_images(image_positions, pixel_values, image_sizes, images_per_sample,
+                                         batch_num_images)
             if images is not None:
                 embeddings = self._scatter_anyres(embeddings, image_positions, pixel_values, *images)
             videos = self._anyres_videos(input_ids, pixel_values_videos, videos_per_sample)
@@ -298,37 +310,51 @@ class LlavaModel(nn.Module):
         return embeddings
 
     def _anyres_images(self, positions: torch.Tensor, pixel_values: torch.Tensor | None,
-                       image_sizes: torch.Tensor | None, per_sample: PerSample) -> tuple[list, list[int], list[int]] | None:
-        """Check the image-token counts (from each image's size) and the tiles: (sizes, tokens, tower
-        inputs) per image, or None for no image."""
+                       image_sizes: torch.Tensor | None, per_sample: PerSample, batch_num_images: PerSample
+                       ) -> tuple[list, list[int], list[int], list[bool]] | None:
+        """Check the image-token counts (from each image's size and whether it is tiled) and the tiles:
+        (sizes, tokens, tower inputs, tiled) per image, or None for no image."""
         if (pixel_values is None) != (image_sizes is None):
             given, missing = ("pixel_values", "image_sizes") if image_sizes is None else ("image_sizes", "pixel_values")
             raise ValueError(f"{given} given without {missing}: an any-resolution model needs both (each image's "
                              f"tiles and its original size)")
         sizes = [] if image_sizes is None else size_list(image_sizes)
-        tokens = self.anyres.token_counts(sizes)
+        tiled = self._tiled_images(len(sizes), per_sample, batch_num_images)
+        tokens = self.anyres.token_counts(sizes, tiled)
         check_vision_tokens("image", positions, tokens, per_sample,
-                            f"give (base tile + unpadded tiles + a newline per row, per image: {tokens})")
+                            f"give (base tile + unpadded tiles + a newline per row, or one tile + a newline "
+                            f"for an image of a multi-image sample; per image: {tokens})")
         if not tokens:
             return None
-        tiles = self.anyres.tile_counts(sizes)
+        tiles = self.anyres.tile_counts(sizes, tiled)
         if sum(tiles) != pixel_values.shape[0]:
             raise ValueError(f"pixel_values holds {pixel_values.shape[0]} tower inputs, but the image_sizes {sizes} "
                              f"give {sum(tiles)} (base image + tiles each: {tiles})")
-        return sizes, tokens, tiles
+        return sizes, tokens, tiles, tiled
+
+    def _tiled_images(self, images: int, per_sample: PerSample, batch_num_images: PerSample) -> list[bool]:
+        """Whether each of the batch's `images` any-resolution images is tiled (`AnyResLayout.tiled_images`),
+        from batch_num_images, else from images_per_sample (rows are then the samples)."""
+        counts, name = ((batch_num_images, "batch_num_images") if batch_num_images is not None
+                        else (per_sample, "images_per_sample"))
+        if counts is not None and sum(int(n) for n in counts) != images:
+            raise ValueError(f"{name} adds up to {sum(int(n) for n in counts)} but the batch holds {images} "
+                             f"image(s) (image_sizes)")
+        return self.anyres.tiled_images(images, counts)
 
     def _scatter_anyres(self, embeddings: torch.Tensor, positions: torch.Tensor, pixel_values: torch.Tensor,
-                        sizes: list, tokens: list[int], tiles: list[int]) -> torch.Tensor:
+                        sizes: list, tokens: list[int], tiles: list[int], tiled: list[bool]) -> torch.Tensor:
         """Encode this cp rank's share of the images (each with its base image and tiles, balanced by
         tower inputs), lay them out, and write every image token among its positions into
         `embeddings` `[b, s/cp, h]`. An image's tiles stay together: the layout joins them into one
-        grid (and the unpad and newlines depend on the whole image)."""
+        grid (and the unpad and newlines depend on the whole image); an image that is not tiled costs
+        its one tower input."""
         starts = [0, *itertools.accumulate(tiles)]
 
         def encode(mine: list[int]) -> torch.Tensor:
             inputs = pixel_values if self.state.cp_size == 1 else pixel_values[
                 torch.cat([torch.arange(starts[i], starts[i + 1]) for i in mine]).to(pixel_values.device)]
-            return self.anyres(self.encode_images(inputs), [sizes[i] for i in mine])
+            return self.anyres(self.encode_images(inputs), [sizes[i] for i in mine], [tiled[i] for i in mine])
 
         return self._scatter_share(embeddings, positions, VisionShares.balanced(tiles, tokens, self.state.cp_size),
                                    encode)
@@ -385,6 +411,17 @@ class LlavaModel(nn.Module):
                             f"give (frames x pooled grid + a newline, per video: {tokens})")
         return (positions, tokens) if tokens else None
 
+    def _check_packed_image_counts(self, image_sizes: torch.Tensor | None, batch_num_images: PerSample,
+                                   segment_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+        """Under LLaVA-OneVision's multi-image rule, packed rows (segment ids or a mask given) need
+        batch_num_images: a row's images_per_sample counts the images of several samples, which would
+        tile none of them (the packed batches carry it, megamm.data.batching)."""
+        rule = self.anyres is not None and self.config.anyres.single_tile_multi_image
+        packed = segment_ids is not None or attention_mask is not None
+        if rule and packed and image_sizes is not None and batch_num_images is None:
+            raise ValueError("packed rows of an any-resolution model with anyres.single_tile_multi_image need "
+                             "batch_num_images (the images of each sample): images_per_sample counts a row's")
+
     def _refuse_native_inputs(self, **inputs: object) -> None:
         given = [name for name, value in inputs.items() if value is not None]
         if given:
@@ -434,13 +471,14 @@ class LlavaModel(nn.Module):
         image_sizes: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         loss_positions: torch.Tensor | None = None,
+        batch_num_images: PerSample = None,
     ) -> dict[str, torch.Tensor]:
         """One stage's forward.
 
         First stage: input_ids `[b, s]` and pixel_values `[n, C, H, W]` (or None); a native-resolution
         tower takes pixel_values `[image patches, C*T*P*P]` + image_grid_thw `[n, 3]` and
         pixel_values_videos + video_grid_thw; an any-resolution model tiles `[tiles, C, H, W]` + image_sizes
-        `[n, 2]` (see `embed`).
+        `[n, 2]` and, for packed rows under LLaVA-OneVision's multi-image rule, batch_num_images (see `embed`).
         Later stages: decoder_input, the previous stage's hidden states.
         Every stage: position_ids `[b, s]` (`[3, b, s]` with M-RoPE) and attention_mask `[b, 1, s, s]`
         (bool, True = may attend, combined with causality) for packed rows, or instead segment_ids
@@ -454,10 +492,11 @@ class LlavaModel(nn.Module):
         if self.pre_process:
             if input_ids is None:
                 raise ValueError("the first pipeline stage needs input_ids")
+            self._check_packed_image_counts(image_sizes, batch_num_images, segment_ids, attention_mask)
             decoder_input = self.embed(
                 input_ids, pixel_values, images_per_sample, image_grid_thw=image_grid_thw,
                 pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                videos_per_sample=videos_per_sample, image_sizes=image_sizes,
+                videos_per_sample=videos_per_sample, image_sizes=image_sizes, batch_num_images=batch_num_images,
             )
         elif decoder_input is None:
             raise ValueError("a non-first pipeline stage needs decoder_input")

@@ -49,7 +49,7 @@ SyntheticDataset = SyntheticMultimodalDataset | SyntheticNativeDataset | Synthet
 EVAL_SEED_OFFSET = 7919
 FIRST_STAGE_KEYS = (
     "input_ids", "pixel_values", "images_per_sample", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-    "videos_per_sample", "image_sizes",
+    "videos_per_sample", "image_sizes", "batch_num_images",
 )
 LAST_STAGE_KEYS = ("labels", "images_per_sample", "image_grid_thw", "video_grid_thw", "videos_per_sample")
 EVERY_STAGE_KEYS = ("position_ids", "segment_ids")

@@ -3,7 +3,9 @@
 text model, `anyres_max_2`) imported into megamm gives transformers' logits (fp32, 1e-4) on a batch
 with a large square image (3 x 3 tiles, its features downsampled bilinearly) and a wide and a tall
 one, at tp=1 and (one spawned run) at tp=2 with SP and pp=2; import then export is bit-exact and the export loads with `from_pretrained`; megamm's token
-count equals LlavaOnevisionProcessor's rule on images of several sizes.
+count equals LlavaOnevisionProcessor's rule on images of several sizes. The multi-image rule: a batch
+of a three-image sample (one padded-square tile per image, its features and a newline) and a
+one-image sample (tiled) gives transformers' logits with `batch_num_images`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from megamm.config.registry import HF_ARCHITECTURES
 from megamm.convert.exporter import export_hf
 from megamm.convert.importer import import_llava_hf
 from megamm.data.anyres_images import preprocess_anyres
+from megamm.data.images import preprocess
 from megamm.parallel.state import ParallelState
 from tests.convert.test_llava_next import check_layouts
 from tests.convert.test_roundtrip import (
@@ -41,6 +44,9 @@ VIDEO_TOKEN = 114
 IMAGE_SIZES = [(60, 60), (20, 50), (50, 20)]  # one image per sample
 SEQ = 96
 VIDEO_FRAMES = 3
+# The multi-image sample's images (wide, tall, square; one tile each) and the one-image sample's.
+MULTI_SIZES = [(20, 50), (45, 13), (30, 30)]
+LONE_SIZE = (50, 20)
 
 
 def build_hf(seed: int = 2) -> LlavaOnevisionForConditionalGeneration:
@@ -58,8 +64,8 @@ def build_hf(seed: int = 2) -> LlavaOnevisionForConditionalGeneration:
     return model
 
 
-def _tokens(size: tuple[int, int]) -> int:
-    return image_tokens(size, [tuple(p) for p in PINPOINTS], IMAGE, IMAGE // PATCH, MAX_PATCHES)
+def _tokens(size: tuple[int, int], tiled: bool = True) -> int:
+    return image_tokens(size, [tuple(p) for p in PINPOINTS], IMAGE, IMAGE // PATCH, MAX_PATCHES, tiled)
 
 
 def make_batch(seed: int = 8) -> dict:
@@ -97,6 +103,24 @@ def make_video_batch(seed: int = 9) -> dict:
     return {"input_ids": ids, "labels": labels, "pixel_values": tiles, "image_sizes": torch.tensor([size]),
             "images_per_sample": torch.tensor([1, 0]), "videos_per_sample": torch.tensor([1, 1]),
             "pixel_values_videos": torch.randn(2, VIDEO_FRAMES, 3, IMAGE, IMAGE, generator=generator)}
+
+
+def make_multi_image_batch(seed: int = 10) -> dict:
+    """Row 0: the MULTI_SIZES images, each padded to a square and resized to one tile (as
+    LlavaOnevisionImageProcessor treats a multi-image sample's), `g^2 + 1` tokens each with text
+    between; row 1: one LONE_SIZE image with its base image and tiles."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, IMAGE_TOKEN, (2, SEQ), generator=generator)
+    pixels, start = [], 2
+    for number, (height, width) in enumerate(MULTI_SIZES):
+        pixels.append(preprocess(random_image(height, width, seed + number), IMAGE, "pad", "siglip")[None])
+        ids[0, start:start + _tokens((height, width), tiled=False)] = IMAGE_TOKEN
+        start += _tokens((height, width), tiled=False) + 3
+    tiles, size = preprocess_anyres(random_image(*LONE_SIZE, seed + 5), IMAGE, [tuple(p) for p in PINPOINTS], "siglip")
+    ids[1, 2:2 + _tokens(size)] = IMAGE_TOKEN
+    labels = ids.masked_fill(ids == IMAGE_TOKEN, -100)
+    return {"input_ids": ids, "labels": labels, "pixel_values": torch.cat([*pixels, tiles]),
+            "image_sizes": torch.tensor([*MULTI_SIZES, size]), "images_per_sample": torch.tensor([3, 1])}
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +178,23 @@ def test_onevision_video_logits_match_transformers(converted: dict) -> None:
         model(**{k: v for k, v in short.items() if k != "labels"})
     with pytest.raises(ValueError, match=r"\[videos, frames, C, H, W\]"):
         model(**{**batch, "pixel_values_videos": batch["pixel_values_videos"].flatten(0, 1)})
+
+
+def test_onevision_multi_image_logits_match_transformers(converted: dict) -> None:
+    """A three-image sample (each image one tile: its features and one newline) beside a one-image
+    sample (tiled): megamm's logits, its images decided by images_per_sample, equal transformers'
+    given the same pixels and `batch_num_images`; the import sets the rule, which LLaVA-NeXT's export
+    refuses."""
+    model = load_imported(converted["root"] / "imported", ParallelState.single())
+    assert model.config.anyres.single_tile_multi_image
+    assert HF_ARCHITECTURES.get("llava-next-hf").layout_problems(model.config) != []
+    batch = make_multi_image_batch()
+    hf = LlavaOnevisionForConditionalGeneration.from_pretrained(converted["hf_dir"], attn_implementation="eager")
+    with torch.no_grad():
+        expected = hf.eval()(**_hf_inputs(batch), batch_num_images=batch["images_per_sample"]).logits
+    error = (gathered_logits(model, batch) - expected).abs().max().item()
+    print(f"OneVision multi-image logits: max |megamm - transformers| {error:.2e}")
+    assert error < LOGIT_TOLERANCE, f"max |megamm - transformers| logit difference {error:.2e}"
 
 
 def test_video_token_counts_match_the_processor_rule() -> None:

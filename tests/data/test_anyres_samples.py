@@ -3,30 +3,48 @@ pinpoints (base image + tiles), its placeholder expands to the token count of it
 are built span by span (image positions never trained), the header-only probe gives the build's
 counts, and padded and packed microbatches carry every image's size, counting images (not tiles) per
 row; the model accepts those microbatches (its per-sample token check is strict).
+
+LLaVA-OneVision's multi-image rule (`single_tile_multi_image`): a record of three images of
+different aspect ratios gives LlavaOnevisionImageProcessorPil's pixel values (one padded-square tile
+each) and LlavaOnevisionProcessor's token counts, a record of one image its tiles; packed rows carry
+the images of each sample (`batch_num_images`), which the model needs and refuses to go without.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
+from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
 from megamm.config import LlavaConfig
 from megamm.config.anyres import AnyResConfig, image_tokens, tiles_per_image
 from megamm.config.constants import IGNORE_INDEX
 from megamm.data.batching import packed_microbatches, padded_microbatches
 from megamm.data.samples import ImageSettings, Sample, SampleBuilder
-from megamm.data.sources import LlavaJsonSource
+from megamm.data.sources import BadSample, LlavaJsonSource
 from megamm.data.tokenizer import load_tokenizer
 from megamm.models.llava import LlavaModel
+from megamm.models.towers.clip import CLIP
 from megamm.parallel.state import ParallelState
+from tests.data.test_anyres_images import random_image
 from tests.data_fixtures import DatasetFiles, model_for, write_dataset
 
 PINPOINTS = ((16, 32), (32, 16), (32, 32), (48, 16), (16, 48))
 TILE, GRID = 16, 4
 SEQ = 256
+# LLaVA-OneVision's any-resolution settings: its multi-image rule, anyres_max_1.
+ONEVISION = AnyResConfig(PINPOINTS, max_num_patches=1, single_tile_multi_image=True)
+# (height, width) of a three-image record's images (wide, tall, square) and of a one-image record's.
+MULTI_SIZES = [(20, 50), (45, 13), (30, 30)]
+LONE_SIZES = [(40, 22)]
 
 
 def anyres_model(files: DatasetFiles) -> LlavaConfig:
@@ -99,3 +117,95 @@ def test_a_microbatch_mixing_kinds_is_refused(files: DatasetFiles) -> None:
     plain = replace(samples[0], image_sizes=None)
     with pytest.raises(ValueError, match="mixes any-resolution samples"):
         padded_microbatches([samples[1], plain], 2, SEQ, 0, (3, TILE, TILE))
+
+
+def write_multi_image_rows(root: Path) -> Path:
+    """A dataset file of two records over random-pixel images in `root`: "multi" (MULTI_SIZES) and
+    "lone" (LONE_SIZES), an "<image>" placeholder per image, each followed by a question."""
+    rows = []
+    for sample_id, sizes in (("multi", MULTI_SIZES), ("lone", LONE_SIZES)):
+        names = [f"{sample_id}{number}.png" for number in range(len(sizes))]
+        for number, (name, (height, width)) in enumerate(zip(names, sizes)):
+            random_image(height, width, 10 * len(rows) + number).save(root / name)
+        question = " ".join(["<image> Which color do you see?"] * len(sizes))
+        rows.append({"id": sample_id, "images": names,
+                     "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "It is red."}]})
+    path = root / "multi.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def onevision_samples(files: DatasetFiles, anyres: AnyResConfig = ONEVISION
+                      ) -> tuple[list[Sample], SampleBuilder, LlavaJsonSource]:
+    """The multi-image and the one-image record (`write_multi_image_rows`) as samples of `anyres` (a
+    multi-image rule)."""
+    return build_samples(replace(files, train=write_multi_image_rows(files.images)), anyres)
+
+
+def onevision_processors() -> tuple[LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor]:
+    """LlavaOnevisionImageProcessorPil with ONEVISION's tiles, pinpoints and CLIP's statistics, and a
+    LlavaOnevisionProcessor over it for its token rule (`replace_image_token`; built without
+    `__init__`, which needs a video processor and a tokenizer the rule does not read)."""
+    images = LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE}, image_mean=CLIP.image_mean,
+                                             image_std=CLIP.image_std,
+                                             image_grid_pinpoints=[list(p) for p in PINPOINTS])
+    processor = object.__new__(LlavaOnevisionProcessor)
+    vars(processor).update(image_processor=images, num_image_tokens=GRID * GRID, image_token="<image>",
+                           vision_feature_select_strategy="full",
+                           vision_aspect_ratio=f"anyres_max_{ONEVISION.max_num_patches}")
+    return images, processor
+
+
+def test_onevision_samples_match_the_processor(files: DatasetFiles) -> None:
+    """Each image of the three-image sample is one tower input with the processor's pixels (the image
+    padded to a square with the mean color, resized) and its g^2 + 1 tokens; the one-image sample's
+    image keeps its tiles; the probe gives the build's counts."""
+    samples, builder, source = onevision_samples(files)
+    image_processor, processor = onevision_processors()
+    for sample, sizes in zip(samples, (MULTI_SIZES, LONE_SIZES), strict=True):
+        images = [Image.open(path).convert("RGB") for path in source[sample.index].images]
+        assert [(img.height, img.width) for img in images] == sizes == sample.image_sizes
+        out = image_processor(images=[images], return_tensors="pt")
+        assert out["batch_num_images"].tolist() == [len(images)]
+        inputs = [1] * len(images) if len(images) > 1 else [tiles_per_image(sizes[0], list(PINPOINTS), TILE)]
+        assert sample.tiles_per_image == inputs
+        expected = torch.cat([pixels[:count] for pixels, count in zip(out["pixel_values"], inputs)])
+        torch.testing.assert_close(sample.pixel_values, expected, rtol=0, atol=1e-6, msg=sample.sample_id)
+        tokens = [len(processor.replace_image_token(out, i)) // len("<image>") for i in range(len(images))]
+        assert [end - start for start, end in sample.image_spans] == tokens, sample.sample_id
+        layout = builder.probe(source[sample.index])
+        assert layout.tiles_per_image == tuple(inputs) and layout.tokens == len(sample)
+    assert [end - start for start, end in samples[0].image_spans] == [GRID * GRID + 1] * len(MULTI_SIZES)
+
+
+def test_packed_onevision_rows_carry_the_images_of_each_sample(files: DatasetFiles) -> None:
+    """A packed row of the three-image and the one-image sample: batch_num_images [3, 1] (its
+    images_per_sample is 4); the model takes the row, and refuses it without batch_num_images."""
+    samples, _, _ = onevision_samples(files)
+    (row,) = packed_microbatches(samples, 1, SEQ, 0, (3, TILE, TILE))
+    assert row["batch_num_images"].tolist() == [3, 1] and row["images_per_sample"].tolist() == [4]
+    model = LlavaModel(replace(anyres_model(files), anyres=ONEVISION), ParallelState.single())
+    model.initialize(3)
+    with torch.no_grad():
+        assert torch.isfinite(model(**row)["loss"]).all()
+        with pytest.raises(ValueError, match="need batch_num_images"):
+            model(**{k: v for k, v in row.items() if k != "batch_num_images"})
+
+
+def test_a_cut_leaving_one_image_of_a_multi_image_record_is_too_long(files: DatasetFiles) -> None:
+    """A three-image record of a question and answer per image (vicuna_v1 turns): a sequence length
+    that keeps only its first, untiled, image is `too_long` (the model would tile a lone image), in
+    the build and the probe alike."""
+    write_multi_image_rows(files.images)
+    turns = [{"from": "human", "value": "<image> Which color do you see?"}, {"from": "gpt", "value": "It is red."}]
+    path = files.images / "turns.jsonl"
+    names = [f"multi{number}.png" for number in range(len(MULTI_SIZES))]
+    path.write_text(json.dumps({"id": "turns", "images": names, "conversations": turns * len(names)}) + "\n")
+    record = LlavaJsonSource(path, files.images)[0]
+    tokenizer, settings = load_tokenizer(files.tokenizer), ImageSettings(TILE, anyres=ONEVISION)
+    whole = SampleBuilder(tokenizer, "vicuna_v1", settings, GRID * GRID, 4096).build(record)
+    short = SampleBuilder(tokenizer, "vicuna_v1", settings, GRID * GRID, whole.image_spans[1][0] + 1)
+    for read in (short.build, short.probe):
+        with pytest.raises(BadSample, match="keeps 1 of its 3 images") as caught:
+            read(record)
+        assert caught.value.kind == "too_long"

@@ -64,27 +64,32 @@ def test_text_never_holds_the_video_token() -> None:
     assert not any((dataset[index]["input_ids"] == video_token).any() for index in range(64))
 
 
-def test_any_resolution_images_of_random_sizes_fit_the_model() -> None:
+@pytest.mark.parametrize("single_tile_multi_image", [False, True], ids=["tile_all", "multi_image_rule"])
+def test_any_resolution_images_of_random_sizes_fit_the_model(single_tile_multi_image: bool) -> None:
     """Each synthetic image's token run and tiles are what the any-resolution model takes for its
-    size (the model's strict per-sample check runs on the collated batch), and sizes vary."""
+    size (the model's strict per-sample check runs on the collated batch), and sizes vary; under
+    LLaVA-OneVision's multi-image rule the images of a two-image sample are one tile each."""
     from megamm.config.anyres import AnyResConfig
     from megamm.data.synthetic import SyntheticAnyResDataset
     from megamm.models.llava import LlavaModel
     from megamm.parallel.state import ParallelState
 
-    config = llava_config(anyres=AnyResConfig(((16, 32), (32, 16), (32, 32))))
+    config = llava_config(anyres=AnyResConfig(((16, 32), (32, 16), (32, 32)),
+                                              single_tile_multi_image=single_tile_multi_image))
     dataset = SyntheticAnyResDataset(config, 160, seed=3, max_images=2)
     model = LlavaModel(config, ParallelState.single())
     model.initialize(0)
-    sizes = set()
+    sizes, counts = set(), set()
     for index in range(12):
         sample = dataset[index]
         ids, image_sizes = sample["input_ids"], [tuple(s) for s in sample["image_sizes"].tolist()]
+        tiled = model.anyres.tiled_images(len(image_sizes), [len(image_sizes)])
         assert ids.shape == (160,) and sample["labels"][ids == IMAGE_TOKEN_ID].eq(-100).all()
-        assert int((ids == IMAGE_TOKEN_ID).sum()) == sum(model.anyres.token_counts(image_sizes))
-        assert sample["pixel_values"].shape == (sum(model.anyres.tile_counts(image_sizes)), 3, 16, 16)
+        assert int((ids == IMAGE_TOKEN_ID).sum()) == sum(model.anyres.token_counts(image_sizes, tiled))
+        assert sample["pixel_values"].shape == (sum(model.anyres.tile_counts(image_sizes, tiled)), 3, 16, 16)
         sizes |= set(image_sizes)
-    assert len(sizes) >= 4
+        counts.add(len(image_sizes))
+    assert len(sizes) >= 4 and {1, 2} <= counts
     batch = collate([dataset[i] for i in range(4)])
     assert batch["images_per_sample"].tolist() == [len(dataset[i]["image_sizes"]) for i in range(4)]
     assert batch["image_sizes"].shape == (int(batch["images_per_sample"].sum()), 2)

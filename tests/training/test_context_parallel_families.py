@@ -3,8 +3,10 @@ first step's gradients and the updated weights over two optimizer steps (fp32), 
 
 One spawned job of 2 ranks trains, on every rank, a single-process reference (its own size-1 groups)
 and the cp=2 run from the same seed on the same microbatches:
-- any-resolution (LLaVA-NeXT): microbatches from the data pipeline (images of several aspect ratios,
-  each a base image plus its tiles, text-only samples), padded rows and packed rows (4 images a
+- any-resolution (LLaVA-NeXT's tiling with LLaVA-OneVision's multi-image rule): microbatches from
+  the data pipeline (images of several aspect ratios, each a base image plus its tiles, text-only
+  samples, and in the first padded microbatch and the first packed row a three-image sample whose
+  images are one tower input each, beside a tiled one), padded rows and packed rows (4 images a
   row, sample boundaries inside chunks); each cp rank
   encodes only its share of the images (an image with all its tiles), and the newline embedding's
   gradient (partial on each cp rank) is compared after the dp x cp reduction;
@@ -14,19 +16,30 @@ and the cp=2 run from the same seed on the same microbatches:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from megamm.config import LlavaConfig, ParallelConfig
+from megamm.config.anyres import AnyResConfig
 from megamm.data.batching import packed_microbatches, padded_microbatches
 from megamm.parallel.state import ParallelState, initialize_parallel_state
-from tests.data.test_anyres_samples import SEQ, TILE, anyres_model, build_samples
+from tests.data.test_anyres_samples import (
+    PINPOINTS,
+    SEQ,
+    TILE,
+    anyres_model,
+    build_samples,
+    onevision_samples,
+)
 from tests.data_fixtures import write_dataset
 from tests.distributed import run_distributed, solo_state
 from tests.tiny import internvl_config
 from tests.training.test_context_parallel import _check, _compare, _run_config, _train
 
 NEWLINE = "anyres.image_newline"
+MULTI_IMAGE = AnyResConfig(PINPOINTS, single_tile_multi_image=True)
 
 
 def _fixed(microbatches: list[dict], per_step: int):
@@ -62,19 +75,22 @@ def _job(anyres: LlavaConfig, data: dict[str, object], kinds: dict[str, tuple[li
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     files = write_dataset(tmp_path_factory.mktemp("anyres_cp"), rows=12)
-    samples, _, _ = build_samples(files)
+    samples = onevision_samples(files, MULTI_IMAGE)[0] + build_samples(files, MULTI_IMAGE)[0]
     shape = (3, TILE, TILE)
     # Microbatches of two or more images (so both cp ranks encode some): two steps of two padded
-    # microbatches of 2 rows, two steps of one packed row of 4 images each.
+    # microbatches of 2 rows, two steps of one packed row of 4 images each; the first padded
+    # microbatch and the first packed row hold the three-image sample.
     padded = [mb for mb in padded_microbatches(samples, 2, SEQ, 0, shape)
               if mb["image_sizes"] is not None and len(mb["image_sizes"]) > 1][:4]
-    packed = packed_microbatches(samples, 1, SEQ, 0, shape)[:2]
+    rows = packed_microbatches(samples, 1, SEQ, 0, shape)
+    packed = [next(mb for mb in rows if 3 in mb["batch_num_images"].tolist()), rows[0]]
+    assert all(3 in mb["batch_num_images"].tolist() for mb in (padded[0], packed[0]))
     kinds = {"padded": (padded, 2, 2), "packed": (packed, 1, 1)}
     for kind, (microbatches, _, per_step) in kinds.items():
         assert len(microbatches) == 2 * per_step, f"{kind}: {len(microbatches)} microbatches for two steps"
         assert all(mb["image_sizes"] is not None and len(mb["image_sizes"]) > 1 for mb in microbatches), kind
     data = {"data_path": [str(files.train)], "tokenizer_model": str(files.tokenizer)}
-    return run_distributed(_job, 2, anyres_model(files), data, kinds)
+    return run_distributed(_job, 2, replace(anyres_model(files), anyres=MULTI_IMAGE), data, kinds)
 
 
 CASES = ["anyres_padded", "anyres_packed", "internvl"]

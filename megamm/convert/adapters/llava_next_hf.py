@@ -5,8 +5,10 @@ any-resolution tiling (`image_grid_pinpoints`, megamm.config.anyres) and the lea
 Key spellings: those of llava-hf (megamm.convert.adapters.llava_hf), and `image_newline` at the top
 level (transformers < 4.52) or `model.image_newline`; canonical name `image_newline`.
 
-Refused: what llava-hf refuses, and a feature strategy that keeps CLIP's class token ("full"), which
-transformers cannot lay out as a patch grid either (SigLIP, without one, takes "full").
+Refused: what llava-hf refuses, a feature strategy that keeps CLIP's class token ("full"), which
+transformers cannot lay out as a patch grid either (SigLIP, without one, takes "full"), and a model
+whose `anyres.single_tile_multi_image` differs from the architecture's processor (LlavaNextProcessor
+tiles every image; LLaVA-OneVision's gives each image of a multi-image sample one tile).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class LlavaNextHfAdapter(LlavaHfAdapter):
     model_type = "llava_next"
     architecture = "LlavaNextForConditionalGeneration"
     LEGACY_PREFIXES = ((NEWLINE, NEWLINE), *LlavaHfAdapter.LEGACY_PREFIXES)
+    # The architecture's multi-image rule (`AnyResConfig.single_tile_multi_image`), set on import.
+    single_tile_multi_image = False
 
     def canonical_name(self, key: str) -> str | None:
         return rename(key, NEXT_PREFIXES)
@@ -34,13 +38,19 @@ class LlavaNextHfAdapter(LlavaHfAdapter):
         """config.json of a LlavaNextForConditionalGeneration -> (LlavaConfig with `anyres`, extras)."""
         config, extras = super().config_from_hf(tree, where)
         pinpoints = hf_config(tree, where).image_grid_pinpoints
-        config.anyres = AnyResConfig(tuple(tuple(int(v) for v in point) for point in pinpoints))
+        config.anyres = AnyResConfig(tuple(tuple(int(v) for v in point) for point in pinpoints),
+                                     single_tile_multi_image=self.single_tile_multi_image)
         return config, extras
 
     def layout_problems(self, config: LlavaConfig) -> list[str]:
         if config.anyres is None:
             return [(f"anyres: {self.architecture} tiles every image; the model has no anyres section "
                      f"(export it as llava-hf)")]
+        if config.anyres.single_tile_multi_image != self.single_tile_multi_image:
+            rule = ("gives each image of a multi-image sample one tile" if self.single_tile_multi_image
+                    else "tiles every image")
+            return [(f"anyres.single_tile_multi_image is {config.anyres.single_tile_multi_image}, but "
+                     f"{self.architecture}'s processor {rule} (set it to {self.single_tile_multi_image})")]
         return []
 
     def config_to_hf(self, config: LlavaConfig, extras: HfExtras, kept_aside: list[str]) -> dict:

@@ -4,9 +4,9 @@ which an image's unpadded tile features are downsampled bilinearly (`AnyResConfi
 
 Usually a SigLIP tower with the `full` feature strategy and a Qwen2 language model; any tower and
 language family llava-hf takes is read. `video_token_index` is `language.video_token_id`: the model
-runs this family's videos (frames pooled 2x, megamm.models.anyres). Not read: the processor's
-multi-image samples (one padded-square tile per image); megamm tiles every image, as transformers'
-model does when it is not given `batch_num_images`.
+runs this family's videos (frames pooled 2x, megamm.models.anyres). The processor's multi-image rule
+(each image of a sample holding several is one padded-square tile, its features and one newline)
+is `anyres.single_tile_multi_image`, set on import and required on export.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class LlavaOnevisionHfAdapter(LlavaNextHfAdapter):
     name = "llava-onevision-hf"
     model_type = "llava_onevision"
     architecture = "LlavaOnevisionForConditionalGeneration"
+    single_tile_multi_image = True
 
     def config_from_hf(self, tree: dict, where: str) -> tuple[LlavaConfig, HfExtras]:
         """config.json of a LlavaOnevisionForConditionalGeneration -> (LlavaConfig with `anyres` and its
