@@ -10,6 +10,7 @@ one-image sample (tiled) gives transformers' logits with `batch_num_images`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -184,10 +185,12 @@ def test_onevision_multi_image_logits_match_transformers(converted: dict) -> Non
     """A three-image sample (each image one tile: its features and one newline) beside a one-image
     sample (tiled): megamm's logits, its images decided by images_per_sample, equal transformers'
     given the same pixels and `batch_num_images`; the import sets the rule, which LLaVA-NeXT's export
-    refuses."""
+    refuses (and OneVision's export requires)."""
     model = load_imported(converted["root"] / "imported", ParallelState.single())
     assert model.config.anyres.single_tile_multi_image
     assert HF_ARCHITECTURES.get("llava-next-hf").layout_problems(model.config) != []
+    tiles_all = replace(model.config, anyres=replace(model.config.anyres, single_tile_multi_image=False))
+    assert HF_ARCHITECTURES.get("llava-onevision-hf").layout_problems(tiles_all) != []
     batch = make_multi_image_batch()
     hf = LlavaOnevisionForConditionalGeneration.from_pretrained(converted["hf_dir"], attn_implementation="eager")
     with torch.no_grad():

@@ -180,7 +180,8 @@ def test_onevision_samples_match_the_processor(files: DatasetFiles) -> None:
 
 def test_packed_onevision_rows_carry_the_images_of_each_sample(files: DatasetFiles) -> None:
     """A packed row of the three-image and the one-image sample: batch_num_images [3, 1] (its
-    images_per_sample is 4); the model takes the row, and refuses it without batch_num_images."""
+    images_per_sample is 4); the model takes the row, and refuses it without batch_num_images or
+    with counts that do not add up to its images."""
     samples, _, _ = onevision_samples(files)
     (row,) = packed_microbatches(samples, 1, SEQ, 0, (3, TILE, TILE))
     assert row["batch_num_images"].tolist() == [3, 1] and row["images_per_sample"].tolist() == [4]
@@ -190,6 +191,8 @@ def test_packed_onevision_rows_carry_the_images_of_each_sample(files: DatasetFil
         assert torch.isfinite(model(**row)["loss"]).all()
         with pytest.raises(ValueError, match="need batch_num_images"):
             model(**{k: v for k, v in row.items() if k != "batch_num_images"})
+        with pytest.raises(ValueError, match=r"batch_num_images adds up to 5 but the batch holds 4 image\(s\)"):
+            model(**{**row, "batch_num_images": torch.tensor([3, 2])})
 
 
 def test_a_cut_leaving_one_image_of_a_multi_image_record_is_too_long(files: DatasetFiles) -> None:
