@@ -20,7 +20,9 @@ the samples are placed in the row.
 Any-resolution samples (LLaVA-NeXT, `Sample.image_sizes`): pixel_values are every image's base image
 and tiles, image_sizes `[n_images, 2]` each image's (height, width) (None when the microbatch has no
 image), and images_per_sample counts images, not tiles (the model computes each image's tokens from
-its size).
+its size). LLaVA-OneVision's videos: pixel_values_videos `[videos, frames, C, H, W]` (None without
+videos; every video of a run has the same frame count, `megamm.data.anyres_videos`, which the model
+needs within a microbatch) and videos_per_sample `[b]`.
 
 Native-resolution towers (the Qwen2-VL family; `image_shape` is then `(C * T * P * P,)`, one patch):
 pixel_values are the images' patches `[total image patches, C*T*P*P]`, with image_grid_thw
@@ -98,6 +100,18 @@ def _image_sizes(rows: list[list[Sample]]) -> torch.Tensor | None:
     return torch.tensor(sizes, dtype=torch.long) if sizes else None
 
 
+def _anyres_videos(rows: list[list[Sample]]) -> Batch:
+    """pixel_values_videos `[videos, frames, C, H, W]` of the rows' videos in token order (None
+    without videos) and videos_per_sample `[b]`; ValueError when their frame counts differ."""
+    videos = [s.pixel_values_videos for row in rows for s in row if s.pixel_values_videos is not None]
+    frames = sorted({int(video.shape[1]) for video in videos})
+    if len(frames) > 1:
+        raise ValueError(f"a microbatch's videos have {frames} frames; the model takes one frame count per "
+                         "microbatch (every video of a run gives the same number)")
+    return {"pixel_values_videos": torch.cat(videos) if videos else None,
+            "videos_per_sample": torch.tensor([sum(s.num_videos for s in row) for row in rows], dtype=torch.long)}
+
+
 def _images(rows: list[list[Sample]], image_shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor]:
     anyres = _anyres(rows)
     per_row = torch.tensor([sum(len(s.image_sizes) if anyres else s.num_images for s in row) for row in rows],
@@ -126,6 +140,7 @@ def padded_batch(samples: list[Sample], seq_length: int, pad_id: int, image_shap
         batch.update(_native_inputs([[s] for s in samples], seq_length, False, image_shape[0]))
     if _anyres([[s] for s in samples]):
         batch["image_sizes"] = _image_sizes([[s] for s in samples])
+        batch.update(_anyres_videos([[s] for s in samples]))
     return batch
 
 
@@ -171,5 +186,6 @@ def packed_microbatches(
             batch.update(_native_inputs(group, seq_length, True, image_shape[0]))
         if _anyres(group):
             batch["image_sizes"] = _image_sizes(group)
+            batch.update(_anyres_videos(group))
         batches.append(batch)
     return batches
