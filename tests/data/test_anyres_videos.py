@@ -5,8 +5,9 @@ picks with `num_frames` (the sampler of LlavaOnevisionVideoProcessor), preproces
 processor's own settings (resize to the tile with its resample, its rescale factor, normalization)
 applied by transformers' PIL backend, since the processor itself runs on torchvision, which this
 environment lacks; the video's token count is LlavaOnevisionProcessor's `replace_video_token` on
-those reference frames. A tiny OneVision model then trains on padded and packed microbatches of an
-image, a video and a text-only sample built from a JSON dataset.
+those reference frames. Truncation keeps videos whole, a short video is a bad sample, and
+--video-max-frames reaches a run's samples. A tiny OneVision model trains on padded and packed
+microbatches of an image, a video and a text-only sample built from a JSON dataset.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def _row(sample_id: str, placeholder: str, answer: str, **media: object) -> str:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> DatasetFiles:
     """write_dataset's tokenizer and images, and videos.jsonl: an image, a 7-frame video file, a
-    6-frame frame list, a text-only row and a 3-frame video (too short for FRAMES)."""
+    6-frame frame list, a text-only row, a 3-frame video (too short for FRAMES) and an image then a
+    video in the second user turn."""
     files = write_dataset(tmp_path_factory.mktemp("ovvideo"), rows=2)
     write_mp4(files.images / "clip.mp4", [_noise(20, 24, seed) for seed in range(7)], rate=5)
     write_mp4(files.images / "short.mp4", [_noise(20, 24, seed) for seed in range(3)], rate=5)
@@ -74,7 +76,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> DatasetFiles:
             _row("video", "<video>", "It is blue.", video="clip.mp4"),
             _row("frames", "<video>", "It is green.", video=frames),
             _row("text", "", "red"),
-            _row("short", "<video>", "It is red.", video="short.mp4")]
+            _row("short", "<video>", "It is red.", video="short.mp4"),
+            json.dumps({"id": "late", "image": "img0.png", "video": "clip.mp4", "conversations": [
+                {"from": "human", "value": "<image>\nSay a color."}, {"from": "gpt", "value": "red"},
+                {"from": "human", "value": "<video>\nName the color."}, {"from": "gpt", "value": "It is blue."}]})]
     (files.root / "videos.jsonl").write_text("\n".join(rows) + "\n")
     return files
 
@@ -152,6 +157,28 @@ def test_bad_videos_are_bad_samples_naming_the_sample(files: DatasetFiles) -> No
     with pytest.raises(BadSample, match=r"id 'short'.*holds 1 video") as error:
         _builder(files, videos=False).build(short)
     assert error.value.kind == "schema"
+
+
+def test_truncation_keeps_videos_whole(files: DatasetFiles) -> None:
+    """A cut inside a video's tokens moves before the video, which is dropped with its frames (the
+    image before it kept); a cut inside the first video drops the sample (too_long)."""
+    source = _source(files)
+    ids = [source[i].sample_id for i in range(len(source))]
+    tokenizer, settings = load_tokenizer(files.tokenizer), _builder(files).images
+    token = _video_token(tokenizer)
+
+    def built(name: str, seq_length: int) -> Sample:
+        return SampleBuilder(tokenizer, TEMPLATE, settings, GRID * GRID, seq_length).build(source[ids.index(name)])
+
+    full = built("late", SEQ)
+    start = full.input_ids.index(token)
+    cut = built("late", start + 3)
+    assert cut.input_ids == full.input_ids[:start] and cut.truncated_from == len(full)
+    assert cut.pixel_values_videos is None and cut.num_videos == 0 and len(cut.image_sizes) == 1
+    early = built("video", SEQ).input_ids.index(token)
+    with pytest.raises(BadSample, match=r"id 'video'.*first image or video ends") as error:
+        built("video", early + 3)
+    assert error.value.kind == "too_long"
 
 
 def _onevision_model(files: DatasetFiles) -> LlavaConfig:
