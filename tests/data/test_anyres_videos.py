@@ -205,6 +205,8 @@ def test_a_tiny_onevision_model_trains_on_the_dataset(files: DatasetFiles, packe
     batch = batches[0]
     assert batch["pixel_values_videos"].shape == (1, FRAMES, 3, TILE, TILE)
     assert int(batch["videos_per_sample"].sum()) == 1 and int(batch["images_per_sample"].sum()) == 1
+    if packed:  # two of the three samples share a row (the other rows: one sample, and empty)
+        assert sorted(int((row != 0).any()) for row in batch["input_ids"]) == [0, 1, 1]
     model = LlavaModel(_onevision_model(files), ParallelState.single())
     model.initialize(3)
     loss = average_loss(model(**batch))
