@@ -13,3 +13,6 @@ VIDEO_MAX_PIXELS = 28 * 28 * 768
 # Qwen2-VL's video processor samples 2 frames per second, at most 768 frames (--video-fps, --video-max-frames).
 VIDEO_FPS = 2.0
 VIDEO_MAX_FRAMES = 768
+# LLaVA-OneVision takes the same number of frames from every video (--video-max-frames); its training
+# sampled 32 (frames_upbound).
+ONEVISION_VIDEO_FRAMES = 32

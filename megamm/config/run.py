@@ -20,6 +20,7 @@ import torch
 from megamm.config.constants import (
     IMAGE_MAX_PIXELS,
     IMAGE_MIN_PIXELS,
+    ONEVISION_VIDEO_FRAMES,
     VIDEO_FPS,
     VIDEO_MAX_FRAMES,
     VIDEO_MAX_PIXELS,
@@ -141,8 +142,10 @@ class TrainingConfig:
                                         default_help=str(VIDEO_MAX_PIXELS))
     video_fps: float | None = _opt(None, "native-resolution tower: video frames sampled per second",
                                    default_help=str(VIDEO_FPS))
-    video_max_frames: int | None = _opt(None, "native-resolution tower: most frames sampled from a video",
-                                        default_help=str(VIDEO_MAX_FRAMES))
+    video_max_frames: int | None = _opt(None, "native-resolution tower: most frames sampled from a video; "
+                                        "LLaVA-OneVision (model.anyres with language.video_token_id): the "
+                                        "frames taken from every video",
+                                        default_help=f"{VIDEO_MAX_FRAMES}; LLaVA-OneVision {ONEVISION_VIDEO_FRAMES}")
     pack_sequences: bool = _opt(False, "pack several samples per row with per-sample attention and positions")
     balance_vision_work: bool = _opt(
         False, "assign each global batch's samples to data-parallel ranks and microbatches by estimated "
@@ -233,6 +236,12 @@ class TrainingConfig:
         """(frames per second, most frames) a native-resolution tower's videos are sampled at."""
         return (VIDEO_FPS if self.video_fps is None else self.video_fps,
                 VIDEO_MAX_FRAMES if self.video_max_frames is None else self.video_max_frames)
+
+    @property
+    def anyres_video_frames(self) -> int:
+        """Frames taken from every video of a LLaVA-OneVision run: one count for all, since the model
+        takes one frame count per microbatch (megamm.data.anyres_videos)."""
+        return ONEVISION_VIDEO_FRAMES if self.video_max_frames is None else self.video_max_frames
 
     def microbatches_per_step(self, data_parallel_size: int) -> int:
         """Microbatches each data-parallel rank runs per optimizer step (gradient accumulation)."""
@@ -463,7 +472,8 @@ def native_data_problems(run: RunConfig) -> list[str]:
     the M-RoPE positions) and takes neither tiles nor another family's statistics."""
     t, vision = run.training, run.model.vision
     native = vision.native_resolution
-    given = [_flag(name) for name in NATIVE_FLAGS if getattr(t, name) is not None]
+    given = [_flag(name) for name in NATIVE_FLAGS if getattr(t, name) is not None
+             and not (name == "video_max_frames" and takes_anyres_videos(run.model))]
     if native is None:
         return [(f"{', '.join(given)}: for a native-resolution vision tower (vision.native_resolution); the "
                  f"{vision.family} tower takes images of vision.image_size {vision.image_size}")] if given else []
@@ -492,13 +502,22 @@ def native_data_problems(run: RunConfig) -> list[str]:
     return found
 
 
+def takes_anyres_videos(model: LlavaConfig) -> bool:
+    """Whether the model takes LLaVA-OneVision videos: an any-resolution layout and a video token."""
+    return model.anyres is not None and model.language.video_token_id is not None
+
+
 def anyres_data_problems(run: RunConfig) -> list[str]:
     """What an any-resolution model (model.anyres, LLaVA-NeXT) takes: images tiled at its own
-    pinpoints (not --max-image-tiles), and no probe-based balancing yet."""
+    pinpoints (not --max-image-tiles), no probe-based balancing yet, and (LLaVA-OneVision) at least
+    one frame per video."""
     t = run.training
     if run.model.anyres is None:
         return []
     found = []
+    if takes_anyres_videos(run.model) and t.video_max_frames is not None and t.video_max_frames < 1:
+        found.append(f"--video-max-frames {t.video_max_frames}: LLaVA-OneVision takes that many frames from "
+                     "every video; give at least 1")
     if t.max_image_tiles != 1:
         found.append(f"--max-image-tiles {t.max_image_tiles}: an any-resolution model tiles each image at its "
                      f"model.anyres.image_grid_pinpoints, not by --max-image-tiles")

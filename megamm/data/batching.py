@@ -22,7 +22,9 @@ and tiles, image_sizes `[n_images, 2]` each image's (height, width) (None when t
 image), and images_per_sample counts images, not tiles (the model computes each image's tokens from
 its size); batch_num_images `[samples]` the images of each sample, a packed row's samples in row
 order (LLaVA-OneVision tiles only a sample's lone image, and a packed row's images_per_sample counts
-several samples').
+several samples'). LLaVA-OneVision's videos: pixel_values_videos `[videos, frames, C, H, W]` (None
+without videos; every video of a run has the same frame count, `megamm.data.anyres_videos`, which
+the model needs within a microbatch) and videos_per_sample `[b]`.
 
 Native-resolution towers (the Qwen2-VL family; `image_shape` is then `(C * T * P * P,)`, one patch):
 pixel_values are the images' patches `[total image patches, C*T*P*P]`, with image_grid_thw
@@ -102,6 +104,18 @@ def _anyres_keys(rows: list[list[Sample]]) -> Batch:
             "batch_num_images": torch.tensor([len(s.image_sizes) for row in rows for s in row], dtype=torch.long)}
 
 
+def _anyres_videos(rows: list[list[Sample]]) -> Batch:
+    """pixel_values_videos `[videos, frames, C, H, W]` of the rows' videos in token order (None
+    without videos) and videos_per_sample `[b]`; ValueError when their frame counts differ."""
+    videos = [s.pixel_values_videos for row in rows for s in row if s.pixel_values_videos is not None]
+    frames = sorted({int(video.shape[1]) for video in videos})
+    if len(frames) > 1:
+        raise ValueError(f"a microbatch's videos have {frames} frames; the model takes one frame count per "
+                         "microbatch (every video of a run gives the same number)")
+    return {"pixel_values_videos": torch.cat(videos) if videos else None,
+            "videos_per_sample": torch.tensor([sum(s.num_videos for s in row) for row in rows], dtype=torch.long)}
+
+
 def _images(rows: list[list[Sample]], image_shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor]:
     anyres = _anyres(rows)
     per_row = torch.tensor([sum(len(s.image_sizes) if anyres else s.num_images for s in row) for row in rows],
@@ -130,6 +144,7 @@ def padded_batch(samples: list[Sample], seq_length: int, pad_id: int, image_shap
         batch.update(_native_inputs([[s] for s in samples], seq_length, False, image_shape[0]))
     if _anyres([[s] for s in samples]):
         batch.update(_anyres_keys([[s] for s in samples]))
+        batch.update(_anyres_videos([[s] for s in samples]))
     return batch
 
 
@@ -175,5 +190,6 @@ def packed_microbatches(
             batch.update(_native_inputs(group, seq_length, True, image_shape[0]))
         if _anyres(group):
             batch.update(_anyres_keys(group))
+            batch.update(_anyres_videos(group))
         batches.append(batch)
     return batches

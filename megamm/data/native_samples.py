@@ -29,7 +29,7 @@ sample but an ImportError naming the file and the package, since every video of 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -61,6 +61,7 @@ from megamm.data.video import (
     MAX_FRAMES,
     VideoInput,
     frame_list_grid,
+    frames_root,
     load_frame_bytes,
     load_frame_list,
     load_video_bytes,
@@ -125,11 +126,6 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 
-def _frames_root(frames: Sequence[str]) -> str:
-    """The folder a JSON row's resolved frame files are read under: their common directory."""
-    return os.path.commonpath([os.path.dirname(frame) for frame in frames])
-
-
 def load_video(
     video: str | os.PathLike[str] | list[str], frame_rate: float, settings: NativeSettings,
     root: str | os.PathLike[str] | None = None,
@@ -145,8 +141,8 @@ def load_video(
     if isinstance(video, (str, os.PathLike)):
         path = video if root is None else resolve_image_path(video, root)
         return load_video_file(path, settings.fps, settings.video, settings.max_frames)
-    frames_root = _frames_root(video) if root is None else root
-    return load_frame_list(video, frames_root, frame_rate, settings.fps, settings.video, settings.max_frames)
+    folder = frames_root(video) if root is None else root
+    return load_frame_list(video, folder, frame_rate, settings.fps, settings.video, settings.max_frames)
 
 
 def vision_spans(tokenized: QwenTokenized) -> list[tuple[int, int]]:
@@ -205,7 +201,7 @@ class NativeSampleBuilder:
                 return video_file_grid(Path(video), video, *sampling)
             return video_file_grid(record.video_bytes[number], f"{record.source}:{video}", *sampling)
         if record.video_bytes is None:
-            first = image_size(resolve_image_path(video[0], _frames_root(video)), repr(video[0]))
+            first = image_size(resolve_image_path(video[0], frames_root(video)), repr(video[0]))
         else:
             first = image_size(record.video_bytes[number][0], f"{record.source}:{video[0]}")
         return frame_list_grid(len(video), first, record.frame_rate, *sampling)

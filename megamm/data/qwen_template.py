@@ -30,19 +30,21 @@ from dataclasses import dataclass, field
 
 from megamm.data.templates import (
     IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
     ChatTemplate,
     Tokenized,
     Turn,
     _Builder,
     _check_images,
     _system_first,
+    _VideoBuilder,
     check_trained,
+    check_videos,
     normalize_conversation,
     prompt_turns,
 )
 from megamm.data.tokenizer import Tokenizer
 
-VIDEO_PLACEHOLDER = "<video>"
 QWEN_SYSTEM = "You are a helpful assistant."
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
@@ -56,29 +58,6 @@ class QwenTokenized(Tokenized):
     """A rendered Qwen sample: `Tokenized` plus `video_spans` [start, end) of each video's tokens."""
 
     video_spans: list[tuple[int, int]] = field(default_factory=list)
-
-
-class _VideoBuilder(_Builder):
-    """A builder that also expands videos: `tokens_per_video[i]` `<|video_pad|>` ids, untrained."""
-
-    def __init__(
-        self, tokenizer: Tokenizer, tokens_per_image: Sequence[int], tokens_per_video: Sequence[int]
-    ):
-        super().__init__(tokenizer, tokens_per_image)
-        self.video_spans: list[tuple[int, int]] = []
-        self._tokens_per_video = list(tokens_per_video)
-
-    def video(self) -> None:
-        index = len(self.video_spans)
-        if index >= len(self._tokens_per_video):
-            raise ValueError(
-                f"more {VIDEO_PLACEHOLDER} placeholders than the {len(self._tokens_per_video)} videos given"
-            )
-        start = len(self.ids)
-        self._append(
-            [self.tokenizer.token_id(VIDEO_PAD)] * self._tokens_per_video[index], False, VIDEO_PLACEHOLDER
-        )
-        self.video_spans.append((start, len(self.ids)))
 
 
 @dataclass(frozen=True)
@@ -127,25 +106,13 @@ class Qwen2VLTemplate(ChatTemplate):
 QWEN2_VL = Qwen2VLTemplate()
 
 
-def _check_videos(turns: list[Turn], tokens_per_video: Sequence[int]) -> None:
-    """One positive token count per "<video>" placeholder, or ValueError."""
-    videos = sum(turn.value.count(VIDEO_PLACEHOLDER) for turn in turns)
-    if videos != len(tokens_per_video):
-        raise ValueError(
-            f"the conversation has {videos} {VIDEO_PLACEHOLDER} placeholders but tokens_per_video has "
-            f"{len(tokens_per_video)} entries"
-        )
-    if any(count < 1 for count in tokens_per_video):
-        raise ValueError(f"tokens_per_video must be positive, got {list(tokens_per_video)}")
-
-
 def _build(
     turns: list[Turn], tokenizer: Tokenizer, tokens_per_image: Sequence[int], tokens_per_video: Sequence[int],
     template: Qwen2VLTemplate,
 ) -> QwenTokenized:
     _check_images(turns, tokens_per_image)
-    _check_videos(turns, tokens_per_video)
-    builder = _VideoBuilder(tokenizer, tokens_per_image, tokens_per_video)
+    check_videos(turns, tokens_per_video)
+    builder = _VideoBuilder(tokenizer, tokens_per_image, tokens_per_video, tokenizer.token_id(VIDEO_PAD))
     template.build(builder, turns)
     result = builder.result()
     return QwenTokenized(

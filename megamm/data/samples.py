@@ -19,7 +19,12 @@ model needs to lay the tiles out. Under LLaVA-OneVision's multi-image rule
 (`AnyResConfig.single_tile_multi_image`) the images of a record that holds several are not tiled:
 each is one tower input, padded to a square with the mean color and resized (the processor's
 `pad_to_square`), with `g^2 + 1` tokens; a truncation that would leave one of them alone (the model
-tiles a lone image) is "too_long".
+tiles a lone image) is "too_long". With `ImageSettings.videos` (LLaVA-OneVision) a record's videos
+become `Sample.pixel_values_videos` (`megamm.data.anyres_videos`: the same number of frames from every
+video, each frame one tile), each "<video>" placeholder expanded to the video's token count
+(`megamm.config.anyres.video_tokens`); truncation keeps videos whole as it keeps images. A bad
+video (unreadable, too few frames) is "video". Without video settings a record with videos is
+refused ("schema").
 
 The native-resolution (Qwen2-VL) family builds its samples in `megamm.data.native_samples`, into the
 same `Sample` with its patches, grids and M-RoPE positions in `Sample.native`.
@@ -34,8 +39,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from megamm.config.anyres import AnyResConfig, Size, image_tokens, tile_grid, tiles_per_image
+from megamm.config.anyres import AnyResConfig, Size, image_tokens, tile_grid, tiles_per_image, video_tokens
 from megamm.data.anyres_images import preprocess_anyres
+from megamm.data.anyres_videos import VideoSettings, check_video_lengths, record_videos
 from megamm.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -55,8 +61,10 @@ from megamm.data.templates import (
     AllLabelsMaskedError,
     ChatTemplate,
     Tokenized,
+    VideoTokenized,
     get_template,
     render,
+    render_with_videos,
     truncate,
 )
 from megamm.data.tokenizer import Tokenizer
@@ -74,7 +82,9 @@ class ImageSettings:
     larger images are refused before decoding. anyres: LLaVA-NeXT any-resolution tiling (the model's
     `anyres` section, megamm.config.anyres), a base image plus tiles per image; then `mode`,
     `max_tiles` and `thumbnail` do not apply. float_ratios: choose the grid by float aspect ratios
-    (`megamm.data.images.float_tile_ratios`, the InternVL processors' rule).
+    (`megamm.data.images.float_tile_ratios`, the InternVL processors' rule). videos: LLaVA-OneVision's
+    video frames and token (`megamm.data.anyres_videos`; with `anyres` only); None: records with
+    videos are refused.
     """
 
     size: int
@@ -85,6 +95,11 @@ class ImageSettings:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     anyres: AnyResConfig | None = None
     float_ratios: bool = False
+    videos: VideoSettings | None = None
+
+    def __post_init__(self) -> None:
+        if self.videos is not None and self.anyres is None:
+            raise ValueError("video frames are tiles of an any-resolution (LLaVA-OneVision) layout: videos need anyres")
 
 
 @dataclass
@@ -132,7 +147,9 @@ class Sample:
     rows) of each image's tiles ((1, 1) untiled and for the native family; any-resolution: the tiles
     after the base image). image_spans: [start, end)
     of each image's tokens, as the template placed them. image_sizes: (height, width) of each image
-    of an any-resolution sample (None for every other kind).
+    of an any-resolution sample (None for every other kind). pixel_values_videos: `[videos, frames, 3,
+    size, size]` float32 of an any-resolution (LLaVA-OneVision) sample's videos, in token order (None
+    without videos).
     """
 
     source: str
@@ -148,6 +165,7 @@ class Sample:
     truncated_from: int | None = None
     native: NativeVision | None = None
     image_sizes: list[Size] | None = None
+    pixel_values_videos: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -159,7 +177,9 @@ class Sample:
 
     @property
     def num_videos(self) -> int:
-        return 0 if self.native is None else self.native.num_videos
+        if self.native is not None:
+            return self.native.num_videos
+        return 0 if self.pixel_values_videos is None else int(self.pixel_values_videos.shape[0])
 
 
 def load_record_image(record: Record, number: int, max_pixels: int | None) -> Image.Image:
@@ -194,14 +214,14 @@ class SampleLayout:
     grids: tuple[tuple[int, int, int], ...] = ()
 
 
-def _refuse_videos(record: Record) -> str:
-    """The record's name in errors; BadSample when it holds videos (samples of a fixed-size tower
-    carry none: LLaVA-OneVision's model takes videos, its data path does not build them yet)."""
+def _refuse_videos(record: Record, videos: VideoSettings | None) -> str:
+    """The record's name in errors; BadSample when it holds videos and the model takes none."""
     where = f"sample {record.index} (id {record.sample_id!r})"
-    if record.videos:
+    if record.videos and videos is None:
         raise BadSample(record.source, where, "schema",
                         f"it holds {len(record.videos)} video(s); video samples are built only for a "
-                        "native-resolution vision tower (the Qwen2-VL family)")
+                        "native-resolution vision tower (the Qwen2-VL family) or an any-resolution model "
+                        "with language.video_token_id (LLaVA-OneVision)")
     return where
 
 
@@ -304,28 +324,44 @@ class SampleBuilder:
         """The counts `build(record)` gives, reading image headers instead of decoding the pixels; the
         same BadSample for a bad conversation or a missing image (an image that fails to decode or exceeds
         max_pixels is found by `build` only, so there the counts are those of the record replaced)."""
-        where = _refuse_videos(record)
+        where = _refuse_videos(record, self.images.videos)
         try:
             tiles, sizes = self._tiles(record)
         except ImageError as error:
             raise BadSample(record.source, where, "image", str(error)) from None
-        kept = self._tokens(record, where, self._image_tokens(tiles, sizes, self._tiled(record)))
+        if record.videos:
+            try:
+                check_video_lengths(record, self.images.videos)
+            except ValueError as error:
+                raise BadSample(record.source, where, "video", str(error)) from None
+        kept = self._tokens(record, where, self._image_tokens(tiles, sizes, self._tiled(record)),
+                            self._video_tokens(record))
         return SampleLayout(tuple(tiles[: len(kept.image_spans)]), len(kept.input_ids))
 
-    def _tokens(self, record: Record, where: str, tokens: list[int]) -> Tokenized:
-        """The conversation rendered with `tokens` image tokens per image and truncated, or BadSample."""
+    def _video_tokens(self, record: Record) -> list[int]:
+        """Video tokens of each video of `record` (every video has `videos.frames` frames)."""
+        videos = self.images.videos
+        return [] if videos is None else [video_tokens(videos.frames, self.grid)] * len(record.videos)
+
+    def _tokens(self, record: Record, where: str, tokens: list[int], video_counts: list[int]) -> Tokenized:
+        """The conversation rendered with `tokens` image tokens per image (and `video_counts` video
+        tokens per video) and truncated, or BadSample."""
         try:
-            tokenized = render(record.conversations, self.template, self.tokenizer, tokens)
+            if video_counts:
+                tokenized = render_with_videos(record.conversations, self.template, self.tokenizer, tokens,
+                                               video_counts, self.images.videos.token_id)
+            else:
+                tokenized = render(record.conversations, self.template, self.tokenizer, tokens)
             kept = truncate(tokenized, self.seq_length)
         except AllLabelsMaskedError as error:
             raise BadSample(record.source, where, "all_masked", str(error)) from None
         except (ValueError, TypeError) as error:
             raise BadSample(record.source, where, "schema", str(error)) from None
         if kept is None:
-            first_image_end = tokenized.image_spans[0][1]
+            first_end = tokenized.vision_spans()[0][1]
             raise BadSample(
                 record.source, where, "too_long",
-                f"its first image ends at token {first_image_end}, beyond --seq-length {self.seq_length}",
+                f"its first image or video ends at token {first_end}, beyond --seq-length {self.seq_length}",
             )
         if len(kept.image_spans) == 1 and not self._tiled(record):
             raise BadSample(
@@ -337,14 +373,17 @@ class SampleBuilder:
 
     def build(self, record: Record) -> Sample:
         """The sample for `record`, or BadSample naming it and what is wrong."""
-        where = _refuse_videos(record)
+        where = _refuse_videos(record, self.images.videos)
         try:
             pixels, grids, sizes = self._pixels(record)
         except ImageError as error:
             raise BadSample(record.source, where, "image", str(error)) from None
+        videos = self._videos(record, where)
         tiles = [p.shape[0] for p in pixels]
-        kept = self._tokens(record, where, self._image_tokens(tiles, sizes, self._tiled(record)))
+        kept = self._tokens(record, where, self._image_tokens(tiles, sizes, self._tiled(record)),
+                            self._video_tokens(record))
         images_kept = len(kept.image_spans)
+        videos_kept = videos[: len(kept.video_spans)] if isinstance(kept, VideoTokenized) else []
         size = self.images.size
         pixel_values = torch.cat(pixels[:images_kept]) if images_kept else torch.zeros(0, 3, size, size)
         return Sample(
@@ -360,4 +399,16 @@ class SampleBuilder:
             text=kept.text,
             truncated_from=kept.truncated_from,
             image_sizes=sizes[:images_kept] if self.images.anyres is not None else None,
+            pixel_values_videos=torch.stack(videos_kept) if videos_kept else None,
         )
+
+    def _videos(self, record: Record, where: str) -> list[torch.Tensor]:
+        """`[frames, 3, size, size]` of each video of `record` (none without video settings), or
+        BadSample "video"."""
+        settings = self.images
+        if not record.videos:
+            return []
+        try:
+            return record_videos(record, settings.videos, settings.size, settings.normalization)
+        except ValueError as error:
+            raise BadSample(record.source, where, "video", str(error)) from None

@@ -35,6 +35,11 @@ convention for a generation prompt), untrained. A sample in which nothing is tra
 `AllLabelsMaskedError`: its loss would silently be 0 (the best-known LLaVA data bug), so the caller
 must count and skip it explicitly.
 
+Videos (LLaVA-OneVision's, `render_with_videos`) are "<video>" placeholders, each expanded to the
+count the caller gives in ids `video_token_id`, untrained, as images are; `VideoTokenized` adds their
+spans. The Qwen2-VL template wraps its videos in vision markers with the same builder
+(`megamm.data.qwen_template`).
+
 `Tokenized.text` is the rendered conversation for debugging: each image appears once as "<image>" and
 BOS / EOS as "<s>" / "</s>" whatever the tokenizer calls them; the ids are authoritative.
 """
@@ -44,7 +49,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,6 +58,7 @@ from megamm.config.registry import CHAT_TEMPLATES
 from megamm.data.tokenizer import DEFAULT_IMAGE_TOKEN, Tokenizer, load_tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 BOS_TEXT = "<s>"
 EOS_TEXT = "</s>"
 LLAVA_V1_SYSTEM = (
@@ -62,6 +68,7 @@ LLAVA_V1_SYSTEM = (
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)})")
+_VIDEO_RE = re.compile(f"({re.escape(VIDEO_PLACEHOLDER)})")
 
 
 class AllLabelsMaskedError(ValueError):
@@ -94,6 +101,28 @@ class Tokenized:
     def num_trained(self) -> int:
         """Number of positions with a label (not IGNORE_INDEX)."""
         return sum(label != IGNORE_INDEX for label in self.labels)
+
+    def vision_spans(self) -> list[tuple[int, int]]:
+        """[start, end) of every image (and video, `VideoTokenized`) in token order: what `truncate`
+        never cuts."""
+        return list(self.image_spans)
+
+    def spans_before(self, cut: int) -> dict[str, list[tuple[int, int]]]:
+        """The span fields of the prefix of `cut` tokens: the images wholly inside it."""
+        return {"image_spans": [span for span in self.image_spans if span[1] <= cut]}
+
+
+@dataclass
+class VideoTokenized(Tokenized):
+    """`Tokenized` plus `video_spans` [start, end) of each video's tokens (`render_with_videos`)."""
+
+    video_spans: list[tuple[int, int]] = field(default_factory=list)
+
+    def vision_spans(self) -> list[tuple[int, int]]:
+        return sorted(self.image_spans + self.video_spans)
+
+    def spans_before(self, cut: int) -> dict[str, list[tuple[int, int]]]:
+        return {**super().spans_before(cut), "video_spans": [span for span in self.video_spans if span[1] <= cut]}
 
 
 TokenizedT = TypeVar("TokenizedT", bound=Tokenized)
@@ -213,6 +242,41 @@ class _Builder:
 
     def result(self) -> Tokenized:
         return Tokenized(list(self.ids), list(self.labels), list(self.spans), "".join(self.text_parts))
+
+
+class _VideoBuilder(_Builder):
+    """A builder that also expands videos: `tokens_per_video[i]` ids `video_token_id`, untrained."""
+
+    def __init__(self, tokenizer: Tokenizer, tokens_per_image: Sequence[int], tokens_per_video: Sequence[int],
+                 video_token_id: int) -> None:
+        super().__init__(tokenizer, tokens_per_image)
+        self.video_spans: list[tuple[int, int]] = []
+        self._tokens_per_video = list(tokens_per_video)
+        self._video_token_id = video_token_id
+
+    def video(self) -> None:
+        """The next video: `tokens_per_video[i]` video-token ids, untrained."""
+        index = len(self.video_spans)
+        if index >= len(self._tokens_per_video):
+            raise ValueError(
+                f"more {VIDEO_PLACEHOLDER} placeholders than the {len(self._tokens_per_video)} videos given"
+            )
+        start = len(self.ids)
+        self._append([self._video_token_id] * self._tokens_per_video[index], False, VIDEO_PLACEHOLDER)
+        self.video_spans.append((start, len(self.ids)))
+
+    def text(self, text: str, trained: bool) -> None:
+        """Text with its video (and image) placeholders expanded."""
+        for chunk in _VIDEO_RE.split(text):
+            if chunk == VIDEO_PLACEHOLDER:
+                self.video()
+            elif chunk:
+                super().text(chunk, trained)
+
+    def result(self) -> VideoTokenized:
+        tokenized = super().result()
+        return VideoTokenized(tokenized.input_ids, tokenized.labels, tokenized.image_spans, tokenized.text,
+                              video_spans=list(self.video_spans))
 
 
 class ChatTemplate(ABC):
@@ -403,16 +467,23 @@ def template_tokenizer(path: str | Path, template: str | ChatTemplate) -> Tokeni
     return load_tokenizer(path, image_token=template.image_token)
 
 
+def _check_placeholders(turns: list[Turn], placeholder: str, counts: Sequence[int], what: str) -> None:
+    """One positive token count per `placeholder` in the turns, or ValueError (`what`: the counts' name)."""
+    found = sum(turn.value.count(placeholder) for turn in turns)
+    if found != len(counts):
+        raise ValueError(f"the conversation has {found} {placeholder} placeholders but {what} has {len(counts)} entries")
+    if any(count < 1 for count in counts):
+        raise ValueError(f"{what} must be positive, got {list(counts)}")
+
+
 def _check_images(turns: list[Turn], tokens_per_image: Sequence[int]) -> None:
     """One positive token count per "<image>" placeholder, or ValueError."""
-    placeholders = sum(turn.value.count(IMAGE_PLACEHOLDER) for turn in turns)
-    if placeholders != len(tokens_per_image):
-        raise ValueError(
-            f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholders but tokens_per_image "
-            f"has {len(tokens_per_image)} entries"
-        )
-    if any(count < 1 for count in tokens_per_image):
-        raise ValueError(f"tokens_per_image must be positive, got {list(tokens_per_image)}")
+    _check_placeholders(turns, IMAGE_PLACEHOLDER, tokens_per_image, "tokens_per_image")
+
+
+def check_videos(turns: list[Turn], tokens_per_video: Sequence[int]) -> None:
+    """One positive token count per "<video>" placeholder, or ValueError."""
+    _check_placeholders(turns, VIDEO_PLACEHOLDER, tokens_per_video, "tokens_per_video")
 
 
 def render(
@@ -432,6 +503,31 @@ def render(
     builder = chat.builder(tokenizer, tokens_per_image)
     chat.build(builder, turns)
     return check_trained(builder.result(), template if isinstance(template, str) else chat.name)
+
+
+def render_with_videos(
+    conversation: Sequence[Mapping[str, object]],
+    template: str | ChatTemplate,
+    tokenizer: Tokenizer,
+    tokens_per_image: Sequence[int],
+    tokens_per_video: Sequence[int],
+    video_token_id: int,
+) -> VideoTokenized:
+    """`render` for a conversation that may hold "<video>" placeholders (LLaVA-OneVision): each
+    expands to its `tokens_per_video` count of `video_token_id`, untrained. A template that writes
+    images its own way (its own `builder`, e.g. tile tags) is refused: its builder knows no videos."""
+    chat = get_template(template) if isinstance(template, str) else template
+    if type(chat).builder is not ChatTemplate.builder:
+        raise ValueError(f"template {chat.name!r} builds its images its own way; it cannot render videos")
+    turns = normalize_conversation(conversation)
+    _check_images(turns, tokens_per_image)
+    check_videos(turns, tokens_per_video)
+    builder = _VideoBuilder(tokenizer, tokens_per_image, tokens_per_video, video_token_id)
+    chat.build(builder, turns)
+    if len(builder.video_spans) != len(tokens_per_video):
+        raise ValueError(f"template {chat.name!r} placed {len(builder.video_spans)} of the conversation's "
+                         f"{len(tokens_per_video)} {VIDEO_PLACEHOLDER} placeholders")
+    return check_trained(builder.result(), chat.name)
 
 
 def render_prompt(
@@ -467,29 +563,31 @@ def prompt_turns(conversation: Sequence[Mapping[str, object]]) -> list[Turn]:
 
 
 def truncate(tokenized: Tokenized, max_length: int) -> Tokenized | None:
-    """Cut to at most `max_length` tokens, never through an image (the cut moves before it).
+    """Cut to at most `max_length` tokens, never through an image or a video (the cut moves before it).
 
-    None when not even the prefix through the end of the first image fits (the sample is dropped; the
+    None when not even the prefix through the end of the first image or video fits (the sample is dropped; the
     caller counts it). AllLabelsMaskedError when the kept prefix has no trained label left, as in
-    `render`. The images after the cut are dropped: `image_spans` tells how many (the first ones) remain.
+    `render`. The images (and videos) after the cut are dropped: `image_spans` (`video_spans`) tells how many
+    (the first ones) remain.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
     length = len(tokenized.input_ids)
     if length <= max_length:
         return tokenized
-    if tokenized.image_spans and tokenized.image_spans[0][1] > max_length:
+    spans = tokenized.vision_spans()
+    if spans and spans[0][1] > max_length:
         return None
     cut = max_length
-    for start, end in tokenized.image_spans:
+    for start, end in spans:
         if start < cut < end:
             cut = start
     result = replace(
         tokenized,
         input_ids=tokenized.input_ids[:cut],
         labels=tokenized.labels[:cut],
-        image_spans=[span for span in tokenized.image_spans if span[1] <= cut],
         truncated_from=length if tokenized.truncated_from is None else tokenized.truncated_from,
+        **tokenized.spans_before(cut),
     )
     return check_trained_after_truncation(result, length)
 
@@ -497,6 +595,7 @@ def truncate(tokenized: Tokenized, max_length: int) -> Tokenized | None:
 __all__ = [
     "IMAGE_PLACEHOLDER",
     "LLAVA_V1_SYSTEM",
+    "VIDEO_PLACEHOLDER",
     "AllLabelsMaskedError",
     "ChatMLTemplate",
     "ChatTemplate",
@@ -506,12 +605,15 @@ __all__ = [
     "PlainTemplate",
     "Tokenized",
     "Turn",
+    "VideoTokenized",
     "check_trained",
     "check_trained_after_truncation",
+    "check_videos",
     "get_template",
     "normalize_conversation",
     "prompt_turns",
     "render",
+    "render_with_videos",
     "template_tokenizer",
     "truncate",
 ]

@@ -12,6 +12,10 @@ grid is (frames / 2, h, w) with the image processor's patch order (`native_resol
 frames, `sampled_rate`) is what Qwen2.5-VL's M-RoPE uses to space the temporal positions
 (`megamm.data.mrope`).
 
+LLaVA-OneVision takes the same number of frames from every video instead (`fixed_frame_indices`: this
+rule with the count fixed; `fixed_file_frames`, `fixed_list_frames` read just those frames), for
+`megamm.data.anyres_videos`.
+
 Frames are resized as `native_resolution` resizes images (Pillow bicubic, one size for the whole
 video from the first frame's). transformers' video processor resizes with torchvision instead, which
 can differ by a few 8-bit levels per pixel; the grid and the patch layout are the same.
@@ -84,6 +88,16 @@ def sample_frame_indices(
         )
     # The same float arange as transformers, so the same indices (not a linspace: it never takes the last).
     return torch.arange(0, total_frames, total_frames / count).int().tolist()
+
+
+def fixed_frame_indices(total_frames: int, frames: int) -> list[int]:
+    """The indices of exactly `frames` frames evenly spaced over a video of `total_frames`: the same
+    rule with the count fixed (transformers' `sample_frames(num_frames=frames)`, which LLaVA-OneVision's
+    video processor takes); ValueError naming both counts when the video is shorter."""
+    if total_frames < frames:
+        raise ValueError(f"it has {total_frames} frames, fewer than the {frames} taken from every video")
+    # The rate terms cancel (min_frames = max_frames = frames): the count is `frames`.
+    return sample_frame_indices(total_frames, 1.0, 1.0, 1, min_frames=frames, max_frames=frames)
 
 
 def sampled_rate(num_sampled: int, total_frames: int, video_fps: float) -> float:
@@ -297,6 +311,30 @@ def load_video_bytes(
     return _load_sampled(len(frames), frames.__getitem__, frame_rate, fps, resolution, max_frames)
 
 
+def frames_root(frames: Sequence[str]) -> str:
+    """The folder a JSON row's resolved frame files are read under: their common directory."""
+    return os.path.commonpath([os.path.dirname(frame) for frame in frames])
+
+
+def fixed_file_frames(source: VideoSource, name: str, frames: int) -> list[Image.Image]:
+    """`frames` RGB frames of a video file path or an encoded video in memory (`fixed_frame_indices`);
+    every frame is decoded, as in `load_video_file`."""
+    decoded, _ = _decode_video(source, name)
+    return [decoded[index] for index in fixed_frame_indices(len(decoded), frames)]
+
+
+def fixed_list_frames(frames: Sequence[str] | Sequence[bytes], names: Sequence[str],
+                      frames_taken: int) -> list[Image.Image]:
+    """`frames_taken` of a video given as frame files (resolved paths, read under their common
+    folder) or as encoded frame images in memory, `names` naming them in errors; only the taken
+    frames are decoded."""
+    indices = fixed_frame_indices(len(frames), frames_taken)
+    if frames and isinstance(frames[0], bytes):
+        return [load_image_bytes(frames[index], names[index]) for index in indices]
+    folder = frames_root(frames)
+    return [load_image(frames[index], folder) for index in indices]
+
+
 def video_file_grid(
     source: VideoSource,
     name: str,
@@ -317,7 +355,11 @@ __all__ = [
     "MIN_FRAMES",
     "VideoHeader",
     "VideoInput",
+    "fixed_file_frames",
+    "fixed_frame_indices",
+    "fixed_list_frames",
     "frame_list_grid",
+    "frames_root",
     "load_frame_bytes",
     "load_frame_list",
     "load_video_bytes",

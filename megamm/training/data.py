@@ -21,6 +21,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from megamm.config.resolved import ResolvedConfig
+from megamm.config.run import takes_anyres_videos
+from megamm.data.anyres_videos import VideoSettings
 from megamm.data.balance import Balancer, BatchPlan
 from megamm.data.batching import Batch, packed_microbatches, padded_microbatches
 from megamm.data.datasets import build_source
@@ -116,10 +118,12 @@ class SyntheticData:
 
 
 def _image_settings(config: ResolvedConfig) -> ImageSettings:
-    t, vision = config.training, config.model.vision
+    t, vision, language = config.training, config.model.vision, config.model.language
     normalization = image_normalization(vision, t.image_normalization)
+    videos = (VideoSettings(t.anyres_video_frames, language.video_token_id)
+              if takes_anyres_videos(config.model) else None)
     return ImageSettings(vision.image_size, t.image_aspect_ratio, normalization, t.max_image_tiles,
-                         anyres=config.model.anyres, float_ratios=float_tile_ratios(vision))
+                         anyres=config.model.anyres, float_ratios=float_tile_ratios(vision), videos=videos)
 
 
 def vision_input_shape(config: ResolvedConfig) -> tuple[int, ...]:

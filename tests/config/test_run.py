@@ -1,5 +1,5 @@
 """Training-flag checks of megamm.config.run that are not about batch arithmetic: the
-native-resolution data flags and their tower, the Weights & Biases flags; each problem is reported
+native-resolution data flags and their tower, LLaVA-OneVision's frame count, the Weights & Biases flags; each problem is reported
 up front, naming the flag."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from megamm.config.anyres import AnyResConfig
 from megamm.config.model import NativeResolutionConfig, ParallelConfig
 from megamm.config.parsing import parse_run_config, read_run_config
 from megamm.config.run import RunConfig, TrainingConfig
@@ -26,6 +27,22 @@ def test_native_flags_need_a_native_tower() -> None:
     problems = _problems(llava_config(), mock_data=True, min_pixels=100, video_fps=1.0)
     assert ("--min-pixels, --video-fps: for a native-resolution vision tower (vision.native_resolution); the "
             "clip tower takes images of vision.image_size 16") in problems
+
+
+def test_onevision_takes_video_max_frames_as_its_frame_count() -> None:
+    """LLaVA-OneVision (anyres + a video token) takes --video-max-frames as the frames of every video
+    (default 32, at least 1); its other video flags and the flag without a video token stay refused."""
+    anyres = replace(llava_config(), anyres=AnyResConfig(((16, 32), (32, 16))))
+    onevision = replace(anyres, language=replace(anyres.language, video_token_id=5))
+    assert not [p for p in _problems(onevision, mock_data=True, video_max_frames=8) if "frames" in p]
+    assert TrainingConfig(video_max_frames=8).anyres_video_frames == 8
+    assert TrainingConfig().anyres_video_frames == 32
+    assert ("--video-max-frames 0: LLaVA-OneVision takes that many frames from every video; give at least 1"
+            in _problems(onevision, mock_data=True, video_max_frames=0))
+    assert ("--video-fps: for a native-resolution vision tower (vision.native_resolution); the clip tower takes "
+            "images of vision.image_size 16") in _problems(onevision, mock_data=True, video_fps=1.0, video_max_frames=8)
+    assert ("--video-max-frames: for a native-resolution vision tower (vision.native_resolution); the clip tower "
+            "takes images of vision.image_size 16") in _problems(anyres, mock_data=True, video_max_frames=8)
 
 
 def test_a_native_tower_needs_its_template_and_sane_flags(tmp_path) -> None:

@@ -42,6 +42,7 @@ from megamm.models.llava import LlavaModel
 from megamm.parallel.state import ParallelState, initialize_parallel_state
 from megamm.pipeline.chunks import build_model_chunks
 from megamm.pipeline.schedules import PipelineSchedule
+from megamm.training.data import stage_keys
 from tests.convert.test_roundtrip import (
     IMAGE,
     IMAGE_TOKEN,
@@ -214,16 +215,23 @@ def test_full_strategy_with_a_class_token_is_refused(tmp_path: Path) -> None:
 
 
 def _split_rows(batch: dict, config: LlavaConfig) -> list[dict]:
-    """A microbatch per row, each with its own images (tiles counted by megamm.config.anyres)."""
-    out, image, tile = [], 0, 0
+    """A microbatch per row, each with its own images (tiles counted by megamm.config.anyres) and
+    LLaVA-OneVision videos (`[videos, frames, C, H, W]`, counted by videos_per_sample); None where a
+    row has none, as the batching gives them."""
+    out, image, tile, video = [], 0, 0, 0
     pinpoints, side = config.anyres.pinpoints, config.vision.image_size
     for row in range(batch["input_ids"].shape[0]):
         count = int(batch["images_per_sample"][row])
         sizes = batch["image_sizes"][image:image + count]
         tiles = sum(tiles_per_image(tuple(size), pinpoints, side) for size in sizes.tolist())
         item = {k: batch[k][row:row + 1] for k in ("input_ids", "labels")}
-        item.update(pixel_values=batch["pixel_values"][tile:tile + tiles], image_sizes=sizes,
-                    images_per_sample=torch.tensor([count]))
+        item.update(pixel_values=batch["pixel_values"][tile:tile + tiles] if tiles else None,
+                    image_sizes=sizes if count else None, images_per_sample=torch.tensor([count]))
+        if "pixel_values_videos" in batch:
+            videos = int(batch["videos_per_sample"][row])
+            item.update(pixel_values_videos=batch["pixel_values_videos"][video:video + videos] if videos else None,
+                        videos_per_sample=torch.tensor([videos]))
+            video += videos
         out.append(item)
         image, tile = image + count, tile + tiles
     return out
@@ -246,32 +254,41 @@ def _pipeline_stages(save: str) -> tuple[ParallelState, list[LlavaModel]]:
     return state, chunks
 
 
-def _layout_job(save: str, batch: dict) -> dict:
-    """tp=2 (sequence parallel) logits and the pp=2 loss of the imported checkpoint (2 processes);
-    the LLaVA-OneVision test runs it too."""
+def _layout_job(save: str, batches: list[dict]) -> list[dict]:
+    """tp=2 (sequence parallel) logits and the pp=2 loss of the imported checkpoint on each batch (2
+    processes; the models are loaded once); the LLaVA-OneVision test runs it too. Each pipeline stage
+    gets the keys a training run's stage keeps (`stage_keys`)."""
     initialize_parallel_state()
     tp_state = ParallelState.from_groups(tp=2, pp=1, device=torch.device("cpu"))
-    logits = gathered_logits(load_imported(Path(save), tp_state, sequence_parallel=True), batch)
+    tp_model = load_imported(Path(save), tp_state, sequence_parallel=True)
     pp_state, chunks = _pipeline_stages(save)
     hidden = chunks[0].config.language.transformer.hidden_size
-    tokens = float((batch["labels"][:, 1:] != -100).sum())
-    microbatches = _split_rows(batch, chunks[0].config)
-    schedule = PipelineSchedule(pp_state, (batch["input_ids"].shape[1], 1, hidden), torch.float32)
-    loss = schedule(chunks, microbatches, tokens, None, forward_only=True)
-    dist.broadcast(loss, src=pp_state.pp_ranks[-1], group=pp_state.pp_group)
-    return {"logits": logits, "pp_loss": loss.item() / tokens}
+    keys = stage_keys(pp_state, packed=False)
+    results = []
+    for batch in batches:
+        tokens = float((batch["labels"][:, 1:] != -100).sum())
+        microbatches = [{k: row[k] for k in keys if k in row} for row in _split_rows(batch, chunks[0].config)]
+        schedule = PipelineSchedule(pp_state, (batch["input_ids"].shape[1], 1, hidden), torch.float32)
+        loss = schedule(chunks, microbatches, tokens, None, forward_only=True)
+        dist.broadcast(loss, src=pp_state.pp_ranks[-1], group=pp_state.pp_group)
+        results.append({"logits": gathered_logits(tp_model, batch), "pp_loss": loss.item() / tokens})
+    return results
 
 
-def check_layouts(save: Path, batch: dict, hf_logits: torch.Tensor) -> None:
-    """tp=2 logits and the pp=2 loss of `save` equal transformers' (one spawned run of 2 processes)."""
-    per_rank = run_distributed(_layout_job, 2, str(save), batch)
-    hf_loss = mean_loss(hf_logits, batch["labels"])
-    for rank, result in enumerate(per_rank):
-        error = (result["logits"] - hf_logits).abs().max().item()
-        assert error < LOGIT_TOLERANCE, f"tp=2 rank {rank}: logits off by {error:.2e}"
-        assert abs(result["pp_loss"] - hf_loss) / hf_loss < 1e-5, f"pp=2 rank {rank}: {result['pp_loss']} vs {hf_loss}"
+def check_layouts(save: Path, *cases: tuple[dict, torch.Tensor]) -> None:
+    """tp=2 logits and the pp=2 loss of `save` equal transformers' on each (batch, transformers'
+    logits) case (one spawned run of 2 processes for all)."""
+    per_rank = run_distributed(_layout_job, 2, str(save), [batch for batch, _ in cases])
+    for number, (batch, hf_logits) in enumerate(cases):
+        hf_loss = mean_loss(hf_logits, batch["labels"])
+        for rank, results in enumerate(per_rank):
+            result = results[number]
+            error = (result["logits"] - hf_logits).abs().max().item()
+            assert error < LOGIT_TOLERANCE, f"batch {number}, tp=2 rank {rank}: logits off by {error:.2e}"
+            assert abs(result["pp_loss"] - hf_loss) / hf_loss < 1e-5, \
+                f"batch {number}, pp=2 rank {rank}: loss {result['pp_loss']} vs transformers' {hf_loss}"
 
 
 @pytest.mark.slow
 def test_imported_checkpoint_matches_transformers_at_tp2_and_pp2(converted: dict) -> None:
-    check_layouts(converted["save"], converted["batch"], converted["hf_logits"])
+    check_layouts(converted["save"], (converted["batch"], converted["hf_logits"]))

@@ -2,10 +2,12 @@
 `LlavaOnevisionForConditionalGeneration` (SigLIP tower with the `full` feature strategy, tied Qwen2
 text model, `anyres_max_2`) imported into megamm gives transformers' logits (fp32, 1e-4) on a batch
 with a large square image (3 x 3 tiles, its features downsampled bilinearly) and a wide and a tall
-one, at tp=1 and (one spawned run) at tp=2 with SP and pp=2; import then export is bit-exact and the export loads with `from_pretrained`; megamm's token
-count equals LlavaOnevisionProcessor's rule on images of several sizes. The multi-image rule: a batch
-of a three-image sample (one padded-square tile per image, its features and a newline) and a
-one-image sample (tiled) gives transformers' logits with `batch_num_images`.
+one, and on a batch of an image and two videos (every frame pooled, one newline per video), at
+tp=1 and (one spawned run for both batches) at tp=2 with SP and pp=2; import then export is
+bit-exact and the export loads with `from_pretrained`; megamm's token count equals
+LlavaOnevisionProcessor's rule on images of several sizes. The multi-image rule: a batch of a
+three-image sample (one padded-square tile per image, its features and a newline) and a one-image
+sample (tiled) gives transformers' logits with `batch_num_images`.
 """
 
 from __future__ import annotations
@@ -228,4 +230,7 @@ def test_token_counts_match_the_processor_rule() -> None:
 
 @pytest.mark.slow
 def test_onevision_matches_transformers_at_tp2_and_pp2(converted: dict) -> None:
-    check_layouts(converted["root"] / "imported", converted["batch"], converted["hf_logits"])
+    """The image batch and the video batch (an image and two videos) in one spawned run: tp=2 with SP
+    logits and the pp=2 loss equal transformers'."""
+    check_layouts(converted["root"] / "imported", (converted["batch"], converted["hf_logits"]),
+                  (converted["video_batch"], converted["hf_video_logits"]))
