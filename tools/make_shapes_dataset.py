@@ -1,7 +1,8 @@
 """Generate the synthetic shapes visual-question-answering data set (LLaVA JSON format).
 
     python tools/make_shapes_dataset.py --out data/shapes [--seed 0] [--train-images 2000] \\
-        [--test-images 200] [--image-size 64] [--questions-per-image 4] [--max-shapes 3]
+        [--test-images 200] [--image-size 64] [--questions-per-image 4] [--max-shapes 3] \\
+        [--image-after-text]
     python tools/make_shapes_dataset.py --out data/shapes --image-size 32,48x32,32x64
 
 --image-size is one size or a comma-separated list, each a side (square) or WIDTHxHEIGHT: image i of
@@ -19,7 +20,9 @@ Writes into --out, which must be empty or not exist yet:
 * `train.json` - LLaVA rows for the train images: one caption row per image (human "<image>\\nDescribe
   the image.", gpt the caption) and up to --questions-per-image question rows (human "<image>\\n<question>",
   gpt a one-word answer). Every row has "question_type" (caption, color, shape, count, exist, position,
-  size); "image" paths are relative to --out, which is the image root.
+  size); "image" paths are relative to --out, which is the image root. With --image-after-text the
+  human turns read "Describe the image.\\n<image>" and "<question>\\n<image>" (here and in test.json).
+* `questions.json` - the question rows of train.json alone (instruction tuning without captions).
 * `captions.json` - the caption rows alone with the bare "<image>" prompt, for stage-1 pretraining on
   the plain template.
 * `test.json` - question rows for the held-out images (no caption rows: free text is not scored by
@@ -114,6 +117,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "unambiguously is dropped, so some images get fewer",
     )
     parser.add_argument(
+        "--image-after-text", action="store_true",
+        help="put the <image> placeholder after the prompt's text (\"<question>\\n<image>\"), as many LLaVA "
+        "rows have it, so that a causal decoder's image tokens see the question; default: before it",
+    )
+    parser.add_argument(
         "--max-shapes", type=int, default=3, help=f"shapes per image: 1..N, N <= {MAX_SHAPES}"
     )
     args = parser.parse_args(argv)
@@ -185,16 +193,22 @@ def _row(row_id: str, image: str, prompt: str, answer: str, question_type: str) 
     }
 
 
-def split_rows(split: str, samples: list[ImageSample], with_captions: bool) -> list[dict[str, Any]]:
+def prompt(text: str, image_after_text: bool) -> str:
+    """The human turn: the image placeholder and `text` on lines of their own, in the order asked for."""
+    return f"{text}\n{IMAGE_PLACEHOLDER}" if image_after_text else f"{IMAGE_PLACEHOLDER}\n{text}"
+
+
+def split_rows(
+    split: str, samples: list[ImageSample], with_captions: bool, image_after_text: bool = False
+) -> list[dict[str, Any]]:
     """The rows of a split, image by image: the caption row first (if asked for), then the questions."""
     rows = []
     for index, sample in enumerate(samples):
         if with_captions:
-            prompt = f"{IMAGE_PLACEHOLDER}\n{CAPTION_PROMPT}"
-            rows.append(_row(f"{split}_{index}_caption", sample.path, prompt, sample.caption, "caption"))
+            caption_prompt = prompt(CAPTION_PROMPT, image_after_text)
+            rows.append(_row(f"{split}_{index}_caption", sample.path, caption_prompt, sample.caption, "caption"))
         for k, q in enumerate(sample.questions):
-            prompt = f"{IMAGE_PLACEHOLDER}\n{q.text}"
-            rows.append(_row(f"{split}_{index}_q{k}", sample.path, prompt, q.answer, q.kind))
+            rows.append(_row(f"{split}_{index}_q{k}", sample.path, prompt(q.text, image_after_text), q.answer, q.kind))
     return rows
 
 
@@ -247,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     train, train_digests = generate_split("train", args.train_images, args, set(), args.out)
     test, _ = generate_split("test", args.test_images, args, train_digests, args.out)
 
-    train_rows = split_rows("train", train, with_captions=True)
-    test_rows = split_rows("test", test, with_captions=False)
+    after = args.image_after_text
+    train_rows = split_rows("train", train, with_captions=True, image_after_text=after)
+    test_rows = split_rows("test", test, with_captions=False, image_after_text=after)
     write_json(args.out / "train.json", train_rows)
+    write_json(args.out / "questions.json", split_rows("train", train, with_captions=False, image_after_text=after))
     write_json(args.out / "captions.json", plain_caption_rows(train))
     write_json(args.out / "test.json", test_rows)
     scenes = {

@@ -67,7 +67,7 @@ def test_same_seed_gives_identical_files_another_seed_differs(dataset: Path, tmp
     first, second = _files(dataset), _files(again)
     assert sorted(first) == sorted(second)
     assert [name for name in first if first[name] != second[name]] == []
-    assert {"train.json", "test.json", "captions.json", "scenes.json", "text.txt"} <= set(first)
+    assert {"train.json", "questions.json", "test.json", "captions.json", "scenes.json", "text.txt"} <= set(first)
 
     other = tmp_path / "other"
     tool.main(["--out", str(other), *[("4" if f == "3" else f) for f in FLAGS]])
@@ -78,7 +78,8 @@ def test_same_seed_gives_identical_files_another_seed_differs(dataset: Path, tmp
 
 
 def test_every_row_loads_and_its_image_exists(dataset: Path) -> None:
-    expected_kinds = {"train.json": QUESTION_TYPES | {"caption"}, "test.json": QUESTION_TYPES}
+    expected_kinds = {"train.json": QUESTION_TYPES | {"caption"}, "questions.json": QUESTION_TYPES,
+                      "test.json": QUESTION_TYPES}
     expected_kinds["captions.json"] = {"caption"}
     for name, kinds in expected_kinds.items():
         rows = _rows(dataset / name)
@@ -102,6 +103,8 @@ def test_every_row_loads_and_its_image_exists(dataset: Path) -> None:
     assert {row["image"] for row in _rows(dataset / "captions.json")} == {
         row["image"] for row in _rows(dataset / "train.json")
     }
+    train_questions = [row for row in _rows(dataset / "train.json") if row["question_type"] != "caption"]
+    assert _rows(dataset / "questions.json") == train_questions
 
 
 def _one(shapes: list[dict[str, Any]], key: str, value: str) -> dict[str, Any]:
@@ -139,7 +142,7 @@ def expected_answer(question: str, shapes: list[dict[str, Any]]) -> tuple[str, s
 
 def test_answers_and_captions_follow_from_the_scene(dataset: Path) -> None:
     scenes = _scenes(dataset)
-    for name in ("train.json", "test.json", "captions.json"):
+    for name in ("train.json", "questions.json", "test.json", "captions.json"):
         for row in _rows(dataset / name):
             shapes = scenes[row["image"]]["shapes"]
             human, gpt = (turn["value"] for turn in row["conversations"])
@@ -204,6 +207,26 @@ def test_several_sizes_and_aspect_ratios(tmp_path: Path) -> None:
             scene = scenes[f"images/{split}_{index}.png"]
             assert (scene["width"], scene["height"]) == sizes[index % 3]
     assert set(_assert_pixels_show_the_scenes(out)) == set(sizes)
+
+
+def test_image_after_text_moves_only_the_placeholder(dataset: Path, tmp_path: Path) -> None:
+    """--image-after-text: the same images, answers and captions.json; every human turn of the other
+    files is the default's text first, then the placeholder on its own line."""
+    after = tmp_path / "after"
+    assert tool.main(["--out", str(after), *FLAGS, "--image-after-text"]) == 0
+    before_files, after_files = _files(dataset), _files(after)
+    assert sorted(before_files) == sorted(after_files)
+    changed = {name for name in before_files if before_files[name] != after_files[name]}
+    assert changed == {"train.json", "questions.json", "test.json"}
+    for name in sorted(changed):
+        old_rows, new_rows = _rows(dataset / name), _rows(after / name)
+        assert len(old_rows) == len(new_rows) > 0
+        for old, new in zip(old_rows, new_rows, strict=True):
+            (old_human, old_gpt), (new_human, new_gpt) = old["conversations"], new["conversations"]
+            text = old_human["value"].removeprefix("<image>\n")
+            assert text != old_human["value"] and new_human["value"] == f"{text}\n<image>"
+            assert new_gpt == old_gpt and {**new, "conversations": None} == {**old, "conversations": None}
+    assert len(LlavaJsonSource(after / "test.json", after)) == len(_rows(after / "test.json"))
 
 
 def test_train_and_test_images_are_disjoint(dataset: Path) -> None:
