@@ -25,7 +25,7 @@ test: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest tests --durations=30
 
-# About 15 minutes on 2 CPU cores; data, checkpoints and logs go to $(DEMO_OUT).
+# About 9 minutes on 2 quiet CPU cores once installed; data, checkpoints and logs go to $(DEMO_OUT).
 DEMO_OUT ?= demo_out
 demo: install
 	$(BIN)/python tools/demo.py --out $(DEMO_OUT)

@@ -8,22 +8,23 @@ Every step is an ordinary megamm command, printed before it runs, so it can be c
 1. `tools/make_shapes_dataset.py`: images of one to three shapes with captions and questions (color,
    shape, count, existence, position, size), LLaVA JSON format, train and held-out splits.
 2. `tools/train_tokenizer.py`: a sentencepiece tokenizer on the dataset's text.
-3. Training with `torchrun --nproc-per-node 2 -m megamm.train`, tensor parallel over both processes
-   (with sequence parallelism and packed rows), sharded checkpoints after each phase:
-   - phase 0, from scratch: vision tower, projector and language model trained together on captions
-     and questions. There are no pretrained towers here; this phase is what a CLIP checkpoint and a
-     pretrained LLaMA give a real LLaVA run.
-   - stage 1 (LLaVA pretraining): only the projector trains (`--freeze-LM --freeze-ViT`), on
-     captions with the `plain` template.
-   - stage 2 (LLaVA instruction tuning): projector and language model train, the vision tower is
-     frozen (`--freeze-ViT`), on the questions with the `mistral` chat template.
+3. Training with `torchrun --nproc-per-node 2 -m megamm.train` on packed rows, sharded checkpoints
+   after each phase, each phase loading the previous one's at its own layout:
+   - phase 0, from scratch, data parallel with the distributed optimizer: vision tower, projector
+     and language model trained together on captions and questions. There are no pretrained towers
+     here; this phase is what a CLIP checkpoint and a pretrained LLaMA give a real LLaVA run.
+   - stage 1 (LLaVA pretraining), tensor parallel with sequence parallelism: only the projector
+     trains (`--freeze-LM --freeze-ViT`), on captions with the `plain` template.
+   - stage 2 (LLaVA instruction tuning), data parallel: projector and language model train, the
+     vision tower is frozen (`--freeze-ViT`), on the questions with the `mistral` chat template.
 4. `tools/evaluate_vqa.py` under torchrun (tp=2): generation on the held-out questions, accuracy by
    question type, beside the same model given a blank image (the text-only baseline; both passes in
    one run, `--and-blank-image`).
 
 `--quick` shrinks the dataset and the schedule (the test suite uses it). `--lora` also trains stage
 2 with LoRA from the same stage-1 checkpoint (`--pretrained-checkpoint`; rank 8 on every decoder
-linear, the projector trained fully, the language model and vision tower frozen), merges it
+linear, the projector trained fully, the language model and vision tower frozen; tensor parallel
+with sequence parallelism), merges it
 (`tools/merge_lora.py merge`) and evaluates it beside the full stage 2.
 
 `--family qwen2-vl` runs the same steps for the native-resolution family
@@ -71,8 +72,9 @@ class Schedule:
 
 # `make demo`: the kinds of shape are what the model learns last (at 900 phase-0 steps "shape" was still
 # at chance while color and count were learned), so phase 0 gets the steps the 10-minute budget
-# allows, on images enough that it sees each about once (docs/performance.md, "The demo on CPU").
-FULL = Schedule(train_images=12000, test_images=200, phase0_iters=2000, stage1_iters=60, stage2_iters=300)
+# allows (2000 took 10.9 minutes in all), on images enough that it sees each about once
+# (docs/performance.md, "The demo on CPU").
+FULL = Schedule(train_images=12000, test_images=200, phase0_iters=1800, stage1_iters=60, stage2_iters=300)
 # The test suite's run: phase 0 as long as counting takes to learn (at 140 steps it was 54% against
 # 34% blind, at 200 97%); the stages only need to run (each phase and evaluation starts a torchrun
 # of its own, about 10 CPU seconds before the first step).
@@ -131,30 +133,36 @@ def phases(out: Path, schedule: Schedule, vocab: list[str], lora: bool = False) 
     checkpoint they load. `lora`: a LoRA stage 2 too."""
     data, checkpoints = out / "data", out / "checkpoints"
     common = [
-        "--config", str(TRAINING_CONFIG), "--tensor-model-parallel-size", "2", "--sequence-parallel",
-        "--image-folder", str(data), "--tokenizer-model", str(out / "tokenizer.model"),
+        "--config", str(TRAINING_CONFIG), "--image-folder", str(data),
+        "--tokenizer-model", str(out / "tokenizer.model"),
     ]
+    # Phase 0 and stage 2 (most of the steps) run data parallel: at this size a step's tensor-parallel
+    # collectives cost more than they save (docs/performance.md, "The demo on CPU"). Stage 1 and the
+    # LoRA stage 2 run tensor parallel, each loading a checkpoint saved at the other layout.
+    data_parallel = ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"]
+    tensor_parallel = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
     phase0 = [
-        "--config", str(MODEL_CONFIG), *vocab,
+        "--config", str(MODEL_CONFIG), *vocab, *data_parallel,
         "--data-path", str(data / "train.json"), "--chat-template", "mistral",
         "--train-iters", str(schedule.phase0_iters), "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "20",
         "--vision-lr", "1e-4",
         "--save", str(checkpoints / "phase0"),
     ]
     stage1 = [
-        "--data-path", str(data / "captions.json"), "--chat-template", "plain", "--freeze-LM", "--freeze-ViT",
+        *tensor_parallel, "--data-path", str(data / "captions.json"), "--chat-template", "plain",
+        "--freeze-LM", "--freeze-ViT",
         "--train-iters", str(schedule.stage1_iters), "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "5",
         "--load", str(checkpoints / "phase0"), "--finetune", "--save", str(checkpoints / "stage1"),
     ]
     stage2 = [
-        "--data-path", str(data / "train.json"), "--chat-template", "mistral", "--freeze-ViT",
+        *data_parallel, "--data-path", str(data / "train.json"), "--chat-template", "mistral", "--freeze-ViT",
         "--train-iters", str(schedule.stage2_iters), "--lr", "5e-4", "--min-lr", "2e-5", "--lr-warmup-iters", "10",
         "--load", str(checkpoints / "stage1"), "--finetune", "--save", str(checkpoints / "stage2"),
     ]
     named = [("phase0", phase0), ("stage1", stage1), ("stage2", stage2)]
     if lora:
         named.append(("stage2_lora", [
-            "--data-path", str(data / "train.json"), "--chat-template", "mistral", "--freeze-ViT",
+            *tensor_parallel, "--data-path", str(data / "train.json"), "--chat-template", "mistral", "--freeze-ViT",
             "--lora-rank", "8", "--lora-alpha", "16",
             "--train-iters", str(schedule.stage2_iters), "--lr", "2e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "10",
             "--pretrained-checkpoint", str(checkpoints / "stage1"), "--save", str(checkpoints / "stage2_lora"),
