@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     train_rows = split_rows("train", train, with_captions=True, image_after_text=after)
     test_rows = split_rows("test", test, with_captions=False, image_after_text=after)
     write_json(args.out / "train.json", train_rows)
-    write_json(args.out / "questions.json", split_rows("train", train, with_captions=False, image_after_text=after))
+    write_json(args.out / "questions.json", [row for row in train_rows if row["question_type"] != "caption"])
     write_json(args.out / "captions.json", plain_caption_rows(train))
     write_json(args.out / "test.json", test_rows)
     scenes = {
