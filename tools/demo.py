@@ -11,12 +11,14 @@ Every step is an ordinary megamm command, printed before it runs, so it can be c
 3. Training with `torchrun --nproc-per-node 2 -m megamm.train` on packed rows, sharded checkpoints
    after each phase, each phase loading the previous one's at its own layout:
    - phase 0, from scratch, data parallel with the distributed optimizer: vision tower, projector
-     and language model trained together on captions and questions. There are no pretrained towers
+     and language model trained together on captions and questions (a quarter of the rows drawn
+     from the existence questions alone, `questions/exist.json`). There are no pretrained towers
      here; this phase is what a CLIP checkpoint and a pretrained LLaMA give a real LLaVA run.
    - stage 1 (LLaVA pretraining), tensor parallel with sequence parallelism: only the projector
      trains (`--freeze-LM --freeze-ViT`), on captions with the `plain` template.
    - stage 2 (LLaVA instruction tuning), data parallel: projector and language model train, the
-     vision tower is frozen (`--freeze-ViT`), on the questions with the `mistral` chat template.
+     vision tower is frozen (`--freeze-ViT`), on captions and questions with the `mistral` chat
+     template, half of the rows from the existence questions.
 4. `tools/evaluate_vqa.py` under torchrun (tp=2): generation on the held-out questions, accuracy by
    question type, beside the same model given a blank image (the text-only baseline; both passes in
    one run, `--and-blank-image`).
@@ -127,6 +129,15 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args]
 
 
+def exist_blend(data: Path, share: float) -> list[str]:
+    """--data-path values blending train.json with the existence questions alone, `share` of the rows
+    from the latter. "Is there a red shape?" is the one type whose answer neither the question nor the
+    image tells alone (only their match does), so it is learned last and from the most examples: at
+    train.json's own share (15% of rows) it stayed at chance through phase 0 (docs/performance.md,
+    "The demo on CPU")."""
+    return [f"{1 - share:g}", str(data / "train.json"), f"{share:g}", str(data / "questions" / "exist.json")]
+
+
 def phases(out: Path, schedule: Schedule, vocab: list[str], lora: bool = False) -> list[tuple[str, list[str]]]:
     """(name, training flags) of each LLaVA phase, each loading the previous phase's checkpoint. Phase
     0 names the model (`vocab`: its --set flags for the tokenizer's ids); the stages take it from the
@@ -143,7 +154,7 @@ def phases(out: Path, schedule: Schedule, vocab: list[str], lora: bool = False) 
     tensor_parallel = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
     phase0 = [
         "--config", str(MODEL_CONFIG), *vocab, *data_parallel,
-        "--data-path", str(data / "train.json"), "--chat-template", "mistral",
+        "--data-path", *exist_blend(data, 0.25), "--chat-template", "mistral",
         "--train-iters", str(schedule.phase0_iters), "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "20",
         "--vision-lr", "1e-4",
         "--save", str(checkpoints / "phase0"),
@@ -155,14 +166,14 @@ def phases(out: Path, schedule: Schedule, vocab: list[str], lora: bool = False) 
         "--load", str(checkpoints / "phase0"), "--finetune", "--save", str(checkpoints / "stage1"),
     ]
     stage2 = [
-        *data_parallel, "--data-path", str(data / "train.json"), "--chat-template", "mistral", "--freeze-ViT",
+        *data_parallel, "--data-path", *exist_blend(data, 0.5), "--chat-template", "mistral", "--freeze-ViT",
         "--train-iters", str(schedule.stage2_iters), "--lr", "5e-4", "--min-lr", "2e-5", "--lr-warmup-iters", "10",
         "--load", str(checkpoints / "stage1"), "--finetune", "--save", str(checkpoints / "stage2"),
     ]
     named = [("phase0", phase0), ("stage1", stage1), ("stage2", stage2)]
     if lora:
         named.append(("stage2_lora", [
-            *tensor_parallel, "--data-path", str(data / "train.json"), "--chat-template", "mistral", "--freeze-ViT",
+            *tensor_parallel, "--data-path", *exist_blend(data, 0.5), "--chat-template", "mistral", "--freeze-ViT",
             "--lora-rank", "8", "--lora-alpha", "16",
             "--train-iters", str(schedule.stage2_iters), "--lr", "2e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "10",
             "--pretrained-checkpoint", str(checkpoints / "stage1"), "--save", str(checkpoints / "stage2_lora"),

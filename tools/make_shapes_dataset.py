@@ -23,6 +23,8 @@ Writes into --out, which must be empty or not exist yet:
   size); "image" paths are relative to --out, which is the image root. With --image-after-text the
   human turns read "Describe the image.\\n<image>" and "<question>\\n<image>" (here and in test.json).
 * `questions.json` - the question rows of train.json alone (instruction tuning without captions).
+* `questions/<type>.json` - the question rows of one type (`questions/exist.json`, ...), for weighting
+  the types in a `--data-path` blend ("0.75 train.json 0.25 questions/exist.json").
 * `captions.json` - the caption rows alone with the bare "<image>" prompt, for stage-1 pretraining on
   the plain template.
 * `test.json` - question rows for the held-out images (no caption rows: free text is not scored by
@@ -265,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     train_rows = split_rows("train", train, with_captions=True, image_after_text=after)
     test_rows = split_rows("test", test, with_captions=False, image_after_text=after)
     write_json(args.out / "train.json", train_rows)
-    write_json(args.out / "questions.json", [row for row in train_rows if row["question_type"] != "caption"])
+    questions = [row for row in train_rows if row["question_type"] != "caption"]
+    write_json(args.out / "questions.json", questions)
+    (args.out / "questions").mkdir()
+    for kind in QUESTION_TYPES:
+        write_json(args.out / "questions" / f"{kind}.json", [row for row in questions if row["question_type"] == kind])
     write_json(args.out / "captions.json", plain_caption_rows(train))
     write_json(args.out / "test.json", test_rows)
     scenes = {

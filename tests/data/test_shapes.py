@@ -81,6 +81,7 @@ def test_every_row_loads_and_its_image_exists(dataset: Path) -> None:
     expected_kinds = {"train.json": QUESTION_TYPES | {"caption"}, "questions.json": QUESTION_TYPES,
                       "test.json": QUESTION_TYPES}
     expected_kinds["captions.json"] = {"caption"}
+    expected_kinds.update({f"questions/{kind}.json": {kind} for kind in QUESTION_TYPES})
     for name, kinds in expected_kinds.items():
         rows = _rows(dataset / name)
         source = LlavaJsonSource(dataset / name, image_root=dataset)
@@ -105,6 +106,8 @@ def test_every_row_loads_and_its_image_exists(dataset: Path) -> None:
     }
     train_questions = [row for row in _rows(dataset / "train.json") if row["question_type"] != "caption"]
     assert _rows(dataset / "questions.json") == train_questions
+    by_type = [row for kind in sorted(QUESTION_TYPES) for row in _rows(dataset / "questions" / f"{kind}.json")]
+    assert sorted(by_type, key=lambda row: row["id"]) == sorted(train_questions, key=lambda row: row["id"])
 
 
 def _one(shapes: list[dict[str, Any]], key: str, value: str) -> dict[str, Any]:
@@ -217,7 +220,8 @@ def test_image_after_text_moves_only_the_placeholder(dataset: Path, tmp_path: Pa
     before_files, after_files = _files(dataset), _files(after)
     assert sorted(before_files) == sorted(after_files)
     changed = {name for name in before_files if before_files[name] != after_files[name]}
-    assert changed == {"train.json", "questions.json", "test.json"}
+    assert changed == {"train.json", "questions.json", "test.json",
+                       *(f"questions/{kind}.json" for kind in QUESTION_TYPES)}
     for name in sorted(changed):
         old_rows, new_rows = _rows(dataset / name), _rows(after / name)
         assert len(old_rows) == len(new_rows) > 0
